@@ -1,0 +1,114 @@
+"""Host-side launchers of the Triton kernels: block sizes, output allocation, grids.
+
+Arguments are already validated and normalised by stattn.ops: weights [B, R] and masks [B, R, M]
+float32 (any strides), theta/tokens/gy/gx/pin present only with an offset, k/v [B, R, H, N, D].
+"""
+import torch
+import triton
+
+from .region_attention import _bwd_dkdv_kernel, _bwd_dq_kernel, _fwd_kernel
+
+__all__ = ["forward", "backward", "block_config"]
+
+
+def block_config(M: int, N: int, D: int, T: int = 0, Ky: int = 0, Kx: int = 0) -> dict:
+    """Tile sizes: one key tile holds N <= 128 (one-shot softmax); D padded to a power of two;
+    small pixel tiles at small M so a 16x16 layer still fills the GPU."""
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    BLOCK_N = max(16, min(128, triton.next_power_of_2(N)))
+    BLOCK_M = 64 if BLOCK_D <= 64 and BLOCK_N <= 128 else 32
+    if M <= 1024:
+        BLOCK_M = 32
+    BLOCK_M = max(16, min(BLOCK_M, triton.next_power_of_2(M)))
+    return dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+                KYP=max(16, triton.next_power_of_2(max(Ky, 1))),
+                KXP=max(16, triton.next_power_of_2(max(Kx, 1))),
+                num_warps=4 if BLOCK_D <= 64 else 8)
+
+
+def _common(q, k, v, weights, masks, theta, gy, gx):
+    """Block config, the strides shared by all kernels, and the problem sizes (k, v contiguous)."""
+    B, H, M, D = q.shape
+    R, N = k.shape[1], k.shape[3]
+    T = theta.shape[2] if theta is not None else 0
+    Ky = gy.shape[1] if T else 0
+    Kx = gx.shape[1] if T else 0
+    W = gx.shape[0] if T else 1
+    th_strides = theta.stride() if T else (0,) * 5
+    cfg = block_config(M, N, D, T, Ky, Kx)
+    strides = (*k.stride(), *v.stride(), *weights.stride(), *masks.stride(), *th_strides,
+               gy.stride(0) if T else 0, gx.stride(0) if T else 0)
+    dims = (B, H, R, M, N, D, T, W, Ky, Kx)
+    return cfg, strides, dims
+
+
+def forward(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale):
+    """Returns (o [B, H, M, D] in q's dtype, lse [B, R+1, H, M] float32)."""
+    k, v = k.contiguous(), v.contiguous()
+    cfg, strides, (B, H, R, M, N, D, T, W, Ky, Kx) = _common(q, k, v, weights, masks, theta, gy, gx)
+    o = torch.empty_like(q)
+    lse = torch.empty(B, R + 1, H, M, device=q.device, dtype=torch.float32)
+    has_pin = pin is not None
+    if not has_pin:
+        lse[:, R].zero_()  # unused slot, kept defined
+    dummy = lse
+    k_s, v_s = strides[:5], strides[5:10]
+    rest = strides[10:]
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]), B * H)
+    _fwd_kernel[grid](
+        q, k, v, o, lse, weights, masks,
+        tokens if T else dummy, theta if T else dummy, gy if T else dummy, gx if T else dummy,
+        pin if has_pin else dummy,
+        *q.stride(), *k_s, *v_s, *o.stride(), *lse.stride(), *rest,
+        H, R, M, N, D, T, W, Ky, Kx, float(scale),
+        AFFINE=bool(affine), HAS_OFFSET=T > 0, HAS_PIN=has_pin, **cfg)
+    return o, lse
+
+
+def backward(do, q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, lse,
+             need_dq, need_dkv, need_dalpha, need_dtheta):
+    """Returns (dq | None, dk | None, dv | None, D [B, R+1, H, M] | None, dtheta | None).
+
+    D[:, r] = <dO, O_r> per head and pixel (region 0: its non-pinned part, slot R its pinned
+    part); dalpha follows from it on the host side without another kernel over Q."""
+    k, v = k.contiguous(), v.contiguous()
+    cfg, strides, (B, H, R, M, N, D, T, W, Ky, Kx) = _common(q, k, v, weights, masks, theta, gy, gx)
+    if do.stride() != q.stride():
+        do = do.contiguous()
+        q = q.contiguous()
+    has_pin = pin is not None
+    need_dtheta = need_dtheta and T > 0
+    store_d = need_dalpha or need_dkv
+    dq = torch.empty_like(q) if need_dq else None
+    dbuf = torch.zeros_like(lse) if store_d else None
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]), B * H)
+    dth_part = (torch.empty(B, H, grid[0], T, Ky, Kx, device=q.device, dtype=torch.float32)
+                if need_dtheta else None)
+    dummy = lse
+    k_s, v_s = strides[:5], strides[5:10]
+    rest = strides[10:]
+    ptrs = (tokens if T else dummy, theta if T else dummy, gy if T else dummy, gx if T else dummy,
+            pin if has_pin else dummy)
+    common = (*q.stride(), *k_s, *v_s, *do.stride(), *lse.stride(), *rest)
+    if need_dq or store_d or need_dtheta:
+        _bwd_dq_kernel[grid](
+            q, k, v, do, dq if need_dq else dummy, lse, dbuf if store_d else dummy, weights, masks,
+            *ptrs, dth_part if need_dtheta else dummy, *common,
+            H, R, M, N, D, T, W, Ky, Kx, float(scale),
+            AFFINE=bool(affine), HAS_OFFSET=T > 0, HAS_PIN=has_pin,
+            NEED_DQ=need_dq, STORE_D=store_d, NEED_DTHETA=need_dtheta, **cfg)
+    dk = dv = None
+    if need_dkv:
+        dk = torch.empty_like(k)
+        dv = torch.empty_like(v)
+        n_blocks = triton.cdiv(N, cfg["BLOCK_N"])
+        for r_first, n_r, offset, pinned in ((0, 1, T > 0, has_pin), (1, R - 1, False, False)):
+            if n_r == 0:
+                continue
+            # region 0 alone (offset, pins), then regions 1.. together; R_FIRST selects which
+            _bwd_dkdv_kernel[(n_blocks, B * n_r * H)](
+                q, k, v, do, dk, dv, lse, dbuf, weights, masks, *ptrs, *common,
+                H, R, r_first, n_r, M, N, D, T, W, Ky, Kx, float(scale),
+                AFFINE=bool(affine), HAS_OFFSET=offset, HAS_PIN=pinned, **cfg)
+    dtheta = dth_part.sum(2) if need_dtheta else None
+    return dq, dk, dv, dbuf, dtheta

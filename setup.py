@@ -1,0 +1,13 @@
+"""stattn: the package `stattn` plus the Triton kernels of kernels/ installed as `stattn.kernels`."""
+from setuptools import setup
+
+setup(
+    name="stattn",
+    version="0.1.0",
+    description="Fused Triton attention-control kernels for text-to-image diffusion",
+    packages=["stattn", "stattn.kernels"],
+    package_dir={"stattn": "stattn", "stattn.kernels": "kernels"},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4", "triton>=3.0", "numpy"],
+    extras_require={"test": ["pytest", "pytest-benchmark"]},
+)

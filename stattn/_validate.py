@@ -1,0 +1,139 @@
+"""Argument checking for the public ops: every error names the argument and what was expected."""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# Value checks (NaN/inf in theta, weights, masks) read tensor values, which costs a host sync on a
+# GPU; they are skipped inside CUDA-graph capture and torch.compile, and can be turned off for hot
+# loops with STATTN_CHECK_VALUES=0 or stattn.set_value_checks(False).
+_value_checks = os.environ.get("STATTN_CHECK_VALUES", "1") != "0"
+
+
+def set_value_checks(enabled: bool) -> bool:
+    """Enable/disable the NaN/inf checks of theta, weights and masks; returns the previous state."""
+    global _value_checks
+    previous, _value_checks = _value_checks, bool(enabled)
+    return previous
+
+
+def _capturing(t: torch.Tensor) -> bool:
+    if torch.compiler.is_compiling():
+        return True
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    if _value_checks and not _capturing(t) and t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or inf")
+
+
+def _shape(t) -> tuple:
+    return tuple(t.shape)
+
+
+def check_tensor(name: str, t, dim: int, layout: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(t).__name__}")
+    if t.dim() != dim:
+        raise ValueError(f"{name} must have shape {layout}, got {_shape(t)}")
+
+
+def check_qkv(q, k, v):
+    check_tensor("q", q, 4, "[B, H, M, D]")
+    check_tensor("k", k, 5, "[B, R, H, N, D]")
+    check_tensor("v", v, 5, "[B, R, H, N, D]")
+    if q.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"q must be float16, bfloat16, float32 or float64, got {q.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+    B, H, M, D = q.shape
+    if k.shape[0] != B or k.shape[2] != H or k.shape[4] != D:
+        raise ValueError(f"k must have shape [B={B}, R, H={H}, N, D={D}] to match q {_shape(q)}, got {_shape(k)}")
+    if v.shape != k.shape:
+        raise ValueError(f"v must have k's shape {_shape(k)}, got {_shape(v)}")
+    R, N = k.shape[1], k.shape[3]
+    for name, size in (("B", B), ("H", H), ("M", M), ("D", D), ("R (regions)", R), ("N (keys)", N)):
+        if size == 0:
+            raise ValueError(f"q/k/v: {name} must be at least 1, got 0 (q {_shape(q)}, k {_shape(k)})")
+    return B, H, M, D, R, N
+
+
+def region_masks(masks, B: int, R: int, M: int, device) -> torch.Tensor:
+    """masks [R, M] or [B, R, M] (bool or float) -> float32 [B, R, M] (a view where possible)."""
+    if masks is None:
+        return torch.ones((), device=device, dtype=torch.float32).expand(B, R, M)
+    if not isinstance(masks, torch.Tensor):
+        raise TypeError(f"masks must be a tensor of shape [R, M] or [B, R, M], got {type(masks).__name__}")
+    if masks.dim() == 2:
+        masks = masks.unsqueeze(0)
+    if masks.dim() != 3 or masks.shape[1:] != (R, M) or masks.shape[0] not in (1, B):
+        raise ValueError(f"masks must have shape [R={R}, M={M}] or [B={B}, R={R}, M={M}], got {_shape(masks)}")
+    if masks.device != device:
+        raise ValueError(f"masks must be on q's device {device}, got {masks.device}")
+    if masks.dtype == torch.bool:
+        masks = masks.to(torch.float32)
+    elif masks.dtype in FLOAT_DTYPES:
+        check_finite("masks", masks)
+        if masks.dtype != torch.float64:
+            masks = masks.to(torch.float32)
+    else:
+        raise TypeError(f"masks must be bool or floating point, got {masks.dtype}")
+    return masks.expand(B, R, M)
+
+
+def region_weights(weights, B: int, R: int, device) -> torch.Tensor:
+    """region_weights [R] or [B, R] -> float32 [B, R]."""
+    if weights is None:
+        return torch.ones((), device=device, dtype=torch.float32).expand(B, R)
+    if not isinstance(weights, torch.Tensor):
+        raise TypeError(f"region_weights must be a tensor of shape [R] or [B, R], got {type(weights).__name__}")
+    if weights.dim() == 1:
+        weights = weights.unsqueeze(0)
+    if weights.dim() != 2 or weights.shape[1] != R or weights.shape[0] not in (1, B):
+        raise ValueError(f"region_weights must have shape [R={R}] or [B={B}, R={R}], got {_shape(weights)}")
+    if weights.device != device:
+        raise ValueError(f"region_weights must be on q's device {device}, got {weights.device}")
+    if weights.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"region_weights must be floating point, got {weights.dtype}")
+    check_finite("region_weights", weights)
+    if weights.dtype != torch.float64:
+        weights = weights.to(torch.float32)
+    return weights.expand(B, R)
+
+
+def scale_of(scale, D: int) -> float:
+    if scale is None:
+        return D ** -0.5
+    if isinstance(scale, torch.Tensor) or not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise TypeError(f"scale must be a Python float, got {type(scale).__name__}")
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite float, got {scale}")
+    return float(scale)
+
+
+def check_offset(offset, B: int, H: int, M: int, N: int, device) -> None:
+    from .basis import ScoreOffset
+
+    if not isinstance(offset, ScoreOffset):
+        raise TypeError(f"offset must be a stattn.ScoreOffset, got {type(offset).__name__}")
+    theta = offset.theta
+    if theta.device != device:
+        raise ValueError(f"offset.theta must be on q's device {device}, got {theta.device}")
+    if theta.shape[:2] != (B, H):
+        raise ValueError(f"offset.theta must have shape [B={B}, H={H}, T, Ky, Kx], got {_shape(theta)}")
+    h, w = offset.grid
+    if h * w != M:
+        raise ValueError(f"offset basis grid {h}x{w} = {h * w} pixels does not match M = {M} query pixels")
+    for name, idx in (("tokens", offset.tokens), ("pinned", offset.pinned)):
+        bad = [i for i in idx if i >= N]
+        if bad:
+            raise ValueError(f"offset.{name} {bad} out of range: region 0 has N = {N} keys")
+    check_finite("offset.theta", theta)

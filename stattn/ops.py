@@ -1,0 +1,184 @@
+"""The public op ``region_attention`` and its torch.library registration.
+
+Two custom ops carry the work: ``stattn::region_attention`` (forward, returns the output and the
+per-region log-sum-exps the backward re-uses) and ``stattn::region_attention_backward``. Both
+dispatch on the device: CUDA -> Triton kernels; CPU -> the PyTorch reference, or the Triton
+kernels under the interpreter when STATTN_BACKEND=triton (with TRITON_INTERPRET=1). float64
+always takes the reference. STATTN_BACKEND=reference forces the reference everywhere.
+"""
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _validate as V
+from . import reference as ref
+
+__all__ = ["region_attention", "backend_for"]
+
+_EMPTY = ()
+
+
+def backend_for(t: Tensor) -> str:
+    """'triton' or 'reference': which implementation runs for tensors like ``t``."""
+    choice = os.environ.get("STATTN_BACKEND", "auto").lower()
+    if choice not in ("auto", "triton", "reference"):
+        raise ValueError(f"STATTN_BACKEND must be auto, triton or reference, got {choice!r}")
+    if choice == "reference" or t.dtype == torch.float64:
+        return "reference"
+    if t.is_cuda:
+        return "triton"
+    if choice == "triton":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError("STATTN_BACKEND=triton on CPU needs TRITON_INTERPRET=1 set before import")
+        if t.dtype == torch.bfloat16:
+            raise TypeError("the Triton interpreter has no bfloat16: use float16/float32 on CPU")
+        return "triton"
+    return "reference"
+
+
+def _kernels():
+    from stattn import kernels  # installed from the repo's kernels/ as stattn.kernels
+
+    return kernels
+
+
+def _ref_offset(theta, tokens, gy, gx, pin):
+    """A ScoreOffset-like view of the raw op arguments for the reference."""
+    if theta is None and pin is None:
+        return None
+    pinned = tuple(pin.nonzero().flatten().tolist()) if pin is not None else ()
+    return SimpleNamespace(theta=theta, gy=gy, gx=gx, pinned=pinned,
+                           tokens=tuple(tokens.tolist()) if tokens is not None else ())
+
+
+@torch.library.custom_op("stattn::region_attention", mutates_args=())
+def _region_attention_op(q: Tensor, k: Tensor, v: Tensor, weights: Tensor, masks: Tensor, affine: bool,
+                         theta: Optional[Tensor], tokens: Optional[Tensor], gy: Optional[Tensor],
+                         gx: Optional[Tensor], pin: Optional[Tensor], scale: float) -> tuple[Tensor, Tensor]:
+    if backend_for(q) == "triton":
+        return _kernels().forward(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale)
+    off = _ref_offset(theta, tokens, gy, gx, pin)
+    o = ref.region_attention(q, k, v, masks, weights, affine, off, scale)
+    return o, ref.region_lse(q, k, scale, off)
+
+
+@_region_attention_op.register_fake
+def _(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale):
+    B, H, M, _ = q.shape
+    return torch.empty_like(q), q.new_empty((B, k.shape[1] + 1, H, M), dtype=torch.float32)
+
+
+@torch.library.custom_op("stattn::region_attention_backward", mutates_args=())
+def _region_attention_backward_op(
+        grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, weights: Tensor, masks: Tensor, affine: bool,
+        theta: Optional[Tensor], tokens: Optional[Tensor], gy: Optional[Tensor], gx: Optional[Tensor],
+        pin: Optional[Tensor], scale: float, lse: Tensor, needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (dq, dk, dv, dweights, dmasks, dtheta); ``needs`` flags them in that order
+    (dk and dv share one flag slot each); an unneeded one comes back as an empty tensor."""
+    need_q, need_k, need_v, need_w, need_m, need_t = needs
+    empty = q.new_empty(0)
+    if backend_for(q) == "triton":
+        dq, dk, dv, dbuf, dtheta = _kernels().backward(
+            grad_out, q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, lse,
+            need_q, need_k or need_v, need_w or need_m, need_t and theta is not None)
+        dweights = dmasks = None
+        if need_w or need_m:
+            dalpha = _dalpha(dbuf, pin is not None, affine)
+            dweights = (dalpha * masks).sum(-1) if need_w else None
+            dmasks = dalpha * weights[..., None] if need_m else None
+        grads = (dq, dk, dv, dweights, dmasks, dtheta)
+    else:
+        grads = _reference_backward(grad_out, q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin,
+                                    scale, needs)
+    return tuple(empty if g is None else g.contiguous() for g in grads)
+
+
+def _dalpha(dbuf: Tensor, has_pin: bool, affine: bool) -> Tensor:
+    """dL/dalpha [B, R, M] from D [B, R+1, H, M] = <dO, O_r> per head (slot R: pinned part of
+    region 0). Affine: alpha_0 = 1 - sum_{r>=1} alpha_r, so region r >= 1 sees D_r - D_0."""
+    d = dbuf.sum(2)
+    R = d.shape[1] - 1
+    dr = d[:, :R].clone()
+    if has_pin:
+        dr[:, 0] += d[:, R]
+    if affine:
+        dr = torch.cat([torch.zeros_like(dr[:, :1]), dr[:, 1:] - dr[:, :1]], dim=1)
+    return dr
+
+
+def _reference_backward(grad_out, q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, needs):
+    """The reference's closed-form gradients, cast to the inputs' dtypes; unneeded ones None."""
+    off = _ref_offset(theta, tokens, gy, gx, pin)
+    grads = ref.region_attention_backward(grad_out, q, k, v, masks, weights, affine, off, scale)
+    like = (q, k, v, weights, masks, theta)
+    return [g.to(t.dtype) if (n and t is not None and g is not None) else None
+            for g, t, n in zip(grads, like, needs)]
+
+
+@_region_attention_backward_op.register_fake
+def _(grad_out, q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, lse, needs):
+    like = (q, k, v, weights, masks, theta)
+    return tuple(q.new_empty(t.shape, dtype=t.dtype) if (n and t is not None) else q.new_empty(0)
+                 for t, n in zip(like, needs))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale = inputs
+    ctx.save_for_backward(q, k, v, weights, masks, theta, tokens, gy, gx, pin, output[1])
+    ctx.affine, ctx.scale = affine, scale
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, weights, masks, theta, tokens, gy, gx, pin, lse = ctx.saved_tensors
+    ng = ctx.needs_input_grad
+    needs = [ng[0], ng[1], ng[2], ng[3], ng[4], ng[6] and theta is not None]
+    grads = _region_attention_backward_op(grad_out.contiguous(), q, k, v, weights, masks, ctx.affine, theta,
+                                          tokens, gy, gx, pin, ctx.scale, lse, needs)
+    dq, dk, dv, dw, dm, dt = (g if n else None for g, n in zip(grads, needs))
+    return dq, dk, dv, dw, dm, None, dt, None, None, None, None, None
+
+
+torch.library.register_autograd("stattn::region_attention", _backward, setup_context=_setup_context)
+
+
+def region_attention(q: Tensor, k: Tensor, v: Tensor, *, masks: Optional[Tensor] = None,
+                     region_weights: Optional[Tensor] = None, affine: bool = False, offset=None,
+                     scale: Optional[float] = None) -> Tensor:
+    """Masked multi-region cross-attention with per-region weights and a Gaussian-basis offset.
+
+    q [B, H, M, D]; k, v [B, R, H, N, D] (region r's keys/values); masks [R, M] or [B, R, M]
+    (bool or float, default all ones); region_weights [R] or [B, R] (default ones);
+    affine=True gives region 0 alpha = 1 - sum_{r>=1} alpha_r (its own mask/weight are then
+    unused); offset: a :class:`stattn.ScoreOffset` acting on region 0; scale defaults to D^-1/2.
+    Returns o [B, H, M, D] = sum_r alpha_r * softmax(z_r) @ v_r (see stattn/reference.py).
+    Differentiable w.r.t. q, k, v, region_weights, float masks and offset.theta.
+    """
+    B, H, M, D, R, N = V.check_qkv(q, k, v)
+    masks_f = V.region_masks(masks, B, R, M, q.device)
+    weights_f = V.region_weights(region_weights, B, R, q.device)
+    if not isinstance(affine, bool):
+        raise TypeError(f"affine must be a bool, got {type(affine).__name__}")
+    scale = V.scale_of(scale, D)
+    theta = tokens = gy = gx = pin = None
+    if offset is not None:
+        V.check_offset(offset, B, H, M, N, q.device)
+        tok_t, pin_t = offset.device_tensors(N)
+        if offset.tokens:
+            theta, tokens = offset.theta, tok_t
+            gy, gx = offset.gy.to(torch.float32).contiguous(), offset.gx.to(torch.float32).contiguous()
+            if q.dtype == torch.float64:
+                gy, gx = offset.gy.double(), offset.gx.double()
+        if offset.pinned:
+            pin = pin_t
+    if q.dtype == torch.float64:
+        masks_f, weights_f = masks_f.double(), weights_f.double()
+    elif theta is not None and theta.dtype == torch.float64:
+        raise TypeError(f"offset.theta must be float32 for {q.dtype} inputs (float64 only with float64 q)")
+    o, _ = _region_attention_op(q, k, v, weights_f, masks_f, affine, theta, tokens, gy, gx, pin, scale)
+    return o

@@ -1,0 +1,128 @@
+"""Readable PyTorch reference of every stattn op: the oracle of the tests and the CPU path.
+
+Everything is computed in float32 (float64 when the inputs are float64) and returned in q's dtype.
+Semantics (issue 2, spec/attention-regulation.md, spec/spatial-temporal.md), per batch row b,
+head h, pixel m (row-major, m = y*w + x) and region r:
+    z_r[n]  = scale * <q[b,h,m], k[b,r,h,n]>            (+ S[b,h,m,t] on column tokens[t], region 0 only)
+    p_r     = softmax_n(z_r)                            (each region its own softmax over its own keys)
+    p_0[n]  = softmax_n(z_0 without S)[n]  for pinned n (their probability ignores the offset)
+    alpha_r = region_weights[b,r] * masks[b,r,m];  affine: alpha_0 = 1 - sum_{r>=1} alpha_r
+    o       = sum_r alpha_r * sum_n p_r[n] * v[b,r,h,n]
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["score_offset", "region_alpha", "region_logits", "region_probs", "region_attention"]
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def score_offset(theta: torch.Tensor, gy: torch.Tensor, gx: torch.Tensor) -> torch.Tensor:
+    """S [B, H, M, T] = G_y . Theta_t . G_x^T per (b, h, t), flattened row-major over the grid."""
+    B, H, T = theta.shape[:3]
+    S = torch.einsum("yi,bhtij,xj->bhyxt", gy.to(theta.dtype), theta, gx.to(theta.dtype))
+    return S.reshape(B, H, gy.shape[0] * gx.shape[0], T)
+
+
+def region_alpha(region_weights: torch.Tensor, masks: torch.Tensor, affine: bool) -> torch.Tensor:
+    """alpha [B, R, M] from weights [B, R] and masks [B, R, M]."""
+    alpha = region_weights[..., None] * masks
+    if affine:
+        rest = alpha[:, 1:]
+        alpha = torch.cat([1 - rest.sum(1, keepdim=True), rest], dim=1)
+    return alpha
+
+
+def region_logits(q, k, scale, offset=None):
+    """Scaled logits z [B, R, H, M, N] and, with an offset, region 0's edited logits [B, H, M, N]."""
+    ct = _compute_dtype(q)
+    z = torch.einsum("bhmd,brhnd->brhmn", q.to(ct), k.to(ct)) * scale
+    if offset is None or not offset.tokens:
+        return z, None
+    S = score_offset(offset.theta.to(ct), offset.gy, offset.gx)            # [B, H, M, T]
+    tokens = torch.tensor(offset.tokens, device=q.device)
+    onehot = torch.nn.functional.one_hot(tokens, z.shape[-1]).to(ct)     # [T, N]
+    return z, z[:, 0] + S @ onehot
+
+
+def region_probs(q, k, scale, offset=None):
+    """Attention probabilities p [B, R, H, M, N] with region 0 edited and pinned columns restored."""
+    z, z0_edited = region_logits(q, k, scale, offset)
+    p = z.softmax(-1)
+    if z0_edited is not None or (offset is not None and offset.pinned):
+        p0 = p[:, 0] if z0_edited is None else z0_edited.softmax(-1)
+        if offset.pinned:
+            pin = torch.zeros(z.shape[-1], dtype=torch.bool, device=q.device)
+            pin[list(offset.pinned)] = True
+            p0 = torch.where(pin, p[:, 0], p0)
+        p = torch.cat([p0[:, None], p[:, 1:]], dim=1)
+    return p
+
+
+def region_attention(q, k, v, masks, region_weights, affine=False, offset=None, scale=None):
+    """Reference of :func:`stattn.region_attention` on already-normalised arguments:
+    masks [B, R, M] float, region_weights [B, R] float (see the module docstring)."""
+    ct = _compute_dtype(q)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    p = region_probs(q, k, scale, offset)
+    o_r = torch.einsum("brhmn,brhnd->brhmd", p, v.to(ct))
+    alpha = region_alpha(region_weights.to(ct), masks.to(ct), affine)
+    return torch.einsum("brm,brhmd->bhmd", alpha, o_r).to(q.dtype)
+
+
+def region_lse(q, k, scale, offset=None):
+    """Log-sum-exp of each region's logits [B, R+1, H, M] (slot R: region 0 without the offset),
+    the statistics the fused backward re-uses."""
+    z, z0_edited = region_logits(q, k, scale, offset)
+    lse = z.logsumexp(-1)
+    first = lse[:, :1] if z0_edited is None else z0_edited.logsumexp(-1)[:, None]
+    return torch.cat([first, lse[:, 1:], lse[:, :1]], dim=1).float()
+
+
+def region_attention_backward(grad_out, q, k, v, masks, region_weights, affine=False, offset=None, scale=None):
+    """Closed-form gradients of :func:`region_attention`: (dq, dk, dv, d_region_weights, d_masks,
+    d_theta | None), in the compute dtype. The same algebra as the fused backward kernels:
+    dp_r = alpha_r * dO . v_r^T, D_r = <dO, O_r>, dz_r = p_r * (dp_r - alpha_r * D_r); region 0's
+    pinned columns back-propagate through the un-offset softmax, the others through the edited one."""
+    ct = _compute_dtype(q)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    q, k, v, do = (t.to(ct) for t in (q, k, v, grad_out))
+    weights, masks = region_weights.to(ct), masks.to(ct)
+    alpha = region_alpha(weights, masks, affine)                              # [B, R, M]
+    a = alpha[:, :, None, :, None]                                            # [B, R, 1, M, 1]
+    z, z0_edited = region_logits(q, k, scale, offset)
+    p = z.softmax(-1)                                                         # un-offset probabilities
+    dpv = torch.einsum("bhmd,brhnd->brhmn", do, v)                            # <dO, v_n>
+    pinned = offset.pinned if offset is not None else ()
+    pin = torch.zeros(z.shape[-1], dtype=torch.bool, device=q.device)
+    pin[list(pinned)] = True
+    pe0 = p[:, 0] if z0_edited is None else z0_edited.softmax(-1)             # region 0, edited softmax
+    p_used = torch.cat([torch.where(pin, p[:, 0], pe0)[:, None], p[:, 1:]], 1)
+    D = (p_used * dpv).sum(-1)                                                # <dO, O_r>  [B, R, H, M]
+    # softmax backward; region 0 splits into its edited (non-pinned) and un-offset (pinned) parts
+    dz = p * (dpv - D[..., None])
+    De = (pe0 * dpv[:, 0] * ~pin).sum(-1, keepdim=True)
+    Dp = (p[:, 0] * dpv[:, 0] * pin).sum(-1, keepdim=True)
+    dze0 = pe0 * (dpv[:, 0] * ~pin - De)
+    dz0 = dze0 + p[:, 0] * (dpv[:, 0] * pin - Dp)
+    dz = torch.cat([dz0[:, None], dz[:, 1:]], 1) * a                          # [B, R, H, M, N]
+    dq = torch.einsum("brhmn,brhnd->bhmd", dz, k) * scale
+    dk = torch.einsum("brhmn,bhmd->brhnd", dz, q) * scale
+    dv = torch.einsum("brhmn,bhmd->brhnd", p_used * a, do)
+    dalpha = D.sum(2)                                                         # [B, R, M]
+    if affine:
+        dalpha = torch.cat([torch.zeros_like(dalpha[:, :1]), dalpha[:, 1:] - dalpha[:, :1]], 1)
+    dweights = (dalpha * masks).sum(-1)
+    dmasks = dalpha * weights[..., None]
+    dtheta = None
+    if z0_edited is not None:
+        dS = dze0[..., list(offset.tokens)] * alpha[:, 0, None, :, None]      # [B, H, M, T]
+        h, w = offset.gy.shape[0], offset.gx.shape[0]
+        dS = dS.reshape(*dS.shape[:2], h, w, dS.shape[-1])
+        dtheta = torch.einsum("yi,bhyxt,xj->bhtij", offset.gy.to(ct), dS, offset.gx.to(ct))
+    return dq, dk, dv, dweights, dmasks, dtheta
