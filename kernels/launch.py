@@ -11,6 +11,15 @@ from .region_attention import _bwd_dkdv_kernel, _bwd_dq_kernel, _fwd_kernel
 __all__ = ["forward", "backward", "block_config"]
 
 
+def _empty(*args, **kwargs):
+    """Allocation of every kernel output (one place, so tests can poison outputs with NaN)."""
+    return torch.empty(*args, **kwargs)
+
+
+def _empty_like(t):
+    return _empty(t.shape, dtype=t.dtype, device=t.device)
+
+
 def block_config(M: int, N: int, D: int, T: int = 0, Ky: int = 0, Kx: int = 0) -> dict:
     """Tile sizes: one key tile holds N <= 128 (one-shot softmax); D padded to a power of two;
     small pixel tiles at small M so a 16x16 layer still fills the GPU."""
@@ -43,14 +52,13 @@ def _common(q, k, v, weights, masks, theta, gy, gx):
 
 
 def forward(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale):
-    """Returns (o [B, H, M, D] in q's dtype, lse [B, R+1, H, M] float32)."""
+    """Returns (o [B, H, M, D] in q's dtype, lse [B, R + has_pin, H, M] float32); the extra slot
+    holds region 0's un-offset log-sum-exp used by its pinned columns."""
     k, v = k.contiguous(), v.contiguous()
     cfg, strides, (B, H, R, M, N, D, T, W, Ky, Kx) = _common(q, k, v, weights, masks, theta, gy, gx)
-    o = torch.empty_like(q)
-    lse = torch.empty(B, R + 1, H, M, device=q.device, dtype=torch.float32)
     has_pin = pin is not None
-    if not has_pin:
-        lse[:, R].zero_()  # unused slot, kept defined
+    o = _empty_like(q)
+    lse = _empty(B, R + has_pin, H, M, device=q.device, dtype=torch.float32)
     dummy = lse
     k_s, v_s = strides[:5], strides[5:10]
     rest = strides[10:]
@@ -67,22 +75,19 @@ def forward(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale):
 
 def backward(do, q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, lse,
              need_dq, need_dkv, need_dalpha, need_dtheta):
-    """Returns (dq | None, dk | None, dv | None, D [B, R+1, H, M] | None, dtheta | None).
+    """Returns (dq | None, dk | None, dv | None, D [B, R + has_pin, H, M] | None, dtheta | None).
 
     D[:, r] = <dO, O_r> per head and pixel (region 0: its non-pinned part, slot R its pinned
     part); dalpha follows from it on the host side without another kernel over Q."""
     k, v = k.contiguous(), v.contiguous()
     cfg, strides, (B, H, R, M, N, D, T, W, Ky, Kx) = _common(q, k, v, weights, masks, theta, gy, gx)
-    if do.stride() != q.stride():
-        do = do.contiguous()
-        q = q.contiguous()
     has_pin = pin is not None
     need_dtheta = need_dtheta and T > 0
     store_d = need_dalpha or need_dkv
-    dq = torch.empty_like(q) if need_dq else None
-    dbuf = torch.zeros_like(lse) if store_d else None
+    dq = _empty_like(q) if need_dq else None
+    dbuf = _empty(lse.shape, dtype=lse.dtype, device=lse.device) if store_d else None
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), B * H)
-    dth_part = (torch.empty(B, H, grid[0], T, Ky, Kx, device=q.device, dtype=torch.float32)
+    dth_part = (_empty(B, H, grid[0], T, Ky, Kx, device=q.device, dtype=torch.float32)
                 if need_dtheta else None)
     dummy = lse
     k_s, v_s = strides[:5], strides[5:10]
@@ -93,14 +98,14 @@ def backward(do, q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, sc
     if need_dq or store_d or need_dtheta:
         _bwd_dq_kernel[grid](
             q, k, v, do, dq if need_dq else dummy, lse, dbuf if store_d else dummy, weights, masks,
-            *ptrs, dth_part if need_dtheta else dummy, *common,
+            *ptrs, dth_part if need_dtheta else dummy, *common, *(dq.stride() if need_dq else (0,) * 4),
             H, R, M, N, D, T, W, Ky, Kx, float(scale),
             AFFINE=bool(affine), HAS_OFFSET=T > 0, HAS_PIN=has_pin,
             NEED_DQ=need_dq, STORE_D=store_d, NEED_DTHETA=need_dtheta, **cfg)
     dk = dv = None
     if need_dkv:
-        dk = torch.empty_like(k)
-        dv = torch.empty_like(v)
+        dk = _empty_like(k)
+        dv = _empty_like(v)
         n_blocks = triton.cdiv(N, cfg["BLOCK_N"])
         for r_first, n_r, offset, pinned in ((0, 1, T > 0, has_pin), (1, R - 1, False, False)):
             if n_r == 0:

@@ -261,12 +261,13 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DB, Wt, Mk, TOK, TH, GY, GX, PIN, DTH,
                    s_lb, s_lr, s_lh, s_lm,
                    s_wb, s_wr, s_mb, s_mr, s_mm,
                    s_tb, s_th, s_tt, s_ti, s_tj, s_gy, s_gx,
+                   s_dqb, s_dqh, s_dqm, s_dqd,
                    H, R, M, N, D, T, W, KY, KX, scale,
                    AFFINE: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_PIN: tl.constexpr,
                    NEED_DQ: tl.constexpr, STORE_D: tl.constexpr, NEED_DTHETA: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    KYP: tl.constexpr, KXP: tl.constexpr):
-    """DQ/DO share strides with Q/O ([B, H, M, D]); DB [B, R+1, H, M] like LSE;
+    """DO has the O strides, DQ its own ([B, H, M, D]); DB [B, R + HAS_PIN, H, M] like LSE;
     DTH partials [B, H, n_mblocks, T, KY, KX] contiguous."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -312,7 +313,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DB, Wt, Mk, TOK, TH, GY, GX, PIN, DTH,
             tl.store(db_ptr + r * s_lr, De, mask=m_mask)
         dq += dq_r
     if NEED_DQ:
-        tl.store(DQ + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd,
+        tl.store(DQ + b * s_dqb + h * s_dqh + offs_m[:, None] * s_dqm + offs_d[None, :] * s_dqd,
                  dq.to(DQ.dtype.element_ty), mask=io_mask)
 
 

@@ -64,13 +64,13 @@ def _region_attention_op(q: Tensor, k: Tensor, v: Tensor, weights: Tensor, masks
         return _kernels().forward(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale)
     off = _ref_offset(theta, tokens, gy, gx, pin)
     o = ref.region_attention(q, k, v, masks, weights, affine, off, scale)
-    return o, ref.region_lse(q, k, scale, off)
+    return o.contiguous(), ref.region_lse(q, k, scale, off)
 
 
 @_region_attention_op.register_fake
 def _(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale):
     B, H, M, _ = q.shape
-    return torch.empty_like(q), q.new_empty((B, k.shape[1] + 1, H, M), dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty((B, k.shape[1] + (pin is not None), H, M), dtype=torch.float32)
 
 
 @torch.library.custom_op("stattn::region_attention_backward", mutates_args=())
@@ -81,7 +81,6 @@ def _region_attention_backward_op(
     """Gradients (dq, dk, dv, dweights, dmasks, dtheta); ``needs`` flags them in that order
     (dk and dv share one flag slot each); an unneeded one comes back as an empty tensor."""
     need_q, need_k, need_v, need_w, need_m, need_t = needs
-    empty = q.new_empty(0)
     if backend_for(q) == "triton":
         dq, dk, dv, dbuf, dtheta = _kernels().backward(
             grad_out, q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, lse,
@@ -95,20 +94,22 @@ def _region_attention_backward_op(
     else:
         grads = _reference_backward(grad_out, q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin,
                                     scale, needs)
-    return tuple(empty if g is None else g.contiguous() for g in grads)
+    out = []
+    for g, t, n in zip(grads, (q, k, v, weights, masks, theta), needs):
+        if not n or t is None:
+            out.append(q.new_empty(0))  # a fresh one per slot: outputs must not alias
+        else:  # a gradient the work did not touch (theta with no target token) is zero
+            out.append(t.new_zeros(t.shape) if g is None else g.contiguous())
+    return tuple(out)
 
 
 def _dalpha(dbuf: Tensor, has_pin: bool, affine: bool) -> Tensor:
-    """dL/dalpha [B, R, M] from D [B, R+1, H, M] = <dO, O_r> per head (slot R: pinned part of
-    region 0). Affine: alpha_0 = 1 - sum_{r>=1} alpha_r, so region r >= 1 sees D_r - D_0."""
+    """dL/dalpha [B, R, M] from D [B, R + has_pin, H, M] = <dO, O_r> per head (slot R: pinned
+    part of region 0)."""
     d = dbuf.sum(2)
-    R = d.shape[1] - 1
-    dr = d[:, :R].clone()
     if has_pin:
-        dr[:, 0] += d[:, R]
-    if affine:
-        dr = torch.cat([torch.zeros_like(dr[:, :1]), dr[:, 1:] - dr[:, :1]], dim=1)
-    return dr
+        d = torch.cat([d[:, :1] + d[:, -1:], d[:, 1:-1]], dim=1)
+    return ref.alpha_backward(d, affine)
 
 
 def _reference_backward(grad_out, q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, needs):
@@ -168,12 +169,10 @@ def region_attention(q: Tensor, k: Tensor, v: Tensor, *, masks: Optional[Tensor]
     theta = tokens = gy = gx = pin = None
     if offset is not None:
         V.check_offset(offset, B, H, M, N, q.device)
-        tok_t, pin_t = offset.device_tensors(N)
-        if offset.tokens:
-            theta, tokens = offset.theta, tok_t
-            gy, gx = offset.gy.to(torch.float32).contiguous(), offset.gx.to(torch.float32).contiguous()
-            if q.dtype == torch.float64:
-                gy, gx = offset.gy.double(), offset.gx.double()
+        tokens, pin_t = offset.device_tensors(N)
+        theta = offset.theta
+        basis_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        gy, gx = (g.to(basis_dtype).contiguous() for g in (offset.gy, offset.gx))
         if offset.pinned:
             pin = pin_t
     if q.dtype == torch.float64:

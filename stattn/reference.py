@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["score_offset", "region_alpha", "region_logits", "region_probs", "region_attention"]
+__all__ = ["score_offset", "region_alpha", "alpha_backward", "region_logits", "region_probs",
+           "region_attention", "region_lse", "region_attention_backward"]
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -34,6 +35,15 @@ def region_alpha(region_weights: torch.Tensor, masks: torch.Tensor, affine: bool
         rest = alpha[:, 1:]
         alpha = torch.cat([1 - rest.sum(1, keepdim=True), rest], dim=1)
     return alpha
+
+
+def alpha_backward(d_alpha: torch.Tensor, affine: bool) -> torch.Tensor:
+    """Gradient w.r.t. the free alphas (weights * masks) from dL/dalpha_r = sum_h <dO, O_r>:
+    with affine, alpha_0 = 1 - sum_{r>=1} alpha_r, so region r >= 1 sees D_r - D_0 and region
+    0's own mask and weight get none."""
+    if not affine:
+        return d_alpha
+    return torch.cat([torch.zeros_like(d_alpha[:, :1]), d_alpha[:, 1:] - d_alpha[:, :1]], dim=1)
 
 
 def region_logits(q, k, scale, offset=None):
@@ -75,12 +85,13 @@ def region_attention(q, k, v, masks, region_weights, affine=False, offset=None, 
 
 
 def region_lse(q, k, scale, offset=None):
-    """Log-sum-exp of each region's logits [B, R+1, H, M] (slot R: region 0 without the offset),
-    the statistics the fused backward re-uses."""
+    """Log-sum-exp of each region's logits [B, R, H, M], plus slot R (region 0 without the
+    offset) when region 0 has pinned columns: the statistics the fused backward re-uses."""
     z, z0_edited = region_logits(q, k, scale, offset)
     lse = z.logsumexp(-1)
     first = lse[:, :1] if z0_edited is None else z0_edited.logsumexp(-1)[:, None]
-    return torch.cat([first, lse[:, 1:], lse[:, :1]], dim=1).float()
+    extra = [lse[:, :1]] if offset is not None and offset.pinned else []
+    return torch.cat([first, lse[:, 1:], *extra], dim=1).float()
 
 
 def region_attention_backward(grad_out, q, k, v, masks, region_weights, affine=False, offset=None, scale=None):
@@ -114,9 +125,7 @@ def region_attention_backward(grad_out, q, k, v, masks, region_weights, affine=F
     dq = torch.einsum("brhmn,brhnd->bhmd", dz, k) * scale
     dk = torch.einsum("brhmn,bhmd->brhnd", dz, q) * scale
     dv = torch.einsum("brhmn,bhmd->brhnd", p_used * a, do)
-    dalpha = D.sum(2)                                                         # [B, R, M]
-    if affine:
-        dalpha = torch.cat([torch.zeros_like(dalpha[:, :1]), dalpha[:, 1:] - dalpha[:, :1]], 1)
+    dalpha = alpha_backward(D.sum(2), affine)                                 # [B, R, M]
     dweights = (dalpha * masks).sum(-1)
     dmasks = dalpha * weights[..., None]
     dtheta = None

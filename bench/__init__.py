@@ -1,0 +1,1 @@
+"""Benchmarks of stattn (run as modules, e.g. ``python -m bench.micro``)."""

@@ -1,0 +1,122 @@
+"""Random problem construction and error metrics shared by the tests."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import stattn
+from stattn import reference as ref
+
+# ||out - ref|| / ||ref|| bounds (spec/performance.md); GPU fp32 runs tl.dot in tf32.
+TOL = {
+    ("cpu", torch.float32): 1e-5, ("cuda", torch.float32): 3e-4,
+    ("cpu", torch.float16): 2e-3, ("cuda", torch.float16): 2e-3,
+    ("cuda", torch.bfloat16): 1e-2,
+}
+# gradients go through one more low-precision product (dz cast to the input dtype)
+GRAD_TOL_FACTOR = 2.5
+
+
+def rel_err(out: torch.Tensor, expected: torch.Tensor) -> float:
+    out = out.double()
+    assert not torch.isnan(out).any(), "NaN in output"
+    return ((out - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+@dataclass
+class Case:
+    B: int = 2
+    H: int = 2
+    h: int = 5
+    w: int = 7
+    D: int = 40
+    R: int = 2
+    N: int = 77
+    T: int = 1
+    pinned: tuple = ()
+    affine: bool = False
+    dtype: torch.dtype = torch.float32
+    float_masks: bool = True
+
+    @property
+    def M(self):
+        return self.h * self.w
+
+
+def make_inputs(case: Case, device, seed: int = 0):
+    """Fresh random inputs (fp64 masters): q, k, v, masks, weights, theta (or None), tokens, basis."""
+    g = torch.Generator().manual_seed(seed)
+    c = case
+    dd = dict(dtype=torch.float64)
+    q = torch.randn(c.B, c.H, c.M, c.D, generator=g, **dd)
+    k = torch.randn(c.B, c.R, c.H, c.N, c.D, generator=g, **dd)
+    v = torch.randn(c.B, c.R, c.H, c.N, c.D, generator=g, **dd)
+    if c.float_masks:
+        masks = torch.rand(c.B, c.R, c.M, generator=g, **dd)
+    else:
+        masks = torch.rand(c.R, c.M, generator=g) > 0.4
+    weights = 0.25 + torch.rand(c.B, c.R, generator=g, **dd)
+    gy, gx = stattn.gaussian_basis(c.h, c.w, sigma=1, dtype=torch.float64)
+    theta = torch.randn(c.B, c.H, c.T, gy.shape[1], gx.shape[1], generator=g, **dd) if (c.T or c.pinned) else None
+    tokens = tuple(int(i) for i in torch.randperm(c.N, generator=g)[:c.T]) if c.T else ()
+    to = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return dict(q=to(q), k=to(k), v=to(v), masks=to(masks), weights=to(weights), theta=to(theta),
+                tokens=tokens, basis=(to(gy), to(gx)))
+
+
+def run(case: Case, inp: dict, dtype, wrt=("q", "k", "v", "weights", "masks", "theta"), grad_seed=1):
+    """Run the public op in `dtype` (theta stays fp32/fp64) and return (out, {name: grad})."""
+    lowp = lambda t: t.to(dtype)  # noqa: E731
+    tdtype = torch.float64 if dtype == torch.float64 else torch.float32
+    leaves = {
+        "q": lowp(inp["q"]), "k": lowp(inp["k"]), "v": lowp(inp["v"]),
+        "weights": inp["weights"].to(tdtype),
+        "masks": inp["masks"].to(tdtype) if inp["masks"].dtype.is_floating_point else inp["masks"],
+        "theta": None if inp["theta"] is None else inp["theta"].to(tdtype),
+    }
+    for name in wrt:
+        t = leaves[name]
+        if t is not None and t.dtype.is_floating_point:
+            t.requires_grad_(True)
+    offset = None
+    if inp["theta"] is not None:
+        gy, gx = inp["basis"]
+        offset = stattn.ScoreOffset(leaves["theta"], inp["tokens"], (gy.to(tdtype), gx.to(tdtype)),
+                                    pinned=case.pinned)
+    out = stattn.region_attention(leaves["q"], leaves["k"], leaves["v"], masks=leaves["masks"],
+                                  region_weights=leaves["weights"], affine=case.affine, offset=offset)
+    grads = {}
+    wanted = [n for n in wrt if leaves[n] is not None and leaves[n].requires_grad]
+    if wanted:
+        g = torch.Generator().manual_seed(grad_seed)
+        do = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.device)
+        got = torch.autograd.grad(out, [leaves[n] for n in wanted], do.to(out.dtype))
+        grads = dict(zip(wanted, got))
+    return out, grads
+
+
+def reference_run(case: Case, inp: dict, wrt=("q", "k", "v", "weights", "masks", "theta"), grad_seed=1):
+    """The fp64 oracle: autograd through the readable reference (not the op's own backward)."""
+    leaves = {n: (None if inp[n] is None else inp[n].double().detach()) for n in
+              ("q", "k", "v", "weights", "masks", "theta")}
+    if not inp["masks"].dtype.is_floating_point:  # bool masks carry no gradient
+        leaves["masks"] = inp["masks"].double()
+        wrt = tuple(n for n in wrt if n != "masks")
+    for n in wrt:
+        if leaves[n] is not None:
+            leaves[n].requires_grad_(True)
+    B, R, M = case.B, case.R, case.M
+    masks = leaves["masks"] if leaves["masks"].dim() == 3 else leaves["masks"].expand(B, R, M)
+    offset = None
+    if leaves["theta"] is not None:
+        offset = stattn.ScoreOffset(leaves["theta"], inp["tokens"], tuple(b.double() for b in inp["basis"]),
+                                    pinned=case.pinned)
+    out = ref.region_attention(leaves["q"], leaves["k"], leaves["v"], masks, leaves["weights"],
+                               case.affine, offset)
+    g = torch.Generator().manual_seed(grad_seed)
+    do = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.device)
+    wanted = [n for n in wrt if leaves[n] is not None]
+    got = torch.autograd.grad(out, [leaves[n] for n in wanted], do, allow_unused=True)
+    # theta with no target token does not enter the output: its gradient is zero
+    return out, {n: torch.zeros_like(leaves[n]) if g is None else g for n, g in zip(wanted, got)}
