@@ -9,5 +9,5 @@ setup(
     package_dir={"stattn": "stattn", "stattn.kernels": "kernels"},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "triton>=3.0", "numpy"],
-    extras_require={"test": ["pytest", "pytest-benchmark"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "numpy<2.4"]},
 )

@@ -16,26 +16,32 @@ def _empty(*args, **kwargs):
     return torch.empty(*args, **kwargs)
 
 
+def _launch(kernel, grid, args, meta):
+    """Every kernel launch goes through here (kernels.aot captures launches to compile them)."""
+    kernel[grid](*args, **meta)
+
+
 def _empty_like(t):
     return _empty(t.shape, dtype=t.dtype, device=t.device)
 
 
-def block_config(M: int, N: int, D: int, T: int = 0, Ky: int = 0, Kx: int = 0) -> dict:
-    """Tile sizes: one key tile holds N <= 128 (one-shot softmax); D padded to a power of two;
-    small pixel tiles at small M so a 16x16 layer still fills the GPU."""
+def block_config(M: int, N: int, D: int, Ky: int = 0, Kx: int = 0, plain: bool = True) -> dict:
+    """Tile sizes, chosen from sm_90 compiles (python -m stattn.kernels.aot): 64-key tiles
+    (N = 77 takes two) and 8 warps keep every variant free of register spills; one pipeline
+    stage, since the key loop is short and more stages only multiply shared memory (D = 160
+    needed > 227 KB with 128-key tiles and 3 stages). Small pixel tiles keep M = 256 busy;
+    plain attention at large M takes 64-pixel tiles to halve the K/V re-reads."""
     BLOCK_D = max(16, triton.next_power_of_2(D))
-    BLOCK_N = max(16, min(128, triton.next_power_of_2(N)))
-    BLOCK_M = 64 if BLOCK_D <= 64 and BLOCK_N <= 128 else 32
-    if M <= 1024:
-        BLOCK_M = 32
+    BLOCK_N = max(16, min(64, triton.next_power_of_2(N)))
+    BLOCK_M = 64 if plain and BLOCK_D <= 64 and M >= 2048 else 32
     BLOCK_M = max(16, min(BLOCK_M, triton.next_power_of_2(M)))
     return dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
                 KYP=max(16, triton.next_power_of_2(max(Ky, 1))),
                 KXP=max(16, triton.next_power_of_2(max(Kx, 1))),
-                num_warps=4 if BLOCK_D <= 64 else 8)
+                num_warps=8, num_stages=1)
 
 
-def _common(q, k, v, weights, masks, theta, gy, gx):
+def _common(q, k, v, weights, masks, theta, gy, gx, has_pin):
     """Block config, the strides shared by all kernels, and the problem sizes (k, v contiguous)."""
     B, H, M, D = q.shape
     R, N = k.shape[1], k.shape[3]
@@ -44,7 +50,7 @@ def _common(q, k, v, weights, masks, theta, gy, gx):
     Kx = gx.shape[1] if T else 0
     W = gx.shape[0] if T else 1
     th_strides = theta.stride() if T else (0,) * 5
-    cfg = block_config(M, N, D, T, Ky, Kx)
+    cfg = block_config(M, N, D, Ky, Kx, plain=T == 0 and not has_pin)
     strides = (*k.stride(), *v.stride(), *weights.stride(), *masks.stride(), *th_strides,
                gy.stride(0) if T else 0, gx.stride(0) if T else 0)
     dims = (B, H, R, M, N, D, T, W, Ky, Kx)
@@ -55,7 +61,7 @@ def forward(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale):
     """Returns (o [B, H, M, D] in q's dtype, lse [B, R + has_pin, H, M] float32); the extra slot
     holds region 0's un-offset log-sum-exp used by its pinned columns."""
     k, v = k.contiguous(), v.contiguous()
-    cfg, strides, (B, H, R, M, N, D, T, W, Ky, Kx) = _common(q, k, v, weights, masks, theta, gy, gx)
+    cfg, strides, (B, H, R, M, N, D, T, W, Ky, Kx) = _common(q, k, v, weights, masks, theta, gy, gx, pin is not None)
     has_pin = pin is not None
     o = _empty_like(q)
     lse = _empty(B, R + has_pin, H, M, device=q.device, dtype=torch.float32)
@@ -63,13 +69,13 @@ def forward(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale):
     k_s, v_s = strides[:5], strides[5:10]
     rest = strides[10:]
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), B * H)
-    _fwd_kernel[grid](
+    _launch(_fwd_kernel, grid, (
         q, k, v, o, lse, weights, masks,
         tokens if T else dummy, theta if T else dummy, gy if T else dummy, gx if T else dummy,
         pin if has_pin else dummy,
         *q.stride(), *k_s, *v_s, *o.stride(), *lse.stride(), *rest,
-        H, R, M, N, D, T, W, Ky, Kx, float(scale),
-        AFFINE=bool(affine), HAS_OFFSET=T > 0, HAS_PIN=has_pin, **cfg)
+        H, R, M, N, D, T, W, Ky, Kx, float(scale)),
+        dict(AFFINE=bool(affine), HAS_OFFSET=T > 0, HAS_PIN=has_pin, **cfg))
     return o, lse
 
 
@@ -80,7 +86,7 @@ def backward(do, q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, sc
     D[:, r] = <dO, O_r> per head and pixel (region 0: its non-pinned part, slot R its pinned
     part); dalpha follows from it on the host side without another kernel over Q."""
     k, v = k.contiguous(), v.contiguous()
-    cfg, strides, (B, H, R, M, N, D, T, W, Ky, Kx) = _common(q, k, v, weights, masks, theta, gy, gx)
+    cfg, strides, (B, H, R, M, N, D, T, W, Ky, Kx) = _common(q, k, v, weights, masks, theta, gy, gx, pin is not None)
     has_pin = pin is not None
     need_dtheta = need_dtheta and T > 0
     store_d = need_dalpha or need_dkv
@@ -96,12 +102,12 @@ def backward(do, q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, sc
             pin if has_pin else dummy)
     common = (*q.stride(), *k_s, *v_s, *do.stride(), *lse.stride(), *rest)
     if need_dq or store_d or need_dtheta:
-        _bwd_dq_kernel[grid](
+        _launch(_bwd_dq_kernel, grid, (
             q, k, v, do, dq if need_dq else dummy, lse, dbuf if store_d else dummy, weights, masks,
             *ptrs, dth_part if need_dtheta else dummy, *common, *(dq.stride() if need_dq else (0,) * 4),
-            H, R, M, N, D, T, W, Ky, Kx, float(scale),
-            AFFINE=bool(affine), HAS_OFFSET=T > 0, HAS_PIN=has_pin,
-            NEED_DQ=need_dq, STORE_D=store_d, NEED_DTHETA=need_dtheta, **cfg)
+            H, R, M, N, D, T, W, Ky, Kx, float(scale)),
+            dict(AFFINE=bool(affine), HAS_OFFSET=T > 0, HAS_PIN=has_pin,
+                 NEED_DQ=need_dq, STORE_D=store_d, NEED_DTHETA=need_dtheta, **cfg))
     dk = dv = None
     if need_dkv:
         dk = _empty_like(k)
@@ -111,9 +117,9 @@ def backward(do, q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, sc
             if n_r == 0:
                 continue
             # region 0 alone (offset, pins), then regions 1.. together; R_FIRST selects which
-            _bwd_dkdv_kernel[(n_blocks, B * n_r * H)](
+            _launch(_bwd_dkdv_kernel, (n_blocks, B * n_r * H), (
                 q, k, v, do, dk, dv, lse, dbuf, weights, masks, *ptrs, *common,
-                H, R, r_first, n_r, M, N, D, T, W, Ky, Kx, float(scale),
-                AFFINE=bool(affine), HAS_OFFSET=offset, HAS_PIN=pinned, **cfg)
+                H, R, r_first, n_r, M, N, D, T, W, Ky, Kx, float(scale)),
+                dict(AFFINE=bool(affine), HAS_OFFSET=offset, HAS_PIN=pinned, **cfg))
     dtheta = dth_part.sum(2) if need_dtheta else None
     return dq, dk, dv, dbuf, dtheta

@@ -1,0 +1,36 @@
+# Two commands: `make demo` (the main job: micro-benchmark on whatever device there is) and
+# `make test` (the test suite; Triton kernels run under the CPU interpreter without a GPU).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# torch 2.13.0: a CPU build on the development machines (a newer range pulls a multi-GB CUDA
+# build); triton 3.6.0 as on the GPU machines; numpy < 2.4 because the Triton 3.6 interpreter
+# converts 1-element arrays to scalars, which numpy 2.4 rejects.
+PINS   := torch==2.13.0 triton==3.6.0 "numpy<2.4"
+
+.PHONY: install test demo bench aot clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(PINS)
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+test: install
+	$(PY) -m pytest -q
+
+demo: install
+	$(PY) -m bench.micro --quick
+
+bench: install
+	$(PY) -m bench.micro
+
+# compile every kernel variant for sm_90 with Triton's real compiler (no GPU needed)
+aot: install
+	env -u TRITON_INTERPRET $(PY) -m stattn.kernels.aot
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
