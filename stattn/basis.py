@@ -107,14 +107,18 @@ class ScoreOffset:
 
     def device_tensors(self, n_keys: int):
         """Token indices int32 [T] and pinned flags int32 [n_keys] on theta's device, built once
-        (so repeated calls and CUDA-graph replays do no host-to-device copy)."""
+        per ScoreOffset by scalar fills, not host-to-device copies, so that building them is
+        legal inside CUDA-graph capture too."""
         key = (n_keys, self.theta.device)
         if key not in self._device_cache:
             dev = self.theta.device
-            tokens = torch.tensor(self.tokens, dtype=torch.int32, device=dev)
-            pin = torch.zeros(n_keys, dtype=torch.int32)
-            pin[list(self.pinned)] = 1
-            self._device_cache[key] = (tokens, pin.to(dev))
+            tokens = torch.empty(len(self.tokens), dtype=torch.int32, device=dev)
+            for i, tok in enumerate(self.tokens):
+                tokens[i] = tok
+            pin = torch.zeros(n_keys, dtype=torch.int32, device=dev)
+            for i in self.pinned:
+                pin[i] = 1
+            self._device_cache[key] = (tokens, pin)
         return self._device_cache[key]
 
     def __repr__(self) -> str:

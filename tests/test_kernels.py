@@ -23,6 +23,8 @@ CASES = [
     Case(D=160, R=2, T=0, dtype=F16, h=4, w=5),
     Case(D=40, R=2, T=3, pinned=(0, 140), N=154, h=4, w=6),             # blocked keys: N > 128
     Case(D=64, R=1, T=1, pinned=(200,), N=231, dtype=F16, h=3, w=4),
+    Case(D=96, R=2, T=1, pinned=(0,), affine=True, h=3, w=3),           # SD 2.x / SDXL head sizes
+    Case(D=128, R=1, T=3, dtype=F16, h=4, w=4),
 ]
 ON_GPU_ONLY = [Case(D=80, R=2, T=3, pinned=(0, 9), affine=True, dtype=BF16),
                Case(D=64, R=4, T=1, dtype=BF16, N=154)]
