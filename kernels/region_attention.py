@@ -198,6 +198,26 @@ def _dlogits(pe, p0, dpv, a, De, D0, pin, HAS_PIN: tl.constexpr):
 
 
 @triton.jit
+def _bwd_tile(q, do, K, V, s_kn, s_kd, s_vn, s_vd, n0, N, scale, offs_d, d_mask,
+              lse_e, lse_0, gyr, gxr, TOK, T, TH, s_tt, s_ti, s_tj, KY, KX, PIN,
+              HAS_OFFSET: tl.constexpr, HAS_PIN: tl.constexpr, BLOCK_N: tl.constexpr,
+              KYP: tl.constexpr, KXP: tl.constexpr):
+    """One key block recomputed for the backward: columns, keys, pinned flags, both
+    probabilities and dpv = dO . v^T."""
+    cols = n0 + tl.arange(0, BLOCK_N)
+    c_mask = cols < N
+    k, z, ze = _logits(q, K, s_kn, s_kd, cols, c_mask, offs_d, d_mask, scale,
+                       gyr, gxr, TOK, T, TH, s_tt, s_ti, s_tj, KY, KX, HAS_OFFSET, KYP, KXP)
+    v = tl.load(V + cols[:, None] * s_vn + offs_d[None, :] * s_vd,
+                mask=c_mask[:, None] & d_mask[None, :], other=0.0)
+    pin = tl.zeros([BLOCK_N], tl.int32) != 0
+    if HAS_PIN:
+        pin = tl.load(PIN + cols, mask=c_mask, other=0) != 0
+    pe, p0 = _probs(z, ze, lse_e, lse_0, pin, HAS_PIN)
+    return cols, k, pin, pe, p0, tl.dot(do, tl.trans(v))
+
+
+@triton.jit
 def _region_bwd_dq(q, do, a, K, V, s_kn, s_kd, s_vn, s_vd, N, scale, offs_d, d_mask,
                    lse_e, lse_0, gyr, gxr, TOK, T, TH, s_tt, s_ti, s_tj, KY, KX, PIN, DTH, s_dt,
                    HAS_OFFSET: tl.constexpr, HAS_PIN: tl.constexpr, NEED_DTHETA: tl.constexpr,
@@ -206,19 +226,11 @@ def _region_bwd_dq(q, do, a, K, V, s_kn, s_kd, s_vn, s_vd, N, scale, offs_d, d_m
     """dQ contribution of one region, and D = <dO, O_r> split into edited / pinned parts."""
     De = tl.zeros([BLOCK_M], tl.float32)
     D0 = tl.zeros([BLOCK_M], tl.float32)
-    pin = tl.zeros([BLOCK_N], tl.int32) != 0
     # pass 1: D over all key blocks (needed by every column's softmax backward)
     for n0 in range(0, N, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        c_mask = cols < N
-        k, z, ze = _logits(q, K, s_kn, s_kd, cols, c_mask, offs_d, d_mask, scale,
-                           gyr, gxr, TOK, T, TH, s_tt, s_ti, s_tj, KY, KX, HAS_OFFSET, KYP, KXP)
-        v = tl.load(V + cols[:, None] * s_vn + offs_d[None, :] * s_vd,
-                    mask=c_mask[:, None] & d_mask[None, :], other=0.0)
-        if HAS_PIN:
-            pin = tl.load(PIN + cols, mask=c_mask, other=0) != 0
-        pe, p0 = _probs(z, ze, lse_e, lse_0, pin, HAS_PIN)
-        dpv = tl.dot(do, tl.trans(v))
+        cols, k, pin, pe, p0, dpv = _bwd_tile(q, do, K, V, s_kn, s_kd, s_vn, s_vd, n0, N, scale, offs_d, d_mask,
+                                              lse_e, lse_0, gyr, gxr, TOK, T, TH, s_tt, s_ti, s_tj, KY, KX, PIN,
+                                              HAS_OFFSET, HAS_PIN, BLOCK_N, KYP, KXP)
         if HAS_PIN:
             De += tl.sum(tl.where(pin[None, :], 0.0, pe * dpv), axis=1)
             D0 += tl.sum(tl.where(pin[None, :], p0 * dpv, 0.0), axis=1)
@@ -227,16 +239,9 @@ def _region_bwd_dq(q, do, a, K, V, s_kn, s_kd, s_vn, s_vd, N, scale, offs_d, d_m
     # pass 2: dz, dQ and dTheta
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for n0 in range(0, N, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        c_mask = cols < N
-        k, z, ze = _logits(q, K, s_kn, s_kd, cols, c_mask, offs_d, d_mask, scale,
-                           gyr, gxr, TOK, T, TH, s_tt, s_ti, s_tj, KY, KX, HAS_OFFSET, KYP, KXP)
-        v = tl.load(V + cols[:, None] * s_vn + offs_d[None, :] * s_vd,
-                    mask=c_mask[:, None] & d_mask[None, :], other=0.0)
-        if HAS_PIN:
-            pin = tl.load(PIN + cols, mask=c_mask, other=0) != 0
-        pe, p0 = _probs(z, ze, lse_e, lse_0, pin, HAS_PIN)
-        dpv = tl.dot(do, tl.trans(v))
+        cols, k, pin, pe, p0, dpv = _bwd_tile(q, do, K, V, s_kn, s_kd, s_vn, s_vd, n0, N, scale, offs_d, d_mask,
+                                              lse_e, lse_0, gyr, gxr, TOK, T, TH, s_tt, s_ti, s_tj, KY, KX, PIN,
+                                              HAS_OFFSET, HAS_PIN, BLOCK_N, KYP, KXP)
         dz, dze = _dlogits(pe, p0, dpv, a, De, D0, pin, HAS_PIN)
         dq += tl.dot(dz.to(k.dtype), k)
         if NEED_DTHETA:
