@@ -5,8 +5,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # torch 2.13.0: a CPU build on the development machines (a newer range pulls a multi-GB CUDA
 # build); triton 3.6.0 as on the GPU machines; numpy < 2.4 because the Triton 3.6 interpreter
-# converts 1-element arrays to scalars, which numpy 2.4 rejects.
-PINS   := torch==2.13.0 triton==3.6.0 "numpy<2.4"
+# converts 1-element arrays to scalars, which numpy 2.4 rejects; diffusers/transformers as tested.
+PINS   := torch==2.13.0 triton==3.6.0 "numpy<2.4" diffusers==0.42.1 transformers==5.23.0
 
 .PHONY: install test demo bench aot clean
 

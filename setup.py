@@ -8,6 +8,8 @@ setup(
     packages=["stattn", "stattn.kernels"],
     package_dir={"stattn": "stattn", "stattn.kernels": "kernels"},
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "triton>=3.0", "numpy"],
+    install_requires=[
+        "torch>=2.4", "triton>=3.0", "numpy", "diffusers>=0.30", "transformers>=4.40", "pillow",
+    ],
     extras_require={"test": ["pytest", "pytest-benchmark", "numpy<2.4"]},
 )
