@@ -7,6 +7,8 @@ setup(
     description="Fused Triton attention-control kernels for text-to-image diffusion",
     packages=["stattn", "stattn.kernels"],
     package_dir={"stattn": "stattn", "stattn.kernels": "kernels"},
+    package_data={"stattn": ["data/**/*", "configs/**/*"]},
+    entry_points={"console_scripts": ["stattn=stattn.cli:main"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4", "triton>=3.0", "numpy", "diffusers>=0.30", "transformers>=4.40", "pillow",

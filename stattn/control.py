@@ -9,7 +9,7 @@ forward pre-hook (:class:`StepTracker`), so the same controller works with any p
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Hashable, Optional
 
 import torch
 
@@ -28,6 +28,12 @@ class CrossAttentionCall:
     step: int                     # index of the UNet evaluation in the current generation (0-based)
     timestep: Optional[torch.Tensor]
     scale: float                  # the layer's logit scale (attn.scale)
+    step_tensor: Optional[torch.Tensor] = None  # 0-d int64 on q's device holding `step`
+
+    # Under CUDA-graph replay (stattn.Runner(cuda_graphs=True)) Python runs only at capture, so
+    # `step` is the step the graph was captured at. Per-step arithmetic must read `step_tensor`
+    # (updated in place before every replay) and step-dependent control flow must be declared via
+    # Controller.graph_key, which selects the graph. Persistent state must be updated in place.
 
     def project(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V [B, 1, H, N, D] of another context (e.g. an object's own description) through this
@@ -46,6 +52,11 @@ class Controller:
 
     def attention(self, call: CrossAttentionCall) -> Optional[torch.Tensor]:
         """Return the attention output [B, H, M, D] for this call, or None for plain attention."""
+        return None
+
+    def graph_key(self, step: int) -> Hashable:
+        """Steps with equal keys run the same Python path in `attention` (CUDA-graph mode captures
+        one graph per key). The default says every step behaves alike."""
         return None
 
 
@@ -85,26 +96,36 @@ class StepTracker:
         self.step = -1
         self.timestep = None
         self.latent_hw = None
+        self.step_tensor = None  # 0-d int64 on the UNet's device, = step
         self._last_t = None
+        self.driven = False      # set by the runner, which then calls `set_step` itself
 
     def reset(self) -> None:
         self.step, self._last_t = -1, None
         if self.controller is not None:
             self.controller.reset()
 
+    def set_step(self, step: int, timestep, device) -> None:
+        """Make `step` current: outside any graph capture (fill_ of a Python scalar is baked in)."""
+        if self.step_tensor is None or self.step_tensor.device != torch.device(device):
+            self.step_tensor = torch.zeros((), dtype=torch.int64, device=device)
+        self.step_tensor.fill_(step)
+        self.step, self.timestep = step, timestep
+        if self.controller is not None:
+            self.controller.begin_step(step, timestep)
+
     def __call__(self, module, args, kwargs):
         sample = args[0] if args else kwargs.get("sample")
         t = args[1] if len(args) > 1 else kwargs.get("timestep")
         self.latent_hw = tuple(sample.shape[-2:])
+        if self.driven:
+            return
         t_val = float(t.flatten()[0]) if isinstance(t, torch.Tensor) and not _capturing(t) else t
         if isinstance(t_val, (int, float)):
             if self._last_t is not None and t_val >= self._last_t:
                 self.reset()
             self._last_t = t_val
-        self.step += 1
-        self.timestep = t
-        if self.controller is not None:
-            self.controller.begin_step(self.step, t)
+        self.set_step(self.step + 1, t, sample.device)
 
 
 def _capturing(t: torch.Tensor) -> bool:

@@ -92,7 +92,8 @@ class StattnAttnProcessor:
             t = self.tracker
             grid = layer_grid(t.latent_hw if t else None, M) if input_ndim == 3 else (height, width)
             call = CrossAttentionCall(self.name, attn, q, k, v, encoder_hidden_states, grid,
-                                      t.step if t else -1, t.timestep if t else None, attn.scale)
+                                      t.step if t else -1, t.timestep if t else None, attn.scale,
+                                      t.step_tensor if t else None)
             out = self.controller.attention(call)
         if out is None:
             out = region_attention(q, k, v, scale=attn.scale)
