@@ -28,9 +28,6 @@ import functools
 import json
 import math
 import os
-import platform
-import re
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -47,7 +44,8 @@ if not torch.cuda.is_available():
 import stattn  # noqa: E402  (after the interpreter switch)
 from stattn import reference  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
+from .env import REPO, device_slug, machine  # noqa: E402
+
 DEFAULT_OUT = REPO / "bench" / "results"
 
 B, N = 2, 77                   # batch (cond + uncond), CLIP text tokens
@@ -544,63 +542,14 @@ def measure_case(case: Case, setup: Setup) -> dict:
 
 # ----------------------------------------------------------------------------------- environment
 
-def _command(*args: str) -> Optional[str]:
-    try:
-        return subprocess.run(args, capture_output=True, text=True, timeout=30, cwd=REPO,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def device_name(device: str) -> str:
-    return torch.cuda.get_device_name() if device == "cuda" else cpu_model()
-
-
-def slugify(text: str) -> str:
-    text = re.sub(r"\((r|tm)\)|\bprocessor\b|\bcpu\b|@.*", "", text.lower())
-    return re.sub(r"[^a-z0-9]+", "-", text).strip("-")[:40]
-
-
-def device_slug(device: str) -> str:
-    name = slugify(device_name(device))
-    return name if device == "cuda" else "-".join(filter(None, ("cpu", name)))
-
-
-def git_state() -> dict:
-    status = _command("git", "status", "--porcelain", "--", ".", ":(exclude)bench/results")
-    dirty_paths = [line[3:] for line in status.splitlines()] if status else []
-    return {"commit": _command("git", "rev-parse", "HEAD"), "dirty": bool(dirty_paths),
-            "dirty_paths": dirty_paths[:50]}
-
-
 def environment(device: str, dtype: torch.dtype, quick: bool, checks: bool) -> dict:
-    import triton
-
-    env = {
-        "device": device, "device_name": device_name(device), "dtype": str(dtype).removeprefix("torch."),
-        "quick": quick, "value_checks_while_timing": checks,
-        "python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
-        "stattn": stattn.__version__, "platform": platform.platform(), "cpu": cpu_model(),
-        "torch_threads": torch.get_num_threads(),
-        "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET"),
+    env = machine(device)
+    env.update({
+        "dtype": str(dtype).removeprefix("torch."), "quick": quick, "value_checks_while_timing": checks,
+        "stattn": stattn.__version__, "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET"),
         "timer": "triton.testing.do_bench" if device == "cuda" else "time.perf_counter",
         "warmup_ms": TIMING[(device, quick)][0], "rep_ms": TIMING[(device, quick)][1], "quantiles": QUANTILES,
-        "git": git_state(),
-    }
-    if device == "cuda":
-        props = torch.cuda.get_device_properties(0)
-        env.update(cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
-                   driver=_command("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"),
-                   sm_count=props.multi_processor_count, memory_gib=props.total_memory / 2**30,
-                   capability=f"{props.major}.{props.minor}")
+    })
     return env
 
 

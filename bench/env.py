@@ -1,0 +1,72 @@
+"""What every result file records: device, versions, commit (one place for bench.micro and bench.e2e)."""
+from __future__ import annotations
+
+import contextlib
+import platform
+import re
+import subprocess
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _command(*args: str) -> Optional[str]:
+    try:
+        return subprocess.run(args, capture_output=True, text=True, timeout=30, cwd=REPO,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device == "cuda" else cpu_model()
+
+
+def slugify(text: str) -> str:
+    text = re.sub(r"\((r|tm)\)|\bprocessor\b|\bcpu\b|@.*", "", text.lower())
+    return re.sub(r"[^a-z0-9]+", "-", text).strip("-")[:40]
+
+
+def device_slug(device: str) -> str:
+    name = slugify(device_name(device))
+    return name if device == "cuda" else "-".join(filter(None, ("cpu", name)))
+
+
+def git_state() -> dict:
+    """HEAD and whether the working tree differs from it (results themselves excluded)."""
+    status = _command("git", "status", "--porcelain", "--", ".", ":(exclude)bench/results")
+    dirty_paths = [line[3:] for line in status.splitlines()] if status else []
+    return {"commit": _command("git", "rev-parse", "HEAD"), "dirty": bool(dirty_paths),
+            "dirty_paths": dirty_paths[:50]}
+
+
+def machine(device: str) -> dict:
+    """Device and software versions for a result file."""
+    import triton
+
+    env = {"device": device, "device_name": device_name(device), "python": platform.python_version(),
+           "torch": torch.__version__, "triton": triton.__version__, "platform": platform.platform(),
+           "cpu": cpu_model(), "torch_threads": torch.get_num_threads(), "git": git_state()}
+    with contextlib.suppress(ImportError):
+        import diffusers
+        import transformers
+
+        env.update(diffusers=diffusers.__version__, transformers=transformers.__version__)
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        env.update(cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
+                   driver=_command("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"),
+                   sm_count=props.multi_processor_count, memory_gib=props.total_memory / 2**30,
+                   capability=f"{props.major}.{props.minor}")
+    return env
