@@ -1,0 +1,248 @@
+"""Offline Stable Diffusion models: tiny random pipelines for tests and demos, full-size random
+architectures for benchmarks, and loading of local diffusers directories.
+
+Nothing here downloads anything. The tokenizer is a small CLIP BPE vocabulary shipped in
+``stattn/data/tokenizer`` (about 300 common prompt words are single tokens; other words split
+into sub-word / byte tokens). The full-size configs in ``stattn/configs/<name>/`` are copies of the
+published ones (SD 1.5, SD 2-base, SD 2 768-v, SDXL base 1.0).
+
+- :func:`tiny` — a tiny random SD 1.x / SD 2.x / SDXL pipeline, deterministic from ``seed``;
+- :func:`full` — the real architecture with random weights (timing does not depend on the values);
+- :func:`save` / :func:`load` — a normal diffusers directory (``model_index.json``);
+- :func:`resolve` — what the ``--model`` option of the ``stattn`` command accepts.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+import diffusers
+import torch
+import transformers
+from diffusers import (AutoencoderKL, DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline,
+                       UNet2DConditionModel)
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+__all__ = ["tiny", "full", "save", "load", "resolve", "tokenizer", "TINY_KINDS", "FULL_NAMES",
+           "TOKENIZER_DIR", "CONFIGS_DIR"]
+
+TOKENIZER_DIR = Path(__file__).parent / "data" / "tokenizer"
+CONFIGS_DIR = Path(__file__).parent / "configs"
+
+PIPELINES = {cls.__name__: cls for cls in (StableDiffusionPipeline, StableDiffusionXLPipeline)}
+TEXT_ENCODERS = {cls.__name__: cls for cls in (CLIPTextModel, CLIPTextModelWithProjection)}
+
+# The published model each name reproduces; the pad token is each tokenizer's as published
+# (SD 1.5 and SDXL's first tokenizer pad with <|endoftext|>, OpenCLIP's tokenizers with "!").
+FULL_NAMES = ("sd15", "sd2-base", "sd2", "sdxl")
+EOS = "<|endoftext|>"
+_PAD_TOKENS = {
+    "sd15": {"tokenizer": EOS},
+    "sd2-base": {"tokenizer": "!"},
+    "sd2": {"tokenizer": "!"},
+    "sdxl": {"tokenizer": EOS, "tokenizer_2": "!"},
+}
+
+# A tiny kind takes its scheduler config and tokenizer padding from the full model it imitates.
+TINY_KINDS = {"sd": "sd15", "sd2": "sd2", "sdxl": "sdxl"}
+_TINY_TEXT_WIDTH = 32
+_TINY_TIME_EMBED = 8
+
+
+# ----------------------------------------------------------------------------------------------
+# tokenizer and schedulers
+
+def tokenizer(pad_token: str = EOS) -> CLIPTokenizer:
+    """The shipped small CLIP tokenizer (model_max_length 77)."""
+    return CLIPTokenizer.from_pretrained(TOKENIZER_DIR, pad_token=pad_token, local_files_only=True)
+
+
+def _read_json(path: Path) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _base_scheduler(name: str) -> SchedulerMixin:
+    config = _read_json(CONFIGS_DIR / name / "scheduler" / "scheduler_config.json")
+    return _scheduler_class(config["_class_name"]).from_config(config)
+
+
+def _scheduler_class(name: str) -> type:
+    cls = getattr(diffusers, name, None) if isinstance(name, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        raise ValueError(f"scheduler must be a diffusers scheduler class name such as 'DDIMScheduler' or "
+                         f"'DPMSolverMultistepScheduler', got {name!r}")
+    return cls
+
+
+def _with_scheduler(pipe: DiffusionPipeline, scheduler) -> DiffusionPipeline:
+    """None keeps the pipeline's scheduler; a class (or its name) is built from the pipeline's
+    scheduler config so that prediction_type, betas and timestep spacing carry over; an instance
+    is used as given."""
+    if scheduler is None:
+        return pipe
+    if isinstance(scheduler, SchedulerMixin):
+        pipe.scheduler = scheduler
+        return pipe
+    if isinstance(scheduler, type):
+        if not issubclass(scheduler, SchedulerMixin):
+            raise TypeError(f"scheduler must be a diffusers scheduler class, name or instance, got {scheduler!r}")
+        cls = scheduler
+    elif isinstance(scheduler, str):
+        cls = _scheduler_class(scheduler)
+    else:
+        raise TypeError(f"scheduler must be None, a diffusers scheduler class name, class or instance, "
+                        f"got {type(scheduler).__name__}")
+    pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    return pipe
+
+
+def _check_dtype(dtype, allow_none: bool = False) -> None:
+    if dtype is None and allow_none:
+        return
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype (e.g. torch.float16), got {dtype!r}")
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device):
+    """Seed the generator of `device` without disturbing the caller's random state."""
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        yield
+
+
+def _pipeline(cls: type, parts: dict, pads: dict, config: dict) -> DiffusionPipeline:
+    for name, pad in pads.items():
+        parts[name] = tokenizer(pad)
+    if cls is StableDiffusionPipeline:
+        return cls(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return cls(**parts, force_zeros_for_empty_prompt=config.get("force_zeros_for_empty_prompt", True),
+               add_watermarker=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# tiny
+
+def _tiny_text_config(hidden_act: str, tok: CLIPTokenizer) -> CLIPTextConfig:
+    return CLIPTextConfig(vocab_size=len(tok), hidden_size=_TINY_TEXT_WIDTH, intermediate_size=64,
+                          num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+                          hidden_act=hidden_act, projection_dim=_TINY_TEXT_WIDTH,
+                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=1)
+
+
+def _tiny_unet_config(kind: str) -> dict:
+    """Two resolutions (latent 8x8 and 4x4) with cross-attention at both and in the mid block."""
+    config = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=2,
+                  block_out_channels=(32, 64), norm_num_groups=32,
+                  down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                  cross_attention_dim=_TINY_TEXT_WIDTH)
+    if kind == "sd":
+        # SD 1.x: `attention_head_dim` is really a head count; head dims 16 and 32 as 40..160 in SD 1.5
+        return {**config, "attention_head_dim": 2}
+    # SD 2.x / SDXL: per-level head counts, head dim 16 at every level; linear projections
+    config = {**config, "attention_head_dim": (2, 4), "use_linear_projection": True}
+    if kind == "sdxl":
+        config.update(cross_attention_dim=2 * _TINY_TEXT_WIDTH,          # both encoders concatenated
+                      transformer_layers_per_block=(1, 2), addition_embed_type="text_time",
+                      addition_time_embed_dim=_TINY_TIME_EMBED,
+                      # pooled text (projection_dim) + 6 time ids (original size, crop, target size)
+                      projection_class_embeddings_input_dim=_TINY_TEXT_WIDTH + 6 * _TINY_TIME_EMBED)
+    return config
+
+
+def _tiny_vae_config(kind: str) -> dict:
+    """Four levels as in SD, so the latent is 8x smaller than the image."""
+    return dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+                block_out_channels=(16, 16, 32, 32), norm_num_groups=8, sample_size=64,
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                scaling_factor=0.13025 if kind == "sdxl" else 0.18215)
+
+
+def tiny(seed: int = 0, kind: str = "sd", *, scheduler=None, dtype: torch.dtype = torch.float32,
+         device="cpu") -> DiffusionPipeline:
+    """A tiny random SD pipeline (64 px images, 8x8 latents), deterministic from `seed`.
+
+    kind: "sd" (SD 1.x-like, epsilon), "sd2" (SD 2.x-like: v-prediction, linear projections,
+    per-level head counts) or "sdxl" (StableDiffusionXLPipeline: two text encoders, text_time
+    added conditioning). The default scheduler is the imitated model's: PNDM for "sd", DDIM
+    (v-prediction) for "sd2", Euler for "sdxl"; `scheduler` may name another diffusers scheduler
+    class (built from that config) or be an instance.
+    """
+    if kind not in TINY_KINDS:
+        raise ValueError(f"kind must be one of {sorted(TINY_KINDS)}, got {kind!r}")
+    _check_dtype(dtype)
+    base = TINY_KINDS[kind]
+    pads = _PAD_TOKENS[base]
+    tok = tokenizer()
+    with _seeded(seed, torch.device("cpu")):      # built on the CPU in fp32: same weights everywhere
+        parts = dict(unet=UNet2DConditionModel(**_tiny_unet_config(kind)),
+                     vae=AutoencoderKL(**_tiny_vae_config(kind)))
+        # OpenAI CLIP (SD 1.x, SDXL's first encoder) uses quick_gelu, OpenCLIP (SD 2.x, SDXL's second) gelu
+        parts["text_encoder"] = CLIPTextModel(_tiny_text_config("gelu" if kind == "sd2" else "quick_gelu", tok))
+        if kind == "sdxl":
+            parts["text_encoder_2"] = CLIPTextModelWithProjection(_tiny_text_config("gelu", tok))
+    parts["scheduler"] = _base_scheduler(base)
+    for module in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        if module in parts:
+            parts[module].eval()
+    cls = StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline
+    pipe = _pipeline(cls, parts, pads, {})
+    return _placed(_with_scheduler(pipe, scheduler), device, dtype)
+
+
+def _placed(pipe: DiffusionPipeline, device, dtype: Optional[torch.dtype]) -> DiffusionPipeline:
+    if device is not None:
+        pipe.to(torch.device(device))
+    if dtype is not None and pipe.unet.dtype != dtype:   # a same-dtype .to() only prints warnings
+        pipe.to(dtype=dtype)
+    return pipe
+
+
+# ----------------------------------------------------------------------------------------------
+# save / load
+
+def save(pipe: DiffusionPipeline, path: Union[str, os.PathLike]) -> Path:
+    """Write `pipe` as a diffusers directory (model_index.json + one folder per component)."""
+    if not isinstance(pipe, tuple(PIPELINES.values())):
+        raise TypeError(f"pipe must be one of {sorted(PIPELINES)}, got {type(pipe).__name__}")
+    path = Path(path)
+    pipe.save_pretrained(path)
+    return path
+
+
+def _pipeline_class(path: Path) -> type:
+    expected = f"a diffusers pipeline directory with model_index.json naming one of {sorted(PIPELINES)}"
+    if not path.exists():
+        raise ValueError(f"model directory {path} does not exist; expected {expected}")
+    if not path.is_dir():
+        raise ValueError(f"model path {path} is not a directory; expected {expected}")
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise ValueError(f"model directory {path} has no model_index.json; expected {expected}")
+    try:
+        name = _read_json(index).get("_class_name")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise ValueError(f"{index} is not a valid model_index.json ({e}); expected {expected}") from None
+    if name not in PIPELINES:
+        raise ValueError(f"model directory {path} holds an unsupported pipeline {name!r}; expected {expected}")
+    return PIPELINES[name]
+
+
+def load(path: Union[str, os.PathLike], *, dtype: Optional[torch.dtype] = None, device=None,
+         scheduler=None) -> DiffusionPipeline:
+    """Load a local SD / SDXL diffusers directory (the class comes from its model_index.json)."""
+    _check_dtype(dtype, allow_none=True)
+    path = Path(path)
+    cls = _pipeline_class(path)
+    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+    pipe = cls.from_pretrained(path, local_files_only=True, **kwargs)
+    return _placed(_with_scheduler(pipe, scheduler), device, None)
