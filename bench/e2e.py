@@ -1,0 +1,219 @@
+"""End-to-end generation time, side by side in one process: the stock diffusers pipeline, the stock
+pipeline with `stattn.accelerate`, and `stattn.Runner` (stock attention, fused attention, CUDA graphs).
+
+    python -m bench.e2e                                  # GPU: SD 1.5 / SD 2-base 512 px, SDXL 1024 px
+    python -m bench.e2e --model tiny --steps 10          # CPU: the tiny random model (harness check)
+
+Every variant generates the same prompt with the same seed on the same pipeline object; variants are
+alternated within each repeat and the medians compared (overhead = T / T_stock - 1). Full-size
+models have random weights (`stattn.models.full`): timing does not depend on weight values.
+Results (JSON + Markdown, with device, versions, commit) go to bench/results/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+import stattn
+from stattn import models
+from stattn.runner import Runner
+
+from .env import REPO, device_slug, machine
+
+DEFAULT_OUT = REPO / "bench" / "results"
+PROMPT = "a photo of a cat and a frog on a bench"
+GPU_MODELS = (("full:sd15", 512), ("full:sd2-base", 512), ("full:sdxl", 1024))
+
+
+@dataclass
+class Variant:
+    name: str
+    make: Callable        # (pipe) -> generate(seed, steps, size) -> images
+    own_unet: bool = False  # needs a UNet of its own (CUDA graphs bake its processors in)
+
+
+def _stock(accelerated: bool) -> Callable:
+    def make(pipe):
+        (stattn.accelerate if accelerated else stattn.restore)(pipe)
+
+        def generate(seed, steps, size):
+            g = torch.Generator(pipe.device).manual_seed(seed)
+            return pipe(PROMPT, num_inference_steps=steps, height=size, width=size, generator=g,
+                        output_type="pt").images
+        return generate
+    return make
+
+
+def _runner(accelerated: bool, cuda_graphs: bool = False) -> Callable:
+    def make(pipe):
+        stattn.restore(pipe)
+        runner = Runner(pipe, cuda_graphs=cuda_graphs, accelerate=accelerated)
+
+        def generate(seed, steps, size):
+            return runner(PROMPT, steps=steps, height=size, width=size, seed=seed, output_type="pt").images
+        return generate
+    return make
+
+
+VARIANTS = {
+    "stock": Variant("stock", _stock(False)),
+    "stock+accelerate": Variant("stock+accelerate", _stock(True)),
+    "runner (stock attention)": Variant("runner (stock attention)", _runner(False)),
+    "runner": Variant("runner", _runner(True), own_unet=True),
+    "runner+graphs": Variant("runner+graphs", _runner(True, cuda_graphs=True), own_unet=True),
+}
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _quantiles(xs: list) -> dict:
+    xs = sorted(xs)
+    pick = lambda q: xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]  # noqa: E731
+    return {"median": statistics.median(xs), "p20": pick(0.2), "p80": pick(0.8), "n": len(xs)}
+
+
+def measure_model(model: str, size: int, names: list, steps: int, repeats: int, device: str,
+                  dtype: torch.dtype, log=print) -> dict:
+    """Alternate the variants `repeats` times on one pipeline; one warm-up generation each."""
+    pipe = models.resolve(model, dtype=dtype, device=device)
+    pipe.set_progress_bar_config(disable=True)
+    fused = _with_own_unet(pipe) if any(VARIANTS[n].own_unet for n in names) else None
+    pipes = {name: fused if VARIANTS[name].own_unet else pipe for name in names}
+    gens = {name: VARIANTS[name].make(pipes[name]) for name in names}
+    times = {name: [] for name in names}
+    outputs = {}
+    for rep in range(repeats + 1):  # rep 0 warms up (compiles, allocator, cuDNN plans)
+        for name in names:
+            if not VARIANTS[name].own_unet:
+                _set_processors(pipe, name)
+            _sync(device)
+            t0 = time.perf_counter()
+            out = gens[name](0, steps, size)
+            _sync(device)
+            if rep:
+                times[name].append((time.perf_counter() - t0) * 1e3)
+            outputs[name] = out
+    ref = outputs[names[0]].float()
+    result = {"model": model, "size": size, "steps": steps, "repeats": repeats, "variants": {}}
+    base = statistics.median(times[names[0]])
+    for name in names:
+        q = _quantiles(times[name])
+        diff = (outputs[name].float() - ref).abs().max().item()
+        result["variants"][name] = {"ms": q, "vs_first": q["median"] / base - 1.0,
+                                    "max_abs_diff_vs_first": diff}
+        log(f"  {model} {name:26s} {q['median']:9.1f} ms  ({q['median'] / base - 1:+.1%})  diff {diff:.2e}")
+    stattn.restore(pipe)
+    return result
+
+
+def _with_own_unet(pipe):
+    """The same pipeline with a copy of its UNet (text encoders and VAE shared)."""
+    import copy
+
+    return type(pipe)(**{**pipe.components, "unet": copy.deepcopy(pipe.unet)})
+
+
+def _set_processors(pipe, name):
+    """Each variant's attention processors (the pipeline object is shared)."""
+    if name in ("stock", "runner (stock attention)"):
+        stattn.restore(pipe)
+    elif not hasattr(pipe.unet, "_stattn"):
+        stattn.accelerate(pipe)
+
+
+def markdown(run: dict) -> str:
+    env = run["environment"]
+    git = env["git"]
+    lines = [f"# stattn end-to-end: {env['device_name']}, {env['dtype']}", "",
+             f"commit `{(git['commit'] or 'unknown')[:12]}`{' (dirty)' if git['dirty'] else ''}; "
+             f"torch {env['torch']}, triton {env['triton']}, diffusers {env.get('diffusers')}; "
+             f"prompt {PROMPT!r}, seed 0, CFG 7.5, default scheduler; one image; "
+             f"times: median [p20–p80] over {run['repeats']} alternated repeats after one warm-up.", ""]
+    for m in run["models"]:
+        lines += [f"## {m['model']}, {m['size']} px, {m['steps']} steps", "",
+                  "| variant | time per image | vs first | max |Δ image| vs first |", "|---|---|---|---|"]
+        for name, v in m["variants"].items():
+            q = v["ms"]
+            lines.append(f"| {name} | {q['median']:.1f} [{q['p20']:.1f}–{q['p80']:.1f}] ms | "
+                         f"{v['vs_first']:+.1%} | {v['max_abs_diff_vs_first']:.1e} |")
+        lines.append("")
+    if env["device"] == "cpu":
+        lines += ["CPU: stattn's op runs its PyTorch reference here; this checks the harness, "
+                  "the GPU run is the measurement."]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None):
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(prog="python -m bench.e2e", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", action="append", help="model (repeatable): tiny, full:sd15, a directory; "
+                   "default: the SD 1.5, SD 2-base and SDXL architectures on a GPU, tiny on the CPU")
+    p.add_argument("--size", type=int, help="image size (default: 512, SDXL 1024, tiny 64)")
+    p.add_argument("--steps", type=int, default=50 if cuda else 10)
+    p.add_argument("--repeats", type=int, default=5 if cuda else 3)
+    p.add_argument("--device", default="cuda" if cuda else "cpu")
+    p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16" if cuda else "fp32")
+    p.add_argument("--variants", default=",".join(n for n in VARIANTS if cuda or n != "runner+graphs"),
+                   help=f"comma-separated, the first is the baseline; from {list(VARIANTS)}")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = p.parse_args(argv)
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        p.error(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
+    if "runner+graphs" in args.variants and args.device != "cuda":
+        p.error("--variants: runner+graphs needs --device cuda")
+    args.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    return args
+
+
+def run(args, log=print) -> dict:
+    torch.manual_seed(0)
+    if args.model:
+        targets = [(m, args.size or (1024 if "sdxl" in m and "tiny" not in m else 64 if "tiny" in m else 512))
+                   for m in args.model]
+    else:
+        targets = list(GPU_MODELS) if args.device == "cuda" else [("tiny", 64)]
+    env = machine(args.device)
+    env["dtype"] = str(args.dtype).removeprefix("torch.")
+    out = {"environment": env, "repeats": args.repeats, "variants": args.variants, "models": []}
+    for model, size in targets:
+        out["models"].append(measure_model(model, size, args.variants, args.steps, args.repeats,
+                                           args.device, args.dtype, log))
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
+def write_results(result: dict, out_dir: Path) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"e2e-{device_slug(result['environment']['device'])}-{time.strftime('%Y%m%d-%H%M%S')}"
+    jp, mp = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    jp.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    mp.write_text(markdown(result))
+    return jp, mp
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    result = run(args)
+    jp, mp = write_results(result, args.out)
+    print()
+    print(markdown(result))
+    print(f"wrote {jp}\n      {mp}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
