@@ -1,5 +1,6 @@
-# Two commands: `make demo` (the main job: micro-benchmark on whatever device there is) and
-# `make test` (the test suite; Triton kernels run under the CPU interpreter without a GPU).
+# Two commands: `make demo` (the main job: `stattn generate` on the offline tiny model, on whatever
+# device there is) and `make test` (the test suite; Triton kernels run under the CPU interpreter
+# without a GPU).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -23,14 +24,16 @@ test: install
 	$(PY) -m pytest -q
 
 demo: install
-	$(PY) -m bench.micro --quick
+	$(VENV)/bin/stattn generate --model tiny --prompt "a photo of a cat and a frog on a bench" \
+		--steps 20 --out demo-out
 
 bench: install
 	$(PY) -m bench.micro
+	$(PY) -m bench.e2e
 
 # compile every kernel variant for sm_90 with Triton's real compiler (no GPU needed)
 aot: install
 	env -u TRITON_INTERPRET $(PY) -m stattn.kernels.aot
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache demo-out
