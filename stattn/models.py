@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Optional, Union
 
 import diffusers
+import diffusers.utils.deprecation_utils
 import torch
-import transformers
 from diffusers import (AutoencoderKL, DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline,
                        UNet2DConditionModel)
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -32,6 +32,9 @@ __all__ = ["tiny", "full", "save", "load", "resolve", "tokenizer", "TINY_KINDS",
 
 TOKENIZER_DIR = Path(__file__).parent / "data" / "tokenizer"
 CONFIGS_DIR = Path(__file__).parent / "configs"
+
+# diffusers renamed from_pretrained's `torch_dtype` to `dtype` (the old name warns); detect which.
+_DTYPE_KWARG = "dtype" if hasattr(diffusers.utils.deprecation_utils, "_resolve_dtype") else "torch_dtype"
 
 PIPELINES = {cls.__name__: cls for cls in (StableDiffusionPipeline, StableDiffusionXLPipeline)}
 TEXT_ENCODERS = {cls.__name__: cls for cls in (CLIPTextModel, CLIPTextModelWithProjection)}
@@ -243,6 +246,79 @@ def load(path: Union[str, os.PathLike], *, dtype: Optional[torch.dtype] = None, 
     _check_dtype(dtype, allow_none=True)
     path = Path(path)
     cls = _pipeline_class(path)
-    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+    kwargs = {_DTYPE_KWARG: dtype} if dtype is not None else {}
     pipe = cls.from_pretrained(path, local_files_only=True, **kwargs)
     return _placed(_with_scheduler(pipe, scheduler), device, None)
+
+
+# ----------------------------------------------------------------------------------------------
+# full-size architectures with random weights
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    """Create parameters in `dtype` directly (no fp32 copy to cast: halves the time and memory)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _text_encoder(folder: Path) -> torch.nn.Module:
+    config = CLIPTextConfig.from_pretrained(folder, local_files_only=True)
+    return TEXT_ENCODERS[config.architectures[0]](config)
+
+
+def full(name: str, *, dtype: torch.dtype = torch.float16, device="cpu", seed: int = 0,
+         scheduler=None) -> DiffusionPipeline:
+    """The real architecture of `name` ("sd15", "sd2-base", "sd2" (768 px, v-prediction), "sdxl")
+    with random weights, built from the configs in ``stattn/configs/<name>/`` directly on `device`
+    in `dtype`, with the shipped tokenizer. For benchmarks (timing does not depend on weight
+    values); ``device="meta"`` builds the shapes only."""
+    if name not in FULL_NAMES:
+        raise ValueError(f"name must be one of {list(FULL_NAMES)}, got {name!r}")
+    _check_dtype(dtype)
+    folder = CONFIGS_DIR / name
+    index = _read_json(folder / "model_index.json")
+    device = torch.device(device)
+    with _seeded(seed, device), device, _default_dtype(dtype):
+        parts = dict(unet=UNet2DConditionModel.from_config(_read_json(folder / "unet" / "config.json")),
+                     vae=AutoencoderKL.from_config(_read_json(folder / "vae" / "config.json")))
+        for encoder in ("text_encoder", "text_encoder_2"):
+            if encoder in index:
+                parts[encoder] = _text_encoder(folder / encoder)
+    for module in parts.values():
+        module.eval()
+    parts["scheduler"] = _base_scheduler(name)
+    pipe = _pipeline(PIPELINES[index["_class_name"]], parts, _PAD_TOKENS[name], index)
+    return _with_scheduler(pipe, scheduler)
+
+
+# ----------------------------------------------------------------------------------------------
+# --model forms of the stattn command
+
+def resolve(model: Union[str, os.PathLike], *, dtype: Optional[torch.dtype] = None, device=None,
+            scheduler=None, seed: int = 0) -> DiffusionPipeline:
+    """"tiny" / "tiny-sd2" / "tiny-sdxl" → :func:`tiny`; "full:<name>" → :func:`full`; an existing
+    directory → :func:`load` (`seed` only seeds the random models). `dtype` None means each
+    builder's default (float32 tiny, float16 full, the stored dtype for a directory)."""
+    forms = (f"'tiny', 'tiny-sd2', 'tiny-sdxl', 'full:<name>' with name in {list(FULL_NAMES)}, "
+             f"or an existing diffusers model directory")
+    if isinstance(model, str) and model in _TINY_FORMS:
+        return tiny(seed, _TINY_FORMS[model], scheduler=scheduler, device=device or "cpu",
+                    **({"dtype": dtype} if dtype is not None else {}))
+    if isinstance(model, str) and model.startswith("full:"):
+        name = model[len("full:"):]
+        if name not in FULL_NAMES:
+            raise ValueError(f"model {model!r}: unknown full-size model {name!r}; expected one of {forms}")
+        return full(name, scheduler=scheduler, device=device or "cpu", seed=seed,
+                    **({"dtype": dtype} if dtype is not None else {}))
+    if not isinstance(model, (str, os.PathLike)):
+        raise TypeError(f"model must be a str or path ({forms}), got {type(model).__name__}")
+    if not os.path.exists(model):
+        raise ValueError(f"model {str(model)!r} is neither a known model nor an existing directory; expected {forms}")
+    return load(model, dtype=dtype, device=device, scheduler=scheduler)
+
+
+_TINY_FORMS = {"tiny": "sd", "tiny-sd": "sd", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl"}
