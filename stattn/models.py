@@ -52,6 +52,7 @@ _PAD_TOKENS = {
 
 # A tiny kind takes its scheduler config and tokenizer padding from the full model it imitates.
 TINY_KINDS = {"sd": "sd15", "sd2": "sd2", "sdxl": "sdxl"}
+_TINY_FORMS = {"tiny": "sd", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl"}     # resolve()'s names
 _TINY_TEXT_WIDTH = 32
 _TINY_TIME_EMBED = 8
 
@@ -122,13 +123,13 @@ def _seeded(seed: int, device: torch.device):
         yield
 
 
-def _pipeline(cls: type, parts: dict, pads: dict, config: dict) -> DiffusionPipeline:
+def _pipeline(cls: type, parts: dict, pads: dict, force_zeros_for_empty_prompt: bool = True) -> DiffusionPipeline:
+    """Assemble the pipeline with the shipped tokenizer(s); no safety checker, no watermarker."""
     for name, pad in pads.items():
         parts[name] = tokenizer(pad)
     if cls is StableDiffusionPipeline:
         return cls(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    return cls(**parts, force_zeros_for_empty_prompt=config.get("force_zeros_for_empty_prompt", True),
-               add_watermarker=False)
+    return cls(**parts, force_zeros_for_empty_prompt=force_zeros_for_empty_prompt, add_watermarker=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,7 +185,6 @@ def tiny(seed: int = 0, kind: str = "sd", *, scheduler=None, dtype: torch.dtype 
         raise ValueError(f"kind must be one of {sorted(TINY_KINDS)}, got {kind!r}")
     _check_dtype(dtype)
     base = TINY_KINDS[kind]
-    pads = _PAD_TOKENS[base]
     tok = tokenizer()
     with _seeded(seed, torch.device("cpu")):      # built on the CPU in fp32: same weights everywhere
         parts = dict(unet=UNet2DConditionModel(**_tiny_unet_config(kind)),
@@ -198,7 +198,7 @@ def tiny(seed: int = 0, kind: str = "sd", *, scheduler=None, dtype: torch.dtype 
         if module in parts:
             parts[module].eval()
     cls = StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline
-    pipe = _pipeline(cls, parts, pads, {})
+    pipe = _pipeline(cls, parts, _PAD_TOKENS[base])
     return _placed(_with_scheduler(pipe, scheduler), device, dtype)
 
 
@@ -291,7 +291,8 @@ def full(name: str, *, dtype: torch.dtype = torch.float16, device="cpu", seed: i
     for module in parts.values():
         module.eval()
     parts["scheduler"] = _base_scheduler(name)
-    pipe = _pipeline(PIPELINES[index["_class_name"]], parts, _PAD_TOKENS[name], index)
+    pipe = _pipeline(PIPELINES[index["_class_name"]], parts, _PAD_TOKENS[name],
+                     index.get("force_zeros_for_empty_prompt", True))
     return _with_scheduler(pipe, scheduler)
 
 
@@ -320,5 +321,3 @@ def resolve(model: Union[str, os.PathLike], *, dtype: Optional[torch.dtype] = No
         raise ValueError(f"model {str(model)!r} is neither a known model nor an existing directory; expected {forms}")
     return load(model, dtype=dtype, device=device, scheduler=scheduler)
 
-
-_TINY_FORMS = {"tiny": "sd", "tiny-sd": "sd", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl"}
