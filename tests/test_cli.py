@@ -1,0 +1,113 @@
+"""The `stattn` command end to end on the tiny model: outputs written, bad input fails clearly."""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from stattn import cli, models
+from stattn.maps import AttentionMaps, heatmap_figure
+
+PROMPT = "a photo of a cat and a frog"
+
+
+def run(*argv):
+    return cli.main([str(a) for a in argv])
+
+
+def test_generate_writes_image_heatmaps_and_report(tmp_path, capsys):
+    code = run("generate", "--model", "tiny", "--prompt", PROMPT, "--steps", 3, "--seed", 1,
+               "--num-images", 2, "--out", tmp_path, "--no-progress")
+    assert code == 0
+    printed = capsys.readouterr().out
+    for name in ("image_0.png", "image_1.png", "attention_0.png", "attention_1.png", "report.json"):
+        assert (tmp_path / name).exists() and str(tmp_path / name) in printed
+    img = Image.open(tmp_path / "image_0.png")
+    fig = Image.open(tmp_path / "attention_0.png")
+    assert fig.size[0] == 3 * img.size[0]  # the image + heatmaps of "cat" and "frog"
+    report = json.loads((tmp_path / "report.json").read_text())
+    s = report["settings"]
+    assert s["steps"] == 3 and s["seed"] == 1 and s["method"] == "none" and s["heatmap_tokens"] == ["cat", "frog"]
+    assert len(report["step_ms"]) >= 3 and report["total_ms"] > 0
+
+
+def test_generate_is_deterministic_and_targets_select_heatmaps(tmp_path):
+    for d in ("a", "b"):
+        assert run("generate", "--model", "tiny", "--prompt", PROMPT, "--steps", 2, "--targets", "frog",
+                   "--out", tmp_path / d, "--no-progress") == 0
+    a, b = (Image.open(tmp_path / d / "image_0.png") for d in ("a", "b"))
+    assert list(a.getdata()) == list(b.getdata())
+    assert json.loads((tmp_path / "a" / "report.json").read_text())["settings"]["heatmap_tokens"] == ["frog"]
+
+
+def test_generate_from_a_model_directory(tmp_path):
+    models.save(models.tiny(seed=3), tmp_path / "model")
+    assert run("generate", "--model", tmp_path / "model", "--prompt", PROMPT, "--steps", 2,
+               "--out", tmp_path / "out", "--no-progress", "--no-maps") == 0
+    assert (tmp_path / "out" / "image_0.png").exists() and not (tmp_path / "out" / "attention_0.png").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model", "/nonexistent/model"], "--model /nonexistent/model"),
+    (["--model", "tiny", "--method", "telepathy"], "unknown method 'telepathy'"),
+    (["--model", "tiny", "--targets", "zebra"], "zebra"),
+    (["--model", "tiny", "--size", "100"], "height: expected a positive multiple"),
+    (["--model", "tiny", "--steps", "0"], "--steps must be at least 1"),
+])
+def test_bad_input_fails_with_one_line(tmp_path, capsys, extra, message):
+    code = run("generate", "--prompt", PROMPT, "--out", tmp_path, "--no-progress", *extra)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and err.startswith("stattn generate: error:") and "\n" not in err
+    assert not (tmp_path / "image_0.png").exists()
+
+
+def test_not_a_model_directory(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert run("generate", "--model", tmp_path / "empty", "--prompt", PROMPT, "--out", tmp_path) == 2
+    assert "--model" in capsys.readouterr().err
+
+
+def test_profile_writes_trace_and_table(tmp_path, capsys):
+    assert run("profile", "--model", "tiny", "--prompt", PROMPT, "--steps", 2, "--out", tmp_path) == 0
+    assert json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+    assert "stattn::region_attention" in (tmp_path / "ops.txt").read_text()
+    assert "trace:" in capsys.readouterr().out
+
+
+def test_console_script_and_bench_e2e(tmp_path):
+    exe = shutil.which("stattn") or str(__import__("pathlib").Path(sys.executable).parent / "stattn")
+    out = subprocess.run([exe, "bench", "e2e", "--model", "tiny", "--steps", "2", "--repeats", "1",
+                          "--variants", "stock,runner", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(next(tmp_path.glob("e2e-*.json")).read_text())
+    variants = result["models"][0]["variants"]
+    assert set(variants) == {"stock", "runner"} and variants["runner"]["max_abs_diff_vs_first"] < 1e-3
+    assert result["environment"]["git"]["commit"] and result["environment"]["diffusers"]
+
+
+def test_attention_maps_and_figure():
+    rec = AttentionMaps([1, 2], cfg=False)
+    with pytest.raises(RuntimeError, match="nothing recorded"):
+        rec.maps()
+    with pytest.raises(ValueError, match="tokens"):
+        AttentionMaps([])
+    img = Image.new("RGB", (32, 32), "gray")
+    fig = heatmap_figure(img, torch.rand(2, 4, 4), ["cat", "frog"])
+    assert fig.size == (96, 32 + 18)
+    with pytest.raises(ValueError, match="maps"):
+        heatmap_figure(img, torch.rand(3, 4, 4), ["cat", "frog"])
+
+
+def test_attention_maps_average_the_cond_rows_over_heads_and_calls():
+    from stattn.control import CrossAttentionCall
+
+    q, k = torch.randn(2, 3, 16, 8), torch.randn(2, 1, 3, 5, 8)
+    call = CrossAttentionCall("x.attn2", None, q, k, k, None, (4, 4), 0, None, 0.5)
+    rec = AttentionMaps([1, 3], cfg=True)
+    assert rec.attention(call) is None and rec.attention(call) is None  # plain attention either way
+    p = torch.softmax(0.5 * q[1:] @ k[1:, 0].transpose(-1, -2), -1)[..., [1, 3]].mean(1)  # [1, 16, 2]
+    torch.testing.assert_close(rec.maps(), p.transpose(1, 2).reshape(1, 2, 4, 4))
