@@ -1,0 +1,327 @@
+"""The inner optimisation of Attention Regulation: closed form, fused kernels and dispatch.
+
+``inner_loop`` runs the released algorithm's per-layer-call gradient descent on the score-offset
+coefficients theta (spec: attention-regulation.md), for n = B*H (image, head) pairs at once:
+
+    Z_t = scale * q . k[tokens[t]]            (fp32, fp64 for fp64 inputs; once per call)
+    logZ_rest = logsumexp of Z over the non-target columns      (once per call)
+    S_t = Gy . theta_t . Gx^T,  P_t = exp(Z_t + S_t) / (exp(logZ_rest) + sum_t' exp(Z_t' + S_t'))
+    L = w0 * mean_{n,t} (quantile_q(P_t) - q)^2 + w1 * mean_{n,t} (mean_p(P_t) - thr/T)^2
+        + w2 * mean_{n,t,k} theta^2
+    for i < iters: keep theta_i if L(theta_i) < best (strictly, best starts at +inf; one best for
+    all heads), then theta_{i+1} = theta_i - lr * n * grad L(theta_i).
+
+The quantile level q is also its target (the paper's phi(A, 0.9) - 0.9; the spec fixes both at 0.9).
+Heads are independent except for the best-iterate choice (L is a mean over n and the step lr*n undoes
+it), which is what lets the Triton path (kernels/regulation.py) run all iterations of one head in one
+program and pick the best iteration in a second launch.
+
+Gradient of the quantile: torch.quantile interpolates between the order statistics lo = floor(pos)
+and hi = ceil(pos), pos = q*(M-1) in the compute dtype, with weights (1-frac, frac). Where several
+pixels tie with an order statistic, its weight is shared equally among them (autograd would give it
+to whichever one the sort put there; without ties, which is the generic case, both agree).
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import _validate as V
+from . import reference as ref
+from .ops import backend_for
+
+__all__ = ["InnerResult", "RegulationLoss", "inner_loop", "regulation_loss", "quantile_position",
+           "target_logits", "default_thr"]
+
+
+class InnerResult(NamedTuple):
+    theta_best: Tensor   # [B, H, T, Ky, Kx]
+    best_iter: Tensor    # 0-d int64
+    losses: Tensor       # [iters]: L(theta_i)
+
+
+class RegulationLoss(NamedTuple):
+    loss: Tensor      # 0-d: w0 * l_q + w1 * l_m + w2 * l_theta
+    l_q: Tensor       # 0-d: mean_{n,t} (quantile - q)^2
+    l_m: Tensor       # 0-d: mean_{n,t} (mean_p P - thr/T)^2 (before its weight)
+    l_theta: Tensor   # 0-d: mean theta^2
+    grad: Tensor      # d loss / d theta, closed form, theta's shape
+
+
+def default_thr(T: int) -> float:
+    return min(1.0, 0.2 * T)
+
+
+def quantile_position(quantile: float, M: int, dtype: torch.dtype = torch.float32) -> tuple[int, int, float]:
+    """(lo, hi, frac) of torch.quantile's linear interpolation over M values: the rank
+    quantile*(M-1) is computed in ``dtype`` as torch does (the Python float becomes a tensor of
+    the input's dtype), so the kernels use the same weights as torch.quantile on fp32 data."""
+    f = np.float64 if dtype == torch.float64 else np.float32
+    pos = f(quantile) * f(M - 1)
+    lo, hi = int(np.floor(pos)), int(np.ceil(pos))
+    return lo, hi, float(pos - f(lo))
+
+
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def target_logits(z: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
+    """(Z_t [B, H, M, T], logZ_rest [B, H, M]) from logits z [B, H, M, N]: the only parts of the
+    logits the loop needs, since the offset touches only the T target columns."""
+    N = z.shape[-1]
+    zt = z.index_select(-1, tokens)
+    is_target = torch.zeros(N, dtype=torch.bool, device=z.device).index_fill_(0, tokens, True)
+    rest = z.masked_fill(is_target, float("-inf")).logsumexp(-1)
+    return zt, rest
+
+
+def _terms(zt, rest, theta, gy, gx, qpos, quantile, m_target, weights):
+    """Per-head loss terms and step direction, closed form (all in the compute dtype).
+
+    Returns (l_q [B, H, T], l_m [B, H, T], l_theta [B, H], step [B, H, T, Ky, Kx]) where
+    step = n * dL/dtheta: the gradient of head (b, h)'s own terms, as the kernel computes it."""
+    B, H, M, T = zt.shape
+    h, w = gy.shape[0], gx.shape[0]
+    w0, w1, w2 = weights
+    lo, hi, frac = qpos
+    e = zt + ref.score_offset(theta, gy, gx)                              # [B, H, M, T]
+    c = torch.maximum(rest, e.amax(-1))                                   # stabiliser per pixel
+    ex = torch.exp(e - c[..., None])
+    P = ex / (torch.exp(rest - c) + ex.sum(-1))[..., None]
+    Pt = P.transpose(-1, -2)                                              # [B, H, T, M]
+    srt = Pt.sort(-1).values
+    v_lo, v_hi = srt[..., lo], srt[..., hi]
+    qv = torch.lerp(v_lo, v_hi, frac)                                     # as torch.quantile
+    mean = Pt.mean(-1)
+    eq_lo = (Pt == v_lo[..., None]).to(P.dtype)
+    eq_hi = (Pt == v_hi[..., None]).to(P.dtype)
+    wq = ((1 - frac) * eq_lo / eq_lo.sum(-1, keepdim=True).clamp_min(1)
+          + frac * eq_hi / eq_hi.sum(-1, keepdim=True).clamp_min(1))
+    g = (2 * w0 / T) * (qv - quantile)[..., None] * wq + (2 * w1 / (T * M)) * (mean - m_target)[..., None]
+    g = g.transpose(-1, -2)                                               # n * dL/dP  [B, H, M, T]
+    dS = P * (g - (P * g).sum(-1, keepdim=True))                          # through the softmax
+    dS = dS.reshape(B, H, h, w, T)
+    K = theta.shape[-1] * theta.shape[-2]
+    step = torch.einsum("yi,bhyxt,xj->bhtij", gy, dS, gx) + (2 * w2 / (K * T)) * theta
+    return (qv - quantile) ** 2, (mean - m_target) ** 2, theta.square().mean((-3, -2, -1)), step
+
+
+def regulation_loss(z: Tensor, tokens, theta: Tensor, basis, *, quantile: float = 0.9,
+                    loss_weights: Sequence[float] = (1.0, 80.0, 0.09), thr: Optional[float] = None
+                    ) -> RegulationLoss:
+    """The loss L(theta) of one layer call from the conditional logits z [B, H, M, N] (already
+    scaled; fp32 or fp64), with its parts and the closed-form gradient d L / d theta."""
+    V.check_tensor("z", z, 4, "[B, H, M, N]")
+    if not z.dtype.is_floating_point:
+        raise TypeError(f"z must be floating point, got {z.dtype}")
+    B, H, M, N = z.shape
+    tokens_t = _check_tokens(tokens, N, z.device)
+    gy, gx = _check_basis(basis, M, z.device)
+    _check_theta(theta, B, H, tokens_t.numel(), gy, gx, z)
+    weights, thr = _check_hyper(1, 1.0, quantile, loss_weights, thr, tokens_t.numel())
+    ct = _compute_dtype(z)
+    T = tokens_t.numel()
+    zt, rest = target_logits(z.to(ct), tokens_t)
+    l_q, l_m, l_th, step = _terms(zt, rest, theta.to(ct), gy.to(ct), gx.to(ct),
+                                  quantile_position(quantile, M, ct), quantile, thr / T, weights)
+    l_q, l_m, l_th = l_q.mean(), l_m.mean(), l_th.mean()
+    loss = weights[0] * l_q + weights[1] * l_m + weights[2] * l_th
+    return RegulationLoss(loss, l_q, l_m, l_th, step / (B * H))
+
+
+# ---------------------------------------------------------------------------------------------
+# argument checks (errors name the argument and what was expected, as stattn/_validate.py)
+
+def _check_tokens(tokens, N: int, device) -> Tensor:
+    """tokens -> int tensor [T] on ``device``, its values checked where they are on the host. Values of a
+    tensor already on an accelerator (or traced by torch.compile) are not read, that would be a
+    host sync: the kernel flags an out-of-range or repeated index there by NaN losses instead."""
+    if isinstance(tokens, Tensor):
+        if tokens.dim() != 1 or tokens.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"tokens must be an int64 (or int32) tensor of shape [T], got a {tokens.dtype} "
+                            f"tensor of shape {tuple(tokens.shape)}")
+        readable = tokens.device.type == "cpu" and not torch.compiler.is_compiling()
+        values = tokens.tolist() if readable else None
+    else:
+        try:
+            values = [int(v) for v in tokens]
+        except TypeError:
+            raise TypeError(f"tokens must be an int64 tensor [T] or a sequence of ints, got {tokens!r}") from None
+        if any(isinstance(v, (float, bool)) for v in tokens):
+            raise TypeError(f"tokens must hold ints, got {tokens!r}")
+        tokens = torch.tensor(values, dtype=torch.int64)
+    if tokens.numel() == 0:
+        raise ValueError("tokens must hold at least one target token index (T >= 1), got none")
+    if values is not None:
+        bad = [v for v in values if not 0 <= v < N]
+        if bad:
+            raise ValueError(f"tokens {bad} out of range: k has N = {N} keys")
+        if len(set(values)) != len(values):
+            raise ValueError(f"tokens must not repeat a token index, got {values}")
+    if tokens.device != device:
+        tokens = tokens.to(device)   # a host-to-device copy: pass device tokens under graph capture
+    return tokens
+
+
+def _check_basis(basis, M: int, device) -> tuple[Tensor, Tensor]:
+    try:
+        gy, gx = basis
+    except (TypeError, ValueError):
+        raise TypeError("basis must be a pair (gy [h, Ky], gx [w, Kx]) from stattn.gaussian_basis") from None
+    for name, g in (("basis gy", gy), ("basis gx", gx)):
+        if not isinstance(g, Tensor) or g.dim() != 2 or not g.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a 2-D float tensor, got {getattr(g, 'shape', type(g).__name__)}")
+        if g.device != device:
+            raise ValueError(f"{name} must be on q's device {device}, got {g.device}")
+        if 0 in g.shape:
+            raise ValueError(f"{name} must be non-empty, got shape {tuple(g.shape)}")
+    if gy.shape[0] * gx.shape[0] != M:
+        raise ValueError(f"basis grid {gy.shape[0]}x{gx.shape[0]} = {gy.shape[0] * gx.shape[0]} pixels does not "
+                         f"match M = {M} query pixels")
+    return gy, gx
+
+
+def _check_theta(theta, B: int, H: int, T: int, gy: Tensor, gx: Tensor, like: Tensor) -> None:
+    V.check_tensor("theta0", theta, 5, "[B, H, T, Ky, Kx]")
+    expected = (B, H, T, gy.shape[1], gx.shape[1])
+    if tuple(theta.shape) != expected:
+        raise ValueError(f"theta0 must have shape [B={B}, H={H}, T={T}, Ky={gy.shape[1]}, Kx={gx.shape[1]}], "
+                         f"got {tuple(theta.shape)}")
+    if theta.dtype == torch.float64 and like.dtype != torch.float64:
+        raise TypeError(f"theta0 must be float32 for {like.dtype} inputs (float64 only with float64 q)")
+    if theta.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"theta0 must be float32, got {theta.dtype}")
+    if theta.device != like.device:
+        raise ValueError(f"theta0 must be on q's device {like.device}, got {theta.device}")
+    if theta.device.type == "cpu":   # free to read here; on a GPU a NaN shows up in the losses
+        V.check_finite("theta0", theta)
+
+
+def _finite_float(name: str, value, *, positive: bool = False) -> float:
+    if isinstance(value, (Tensor, bool)) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a Python float, got {type(value).__name__}")
+    if not math.isfinite(value) or (positive and value <= 0):
+        raise ValueError(f"{name} must be a {'positive ' if positive else ''}finite float, got {value}")
+    return float(value)
+
+
+def _check_hyper(iters, lr, quantile, loss_weights, thr, T: int):
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"iters must be an int >= 1, got {iters!r}")
+    _finite_float("lr", lr)
+    q = _finite_float("quantile", quantile)
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"quantile must be in [0, 1], got {quantile}")
+    try:
+        weights = tuple(loss_weights)
+    except TypeError:
+        raise TypeError(f"loss_weights must be three floats (w_quantile, w_mean, w_theta), got {loss_weights!r}") from None
+    if len(weights) != 3:
+        raise ValueError(f"loss_weights must be three floats (w_quantile, w_mean, w_theta), got {loss_weights!r}")
+    weights = tuple(_finite_float(f"loss_weights[{i}]", w) for i, w in enumerate(weights))
+    thr = default_thr(T) if thr is None else _finite_float("thr", thr)
+    return weights, thr
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop: closed-form PyTorch (CPU, fp64) and the custom op that dispatches to the kernels
+
+def _loop_reference(q, k, tokens, theta0, gy, gx, scale, iters, lr, quantile, weights, thr,
+                    trajectory: bool = False):
+    """The loop in vectorised PyTorch (no host sync). With ``trajectory`` also returns every
+    evaluated theta_i [iters, B, H, T, Ky, Kx] (the tests use it)."""
+    ct = _compute_dtype(q)
+    B, H, M, _ = q.shape
+    T = tokens.numel()
+    z = torch.einsum("bhmd,bhnd->bhmn", q.to(ct), k.to(ct)) * scale
+    zt, rest = target_logits(z, tokens)
+    gy, gx = gy.to(ct), gx.to(ct)
+    qpos = quantile_position(quantile, M, ct)
+    theta = theta0.to(ct)
+    losses, thetas = [], []
+    for _ in range(iters):
+        l_q, l_m, l_th, step = _terms(zt, rest, theta, gy, gx, qpos, quantile, thr / T, weights)
+        losses.append(weights[0] * l_q.mean() + weights[1] * l_m.mean() + weights[2] * l_th.mean())
+        thetas.append(theta)
+        theta = theta - lr * step
+    losses = torch.stack(losses)
+    traj = torch.stack(thetas)
+    best = torch.where(torch.isnan(losses), torch.inf, losses).argmin()   # first minimum = strict '<'
+    theta_best = traj.index_select(0, best.view(1))[0]
+    out = (theta_best.contiguous(), best, losses)
+    return out + (traj,) if trajectory else out
+
+
+def _out_dtype(q: Tensor) -> torch.dtype:
+    return _compute_dtype(q)
+
+
+@torch.library.custom_op("stattn::regulation_inner_loop", mutates_args=())
+def _inner_loop_op(q: Tensor, k: Tensor, tokens: Tensor, theta0: Tensor, gy: Tensor, gx: Tensor,
+                   scale: float, iters: int, lr: float, quantile: float, w0: float, w1: float, w2: float,
+                   thr: float) -> tuple[Tensor, Tensor, Tensor]:
+    if backend_for(q) == "triton":
+        from stattn.kernels import regulation as kreg  # installed from the repo's kernels/
+
+        return kreg.inner_loop(q, k, tokens, theta0, gy, gx, scale, iters, lr,
+                               quantile_position(quantile, q.shape[2], torch.float32), quantile,
+                               thr / tokens.numel(), (w0, w1, w2))
+    theta_best, best, losses = _loop_reference(q, k, tokens, theta0, gy, gx, scale, iters, lr, quantile,
+                                               (w0, w1, w2), thr)
+    dt = _out_dtype(q)
+    return theta_best.to(dt), best, losses.to(dt)
+
+
+@_inner_loop_op.register_fake
+def _(q, k, tokens, theta0, gy, gx, scale, iters, lr, quantile, w0, w1, w2, thr):
+    dt = _out_dtype(q)
+    return (q.new_empty(theta0.shape, dtype=dt), q.new_empty((), dtype=torch.int64),
+            q.new_empty((iters,), dtype=dt))
+
+
+def inner_loop(q: Tensor, k: Tensor, tokens, theta0: Tensor, basis, *, scale, iters: int = 20,
+               lr: float = 100.0, quantile: float = 0.9, loss_weights=(1.0, 80.0, 0.09),
+               thr: Optional[float] = None) -> InnerResult:
+    """The inner optimisation of one Attention-Regulation layer call (see the module docstring).
+
+    q [B, H, M, D] (the conditional rows), k [B, H, N, D], fp16/bf16/fp32 (fp64 on the reference
+    path); tokens int64 [T] target key columns; theta0 [B, H, T, Ky, Kx] float32; basis (gy, gx)
+    with h*w = M; scale the logit scale (None: D^-1/2); thr None -> min(1, 0.2*T).
+    Returns InnerResult(theta_best [B, H, T, Ky, Kx], best_iter 0-d int64, losses [iters]),
+    float32 (float64 for float64 q), on q's device, without host synchronisation: CUDA runs two
+    Triton launches, CPU the closed-form PyTorch loop (or the kernels under the interpreter
+    with STATTN_BACKEND=triton, as stattn.ops.backend_for).
+    Values of device-resident tokens are not read: an out-of-range or repeated index there gives
+    NaN losses (and best_iter 0); CPU tokens are checked and raise.
+    """
+    V.check_tensor("q", q, 4, "[B, H, M, D]")
+    V.check_tensor("k", k, 4, "[B, H, N, D]")
+    if q.dtype not in V.FLOAT_DTYPES:
+        raise TypeError(f"q must be float16, bfloat16, float32 or float64, got {q.dtype}")
+    if k.dtype != q.dtype:
+        raise TypeError(f"k must have q's dtype {q.dtype}, got {k.dtype}")
+    if k.device != q.device:
+        raise ValueError(f"k must be on q's device {q.device}, got {k.device}")
+    B, H, M, D = q.shape
+    N = k.shape[2]
+    if k.shape[0] != B or k.shape[1] != H or k.shape[3] != D:
+        raise ValueError(f"k must have shape [B={B}, H={H}, N, D={D}] to match q {tuple(q.shape)}, got {tuple(k.shape)}")
+    for name, size in (("B", B), ("H", H), ("M", M), ("D", D), ("N (keys)", N)):
+        if size == 0:
+            raise ValueError(f"q/k: {name} must be at least 1, got 0 (q {tuple(q.shape)}, k {tuple(k.shape)})")
+    tokens_t = _check_tokens(tokens, N, q.device)
+    T = tokens_t.numel()
+    gy, gx = _check_basis(basis, M, q.device)
+    _check_theta(theta0, B, H, T, gy, gx, q)
+    if scale is None:
+        scale = D ** -0.5
+    scale = V.scale_of(scale, D)
+    weights, thr = _check_hyper(iters, lr, quantile, loss_weights, thr, T)
+    theta_best, best, losses = _inner_loop_op(q, k, tokens_t, theta0, gy, gx, scale, iters, float(lr),
+                                              float(quantile), *weights, float(thr))
+    return InnerResult(theta_best, best, losses)
