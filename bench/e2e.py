@@ -3,6 +3,7 @@ pipeline with `stattn.accelerate`, and `stattn.Runner` (stock attention, fused a
 
     python -m bench.e2e                                  # GPU: SD 1.5 / SD 2-base 512 px, SDXL 1024 px
     python -m bench.e2e --model tiny --steps 10          # CPU: the tiny random model (harness check)
+    python -m bench.e2e --model full:sd2-base --variants regulation --scheduler DPMSolverMultistepScheduler
 
 Every variant generates the same prompt with the same seed on the same pipeline object; variants are
 alternated within each repeat and the medians compared (overhead = T / T_stock - 1). Full-size
@@ -37,7 +38,7 @@ GPU_MODELS = (("full:sd15", 512), ("full:sd2-base", 512), ("full:sdxl", 1024))
 class Variant:
     name: str
     make: Callable        # (pipe) -> generate(seed, steps, size) -> images
-    own_unet: bool = False  # needs a UNet of its own (CUDA graphs bake its processors in)
+    own_unet: bool = False  # a UNet of its own: its processors/controller stay installed (graphs bake them in)
 
 
 def _stock(accelerated: bool) -> Callable:
@@ -52,10 +53,24 @@ def _stock(accelerated: bool) -> Callable:
     return make
 
 
-def _runner(accelerated: bool, cuda_graphs: bool = False) -> Callable:
+TARGETS = ["cat", "frog"]
+
+
+def _regulation(fused: bool):
+    from stattn.regulation import AttentionRegulation
+
+    return AttentionRegulation(targets=TARGETS, fused=fused)
+
+
+METHODS = {"regulation": _regulation}
+
+
+def _runner(accelerated: bool, cuda_graphs: bool = False, method: str = None, fused: bool = True) -> Callable:
     def make(pipe):
         stattn.restore(pipe)
         runner = Runner(pipe, cuda_graphs=cuda_graphs, accelerate=accelerated)
+        if method is not None:
+            METHODS[method](fused).apply(runner, prompt=PROMPT)
 
         def generate(seed, steps, size):
             return runner(PROMPT, steps=steps, height=size, width=size, seed=seed, output_type="pt").images
@@ -69,6 +84,16 @@ VARIANTS = {
     "runner (stock attention)": Variant("runner (stock attention)", _runner(False)),
     "runner": Variant("runner", _runner(True), own_unet=True),
     "runner+graphs": Variant("runner+graphs", _runner(True, cuda_graphs=True), own_unet=True),
+    # Attention Regulation (targets "cat", "frog"), released defaults
+    "regulation": Variant("regulation", _runner(True, method="regulation"), own_unet=True),
+    "regulation+graphs": Variant("regulation+graphs", _runner(True, True, method="regulation"), own_unet=True),
+    "regulation (reference)": Variant("regulation (reference)", _runner(True, method="regulation", fused=False),
+                                      own_unet=True),
+}
+PRESETS = {
+    "default": ["stock", "stock+accelerate", "runner (stock attention)", "runner", "runner+graphs"],
+    # issue 4's comparison: plain SD and the method, same runner, fused (eager, graphs) and reference
+    "regulation": ["runner", "runner+graphs", "regulation", "regulation+graphs", "regulation (reference)"],
 }
 
 
@@ -84,12 +109,11 @@ def _quantiles(xs: list) -> dict:
 
 
 def measure_model(model: str, size: int, names: list, steps: int, repeats: int, device: str,
-                  dtype: torch.dtype, log=print) -> dict:
+                  dtype: torch.dtype, scheduler=None, log=print) -> dict:
     """Alternate the variants `repeats` times on one pipeline; one warm-up generation each."""
-    pipe = models.resolve(model, dtype=dtype, device=device)
+    pipe = models.resolve(model, dtype=dtype, device=device, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
-    fused = _with_own_unet(pipe) if any(VARIANTS[n].own_unet for n in names) else None
-    pipes = {name: fused if VARIANTS[name].own_unet else pipe for name in names}
+    pipes = {name: _with_own_unet(pipe) if VARIANTS[name].own_unet else pipe for name in names}
     gens = {name: VARIANTS[name].make(pipes[name]) for name in names}
     times = {name: [] for name in names}
     outputs = {}
@@ -138,7 +162,8 @@ def markdown(run: dict) -> str:
     lines = [f"# stattn end-to-end: {env['device_name']}, {env['dtype']}", "",
              f"commit `{(git['commit'] or 'unknown')[:12]}`{' (dirty)' if git['dirty'] else ''}; "
              f"torch {env['torch']}, triton {env['triton']}, diffusers {env.get('diffusers')}; "
-             f"prompt {PROMPT!r}, seed 0, CFG 7.5, default scheduler; one image; "
+             f"prompt {PROMPT!r} (method targets {TARGETS}), seed 0, CFG 7.5 (SDXL 5), "
+             f"scheduler {run.get('scheduler') or 'the model default'}; one image; "
              f"times: median [p20–p80] over {run['repeats']} alternated repeats after one warm-up.", ""]
     for m in run["models"]:
         lines += [f"## {m['model']}, {m['size']} px, {m['steps']} steps", "",
@@ -164,16 +189,23 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=5 if cuda else 3)
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16" if cuda else "fp32")
-    p.add_argument("--variants", default=",".join(n for n in VARIANTS if cuda or n != "runner+graphs"),
-                   help=f"comma-separated, the first is the baseline; from {list(VARIANTS)}")
+    p.add_argument("--variants", default="default",
+                   help=f"a preset {list(PRESETS)} or comma-separated names, the first is the baseline; "
+                        f"from {list(VARIANTS)} (variants with graphs are dropped on the CPU)")
+    p.add_argument("--scheduler", help="a diffusers scheduler class name (default: the model's)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args(argv)
-    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in args.variants if v not in VARIANTS]
+    preset = args.variants in PRESETS
+    names = PRESETS.get(args.variants) or [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in names if v not in VARIANTS]
     if unknown:
-        p.error(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
-    if "runner+graphs" in args.variants and args.device != "cuda":
-        p.error("--variants: runner+graphs needs --device cuda")
+        p.error(f"--variants: unknown {unknown}; choose from {list(VARIANTS)} or a preset {list(PRESETS)}")
+    graphs = [v for v in names if "graphs" in v]
+    if graphs and args.device != "cuda":
+        if not preset:
+            p.error(f"--variants: {graphs} need --device cuda")
+        names = [v for v in names if v not in graphs]
+    args.variants = names
     args.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     return args
 
@@ -187,10 +219,11 @@ def run(args, log=print) -> dict:
         targets = list(GPU_MODELS) if args.device == "cuda" else [("tiny", 64)]
     env = machine(args.device)
     env["dtype"] = str(args.dtype).removeprefix("torch.")
-    out = {"environment": env, "repeats": args.repeats, "variants": args.variants, "models": []}
+    out = {"environment": env, "repeats": args.repeats, "variants": args.variants,
+           "scheduler": args.scheduler, "models": []}
     for model, size in targets:
         out["models"].append(measure_model(model, size, args.variants, args.steps, args.repeats,
-                                           args.device, args.dtype, log))
+                                           args.device, args.dtype, args.scheduler, log))
         if args.device == "cuda":
             torch.cuda.empty_cache()
     return out
