@@ -211,3 +211,199 @@ def test_token_indices_bad_arguments(tok):
         token_indices(tok, PROMPT, ["cat"], subtokens="last")
     with pytest.raises(TypeError, match="prompt"):
         token_indices(tok, ["a cat"], ["cat"])
+
+
+# ------------------------------------------------------------------------------ fused vs reference
+
+def _inner_case(dtype, seed=0, B=2, H=2, h=8, w=8, T=2):
+    q, k, _ = _layer(B=B, H=H, h=h, w=w, dtype=dtype, seed=seed)
+    gy, gx = stattn.gaussian_basis(h, w, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    theta0 = rr.initial_theta(B, H, T, gy.shape[1], gx.shape[1], generator=torch.Generator().manual_seed(seed),
+                              dtype=gy.dtype)
+    return q, k, [3, 6, 11][:T], theta0, (gy, gx)
+
+
+@pytest.mark.parametrize("dtype,backend", [(torch.float64, "reference"), (torch.float32, "reference"),
+                                           (torch.float32, "triton")])
+def test_inner_loop_matches_reference(dtype, backend, monkeypatch):
+    from stattn.regulation_core import inner_loop
+
+    monkeypatch.setenv("STATTN_BACKEND", backend)
+    iters = 20 if backend == "reference" else 8                         # the interpreter is slow
+    q, k, tokens, theta0, basis = _inner_case(dtype)
+    scale = 0.25
+    got = inner_loop(q, k, torch.tensor(tokens), theta0, basis, scale=scale, iters=iters)
+    exp = rr.reference_inner_loop(q, k, tokens, theta0, (8, 8), scale=scale, iters=iters)
+    tol = dict(rtol=1e-9, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-4, atol=2e-5)
+    torch.testing.assert_close(got.losses.double(), exp.losses.double(), **tol)
+    assert int(got.best_iter) == int(exp.best_iter)
+    torch.testing.assert_close(got.theta_best.double(), exp.theta_best.double(), **tol)
+    # the edited logits and the layer output through stattn.region_attention with the offset
+    theta = exp.theta_best.to(theta0.dtype)
+    off = stattn.ScoreOffset(theta, tokens, basis, pinned=(0, 9))
+    z, ze = ref.region_logits(q, k[:, None], scale, off)
+    z_ref = rr._cond_logits(q, k, scale)
+    ze_ref = rr._edited_logits(z_ref, tokens, rr.to_flat(theta), rr.released_basis(8, 8))
+    torch.testing.assert_close(ze.reshape(ze_ref.shape).double(), ze_ref.double(), **tol)
+    v = torch.randn(k.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64).to(dtype)
+    out = stattn.region_attention(q, k[:, None], v[:, None], offset=off, scale=scale)
+    out_ref, _ = rr.edited_attention(q, k, v, tokens, theta, (8, 8), scale=scale, pinned=(0, 9))
+    torch.testing.assert_close(out.double(), out_ref.double(), **tol)
+
+
+def _call(q, k, v, step, name="up_blocks.1.attentions.0.transformer_blocks.0.attn2", grid=(8, 8)):
+    return CrossAttentionCall(name, None, q, k[:, None], v[:, None], None, grid, step, None, 0.25,
+                              torch.tensor(step))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("cfg,dtype", [(True, torch.float64), (False, torch.float64), (True, torch.float32)])
+def test_controller_over_steps_matches_reference(fused, cfg, dtype):
+    """The controller's per-layer state (carried best, step-0 rule, decay, edit window) against
+    the reference's layer call chained by hand, on the same θ0 draws."""
+    q, k, v = _layer(B=4, dtype=dtype, seed=4)
+    tokens, eos, edit_steps = [3, 6], 9, 3
+    ctrl = AttentionRegulation(token_indices=tokens, eos_index=eos, edit_steps=edit_steps, iters=6, fused=fused,
+                               cfg=cfg, generator=torch.Generator().manual_seed(7))
+    gen = torch.Generator().manual_seed(7)
+    Bc = 2 if cfg else 4
+    prev = None
+    tol = dict(rtol=1e-9, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    for step in range(5):
+        qs, ks, vs = (t * (1 + 0.1 * step) for t in (q, k, v))               # a different input each step
+        out = ctrl.attention(_call(qs, ks, vs, step))
+        theta0 = None
+        if step < edit_steps:
+            theta0 = rr.initial_theta(Bc, 2, 2, 3, 3, generator=gen, dtype=torch.float64 if dtype == torch.float64
+                                      else torch.float32)
+        exp = rr.reference_layer_call(qs, ks, vs, step=step, theta0=theta0, theta_prev=prev, tokens=tokens,
+                                      eos=eos, grid=(8, 8), scale=0.25, cfg=cfg, edit_steps=edit_steps, iters=6)
+        prev = exp.theta_best
+        plain = stattn.region_attention(qs, ks[:, None], vs[:, None], scale=0.25)
+        if out is None:                                                     # plain attention, fused path
+            assert fused and step >= edit_steps
+            out = plain
+        torch.testing.assert_close(out.double(), exp.out.double(), **tol)
+        if cfg:
+            torch.testing.assert_close(out[:2], plain[:2], **tol)           # the uncond half is not edited
+        if step < edit_steps:
+            assert (out[4 - Bc:] - plain[4 - Bc:]).abs().max() > 1e-4
+    # another layer is not selected
+    assert ctrl.attention(_call(q, k, v, 0, name="down_blocks.1.attentions.0.transformer_blocks.0.attn2")) is None
+
+
+def test_fused_uncond_rows_are_plain_attention():
+    """One launch for the whole batch: θ = 0 on the unconditional rows leaves their logits exactly
+    as they are, so their output is plain attention up to summation order."""
+    q, k, v = _layer(B=4, dtype=torch.float32, seed=5)
+    ctrl = AttentionRegulation(token_indices=[3, 6], eos_index=9, iters=3)
+    out = ctrl.attention(_call(q, k, v, 0))
+    plain = stattn.region_attention(q, k[:, None], v[:, None], scale=0.25)
+    torch.testing.assert_close(out[:2], plain[:2], rtol=1e-6, atol=1e-6)
+    assert (out[2:] - plain[2:]).abs().max() > 1e-2
+    st = next(iter(ctrl._states.values()))
+    assert torch.equal(st.theta_full[:2], torch.zeros_like(st.theta_full[:2]))
+    assert ctrl.graph_key(24) is True and ctrl.graph_key(25) is False
+
+
+# ------------------------------------------------------------------------------ pipelines
+
+@pytest.fixture(scope="module")
+def sd():
+    pipe = models.tiny(seed=0, kind="sd", scheduler="DPMSolverMultistepScheduler")   # DPM-Solver++
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _generate(x, ctrl, prompt=PROMPT, steps=4, size=64, seeds=(1, 2), **kw):
+    ctrl.apply(x, prompt=prompt)
+    try:
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        if isinstance(x, stattn.Runner):
+            return x(prompt, steps=steps, num_images=len(seeds), generator=gens, height=size, width=size,
+                     output_type="latent", **kw).latents
+        return x(prompt, num_inference_steps=steps, num_images_per_prompt=len(seeds), generator=gens,
+                 height=size, width=size, output_type="latent", **kw).images
+    finally:
+        ctrl.remove(x)
+
+
+def test_pipeline_fused_matches_reference(sd):
+    """Tiny SD, DPM-Solver++, 2 images from a list of generators: the fused controller and the eager
+    reference give the same latents; the edit changes them; maps are recorded for every step."""
+    mk = lambda fused: AttentionRegulation(["cat", "frog"], edit_steps=3, fused=fused, record_maps=True,  # noqa: E731
+                                           generator=torch.Generator().manual_seed(0))
+    fused, reference = mk(True), mk(False)
+    a, b = _generate(sd, fused), _generate(sd, reference)
+    plain = _generate(sd, AttentionRegulation(["cat", "frog"], edit_steps=0))
+    assert (a - b).abs().max() <= 1e-5 * a.abs().max()
+    assert (a - plain).abs().max() > 1e-2 * a.abs().max()
+    assert fused.tokens == [5, 8] and fused.eos == 9
+    assert len(fused.maps) == 4 and fused.maps[0].shape == (2, 2, 8, 8)
+    for ma, mb in zip(fused.maps, reference.maps):
+        torch.testing.assert_close(ma, mb, rtol=1e-4, atol=1e-5)
+        assert 0 <= float(ma.min()) and float(ma.max()) <= 1
+
+
+def test_runner_all_layers_and_no_cfg(sd):
+    runner = stattn.Runner(sd)
+    mk = lambda fused, **kw: AttentionRegulation(["frog"], layers="all", edit_steps=2, iters=5, fused=fused,  # noqa: E731
+                                                 init="zeros", **kw)
+    a = _generate(runner, mk(True), size=128)                               # grids 16x16 and 8x8
+    b = _generate(runner, mk(False), size=128)
+    assert (a - b).abs().max() <= 1e-5 * a.abs().max()
+    a = _generate(runner, mk(True, cfg=False), seeds=(3,), guidance_scale=1.0)
+    b = _generate(runner, mk(False, cfg=False), seeds=(3,), guidance_scale=1.0)
+    assert (a - b).abs().max() <= 1e-5 * a.abs().max()
+
+
+# ------------------------------------------------------------------------------ bad input
+
+@pytest.mark.parametrize("kwargs,exc,needle", [
+    (dict(), ValueError, "give exactly one"),
+    (dict(targets=["cat"], token_indices=[5]), ValueError, "give exactly one"),
+    (dict(targets=[]), ValueError, "targets"),
+    (dict(token_indices=[]), ValueError, "token_indices"),
+    (dict(token_indices=[0, 3]), ValueError, "token_indices"),
+    (dict(token_indices=[3, 9], eos_index=9), ValueError, "pinned"),
+    (dict(targets="cat", lr="big"), TypeError, "lr"),
+    (dict(targets="cat", iters=0), ValueError, "iters"),
+    (dict(targets="cat", edit_steps=-1), ValueError, "edit_steps"),
+    (dict(targets="cat", quantile=1.5), ValueError, "quantile"),
+    (dict(targets="cat", loss_weights=(1, 80)), ValueError, "loss_weights"),
+    (dict(targets="cat", init="normal"), ValueError, "init"),
+    (dict(targets="cat", generator=3), TypeError, "generator"),
+    (dict(targets="cat", beta=0.1), ValueError, "fused=False"),
+    (dict(targets="cat", layers=[]), ValueError, "layers"),
+    (dict(targets="cat", fused=1), TypeError, "fused"),
+])
+def test_bad_arguments(kwargs, exc, needle):
+    with pytest.raises(exc, match=needle):
+        AttentionRegulation(**kwargs)
+
+
+def test_bad_use_gives_clear_errors(sd):
+    with pytest.raises(ValueError, match=r"'dog' is not in the prompt 'a photo of a cat and a frog'"):
+        AttentionRegulation(["cat", "dog"]).apply(sd, prompt=PROMPT)
+    with pytest.raises(ValueError, match="prompt"):
+        AttentionRegulation(["cat"]).apply(sd)
+    with pytest.raises(ValueError, match="tokenizer"):
+        AttentionRegulation(["cat"]).apply(sd.unet, prompt=PROMPT)
+    with pytest.raises(ValueError, match="matches none of this UNet's cross-attention layers"):
+        AttentionRegulation(["cat"], layers="mid_blocks.7").apply(sd, prompt=PROMPT)
+    with pytest.raises(ValueError, match="eos_index"):
+        AttentionRegulation(token_indices=[5]).apply(sd)
+    with pytest.raises(ValueError, match="edit_steps: 25 edited steps but this run has only 4"):
+        _generate(sd, AttentionRegulation(["cat"]))
+    with pytest.raises(ValueError, match="cfg"):                           # no guidance: odd batch
+        _generate(sd, AttentionRegulation(["cat"], edit_steps=2), seeds=(1,), guidance_scale=1.0)
+    with pytest.raises(ValueError, match="too small for the Gaussian basis"):
+        _generate(sd, AttentionRegulation(["cat"], layers="all", edit_steps=2), size=32)
+    ctrl = AttentionRegulation(["cat"], edit_steps=2)
+    stattn.accelerate(sd, controller=ctrl)                                 # installed without apply()
+    try:
+        with pytest.raises(ValueError, match="not resolved"):
+            sd(PROMPT, num_inference_steps=2, output_type="latent")
+    finally:
+        stattn.restore(sd)
+    assert not hasattr(sd.unet, "_stattn")

@@ -1,0 +1,449 @@
+"""Attention Regulation (arXiv 2403.06381) as a :class:`stattn.Controller`.
+
+At every edited cross-attention layer call of the first ``edit_steps`` denoising steps, the
+conditional rows' attention scores of the target tokens get an additive Gaussian-basis offset
+S = G_y θ G_xᵀ whose coefficients θ are optimised on the spot (``iters`` gradient steps on a
+quantile + mean + ‖θ‖² loss), blended with the previous step's best and decayed by 0.99^t. The
+defaults reproduce the released code (spec: /work/shared/spec/attention-regulation.md); every
+deviation the paper or good sense suggests is an option.
+
+Two paths compute the same thing:
+
+- ``fused=True`` (default): :func:`stattn.regulation_core.inner_loop` (two Triton launches on a
+  GPU, a vectorised closed form on the CPU) and one :func:`stattn.region_attention` launch with
+  the offset for the whole batch (θ = 0 on the unconditional rows, which is plain attention).
+  No host synchronisation; the step enters only through ``graph_key`` (edit or not) and
+  ``call.step_tensor`` (the decay, the first-step rule), and the per-layer state lives in device
+  buffers updated in place, so it runs under ``stattn.Runner(cuda_graphs=True)``.
+- ``fused=False``: the eager autograd reference of the whole released algorithm
+  (:mod:`stattn.regulation_reference`), step for step. Slow; the oracle. Not CUDA-graph capturable.
+
+Targets are resolved to key indices at :meth:`AttentionRegulation.apply` time from ``prompt=`` and
+the pipeline's tokenizer (the controller never sees the prompt text later), or given directly as
+``token_indices=`` (then also ``eos_index=``, unless ``prompt=`` is passed to ``apply`` or
+``renormalize=True``).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from . import reference as ref
+from ._validate import set_value_checks
+from . import regulation_reference as rr
+from .basis import ScoreOffset, gaussian_basis
+from .control import Controller, CrossAttentionCall
+from .ops import region_attention
+from .processors import accelerate, restore, unet_of
+
+__all__ = ["AttentionRegulation", "DEFAULT_LAYERS"]
+
+DEFAULT_LAYERS = ("down_blocks.2", "up_blocks.1")
+INITS = ("uniform", "zeros")
+
+
+@dataclass
+class _LayerState:
+    """Device-resident state of one edited layer for one batch shape (allocated at the first,
+    eager call; later calls, captured or not, only update it in place)."""
+    basis: tuple                 # (gy [h, Ky], gx [w, Kx])
+    tokens: Tensor               # int64 [T] target columns, on the device
+    theta_prev: Tensor           # [Bc, H, T, Ky, Kx]: the best θ of the previous step (carried raw)
+    theta_full: Tensor           # [B, H, T, Ky, Kx]: applied θ_eff; zeros on the unconditional rows
+    offset: ScoreOffset          # over theta_full, pinned SOS and first EOS
+    ref_prev: Optional[Tensor] = None  # the reference path's carried θ_best (Python-held)
+
+
+class AttentionRegulation(Controller):
+    """Attention Regulation controller.
+
+    targets        words or phrases of the prompt to regulate (resolved at ``apply(x, prompt=...)``
+                   by :func:`stattn.tokens.token_indices`: whole words, repeated words take
+                   successive occurrences, a multi-token word gives all its tokens), or
+    token_indices  key indices directly (SOS is 0).
+    layers         substrings selecting cross-attention layers by dotted name, or ``"all"``.
+    edit_steps     steps 0 .. edit_steps-1 are edited (steps count UNet evaluations).
+    iters, lr, quantile, loss_weights, thr
+                   the inner optimisation: ``iters`` steps θ ← θ − lr·n·∇L, n = images·heads;
+                   L = w0·(quantile_q(P_t) − q)² + w1·(mean P_t − thr/T)² + w2·θ², thr = min(1, 0.2 T).
+    beta           the paper's β·‖A′ − A‖ term (not in the released code; reference path only).
+    init           θ₀ each call: ``"uniform"`` (U[0,1), as released) or ``"zeros"``;
+    generator      a torch.Generator for the uniform draws (default: the global RNG, as released).
+    prev_weight, decay
+                   θ_eff = decay^t·(prev_weight·θ_best(t−1) + (1 − prev_weight)·θ_best(t)).
+    renormalize    False (released): SOS and the first EOS keep their unedited probabilities, so
+                   rows no longer sum to 1; True: the plain softmax of the edited logits.
+    fused          False runs the eager autograd reference (slow; the oracle).
+    record_maps    keep the target tokens' attention maps of every step (see :attr:`maps`).
+    cfg            True (default): the batch is [uncond; cond] (classifier-free guidance, as
+                   diffusers orders it) and only its second half is edited. Pass False when
+                   generating with guidance_scale <= 1: every row is then conditional. (The
+                   controller cannot tell the two apart from a batch of even size.)
+    eos_index      the first end-of-text column, needed with ``token_indices`` when ``apply`` is
+                   given no prompt (and renormalize is False).
+    subtokens      ``"all"`` or ``"first"`` token of a target split into several tokens.
+    """
+
+    def __init__(self, targets: Union[None, str, Sequence[str]] = None, *,
+                 token_indices: Optional[Sequence[int]] = None,
+                 layers: Union[str, Sequence[str]] = DEFAULT_LAYERS, edit_steps: int = 25, iters: int = 20,
+                 lr: float = 100.0, quantile: float = 0.9, loss_weights=(1.0, 80.0, 0.09),
+                 thr: Optional[float] = None, beta: float = 0.0, init: str = "uniform",
+                 generator: Optional[torch.Generator] = None, prev_weight: float = 0.25, decay: float = 0.99,
+                 renormalize: bool = False, fused: bool = True, record_maps: bool = False, cfg: bool = True,
+                 eos_index: Optional[int] = None, subtokens: str = "all"):
+        if (targets is None) == (token_indices is None):
+            raise ValueError("targets / token_indices: give exactly one of them (target words of the prompt, "
+                             f"or key indices), got targets={targets!r}, token_indices={token_indices!r}")
+        if isinstance(targets, str):
+            targets = [targets]
+        if targets is not None:
+            if not isinstance(targets, (list, tuple)) or not targets or \
+                    not all(isinstance(t, str) and t.strip() for t in targets):
+                raise ValueError(f"targets: expected a non-empty list of non-empty strings, got {targets!r}")
+            targets = list(targets)
+        self.targets = targets
+        self.token_indices = None if token_indices is None else _indices("token_indices", token_indices)
+        self.layers = _layers(layers)
+        self.edit_steps = _int("edit_steps", edit_steps, 0)
+        self.iters = _int("iters", iters, 1)
+        self.lr = _float("lr", lr)
+        self.quantile = _float("quantile", quantile)
+        if not 0.0 < self.quantile < 1.0:
+            raise ValueError(f"quantile: expected a float in (0, 1), got {quantile!r}")
+        self.loss_weights = _weights(loss_weights)
+        self.thr = None if thr is None else _float("thr", thr, positive=True)
+        self.beta = _float("beta", beta)
+        if self.beta < 0:
+            raise ValueError(f"beta: expected a non-negative float, got {beta!r}")
+        if init not in INITS:
+            raise ValueError(f"init: expected one of {INITS}, got {init!r}")
+        self.init = init
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
+        self.generator = generator
+        self.prev_weight = _float("prev_weight", prev_weight)
+        self.decay = _float("decay", decay, positive=True)
+        for name, val in (("renormalize", renormalize), ("fused", fused), ("record_maps", record_maps),
+                          ("cfg", cfg)):
+            if not isinstance(val, bool):
+                raise TypeError(f"{name}: expected a bool, got {val!r}")
+        self.renormalize, self.fused, self.record_maps, self.cfg = renormalize, fused, record_maps, cfg
+        if self.beta and fused:
+            raise ValueError("beta: the ||A' - A|| term exists only on the reference path; pass fused=False "
+                             "with beta > 0")
+        self.eos_index = None if eos_index is None else _int("eos_index", eos_index, 1)
+        if subtokens not in ("all", "first"):
+            raise ValueError(f"subtokens: expected 'all' or 'first', got {subtokens!r}")
+        self.subtokens = subtokens
+        self.tokens: Optional[list] = self.token_indices   # resolved key columns
+        self.eos: Optional[int] = self.eos_index
+        self._scheduler = None
+        self._states: dict = {}
+        self._selected: dict = {}
+        self._maps: dict = {}        # step -> {(h, w): [sum [Bc, T, h, w], count]}
+        self._check_tokens()
+
+    # ------------------------------------------------------------------ apply / remove
+    def apply(self, pipe_or_runner, prompt: Optional[str] = None):
+        """Resolve the targets (needs ``prompt`` and a tokenizer, i.e. a pipeline or Runner, when
+        targets are words), check the layer selection against the UNet, and install the fused
+        cross-attention processors with this controller (:func:`stattn.accelerate`).
+        Returns what it was given."""
+        unet = unet_of(pipe_or_runner)
+        tokenizer = _tokenizer_of(pipe_or_runner)
+        if prompt is not None:
+            if not isinstance(prompt, str):
+                raise TypeError(f"prompt: expected one prompt string (the targets are resolved in it), "
+                                f"got {type(prompt).__name__}")
+            if tokenizer is None:
+                raise ValueError("prompt: resolving it needs a tokenizer; pass a diffusers pipeline or "
+                                 "stattn.Runner, not a bare UNet")
+        if self.targets is not None:
+            if prompt is None:
+                raise ValueError(f"prompt: targets {self.targets} are words; apply(x, prompt=...) must give "
+                                 "the prompt they are found in (or construct with token_indices=)")
+            from .tokens import token_indices
+
+            self.tokens = token_indices(tokenizer, prompt, self.targets, subtokens=self.subtokens)
+        if prompt is not None:
+            from .tokens import eos_index
+
+            self.eos = eos_index(tokenizer, prompt)
+        if self.eos is None and not self.renormalize:
+            raise ValueError("eos_index: pinning the first end-of-text column needs its index; pass "
+                             "apply(x, prompt=...) or eos_index=, or use renormalize=True")
+        self._check_tokens()
+        names = [n for n, m in unet.named_modules() if getattr(m, "is_cross_attention", False)]
+        chosen = [n for n in names if self._matches(n)]
+        if not chosen:
+            raise ValueError(f"layers: {self.layers!r} matches none of this UNet's cross-attention layers "
+                             f"({', '.join(names[:6])}{', ...' if len(names) > 6 else ''})")
+        self.layer_names = chosen
+        self._scheduler = getattr(pipe_or_runner, "scheduler", None)
+        self._states, self._selected = {}, {}
+        accelerate(pipe_or_runner, controller=self)
+        return pipe_or_runner
+
+    def remove(self, pipe_or_runner):
+        """Put the original attention processors back (:func:`stattn.restore`)."""
+        return restore(pipe_or_runner)
+
+    # ------------------------------------------------------------------ Controller interface
+    def reset(self) -> None:
+        self._maps = {}
+
+    def begin_step(self, step: int, timestep) -> None:
+        timesteps = getattr(self._scheduler, "timesteps", None)
+        if step == 0 and timesteps is not None:
+            n = len(timesteps)   # pipelines evaluate the UNet once per entry (Heun's are repeated)
+            if self.edit_steps > n:
+                raise ValueError(f"edit_steps: {self.edit_steps} edited steps but this run has only {n} "
+                                 "denoising steps; lower edit_steps or raise the number of steps")
+
+    def graph_key(self, step: int):
+        return step < self.edit_steps
+
+    def attention(self, call: CrossAttentionCall) -> Optional[Tensor]:
+        if not self._is_selected(call.name):
+            return None
+        if self.tokens is None or (self.eos is None and not self.renormalize):
+            raise ValueError("targets: not resolved to key indices yet; install the controller with "
+                             "ctrl.apply(pipe, prompt=...) (or construct it with token_indices= and eos_index=)")
+        if self.record_maps and call.q.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("record_maps=True copies maps every step and cannot run under CUDA-graph "
+                               "capture; use cuda_graphs=False to record maps")
+        if call.grid is None:
+            raise ValueError(f"layer {call.name}: the controller needs the feature-map grid (h, w) of "
+                             f"M = {call.q.shape[2]} pixels, which the step tracker could not determine")
+        if not self.fused:
+            return self._reference_call(call)
+        if call.step >= self.edit_steps:
+            if self.record_maps:
+                self._record(call, None)
+            return None
+        return self._fused_call(call)
+
+    # ------------------------------------------------------------------ the two paths
+    def _fused_call(self, call: CrossAttentionCall) -> Tensor:
+        from .regulation_core import inner_loop
+
+        st, c0 = self._state(call)
+        q, k = call.q, call.k
+        Bc = q.shape[0] - c0
+        H, T = q.shape[1], len(self.tokens)
+        (Ky, Kx), dt = st.theta_prev.shape[-2:], st.theta_prev.dtype
+        theta0 = rr.initial_theta(Bc, H, T, Ky, Kx, init=self.init, generator=self.generator,
+                                  device=q.device, dtype=dt)
+        step_t = _step_tensor(call)
+        res = inner_loop(q[c0:], k[c0:, 0], st.tokens, theta0, st.basis, scale=call.scale, iters=self.iters,
+                         lr=self.lr, quantile=self.quantile, loss_weights=self.loss_weights, thr=self.thr)
+        # at step 0 the carried "previous best" is this call's θ0 (the release's S(θ0))
+        prev = torch.where(step_t == 0, theta0, st.theta_prev)
+        decay = torch.pow(self.decay, step_t.to(dt))
+        st.theta_full[c0:].copy_(decay * (self.prev_weight * prev + (1.0 - self.prev_weight) * res.theta_best))
+        st.theta_prev.copy_(res.theta_best)
+        with _no_value_checks():   # θ_eff is ours: reading it back for NaNs would sync the host per call
+            out = region_attention(q, k, call.v, offset=st.offset, scale=call.scale)
+        if self.record_maps:
+            self._record(call, st.theta_full[c0:], st.basis)
+        return out
+
+    def _reference_call(self, call: CrossAttentionCall) -> Tensor:
+        st, c0 = self._state(call)
+        q = call.q
+        Bc, H, T = q.shape[0] - c0, q.shape[1], len(self.tokens)
+        Ky, Kx = st.theta_prev.shape[-2:]
+        theta0 = None
+        if call.step < self.edit_steps:
+            theta0 = rr.initial_theta(Bc, H, T, Ky, Kx, init=self.init, generator=self.generator,
+                                      device=q.device, dtype=st.theta_prev.dtype)
+        res = rr.reference_layer_call(
+            q, call.k[:, 0], call.v[:, 0], step=call.step, theta0=theta0,
+            theta_prev=st.ref_prev if call.step > 0 else None, tokens=self.tokens, eos=self.eos,
+            grid=call.grid, scale=call.scale, cfg=self.cfg, edit_steps=self.edit_steps, iters=self.iters,
+            lr=self.lr, quantile=self.quantile, loss_weights=self.loss_weights, thr=self.thr, beta=self.beta,
+            prev_weight=self.prev_weight, decay=self.decay, renormalize=self.renormalize)
+        st.ref_prev = res.theta_best
+        if self.record_maps:
+            P = res.cond_probs[..., self.tokens]                       # [Bc, H, M, T]
+            self._add_map(call, P.float().mean(1))
+        return res.out
+
+    # ------------------------------------------------------------------ state
+    def _state(self, call: CrossAttentionCall) -> tuple[_LayerState, int]:
+        q = call.q
+        B, H, M, _ = q.shape
+        c0 = self._cond_start(call)
+        dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+        key = (call.name, tuple(q.shape), q.device, dt, tuple(call.grid))
+        st = self._states.get(key)
+        if st is None:
+            h, w = call.grid
+            try:
+                gy, gx = gaussian_basis(h, w, dtype=dt, device=q.device)
+            except ValueError as e:
+                raise ValueError(f"layers: layer {call.name} works on a {h}x{w} grid, too small for the "
+                                 f"Gaussian basis ({e}); select other layers") from None
+            N = call.k.shape[3]
+            bad = [t for t in self.tokens + ([self.eos] if self.eos is not None else []) if t >= N]
+            if bad:
+                raise ValueError(f"token_indices: {bad} out of range for the {N} text keys of layer {call.name}")
+            tokens = torch.zeros(len(self.tokens), dtype=torch.int64, device=q.device)
+            for i, t in enumerate(self.tokens):   # scalar fills, not a host-to-device copy
+                tokens[i] = t
+            T, Ky, Kx = len(self.tokens), gy.shape[1], gx.shape[1]
+            theta_full = torch.zeros(B, H, T, Ky, Kx, dtype=dt, device=q.device)
+            pinned = () if self.renormalize else (0, self.eos)
+            st = _LayerState((gy, gx), tokens, torch.zeros(B - c0, H, T, Ky, Kx, dtype=dt, device=q.device),
+                             theta_full, ScoreOffset(theta_full, self.tokens, (gy, gx), pinned=pinned))
+            self._states[key] = st
+        return st, c0
+
+    def _cond_start(self, call: CrossAttentionCall) -> int:
+        """First conditional row: B/2 under classifier-free guidance ([uncond; cond]), else 0."""
+        B = call.q.shape[0]
+        if not self.cfg:
+            return 0
+        if B % 2:
+            raise ValueError(f"cfg: with classifier-free guidance the batch is [uncond; cond], an even number "
+                             f"of rows, but layer {call.name} got {B}; pass cfg=False when generating "
+                             "without guidance (guidance_scale <= 1)")
+        return B // 2
+
+    def _is_selected(self, name: str) -> bool:
+        hit = self._selected.get(name)
+        if hit is None:
+            hit = self._selected[name] = self._matches(name)
+        return hit
+
+    def _matches(self, name: str) -> bool:
+        return self.layers == "all" or any(s in name for s in self.layers)
+
+    def _check_tokens(self) -> None:
+        if self.tokens is None:
+            return
+        pinned = set() if self.renormalize else {0, self.eos}
+        clash = sorted(set(self.tokens) & pinned)
+        if clash:
+            raise ValueError(f"token_indices: {clash} are pinned columns (SOS 0, first EOS {self.eos}) whose "
+                             "edit the released rule overwrites; target prompt words, or use renormalize=True")
+
+    # ------------------------------------------------------------------ maps
+    def _record(self, call: CrossAttentionCall, theta: Optional[Tensor], basis=None) -> None:
+        """Target-token attention of the conditional rows, as applied (the edited softmax's target
+        columns; pinning touches only SOS and EOS), averaged over heads."""
+        c0 = self._cond_start(call)
+        q, k = call.q[c0:], call.k[c0:]
+        offset = None
+        if theta is not None:
+            offset = ScoreOffset(theta, self.tokens, basis)
+        P = ref.region_probs(q, k, call.scale, offset)[:, 0]          # [Bc, H, M, N]
+        self._add_map(call, P[..., self.tokens].float().mean(1))
+
+    def _add_map(self, call: CrossAttentionCall, P: Tensor) -> None:
+        h, w = call.grid
+        Bc, _, T = P.shape
+        m = P.detach().transpose(1, 2).reshape(Bc, T, h, w)
+        acc = self._maps.setdefault(call.step, {}).setdefault((h, w), [torch.zeros_like(m), 0])
+        acc[0] += m
+        acc[1] += 1
+
+    @property
+    def maps(self) -> list:
+        """Per recorded step, a CPU tensor [images, T, h, w]: the target tokens' attention
+        probabilities averaged over heads and over the edited layers (layers on smaller grids are
+        bilinearly resized to the largest). Empty unless ``record_maps=True``."""
+        out = []
+        for step in sorted(self._maps):
+            grids = self._maps[step]
+            size = max(grids, key=lambda g: g[0] * g[1])
+            total, count = 0, 0
+            for (h, w), (s, n) in grids.items():
+                if (h, w) != size:
+                    s = torch.nn.functional.interpolate(s, size=size, mode="bilinear", align_corners=False)
+                total, count = total + s, count + n
+            out.append((total / count).cpu())
+        return out
+
+    def __repr__(self) -> str:
+        what = f"targets={self.targets}" if self.targets is not None else f"token_indices={self.token_indices}"
+        return (f"AttentionRegulation({what}, tokens={self.tokens}, eos={self.eos}, layers={self.layers!r}, "
+                f"edit_steps={self.edit_steps}, iters={self.iters}, fused={self.fused})")
+
+
+# ---------------------------------------------------------------------- helpers
+@contextlib.contextmanager
+def _no_value_checks():
+    previous = set_value_checks(False)
+    try:
+        yield
+    finally:
+        set_value_checks(previous)
+
+
+def _step_tensor(call: CrossAttentionCall) -> Tensor:
+    if call.step_tensor is not None:
+        return call.step_tensor
+    return torch.full((), call.step, dtype=torch.int64, device=call.q.device)
+
+
+def _tokenizer_of(x):
+    tok = getattr(x, "tokenizer", None)
+    if tok is None and hasattr(x, "pipe"):
+        tok = getattr(x.pipe, "tokenizer", None)
+    return tok
+
+
+def _int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
+    return value
+
+
+def _float(name: str, value, *, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
+    if not math.isfinite(value) or (positive and value <= 0):
+        raise ValueError(f"{name}: expected a {'positive ' if positive else ''}finite float, got {value!r}")
+    return float(value)
+
+
+def _weights(w) -> tuple:
+    try:
+        w = tuple(w)
+    except TypeError:
+        raise TypeError(f"loss_weights: expected three floats (quantile, mean, theta), got {w!r}") from None
+    if len(w) != 3:
+        raise ValueError(f"loss_weights: expected three floats (quantile, mean, theta), got {w!r}")
+    return tuple(_float(f"loss_weights[{i}]", x) for i, x in enumerate(w))
+
+
+def _indices(name: str, values) -> list:
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise TypeError(f"{name}: expected a sequence of ints, got {values!r}")
+    values = list(values)
+    if not values:
+        raise ValueError(f"{name}: expected at least one target index, got none")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}: expected key indices >= 1 (0 is the start token), got {values!r}")
+    if len(set(values)) != len(values):
+        raise ValueError(f"{name}: an index appears twice in {values!r}")
+    return values
+
+
+def _layers(layers):
+    if layers == "all":
+        return "all"
+    if isinstance(layers, str):
+        layers = (layers,)
+    if not isinstance(layers, (list, tuple)) or not layers or \
+            not all(isinstance(s, str) and s for s in layers):
+        raise ValueError(f"layers: expected 'all' or a non-empty list of name substrings, got {layers!r}")
+    return tuple(layers)
