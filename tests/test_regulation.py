@@ -407,3 +407,28 @@ def test_bad_use_gives_clear_errors(sd):
     finally:
         stattn.restore(sd)
     assert not hasattr(sd.unet, "_stattn")
+
+
+def test_fused_state_in_place_and_step_from_step_tensor():
+    """CUDA-graph readiness on the CPU: under replay Python does not run again, so the step must be
+    read from call.step_tensor and the per-layer state updated in place. Feed a stale Python step
+    (as a captured graph has) with the right step_tensor and compare with the reference."""
+    q, k, v = _layer(B=2, dtype=torch.float64, seed=6)
+    tokens, eos = [3, 6], 9
+    ctrl = AttentionRegulation(token_indices=tokens, eos_index=eos, iters=4, generator=torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(1)
+    prev, ptrs = None, None
+    for step in range(4):
+        call = _call(q, k, v, min(step, 1))                                # Python step frozen at 1
+        call.step_tensor = torch.tensor(step)
+        out = ctrl.attention(call)
+        theta0 = rr.initial_theta(1, 2, 2, 3, 3, generator=gen, dtype=torch.float64)
+        exp = rr.reference_layer_call(q, k, v, step=step, theta0=theta0, theta_prev=prev, tokens=tokens, eos=eos,
+                                      grid=(8, 8), scale=0.25, iters=4)
+        prev = exp.theta_best
+        torch.testing.assert_close(out, exp.out, rtol=1e-9, atol=1e-10)
+        st = next(iter(ctrl._states.values()))
+        now = (st.theta_prev.data_ptr(), st.theta_full.data_ptr(), st.tokens.data_ptr())
+        assert ptrs is None or now == ptrs
+        ptrs = now
+    assert len(ctrl._states) == 1
