@@ -74,6 +74,9 @@ class AttentionRegulation(Controller):
     beta           the paper's β·‖A′ − A‖ term (not in the released code; reference path only).
     init           θ₀ each call: ``"uniform"`` (U[0,1), as released) or ``"zeros"``;
     generator      a torch.Generator for the uniform draws (default: the global RNG, as released).
+                   With ``stattn.Runner(cuda_graphs=True)`` keep the default (the device's global
+                   generator is capture-safe) or use ``init="zeros"``; a generator on another device
+                   than the model costs a copy per call and cannot be captured.
     prev_weight, decay
                    θ_eff = decay^t·(prev_weight·θ_best(t−1) + (1 − prev_weight)·θ_best(t)).
     renormalize    False (released): SOS and the first EOS keep their unedited probabilities, so
@@ -143,6 +146,7 @@ class AttentionRegulation(Controller):
         self.subtokens = subtokens
         self.tokens: Optional[list] = self.token_indices   # resolved key columns
         self.eos: Optional[int] = self.eos_index
+        self.layer_names: Optional[list] = None   # the selected layers, known at apply()
         self._scheduler = None
         self._states: dict = {}
         self._selected: dict = {}
@@ -245,8 +249,8 @@ class AttentionRegulation(Controller):
                          lr=self.lr, quantile=self.quantile, loss_weights=self.loss_weights, thr=self.thr)
         # at step 0 the carried "previous best" is this call's θ0 (the release's S(θ0))
         prev = torch.where(step_t == 0, theta0, st.theta_prev)
-        decay = torch.pow(self.decay, step_t.to(dt))
-        st.theta_full[c0:].copy_(decay * (self.prev_weight * prev + (1.0 - self.prev_weight) * res.theta_best))
+        blend = torch.lerp(res.theta_best, prev, self.prev_weight)    # pw·prev + (1 − pw)·best
+        torch.mul(blend, torch.pow(self.decay, step_t.to(dt)), out=st.theta_full[c0:])
         st.theta_prev.copy_(res.theta_best)
         with _no_value_checks():   # θ_eff is ours: reading it back for NaNs would sync the host per call
             out = region_attention(q, k, call.v, offset=st.offset, scale=call.scale)

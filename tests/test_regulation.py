@@ -1,8 +1,6 @@
 """Attention Regulation: the eager reference against the spec's check values and invariants, the
 fused path against the reference (inner loop, edited logits, layer output, controller state over
 steps, whole pipelines), the token helper, and bad input."""
-import math
-
 import pytest
 import torch
 
@@ -331,8 +329,10 @@ def _generate(x, ctrl, prompt=PROMPT, steps=4, size=64, seeds=(1, 2), **kw):
 def test_pipeline_fused_matches_reference(sd):
     """Tiny SD, DPM-Solver++, 2 images from a list of generators: the fused controller and the eager
     reference give the same latents; the edit changes them; maps are recorded for every step."""
-    mk = lambda fused: AttentionRegulation(["cat", "frog"], edit_steps=3, fused=fused, record_maps=True,  # noqa: E731
-                                           generator=torch.Generator().manual_seed(0))
+    def mk(fused):
+        return AttentionRegulation(["cat", "frog"], edit_steps=3, fused=fused, record_maps=True,
+                                   generator=torch.Generator().manual_seed(0))
+
     fused, reference = mk(True), mk(False)
     a, b = _generate(sd, fused), _generate(sd, reference)
     plain = _generate(sd, AttentionRegulation(["cat", "frog"], edit_steps=0))
@@ -347,8 +347,9 @@ def test_pipeline_fused_matches_reference(sd):
 
 def test_runner_all_layers_and_no_cfg(sd):
     runner = stattn.Runner(sd)
-    mk = lambda fused, **kw: AttentionRegulation(["frog"], layers="all", edit_steps=2, iters=5, fused=fused,  # noqa: E731
-                                                 init="zeros", **kw)
+    def mk(fused, **kw):
+        return AttentionRegulation(["frog"], layers="all", edit_steps=2, iters=5, fused=fused, init="zeros", **kw)
+
     a = _generate(runner, mk(True), size=128)                               # grids 16x16 and 8x8
     b = _generate(runner, mk(False), size=128)
     assert (a - b).abs().max() <= 1e-5 * a.abs().max()
@@ -415,7 +416,8 @@ def test_fused_state_in_place_and_step_from_step_tensor():
     (as a captured graph has) with the right step_tensor and compare with the reference."""
     q, k, v = _layer(B=2, dtype=torch.float64, seed=6)
     tokens, eos = [3, 6], 9
-    ctrl = AttentionRegulation(token_indices=tokens, eos_index=eos, iters=4, generator=torch.Generator().manual_seed(1))
+    ctrl = AttentionRegulation(token_indices=tokens, eos_index=eos, iters=4,
+                               generator=torch.Generator().manual_seed(1))
     gen = torch.Generator().manual_seed(1)
     prev, ptrs = None, None
     for step in range(4):
