@@ -187,9 +187,11 @@ def capture(case):
               zip((h, w), (g.shape[1] for g in stattn.gaussian_basis(h, w))))
     tokens = torch.empty(T, dtype=torch.int64, **meta)
     theta0 = torch.empty(B, H, T, gy.shape[1], gx.shape[1], **meta)
+    step = torch.empty((), dtype=torch.int64, **meta)
     with aot._captured() as launches:
-        kreg.inner_loop(q, k, tokens, theta0, gy, gx, D ** -0.5, ITERS, 100.0, rc.quantile_position(0.9, h * w),
-                        0.9, 0.2, (1.0, 80.0, 0.09))
+        for blend in (None, (torch.empty_like(theta0), step, 0.99, 0.25)):   # plain, and with the blend
+            kreg.inner_loop(q, k, tokens, theta0, gy, gx, D ** -0.5, ITERS, 100.0,
+                            rc.quantile_position(0.9, h * w), 0.9, 0.2, (1.0, 80.0, 0.09), blend=blend)
     return launches
 
 
@@ -218,7 +220,7 @@ def compile_report(problems=AOT_CASES, arch: int = 90) -> list[dict]:
             compiled = aot.compile_launch(kernel, args, meta, GPUTarget("cuda", arch, 32))
             use = aot.resource_usage(compiled.asm["cubin"])
             rows.append({"case": "B={} H={} {}x{} D={} T={} {}".format(*case), "kernel": kernel.__name__,
-                         "num_warps": meta["num_warps"], "REG": use.get("REG"), "STACK": use.get("STACK"),
+                         "num_warps": meta["num_warps"], "blend": bool(meta.get("BLEND")), "REG": use.get("REG"), "STACK": use.get("STACK"),
                          "LOCAL": use.get("LOCAL"), "SHARED": compiled.metadata.shared})
     return rows
 

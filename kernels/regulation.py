@@ -7,9 +7,12 @@ S_t = Gy.theta_t.Gx^T, P_t, the quantile (bitonic top-k over the pixels), the me
 the closed-form gradient back through the softmax and the basis, and the update. It writes each
 iteration's per-head loss and theta (small). `_best_kernel`, one program per head: sums the
 per-head losses of each iteration in a fixed order (every program the same way, so no atomics and
-a deterministic result), takes the first minimum (= the strict `<` rule) and gathers theta_best.
+a deterministic result), takes the first minimum (= the strict `<` rule) and gathers theta_best;
+optionally it also blends theta_eff for the layer's output and updates the carried theta_best.
 Semantics and the closed form: stattn/regulation_core.py.
 """
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -199,8 +202,9 @@ def _inner_loop_kernel(
 
 
 @triton.jit
-def _best_kernel(LOSS, THS, THB, LOSSES, BEST, NH, iters, KTOT,
-                 ITP: tl.constexpr, NB: tl.constexpr, KTP: tl.constexpr):
+def _best_kernel(LOSS, THS, THB, LOSSES, BEST, THP, THE, STEP, NH, iters, KTOT, factor, log2_decay, w_prev,
+                 ITP: tl.constexpr, NB: tl.constexpr, KTP: tl.constexpr, BLEND: tl.constexpr,
+                 STEP_T: tl.constexpr):
     pid = tl.program_id(0)
     its = tl.arange(0, ITP)
     it_ok = its < iters
@@ -219,14 +223,21 @@ def _best_kernel(LOSS, THS, THB, LOSSES, BEST, NH, iters, KTOT,
     kk = tl.arange(0, KTP)
     th = tl.load(THS + (pid * iters + best) * KTOT + kk, mask=kk < KTOT)
     tl.store(THB + pid * KTOT + kk, th, mask=kk < KTOT)
+    if BLEND:  # theta_eff = decay^step (w_prev theta_state + (1 - w_prev) theta_best); state <- theta_best
+        if STEP_T:
+            factor = tl.exp2(tl.load(STEP).to(tl.float32) * log2_decay)
+        prev = tl.load(THP + pid * KTOT + kk, mask=kk < KTOT)
+        tl.store(THE + pid * KTOT + kk, factor * (w_prev * prev + (1.0 - w_prev) * th), mask=kk < KTOT)
+        tl.store(THP + pid * KTOT + kk, th, mask=kk < KTOT)
 
 
 def _log2(n: int) -> int:
     return n.bit_length() - 1
 
 
-def config(M: int, N: int, D: int, T: int, h: int, w: int, Ky: int, Kx: int, lo: int) -> dict:
-    """Tile sizes and warps (checked with sm_90 compiles: see bench/regulation.py --aot)."""
+def config(M: int, N: int, D: int, T: int, h: int, w: int, Ky: int, Kx: int, lo: int, fp32: bool) -> dict:
+    """Tile sizes and warps, from sm_90 compiles (python -m bench.regulation --aot): 8 warps keep
+    grids up to 32x32 free of spills; fp32 logits (3xTF32 dots) need the smaller pixel blocks."""
     TP = triton.next_power_of_2(T)
     HP = max(16, triton.next_power_of_2(h))
     WP = max(16, triton.next_power_of_2(w))
@@ -235,20 +246,23 @@ def config(M: int, N: int, D: int, T: int, h: int, w: int, Ky: int, Kx: int, lo:
                 KYP=max(16, triton.next_power_of_2(Ky)), KXP=max(16, triton.next_power_of_2(Kx)),
                 TOPK=triton.next_power_of_2(M - lo), LOG_TP=_log2(TP), LOG_G=_log2(HP * WP),
                 LOG_K=_log2(triton.next_power_of_2(M - lo)),
-                BLOCK_MQ=16, BLOCK_N=max(16, min(128, triton.next_power_of_2(N))),
+                BLOCK_MQ=16 if fp32 else 64, BLOCK_N=max(16, min(128, triton.next_power_of_2(N))),
                 BLOCK_D=max(16, triton.next_power_of_2(D)), TQ=max(16, TP),
                 num_warps=8 if elems <= 4096 else 16, num_stages=1)
 
 
-def inner_loop(q, k, tokens, theta0, gy, gx, scale, iters, lr, qpos, q_target, m_target, weights):
+def inner_loop(q, k, tokens, theta0, gy, gx, scale, iters, lr, qpos, q_target, m_target, weights, blend=None):
     """(theta_best [B, H, T, Ky, Kx] fp32, best_iter 0-d int64, losses [iters] fp32) in two
-    launches; arguments are validated by stattn.regulation_core."""
+    launches; arguments are validated by stattn.regulation_core. With ``blend = (theta_state,
+    step, decay, w_prev)`` (state contiguous fp32, step a 0-d int tensor or an int) the second
+    launch also returns theta_eff = decay^step (w_prev state + (1 - w_prev) theta_best) and
+    overwrites the state with theta_best: (theta_eff, theta_best, best_iter, losses)."""
     B, H, M, D = q.shape
     N, T = k.shape[2], tokens.numel()
     h, w = gy.shape[0], gx.shape[0]
     Ky, Kx = gy.shape[1], gx.shape[1]
     lo, hi, frac = qpos
-    cfg = config(M, N, D, T, h, w, Ky, Kx, lo)
+    cfg = config(M, N, D, T, h, w, Ky, Kx, lo, q.dtype == torch.float32)
     n = B * H
     dev = q.device
     f32 = dict(device=dev, dtype=torch.float32)
@@ -264,11 +278,24 @@ def inner_loop(q, k, tokens, theta0, gy, gx, scale, iters, lr, qpos, q_target, m
         H, M, N, D, T, h, w, Ky, Kx, iters,
         float(scale), float(lr), float(frac), M - 1 - lo, M - 1 - hi, float(q_target), float(m_target),
         *(float(x) for x in weights)),
-        dict(IEEE=q.dtype == torch.float32, **cfg))
+        dict(IEEE=q.dtype == torch.float32, **cfg))  # IEEE: fp32 logits via 3xTF32
     theta_best = launch._empty(B, H, T, Ky, Kx, **f32)
     losses = launch._empty(iters, **f32)
     best = launch._empty((), device=dev, dtype=torch.int64)
-    launch._launch(_best_kernel, (n,), (loss, ths, theta_best, losses, best, n, iters, T * Ky * Kx),
-                   dict(ITP=triton.next_power_of_2(iters), NB=16, KTP=triton.next_power_of_2(T * Ky * Kx),
-                        num_warps=4, num_stages=1))
+    state = theta_eff = step_t = None
+    factor, log2_decay, w_prev = 1.0, 0.0, 0.0
+    if blend is not None:
+        state, step, decay, w_prev = blend
+        theta_eff = launch._empty(B, H, T, Ky, Kx, **f32)
+        if isinstance(step, torch.Tensor):
+            step_t, log2_decay = step, math.log2(decay)
+        else:
+            factor = float(decay) ** step
+    launch._launch(_best_kernel, (n,), (
+        loss, ths, theta_best, losses, best, state if blend else loss, theta_eff if blend else loss,
+        step_t if step_t is not None else best, n, iters, T * Ky * Kx, factor, log2_decay, float(w_prev)),
+        dict(ITP=triton.next_power_of_2(iters), NB=16, KTP=triton.next_power_of_2(T * Ky * Kx),
+             BLEND=blend is not None, STEP_T=step_t is not None, num_warps=4, num_stages=1))
+    if blend is not None:
+        return theta_eff, theta_best, best, losses
     return theta_best, best, losses

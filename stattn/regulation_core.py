@@ -34,14 +34,21 @@ from . import _validate as V
 from . import reference as ref
 from .ops import backend_for
 
-__all__ = ["InnerResult", "RegulationLoss", "inner_loop", "regulation_loss", "quantile_position",
-           "target_logits", "default_thr"]
+__all__ = ["InnerResult", "BlendResult", "RegulationLoss", "inner_loop", "inner_loop_blend", "regulation_loss",
+           "quantile_position", "target_logits", "default_thr"]
 
 
 class InnerResult(NamedTuple):
     theta_best: Tensor   # [B, H, T, Ky, Kx]
     best_iter: Tensor    # 0-d int64
     losses: Tensor       # [iters]: L(theta_i)
+
+
+class BlendResult(NamedTuple):
+    theta_eff: Tensor    # [B, H, T, Ky, Kx]: decay^step (w_prev theta_state + (1 - w_prev) theta_best)
+    theta_best: Tensor
+    best_iter: Tensor
+    losses: Tensor
 
 
 class RegulationLoss(NamedTuple):
@@ -123,7 +130,7 @@ def regulation_loss(z: Tensor, tokens, theta: Tensor, basis, *, quantile: float 
     tokens_t = _check_tokens(tokens, N, z.device)
     gy, gx = _check_basis(basis, M, z.device)
     _check_theta(theta, B, H, tokens_t.numel(), gy, gx, z)
-    weights, thr = _check_hyper(1, 1.0, quantile, loss_weights, thr, tokens_t.numel())
+    weights, thr = _check_loss_args(quantile, loss_weights, thr, tokens_t.numel())
     ct = _compute_dtype(z)
     T = tokens_t.numel()
     zt, rest = target_logits(z.to(ct), tokens_t)
@@ -210,10 +217,8 @@ def _finite_float(name: str, value, *, positive: bool = False) -> float:
     return float(value)
 
 
-def _check_hyper(iters, lr, quantile, loss_weights, thr, T: int):
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
-        raise ValueError(f"iters must be an int >= 1, got {iters!r}")
-    _finite_float("lr", lr)
+def _check_loss_args(quantile, loss_weights, thr, T: int):
+    """(weights, thr) of the loss, checked; thr None -> min(1, 0.2 T)."""
     q = _finite_float("quantile", quantile)
     if not 0.0 <= q <= 1.0:
         raise ValueError(f"quantile must be in [0, 1], got {quantile}")
@@ -226,6 +231,40 @@ def _check_hyper(iters, lr, quantile, loss_weights, thr, T: int):
     weights = tuple(_finite_float(f"loss_weights[{i}]", w) for i, w in enumerate(weights))
     thr = default_thr(T) if thr is None else _finite_float("thr", thr)
     return weights, thr
+
+
+def _check_qk(q, k) -> tuple[int, int, int, int]:
+    V.check_tensor("q", q, 4, "[B, H, M, D]")
+    V.check_tensor("k", k, 4, "[B, H, N, D]")
+    if q.dtype not in V.FLOAT_DTYPES:
+        raise TypeError(f"q must be float16, bfloat16, float32 or float64, got {q.dtype}")
+    if k.dtype != q.dtype:
+        raise TypeError(f"k must have q's dtype {q.dtype}, got {k.dtype}")
+    if k.device != q.device:
+        raise ValueError(f"k must be on q's device {q.device}, got {k.device}")
+    B, H, M, D = q.shape
+    N = k.shape[2]
+    if k.shape[0] != B or k.shape[1] != H or k.shape[3] != D:
+        raise ValueError(f"k must have shape [B={B}, H={H}, N, D={D}] to match q {tuple(q.shape)}, got {tuple(k.shape)}")
+    for name, size in (("B", B), ("H", H), ("M", M), ("D", D), ("N (keys)", N)):
+        if size == 0:
+            raise ValueError(f"q/k: {name} must be at least 1, got 0 (q {tuple(q.shape)}, k {tuple(k.shape)})")
+    return B, H, M, D
+
+
+def _check_loop_args(q, k, tokens, theta0, basis, scale, iters, lr, quantile, loss_weights, thr):
+    """Every argument of the loop checked and normalised: (tokens, gy, gx, scale, weights, thr)."""
+    B, H, M, D = _check_qk(q, k)
+    tokens_t = _check_tokens(tokens, k.shape[2], q.device)
+    T = tokens_t.numel()
+    gy, gx = _check_basis(basis, M, q.device)
+    _check_theta(theta0, B, H, T, gy, gx, q)
+    scale = V.scale_of(scale, D)   # None -> D^-1/2
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"iters must be an int >= 1, got {iters!r}")
+    _finite_float("lr", lr)
+    weights, thr = _check_loss_args(quantile, loss_weights, thr, T)
+    return tokens_t, gy, gx, scale, weights, thr
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,29 +338,83 @@ def inner_loop(q: Tensor, k: Tensor, tokens, theta0: Tensor, basis, *, scale, it
     Values of device-resident tokens are not read: an out-of-range or repeated index there gives
     NaN losses (and best_iter 0); CPU tokens are checked and raise.
     """
-    V.check_tensor("q", q, 4, "[B, H, M, D]")
-    V.check_tensor("k", k, 4, "[B, H, N, D]")
-    if q.dtype not in V.FLOAT_DTYPES:
-        raise TypeError(f"q must be float16, bfloat16, float32 or float64, got {q.dtype}")
-    if k.dtype != q.dtype:
-        raise TypeError(f"k must have q's dtype {q.dtype}, got {k.dtype}")
-    if k.device != q.device:
-        raise ValueError(f"k must be on q's device {q.device}, got {k.device}")
-    B, H, M, D = q.shape
-    N = k.shape[2]
-    if k.shape[0] != B or k.shape[1] != H or k.shape[3] != D:
-        raise ValueError(f"k must have shape [B={B}, H={H}, N, D={D}] to match q {tuple(q.shape)}, got {tuple(k.shape)}")
-    for name, size in (("B", B), ("H", H), ("M", M), ("D", D), ("N (keys)", N)):
-        if size == 0:
-            raise ValueError(f"q/k: {name} must be at least 1, got 0 (q {tuple(q.shape)}, k {tuple(k.shape)})")
-    tokens_t = _check_tokens(tokens, N, q.device)
-    T = tokens_t.numel()
-    gy, gx = _check_basis(basis, M, q.device)
-    _check_theta(theta0, B, H, T, gy, gx, q)
-    if scale is None:
-        scale = D ** -0.5
-    scale = V.scale_of(scale, D)
-    weights, thr = _check_hyper(iters, lr, quantile, loss_weights, thr, T)
+    tokens_t, gy, gx, scale, weights, thr = _check_loop_args(q, k, tokens, theta0, basis, scale, iters, lr,
+                                                             quantile, loss_weights, thr)
     theta_best, best, losses = _inner_loop_op(q, k, tokens_t, theta0, gy, gx, scale, iters, float(lr),
                                               float(quantile), *weights, float(thr))
     return InnerResult(theta_best, best, losses)
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop plus the across-steps blend, fused into the loop's second launch
+
+def _blend_reference(theta_best, state, step, step_int, decay, w_prev):
+    factor = decay ** step_int if step is None else torch.pow(decay, step.to(theta_best.dtype))
+    theta_eff = factor * (w_prev * state + (1 - w_prev) * theta_best)
+    state.copy_(theta_best)
+    return theta_eff
+
+
+@torch.library.custom_op("stattn::regulation_inner_loop_blend", mutates_args=("theta_state",))
+def _inner_loop_blend_op(q: Tensor, k: Tensor, tokens: Tensor, theta0: Tensor, gy: Tensor, gx: Tensor,
+                         theta_state: Tensor, step: Optional[Tensor], step_int: int, decay: float, w_prev: float,
+                         scale: float, iters: int, lr: float, quantile: float, w0: float, w1: float, w2: float,
+                         thr: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if backend_for(q) == "triton":
+        from stattn.kernels import regulation as kreg
+
+        return kreg.inner_loop(q, k, tokens, theta0, gy, gx, scale, iters, lr,
+                               quantile_position(quantile, q.shape[2], torch.float32), quantile,
+                               thr / tokens.numel(), (w0, w1, w2),
+                               blend=(theta_state, step if step is not None else step_int, decay, w_prev))
+    theta_best, best, losses = _inner_loop_op(q, k, tokens, theta0, gy, gx, scale, iters, lr, quantile,
+                                              w0, w1, w2, thr)
+    theta_eff = _blend_reference(theta_best, theta_state, step, step_int, decay, w_prev)
+    return theta_eff, theta_best, best, losses
+
+
+@_inner_loop_blend_op.register_fake
+def _(q, k, tokens, theta0, gy, gx, theta_state, step, step_int, decay, w_prev, scale, iters, lr, quantile,
+      w0, w1, w2, thr):
+    dt = _out_dtype(q)
+    return (q.new_empty(theta0.shape, dtype=dt), q.new_empty(theta0.shape, dtype=dt),
+            q.new_empty((), dtype=torch.int64), q.new_empty((iters,), dtype=dt))
+
+
+def inner_loop_blend(q: Tensor, k: Tensor, tokens, theta0: Tensor, basis, theta_state: Tensor, step, *, scale,
+                     iters: int = 20, lr: float = 100.0, quantile: float = 0.9, loss_weights=(1.0, 80.0, 0.09),
+                     thr: Optional[float] = None, decay: float = 0.99, w_prev: float = 0.25) -> BlendResult:
+    """:func:`inner_loop` plus the released across-steps blend in the same two launches:
+    theta_eff = decay^step * (w_prev * theta_state + (1 - w_prev) * theta_best), then theta_state
+    is overwritten with theta_best (in place: the layer's carried state; at the first edited
+    step the caller fills it with theta0, the spec's "S_best(-1)").
+
+    theta_state: contiguous [B, H, T, Ky, Kx] in the result dtype (float32; float64 for float64 q)
+    on q's device; step: a 0-d integer tensor on q's device (read on the device: CUDA-graph safe,
+    e.g. CrossAttentionCall.step_tensor) or a Python int >= 0."""
+    _, _, M, D = _check_qk(q, k)
+    if not isinstance(theta_state, Tensor):
+        raise TypeError(f"theta_state must be a tensor, got {type(theta_state).__name__}")
+    dt = _out_dtype(q)
+    if theta_state.dtype != dt or tuple(theta_state.shape) != tuple(getattr(theta0, "shape", ())) \
+            or not theta_state.is_contiguous() or theta_state.device != q.device:
+        raise ValueError(f"theta_state must be a contiguous {dt} tensor of theta0's shape "
+                         f"{tuple(getattr(theta0, 'shape', ()))} on q's device {q.device}, got {theta_state.dtype} "
+                         f"{tuple(theta_state.shape)} on {theta_state.device}")
+    step_t, step_int = None, 0
+    if isinstance(step, Tensor):
+        if step.dim() != 0 or step.dtype.is_floating_point or step.dtype == torch.bool or step.device != q.device:
+            raise TypeError(f"step must be a 0-d integer tensor on q's device {q.device} or an int, got a "
+                            f"{step.dtype} tensor of shape {tuple(step.shape)} on {step.device}")
+        step_t = step
+    elif isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be an int >= 0 or a 0-d integer tensor, got {step!r}")
+    else:
+        step_int = step
+    decay = _finite_float("decay", decay, positive=True)
+    w_prev = _finite_float("w_prev", w_prev)
+    tokens_t, gy, gx, scale, weights, thr = _check_loop_args(q, k, tokens, theta0, basis, scale, iters, lr,
+                                                             quantile, loss_weights, thr)
+    out = _inner_loop_blend_op(q, k, tokens_t, theta0, gy, gx, theta_state, step_t, step_int, decay, w_prev,
+                               scale, iters, float(lr), float(quantile), *weights, float(thr))
+    return BlendResult(*out)

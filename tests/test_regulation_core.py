@@ -184,6 +184,7 @@ def test_triton_quantile_matches_torch_quantile(triton_backend, poisoned):
     assert res.losses[0].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:All-NaN slice")
 def test_kernel_flags_bad_device_tokens_with_nan_losses(triton_backend, poisoned):
     """Device tokens are not read on the host; the kernel turns an invalid index into NaN losses,
     best_iter 0 and theta_best = theta0 (launcher called directly: CPU tokens would be checked)."""
@@ -263,6 +264,47 @@ def test_bad_input_errors_name_the_argument(case):
                       kwargs.pop("basis"), **kwargs)
 
 
+# ---- the across-steps blend fused into the second launch --------------------------------------
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_blend_gives_theta_eff_and_carries_theta_best(backend, as_tensor, monkeypatch, poisoned):
+    monkeypatch.setenv("STATTN_BACKEND", backend)
+    q, k, tokens, theta0, basis = loop_inputs(1, 2, 8, 8, 16, 2, torch.float32, seed=4)
+    state = torch.randn(theta0.shape, generator=torch.Generator().manual_seed(9))
+    prev = state.clone()
+    step = torch.tensor(7) if as_tensor else 7
+    res = rc.inner_loop_blend(q, k, tokens, theta0, basis, state, step, scale=0.25, iters=3)
+    plain = rc.inner_loop(q, k, tokens, theta0, basis, scale=0.25, iters=3)
+    torch.testing.assert_close(res.theta_best, plain.theta_best, rtol=0, atol=0)
+    assert int(res.best_iter) == int(plain.best_iter)
+    torch.testing.assert_close(res.losses, plain.losses, rtol=0, atol=0)
+    expected = 0.99 ** 7 * (0.25 * prev + 0.75 * plain.theta_best)
+    torch.testing.assert_close(res.theta_eff, expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(state, plain.theta_best)
+
+
+def test_opcheck_blend(reference_backend):
+    q, k, tokens, theta0, gy, gx, *rest = op_args()
+    torch.library.opcheck(torch.ops.stattn.regulation_inner_loop_blend.default,
+                          (q, k, tokens, theta0, gy, gx, theta0.clone(), torch.tensor(3), 0, 0.99, 0.25, *rest),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("change,err,match", [
+    (dict(theta_state=torch.zeros(1, 2, 2, 3, 3, dtype=F64)), ValueError, "theta_state must be a contiguous"),
+    (dict(theta_state=torch.zeros(1, 2, 2, 3, 3).transpose(-1, -2)), ValueError, "theta_state must be a contiguous"),
+    (dict(step=torch.tensor(2.0)), TypeError, "step must be a 0-d integer tensor"),
+    (dict(step=-1), ValueError, "step must be an int >= 0"),
+    (dict(decay=0.0), ValueError, "decay must be a positive"),
+])
+def test_blend_bad_input(change, err, match):
+    q, k, tokens, theta0, basis = loop_inputs(1, 2, 8, 8, 16, 2, torch.float32)
+    kwargs = {**dict(theta_state=theta0.clone(), step=3, scale=0.25), **change}
+    with pytest.raises(err, match=match):
+        rc.inner_loop_blend(q, k, tokens, theta0, basis, kwargs.pop("theta_state"), kwargs.pop("step"), **kwargs)
+
+
 # ---- the real compiler (sm_90): registers, no spills -------------------------------------------
 
 COMPILE_SCRIPT = """
@@ -281,7 +323,8 @@ def test_kernels_compile_for_sm90_without_spills():
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     rows = json.loads(done.stdout.strip().splitlines()[-1])
-    assert {r["kernel"] for r in rows} == {"_inner_loop_kernel", "_best_kernel"}
+    assert {(r["kernel"], r["blend"]) for r in rows} >= {("_inner_loop_kernel", False), ("_best_kernel", False),
+                                                        ("_best_kernel", True)}
     for r in rows:
         assert r["STACK"] == 0 and r["LOCAL"] == 0, r
         assert r["SHARED"] <= 232448, r
