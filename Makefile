@@ -13,11 +13,12 @@ PINS   := torch==2.13.0 triton==3.6.0 "numpy<2.4" diffusers==0.42.1 transformers
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: setup.py
+$(VENV)/.installed: setup.py $(wildcard csrc/*)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q $(PINS)
-	$(PY) -m pip install -q -e ".[test]"
+	# no build isolation: setup.py builds the native CPU extension against the torch pinned above
+	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
 	touch $@
 
 test: install

@@ -1,6 +1,31 @@
 """stattn: the package `stattn`, the Triton kernels of kernels/ as `stattn.kernels` and the
 benchmarks of bench/ as `stattn.bench` (for the `stattn bench` command)."""
+import os
+import shutil
+
 from setuptools import setup
+
+
+def _native_extension():
+    """stattn._native (csrc/, the CPU kernels) when torch and a C++ compiler are present at build
+    time (`pip install -e . --no-build-isolation` after installing torch, as `make install` does).
+    Otherwise none: stattn then builds it on first use (needs ninja) or uses the reference."""
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError:
+        print("stattn: torch is not importable at build time, skipping the native CPU extension "
+              "(install torch first, then `pip install --no-build-isolation`)")
+        return [], {}
+    if not shutil.which(os.environ.get("CXX", "c++")):
+        print("stattn: no C++ compiler found, skipping the native CPU extension")
+        return [], {}
+    ext = CppExtension("stattn._native", ["csrc/region_attention.cpp", "csrc/module.cpp"], include_dirs=["csrc"],
+                       extra_compile_args=["-O3", "-fno-trapping-math"],  # = stattn.native.CFLAGS (no -march)
+                       optional=True)               # a failing compile leaves the reference path
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=False)}
+
+
+_EXT_MODULES, _CMDCLASS = _native_extension()
 
 setup(
     name="stattn",
@@ -10,6 +35,8 @@ setup(
     package_dir={"stattn": "stattn", "stattn.kernels": "kernels", "stattn.bench": "bench"},
     package_data={"stattn": ["data/**/*", "configs/**/*"]},
     entry_points={"console_scripts": ["stattn=stattn.cli:main"]},
+    ext_modules=_EXT_MODULES,
+    cmdclass=_CMDCLASS,
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4", "triton>=3.0", "numpy", "diffusers>=0.30", "transformers>=4.40", "pillow",

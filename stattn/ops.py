@@ -2,9 +2,10 @@
 
 Two custom ops carry the work: ``stattn::region_attention`` (forward, returns the output and the
 per-region log-sum-exps the backward re-uses) and ``stattn::region_attention_backward``. Both
-dispatch on the device: CUDA -> Triton kernels; CPU -> the PyTorch reference, or the Triton
-kernels under the interpreter when STATTN_BACKEND=triton (with TRITON_INTERPRET=1). float64
-always takes the reference. STATTN_BACKEND=reference forces the reference everywhere.
+dispatch on the device: CUDA -> Triton kernels (float64: the reference); CPU -> the native C++
+kernels of csrc/ (stattn.native; the reference, with one warning, if they cannot be loaded), or
+the Triton kernels under the interpreter when STATTN_BACKEND=triton (with TRITON_INTERPRET=1).
+STATTN_BACKEND=reference forces the reference everywhere, =native requires the native kernels.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 from torch import Tensor
 
 from . import _validate as V
+from . import native
 from . import reference as ref
 
 __all__ = ["region_attention", "backend_for"]
@@ -24,14 +26,22 @@ _EMPTY = ()
 
 
 def backend_for(t: Tensor) -> str:
-    """'triton' or 'reference': which implementation runs for tensors like ``t``."""
+    """'triton', 'native' or 'reference': which implementation runs for tensors like ``t``."""
     choice = os.environ.get("STATTN_BACKEND", "auto").lower()
-    if choice not in ("auto", "triton", "reference"):
-        raise ValueError(f"STATTN_BACKEND must be auto, triton or reference, got {choice!r}")
-    if choice == "reference" or t.dtype == torch.float64:
+    if choice not in ("auto", "triton", "reference", "native"):
+        raise ValueError(f"STATTN_BACKEND must be auto, triton, native or reference, got {choice!r}")
+    if choice == "reference":
         return "reference"
     if t.is_cuda:
-        return "triton"
+        return "reference" if t.dtype == torch.float64 else "triton"
+    if choice == "native":
+        if not native.load():
+            raise RuntimeError(f"STATTN_BACKEND=native: {native.BUILD_HINT.split(';')[0]}")
+        return "native"
+    if choice == "auto":
+        return "native" if native.available() else "reference"
+    if t.dtype == torch.float64:
+        return "reference"
     if choice == "triton":
         if os.environ.get("TRITON_INTERPRET") != "1":
             raise RuntimeError("STATTN_BACKEND=triton on CPU needs TRITON_INTERPRET=1 set before import")
@@ -60,8 +70,11 @@ def _ref_offset(theta, tokens, gy, gx, pin):
 def _region_attention_op(q: Tensor, k: Tensor, v: Tensor, weights: Tensor, masks: Tensor, affine: bool,
                          theta: Optional[Tensor], tokens: Optional[Tensor], gy: Optional[Tensor],
                          gx: Optional[Tensor], pin: Optional[Tensor], scale: float) -> tuple[Tensor, Tensor]:
-    if backend_for(q) == "triton":
+    backend = backend_for(q)
+    if backend == "triton":
         return _kernels().forward(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale)
+    if backend == "native":
+        return native.forward(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale)
     off = _ref_offset(theta, tokens, gy, gx, pin)
     o = ref.region_attention(q, k, v, masks, weights, affine, off, scale)
     return o.contiguous(), ref.region_lse(q, k, scale, off)
@@ -81,7 +94,11 @@ def _region_attention_backward_op(
     """Gradients (dq, dk, dv, dweights, dmasks, dtheta); ``needs`` flags them in that order
     (dk and dv share one flag slot each); an unneeded one comes back as an empty tensor."""
     need_q, need_k, need_v, need_w, need_m, need_t = needs
-    if backend_for(q) == "triton":
+    backend = backend_for(q)
+    if backend == "native":
+        grads = native.backward(grad_out, q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale,
+                                lse, needs)
+    elif backend == "triton":
         dq, dk, dv, dbuf, dtheta = _kernels().backward(
             grad_out, q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, lse,
             need_q, need_k or need_v, need_w or need_m, need_t and theta is not None)

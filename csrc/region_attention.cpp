@@ -1,0 +1,573 @@
+// Native CPU implementation of stattn's fused multi-region cross-attention (forward and backward).
+//
+// Same semantics as stattn/reference.py and kernels/region_attention.py. Per batch row b, head h,
+// pixel m and region r: z_r = scale * q k_r^T (+ S = G_y theta G_x^T on region 0's target
+// columns, built per pixel from theta), p_r = softmax(z_r) (region 0's pinned columns take the
+// un-offset probability), alpha_r = weights * masks (affine: alpha_0 = 1 - sum_{r>=1} alpha_r),
+// o = sum_r alpha_r p_r v_r.
+//
+// Work is split over (b, h, pixel block) with at::parallel_for. A block of kBlockM pixels holds
+// the full rows of logits (N is small: 77 text tokens), so no online softmax is needed; the two
+// products per region are BLAS calls (the sgemm_/dgemm_ inside libtorch_cpu, with MKL's own
+// runtime CPU dispatch)
+// and the row work (softmax, softmax backward) uses at::vec::Vectorized. Inputs of any float
+// dtype are packed into fp32 blocks (fp64 stays fp64). The backward's cross-pixel sums (dk, dv,
+// dtheta, dweights) go to per-task partials over a fixed pixel partition and are summed in a
+// fixed order afterwards, so results do not depend on the thread count or scheduling.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "native_common.h"
+
+namespace stattn_native {
+
+using at::Tensor;
+
+// The row work of fp32 is compiled twice, for x86-64-v3 (AVX2 + FMA) and the baseline, and picked
+// at load time (GCC/clang function multi-versioning): the build itself uses no -march flag.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(STATTN_NO_MULTIVERSION)
+#define STATTN_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define STATTN_MULTIVERSION
+#endif
+
+constexpr int64_t kBlockM = 64;    // pixel rows per block: logits block kBlockM x N stays in L1/L2
+constexpr int64_t kChunkM = 1024;  // pixels per backward task (a fixed partition: deterministic sums)
+
+// ---------------------------------------------------------------------------------------------
+// Problem description: sizes, flags and the inputs converted once to the compute type acc_t.
+template <typename acc_t>
+struct Problem {
+  int64_t B, H, M, D, R, N, T = 0, Ky = 0, Kx = 0, W = 1;
+  bool affine = false, has_pin = false;
+  acc_t scale;
+  Tensor k, v, weights, masks, theta, gy, gx;  // contiguous, acc_t
+  std::vector<int64_t> tokens, pinned;          // target columns, pinned columns of region 0
+  std::vector<uint8_t> is_pin;                  // [N]
+
+  const acc_t* K(int64_t b, int64_t r, int64_t h) const {
+    return k.data_ptr<acc_t>() + ((b * R + r) * H + h) * N * D;
+  }
+  const acc_t* V(int64_t b, int64_t r, int64_t h) const {
+    return v.data_ptr<acc_t>() + ((b * R + r) * H + h) * N * D;
+  }
+  bool offset_on(int64_t r) const { return r == 0 && T > 0; }
+  bool pin_on(int64_t r) const { return r == 0 && has_pin; }
+};
+
+template <typename acc_t>
+Problem<acc_t> make_problem(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& weights,
+                            const Tensor& masks, bool affine, const c10::optional<Tensor>& theta,
+                            const c10::optional<Tensor>& tokens, const c10::optional<Tensor>& gy,
+                            const c10::optional<Tensor>& gx, const c10::optional<Tensor>& pin,
+                            double scale) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 5 && v.sizes() == k.sizes(),
+              "stattn native: q [B, H, M, D], k and v [B, R, H, N, D] expected");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "stattn native: q, k, v must share a dtype");
+  const auto acc = c10::CppTypeToScalarType<acc_t>::value;
+  Problem<acc_t> p;
+  p.B = q.size(0), p.H = q.size(1), p.M = q.size(2), p.D = q.size(3);
+  p.R = k.size(1), p.N = k.size(3);
+  TORCH_CHECK(k.size(0) == p.B && k.size(2) == p.H && k.size(4) == p.D, "stattn native: k does not match q");
+  p.affine = affine;
+  p.scale = static_cast<acc_t>(scale);
+  p.k = k.to(acc).contiguous();
+  p.v = v.to(acc).contiguous();
+  p.weights = weights.to(acc).expand({p.B, p.R}).contiguous();
+  p.masks = masks.to(acc).expand({p.B, p.R, p.M}).contiguous();
+  p.is_pin.assign(p.N, 0);
+  if (pin.has_value() && pin->defined()) {
+    TORCH_CHECK(pin->numel() == p.N, "stattn native: pin must hold N flags");
+    auto pc = pin->to(at::kInt).contiguous();
+    const int32_t* pp = pc.data_ptr<int32_t>();
+    for (int64_t n = 0; n < p.N; ++n) {
+      if (pp[n] != 0) {
+        p.is_pin[n] = 1;
+        p.pinned.push_back(n);
+      }
+    }
+    p.has_pin = true;  // the lse layout has slot R whenever pin is given, even with no flag set
+  }
+  if (theta.has_value() && theta->defined() && theta->size(2) > 0) {
+    TORCH_CHECK(tokens.has_value() && gy.has_value() && gx.has_value(),
+                "stattn native: theta needs tokens, gy and gx");
+    p.theta = theta->to(acc).contiguous();
+    p.gy = gy->to(acc).contiguous();
+    p.gx = gx->to(acc).contiguous();
+    p.T = p.theta.size(2), p.Ky = p.theta.size(3), p.Kx = p.theta.size(4);
+    p.W = p.gx.size(0);
+    TORCH_CHECK(p.theta.size(0) == p.B && p.theta.size(1) == p.H, "stattn native: theta [B, H, T, Ky, Kx]");
+    TORCH_CHECK(p.gy.size(0) * p.W == p.M && p.gy.size(1) == p.Ky && p.gx.size(1) == p.Kx,
+                "stattn native: basis does not match theta / M");
+    auto tc = tokens->to(at::kLong).contiguous();
+    TORCH_CHECK(tc.numel() == p.T, "stattn native: tokens must hold T entries");
+    for (int64_t t = 0; t < p.T; ++t) {
+      int64_t tok = tc.data_ptr<int64_t>()[t];
+      TORCH_CHECK(tok >= 0 && tok < p.N, "stattn native: token index out of range");
+      p.tokens.push_back(tok);
+    }
+  }
+  return p;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-block pieces.
+
+// Pixel rows [m0, m0 + rows) of x [B, H, M, D] (any strides, any float dtype) -> dst [rows, D].
+template <typename in_t, typename acc_t>
+void pack_rows(const Tensor& x, int64_t b, int64_t h, int64_t m0, int64_t rows, acc_t* dst) {
+  const in_t* base = x.data_ptr<in_t>() + b * x.stride(0) + h * x.stride(1);
+  const int64_t sm = x.stride(2), sd = x.stride(3), D = x.size(3);
+  for (int64_t i = 0; i < rows; ++i) {
+    const in_t* src = base + (m0 + i) * sm;
+    acc_t* out = dst + i * D;
+    if (sd == 1 && std::is_same_v<in_t, acc_t>) {
+      std::copy(src, src + D, out);
+    } else {
+      for (int64_t d = 0; d < D; ++d) out[d] = static_cast<acc_t>(src[d * sd]);
+    }
+  }
+}
+
+// alpha of region r for pixel rows [m0, m0 + rows).
+template <typename acc_t>
+void block_alpha(const Problem<acc_t>& p, int64_t b, int64_t r, int64_t m0, int64_t rows, acc_t* out) {
+  const acc_t* w = p.weights.template data_ptr<acc_t>() + b * p.R;
+  const acc_t* mk = p.masks.template data_ptr<acc_t>() + b * p.R * p.M + m0;
+  if (p.affine && r == 0) {
+    std::fill(out, out + rows, acc_t(1));
+    for (int64_t rr = 1; rr < p.R; ++rr)
+      for (int64_t i = 0; i < rows; ++i) out[i] -= w[rr] * mk[rr * p.M + i];
+  } else {
+    for (int64_t i = 0; i < rows; ++i) out[i] = w[r] * mk[r * p.M + i];
+  }
+}
+
+// A [T, Ky, W] = theta[b, h, t] . gx^T: the x-half of the separable offset, once per (b, h).
+template <typename acc_t>
+void offset_half(const Problem<acc_t>& p, int64_t b, int64_t h, acc_t* A) {
+  const acc_t* th = p.theta.template data_ptr<acc_t>() + (b * p.H + h) * p.T * p.Ky * p.Kx;
+  const acc_t* gx = p.gx.template data_ptr<acc_t>();
+  for (int64_t tk = 0; tk < p.T * p.Ky; ++tk)
+    for (int64_t x = 0; x < p.W; ++x) {
+      acc_t s = 0;
+      for (int64_t kj = 0; kj < p.Kx; ++kj) s += th[tk * p.Kx + kj] * gx[x * p.Kx + kj];
+      A[tk * p.W + x] = s;
+    }
+}
+
+// S [rows, T] = sum_i gy[y, i] A[t, i, x] for the block's pixels (m = y * W + x).
+template <typename acc_t>
+void block_offset(const Problem<acc_t>& p, const acc_t* A, int64_t m0, int64_t rows, acc_t* S) {
+  const acc_t* gy = p.gy.template data_ptr<acc_t>();
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t y = (m0 + i) / p.W, x = (m0 + i) % p.W;
+    for (int64_t t = 0; t < p.T; ++t) {
+      acc_t s = 0;
+      for (int64_t ki = 0; ki < p.Ky; ++ki) s += gy[y * p.Ky + ki] * A[(t * p.Ky + ki) * p.W + x];
+      S[i * p.T + t] = s;
+    }
+  }
+}
+
+// z[rows, N] = scale * qb[rows, D] . K[N, D]^T (row-major; BLAS sees the column-major transposes)
+template <typename acc_t>
+void logits(const Problem<acc_t>& p, const acc_t* K, const acc_t* qb, int64_t rows, acc_t* z) {
+  gemm(true, false, p.N, rows, p.D, p.scale, K, p.D, qb,
+             p.D, acc_t(0), z, p.N);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward.
+
+// Softmax of one region for a block of rows: pr = alpha * p_r (region 0: offset on the target
+// columns, pinned columns from the un-offset logits) and the log-sum-exps.
+template <typename acc_t>
+STATTN_INLINE void fwd_rows_impl(const Problem<acc_t>& p, int64_t r, int64_t rows, acc_t* z, acc_t* pr,
+                                            acc_t* tmp, const acc_t* al, const acc_t* S, float* lse_r, float* lse_0) {
+  const int64_t N = p.N, T = p.T;
+  for (int64_t i = 0; i < rows; ++i) {
+    acc_t* zi = z + i * N;
+    acc_t* pi = pr + i * N;
+    const acc_t* src = zi;
+    if (p.offset_on(r)) {  // edited logits: z + S on the target columns
+      std::copy(zi, zi + N, pi);
+      for (int64_t t = 0; t < T; ++t) pi[p.tokens[t]] += S[i * T + t];
+      src = pi;
+    }
+    const acc_t mx = row_max(src, N);
+    const acc_t sum = exp_shift_sum(src, mx, pi, N);
+    lse_r[i] = static_cast<float>(mx + std::log(sum));
+    scale_row(pi, al[i] / sum, N);  // alpha folded into p: the PV product accumulates sum_r
+    if (p.pin_on(r)) {
+      const acc_t mx0 = row_max(zi, N);
+      const acc_t sum0 = exp_shift_sum(zi, mx0, tmp, N);
+      lse_0[i] = static_cast<float>(mx0 + std::log(sum0));
+      for (int64_t n : p.pinned) pi[n] = al[i] * tmp[n] / sum0;
+    }
+  }
+}
+
+STATTN_MULTIVERSION void fwd_rows(const Problem<float>& p, int64_t r, int64_t rows, float* z, float* pr, float* tmp,
+                                  const float* al, const float* S, float* lse_r, float* lse_0) {
+  fwd_rows_impl(p, r, rows, z, pr, tmp, al, S, lse_r, lse_0);
+}
+void fwd_rows(const Problem<double>& p, int64_t r, int64_t rows, double* z, double* pr, double* tmp,
+              const double* al, const double* S, float* lse_r, float* lse_0) {
+  fwd_rows_impl(p, r, rows, z, pr, tmp, al, S, lse_r, lse_0);
+}
+
+template <typename in_t, typename acc_t>
+void forward_kernel(const Problem<acc_t>& p, const Tensor& q, Tensor& o, Tensor& lse) {
+  const int64_t nblk = (p.M + kBlockM - 1) / kBlockM;
+  const int64_t N = p.N, D = p.D, T = p.T, L = p.R + p.has_pin;
+  float* lse_p = lse.data_ptr<float>();
+  in_t* o_p = o.data_ptr<in_t>();
+  at::parallel_for(0, p.B * p.H * nblk, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> qb(kBlockM * D), ob(kBlockM * D), z(kBlockM * N), pr(kBlockM * N), tmp(N),
+        al(kBlockM), S(kBlockM * std::max<int64_t>(T, 1)), A(T * p.Ky * p.W);
+    int64_t a_bh = -1;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / nblk, b = bh / p.H, h = bh % p.H;
+      const int64_t m0 = (task % nblk) * kBlockM, rows = std::min(kBlockM, p.M - m0);
+      pack_rows<in_t, acc_t>(q, b, h, m0, rows, qb.data());
+      if (T > 0) {
+        if (a_bh != bh) offset_half(p, b, h, A.data());
+        a_bh = bh;
+        block_offset(p, A.data(), m0, rows, S.data());
+      }
+      for (int64_t r = 0; r < p.R; ++r) {
+        logits(p, p.K(b, r, h), qb.data(), rows, z.data());
+        block_alpha(p, b, r, m0, rows, al.data());
+        float* lse_r = lse_p + ((b * L + r) * p.H + h) * p.M + m0;
+        float* lse_0 = lse_p + ((b * L + p.R) * p.H + h) * p.M + m0;
+        fwd_rows(p, r, rows, z.data(), pr.data(), tmp.data(), al.data(), S.data(), lse_r, lse_0);
+        // ob (+)= (alpha p_r) . V_r
+        gemm(false, false, D, rows, N, acc_t(1), p.V(b, r, h),
+                   D, pr.data(), N, acc_t(r == 0 ? 0 : 1), ob.data(), D);
+      }
+      in_t* dst = o_p + ((b * p.H + h) * p.M + m0) * D;
+      for (int64_t i = 0; i < rows * D; ++i) dst[i] = static_cast<in_t>(ob[i]);
+    }
+  });
+}
+
+std::tuple<Tensor, Tensor> region_attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                const Tensor& weights, const Tensor& masks, bool affine,
+                                                const c10::optional<Tensor>& theta,
+                                                const c10::optional<Tensor>& tokens,
+                                                const c10::optional<Tensor>& gy, const c10::optional<Tensor>& gx,
+                                                const c10::optional<Tensor>& pin, double scale) {
+  TORCH_CHECK(q.device().is_cpu(), "stattn native: CPU tensors only");
+  Tensor o = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  Tensor lse;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "stattn_native_fwd", [&] {
+    using in_t = scalar_t;
+    using acc_t = std::conditional_t<std::is_same_v<in_t, double>, double, float>;
+    auto p = make_problem<acc_t>(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale);
+    lse = at::empty({p.B, p.R + p.has_pin, p.H, p.M}, q.options().dtype(at::kFloat));
+    forward_kernel<in_t, acc_t>(p, q, o, lse);
+  });
+  return {o, lse};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward.
+
+struct Needs {
+  bool q, k, v, w, m, t;
+};
+
+// Softmax backward of one region for a block of rows. In: z = logits, dpv = dO . V^T. Out: z = dz
+// (pinned columns through the un-offset softmax), dS = dz_edited at the target columns, dpv =
+// alpha * p_used (for dv), dfull = <dO, O_r>.
+template <typename acc_t>
+STATTN_INLINE void bwd_rows_impl(const Problem<acc_t>& p, int64_t r, int64_t rows, bool need_v,
+                                            bool need_th, bool recompute_lse, acc_t* z, acc_t* pe, acc_t* p0,
+                                            acc_t* dpv, const acc_t* al, const acc_t* S, acc_t* dS,
+                                            const float* lse_r, const float* lse_0, acc_t* dfull_r) {
+  const int64_t N = p.N, T = p.T;
+  const bool off = p.offset_on(r), pinr = p.pin_on(r);
+  for (int64_t i = 0; i < rows; ++i) {
+    acc_t* zi = z + i * N;
+    acc_t* pei = pe + i * N;
+    acc_t* dpi = dpv + i * N;
+    const acc_t a = al[i];
+    // edited probabilities pe (all columns) and, with pins, un-offset ones p0
+    std::copy(zi, zi + N, pei);
+    if (off)
+      for (int64_t t = 0; t < T; ++t) pei[p.tokens[t]] += S[i * T + t];
+    acc_t lse_e = recompute_lse ? row_lse(pei, N) : static_cast<acc_t>(lse_r[i]);
+    exp_shift_sum(pei, lse_e, pei, N);
+    acc_t* p0i = nullptr;
+    acc_t D0 = 0;
+    if (pinr) {
+      p0i = p0 + i * N;
+      acc_t l0 = recompute_lse ? row_lse(zi, N) : static_cast<acc_t>(lse_0[i]);
+      exp_shift_sum(zi, l0, p0i, N);
+      for (int64_t n : p.pinned) D0 += p0i[n] * dpi[n];
+    }
+    // De = <pe, dpv> over the non-pinned columns
+    acc_t De = row_dot(pei, dpi, N);
+    if (pinr)
+      for (int64_t n : p.pinned) De -= pei[n] * dpi[n];
+    dfull_r[i] = De + D0;
+    // dze = a pe (dpv [not pinned] - De) -> z; dtheta reads it at the target columns
+    softmax_bwd_row(pei, dpi, a, De, zi, N);
+    if (pinr)
+      for (int64_t n : p.pinned) zi[n] = -a * pei[n] * De;
+    if (need_th)
+      for (int64_t t = 0; t < T; ++t) dS[i * T + t] = zi[p.tokens[t]];
+    if (pinr) {  // + a p0 (dpv [pinned] - D0): pinned columns go through the un-offset softmax
+      axpy_row(zi, -a * D0, p0i, N);
+      for (int64_t n : p.pinned) zi[n] += a * p0i[n] * dpi[n];
+    }
+    if (need_v) {  // dv uses alpha * p_used: overwrite dpv (no longer needed for this row)
+      for (int64_t n = 0; n < N; ++n) dpi[n] = a * pei[n];
+      if (pinr)
+        for (int64_t n : p.pinned) dpi[n] = a * p0i[n];
+    }
+  }
+}
+
+STATTN_MULTIVERSION void bwd_rows(const Problem<float>& p, int64_t r, int64_t rows, bool need_v, bool need_th,
+                                  bool recompute_lse, float* z, float* pe, float* p0, float* dpv, const float* al,
+                                  const float* S, float* dS, const float* lse_r, const float* lse_0, float* dfull_r) {
+  bwd_rows_impl(p, r, rows, need_v, need_th, recompute_lse, z, pe, p0, dpv, al, S, dS, lse_r, lse_0, dfull_r);
+}
+void bwd_rows(const Problem<double>& p, int64_t r, int64_t rows, bool need_v, bool need_th, bool recompute_lse,
+              double* z, double* pe, double* p0, double* dpv, const double* al, const double* S, double* dS,
+              const float* lse_r, const float* lse_0, double* dfull_r) {
+  bwd_rows_impl(p, r, rows, need_v, need_th, recompute_lse, z, pe, p0, dpv, al, S, dS, lse_r, lse_0, dfull_r);
+}
+
+template <typename in_t, typename acc_t>
+void backward_kernel(const Problem<acc_t>& p, const Needs& need, const Tensor& q, const Tensor& dout,
+                     const Tensor& lse, bool recompute_lse, Tensor& dq, acc_t* dk_part, acc_t* dv_part,
+                     acc_t* dth_part, acc_t* dfull, int64_t nchunk) {
+  const int64_t N = p.N, D = p.D, T = p.T, L = p.R + p.has_pin;
+  const int64_t KK = p.Ky * p.Kx;
+  const bool need_th = need.t && T > 0;
+  const int64_t Hg = p.M / p.W;  // image rows of the offset grid
+  const float* lse_p = lse.data_ptr<float>();
+  in_t* dq_p = need.q ? dq.data_ptr<in_t>() : nullptr;
+  at::parallel_for(0, p.B * p.H * nchunk, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> qb(kBlockM * D), dob(kBlockM * D), dqb(kBlockM * D), z(kBlockM * N),
+        pe(kBlockM * N), p0(p.has_pin ? kBlockM * N : 0), dpv(kBlockM * N), al(kBlockM),
+        S(kBlockM * std::max<int64_t>(T, 1)), dS(kBlockM * std::max<int64_t>(T, 1)), A(T * p.Ky * p.W),
+        C(need_th ? T * Hg * p.Kx : 0);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / nchunk, b = bh / p.H, h = bh % p.H;
+      const int64_t c0 = (task % nchunk) * kChunkM, c1 = std::min(p.M, c0 + kChunkM);
+      acc_t* dkp = need.k ? dk_part + task * p.R * N * D : nullptr;
+      acc_t* dvp = need.v ? dv_part + task * p.R * N * D : nullptr;
+      acc_t* dthp = need_th ? dth_part + task * T * KK : nullptr;
+      const acc_t* gy = need_th ? p.gy.template data_ptr<acc_t>() : nullptr;
+      const acc_t* gx = need_th ? p.gx.template data_ptr<acc_t>() : nullptr;
+      if (T > 0) offset_half(p, b, h, A.data());
+      std::fill(C.begin(), C.end(), acc_t(0));
+      for (int64_t m0 = c0; m0 < c1; m0 += kBlockM) {
+        const int64_t rows = std::min(kBlockM, c1 - m0);
+        pack_rows<in_t, acc_t>(q, b, h, m0, rows, qb.data());
+        pack_rows<in_t, acc_t>(dout, b, h, m0, rows, dob.data());
+        if (T > 0) block_offset(p, A.data(), m0, rows, S.data());
+        for (int64_t r = 0; r < p.R; ++r) {
+          const acc_t* K = p.K(b, r, h);
+          const acc_t* V = p.V(b, r, h);
+          const bool off = p.offset_on(r), pinr = p.pin_on(r);
+          logits(p, K, qb.data(), rows, z.data());
+          // dpv[rows, N] = dO . V^T
+          gemm(true, false, N, rows, D, acc_t(1), V, D,
+                     dob.data(), D, acc_t(0), dpv.data(), N);
+          block_alpha(p, b, r, m0, rows, al.data());
+          const float* lse_r = lse_p + ((b * L + r) * p.H + h) * p.M + m0;
+          const float* lse_0 = lse_p + ((b * L + p.R) * p.H + h) * p.M + m0;
+          acc_t* dfull_r = dfull + ((b * p.H + h) * p.R + r) * p.M + m0;
+          bwd_rows(p, r, rows, need.v, need_th, recompute_lse, z.data(), pe.data(), p0.data(), dpv.data(), al.data(),
+                   S.data(), dS.data(), lse_r, lse_0, dfull_r);
+          if (need.q)  // dqb (+)= scale dz . K
+            gemm(false, false, D, rows, N, p.scale, K, D,
+                       z.data(), N, acc_t(r == 0 ? 0 : 1), dqb.data(), D);
+          if (need.k)  // dk_r += scale dz^T . q
+            gemm(false, true, D, N, rows, p.scale, qb.data(), D,
+                       z.data(), N, acc_t(1), dkp + r * N * D, D);
+          if (need.v)  // dv_r += (alpha p)^T . dO
+            gemm(false, true, D, N, rows, acc_t(1), dob.data(), D,
+                       dpv.data(), N, acc_t(1), dvp + r * N * D, D);
+          if (need_th && off) {  // C[t, y] += dS[m, t] gx[x]: the x-half of dtheta, per image row y
+            for (int64_t i = 0; i < rows; ++i) {
+              const int64_t y = (m0 + i) / p.W, x = (m0 + i) % p.W;
+              for (int64_t t = 0; t < T; ++t)
+                axpy_row(C.data() + (t * Hg + y) * p.Kx, dS[i * T + t], gx + x * p.Kx, p.Kx);
+            }
+          }
+        }
+        if (need.q) {
+          in_t* dst = dq_p + ((b * p.H + h) * p.M + m0) * D;
+          for (int64_t i = 0; i < rows * D; ++i) dst[i] = static_cast<in_t>(dqb[i]);
+        }
+      }
+      if (need_th)  // dtheta_t[i, :] = sum_y gy[y, i] C[t, y, :]
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t y = 0; y < Hg; ++y)
+            for (int64_t ki = 0; ki < p.Ky; ++ki)
+              axpy_row(dthp + t * KK + ki * p.Kx, gy[y * p.Ky + ki], C.data() + (t * Hg + y) * p.Kx, p.Kx);
+    }
+  });
+}
+
+// dst[i] = sum_c part[c][i] in chunk order (the fixed-order half of the deterministic reductions)
+template <typename acc_t, typename out_t>
+void sum_chunks(const acc_t* part, int64_t nchunk, int64_t len, out_t* dst) {
+  for (int64_t i = 0; i < len; ++i) {
+    acc_t s = part[i];
+    for (int64_t c = 1; c < nchunk; ++c) s += part[c * len + i];
+    dst[i] = static_cast<out_t>(s);
+  }
+}
+
+std::vector<Tensor> region_attention_bwd(const Tensor& grad_out, const Tensor& q, const Tensor& k,
+                                         const Tensor& v, const Tensor& weights, const Tensor& masks, bool affine,
+                                         const c10::optional<Tensor>& theta, const c10::optional<Tensor>& tokens,
+                                         const c10::optional<Tensor>& gy, const c10::optional<Tensor>& gx,
+                                         const c10::optional<Tensor>& pin, double scale, const Tensor& lse,
+                                         const c10::List<bool>& needs) {
+  TORCH_CHECK(q.device().is_cpu(), "stattn native: CPU tensors only");
+  TORCH_CHECK(needs.size() == 6, "stattn native: needs must hold 6 flags");
+  TORCH_CHECK(grad_out.sizes() == q.sizes(), "stattn native: grad_out must have q's shape");
+  const bool has_theta = theta.has_value() && theta->defined();
+  Needs need{needs.get(0), needs.get(1), needs.get(2), needs.get(3), needs.get(4), needs.get(5) && has_theta};
+  std::vector<Tensor> out(6);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "stattn_native_bwd", [&] {
+    using in_t = scalar_t;
+    using acc_t = std::conditional_t<std::is_same_v<in_t, double>, double, float>;
+    const auto acc = c10::CppTypeToScalarType<acc_t>::value;
+    auto p = make_problem<acc_t>(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale);
+    TORCH_CHECK(lse.sizes() == at::IntArrayRef({p.B, p.R + p.has_pin, p.H, p.M}) && lse.scalar_type() == at::kFloat,
+                "stattn native: lse must be float32 [B, R + has_pin, H, M]");
+    const int64_t nchunk = (p.M + kChunkM - 1) / kChunkM, tasks = p.B * p.H * nchunk;
+    const int64_t NDR = p.R * p.N * p.D, KK = p.Ky * p.Kx;
+    auto opts = q.options().dtype(acc);
+    Tensor lse_c = lse.contiguous();
+    Tensor dq = need.q ? at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous)) : Tensor();
+    Tensor dk_part = need.k ? at::zeros({tasks, NDR}, opts) : Tensor();
+    Tensor dv_part = need.v ? at::zeros({tasks, NDR}, opts) : Tensor();
+    Tensor dth_part = (need.t && p.T > 0) ? at::zeros({tasks, p.T * KK}, opts) : Tensor();
+    Tensor dfull = at::empty({p.B, p.H, p.R, p.M}, opts);
+    // fp64 recomputes the log-sum-exps in fp64 (the saved ones are float32)
+    backward_kernel<in_t, acc_t>(p, need, q, grad_out, lse_c, std::is_same_v<acc_t, double>, dq,
+                                 need.k ? dk_part.data_ptr<acc_t>() : nullptr,
+                                 need.v ? dv_part.data_ptr<acc_t>() : nullptr,
+                                 dth_part.defined() ? dth_part.data_ptr<acc_t>() : nullptr,
+                                 dfull.data_ptr<acc_t>(), nchunk);
+    out[0] = need.q ? dq : at::empty({0}, q.options());
+    // dk / dv [B, R, H, N, D] from the per-(b, h, chunk) partials [B, H, C, R, N, D]
+    for (int which = 0; which < 2; ++which) {
+      const bool wanted = which == 0 ? need.k : need.v;
+      if (!wanted) {
+        out[1 + which] = at::empty({0}, q.options());
+        continue;
+      }
+      const acc_t* part = (which == 0 ? dk_part : dv_part).template data_ptr<acc_t>();
+      Tensor g = at::empty(k.sizes(), k.options().memory_format(at::MemoryFormat::Contiguous));
+      in_t* gp = g.data_ptr<in_t>();
+      const int64_t ND = p.N * p.D;
+      at::parallel_for(0, p.B * p.R * p.H, 1, [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> s(ND);
+        for (int64_t brh = begin; brh < end; ++brh) {
+          const int64_t b = brh / (p.R * p.H), r = (brh / p.H) % p.R, h = brh % p.H;
+          const acc_t* first = part + ((b * p.H + h) * nchunk) * NDR + r * ND;
+          for (int64_t i = 0; i < ND; ++i) {
+            acc_t acc_v = first[i];
+            for (int64_t c = 1; c < nchunk; ++c) acc_v += first[c * NDR + i];
+            gp[brh * ND + i] = static_cast<in_t>(acc_v);
+          }
+        }
+      });
+      out[1 + which] = g;
+    }
+    // dalpha [B, R, M] = sum_h D (fixed head order); affine: regions >= 1 see D_r - D_0
+    if (need.w || need.m) {
+      Tensor dalpha = at::empty({p.B, p.R, p.M}, opts);
+      acc_t* da = dalpha.data_ptr<acc_t>();
+      const acc_t* df = dfull.data_ptr<acc_t>();
+      for (int64_t b = 0; b < p.B; ++b)
+        for (int64_t r = 0; r < p.R; ++r)
+          for (int64_t m = 0; m < p.M; ++m) {
+            acc_t s = 0;
+            for (int64_t h = 0; h < p.H; ++h) s += df[((b * p.H + h) * p.R + r) * p.M + m];
+            da[(b * p.R + r) * p.M + m] = s;
+          }
+      if (p.affine) {
+        for (int64_t b = 0; b < p.B; ++b)
+          for (int64_t m = 0; m < p.M; ++m) {
+            const acc_t d0 = da[b * p.R * p.M + m];
+            for (int64_t r = 1; r < p.R; ++r) da[(b * p.R + r) * p.M + m] -= d0;
+            da[b * p.R * p.M + m] = 0;
+          }
+      }
+      const acc_t* w = p.weights.template data_ptr<acc_t>();
+      const acc_t* mk = p.masks.template data_ptr<acc_t>();
+      if (need.w) {
+        Tensor dw = at::empty({p.B, p.R}, opts);
+        for (int64_t br = 0; br < p.B * p.R; ++br) {
+          acc_t s = 0;
+          for (int64_t m = 0; m < p.M; ++m) s += da[br * p.M + m] * mk[br * p.M + m];
+          dw.data_ptr<acc_t>()[br] = s;
+        }
+        out[3] = dw.to(weights.scalar_type());
+      } else {
+        out[3] = at::empty({0}, q.options());
+      }
+      if (need.m) {
+        Tensor dm = at::empty({p.B, p.R, p.M}, opts);
+        for (int64_t br = 0; br < p.B * p.R; ++br)
+          for (int64_t m = 0; m < p.M; ++m) dm.data_ptr<acc_t>()[br * p.M + m] = da[br * p.M + m] * w[br];
+        out[4] = dm.to(masks.scalar_type());
+      } else {
+        out[4] = at::empty({0}, q.options());
+      }
+    } else {
+      out[3] = at::empty({0}, q.options());
+      out[4] = at::empty({0}, q.options());
+    }
+    if (need.t) {
+      const auto tdt = theta->scalar_type();
+      if (p.T == 0) {
+        out[5] = at::zeros(theta->sizes(), theta->options().memory_format(at::MemoryFormat::Contiguous));
+      } else {
+        Tensor dth = at::empty(theta->sizes(), opts.memory_format(at::MemoryFormat::Contiguous));
+        const int64_t len = p.T * KK;
+        for (int64_t bh = 0; bh < p.B * p.H; ++bh)
+          sum_chunks(dth_part.data_ptr<acc_t>() + bh * nchunk * len, nchunk, len, dth.data_ptr<acc_t>() + bh * len);
+        out[5] = dth.to(tdt);
+      }
+    } else {
+      out[5] = at::empty({0}, q.options());
+    }
+  });
+  return out;
+}
+
+}  // namespace stattn_native
+
+TORCH_LIBRARY(stattn_native, m) {
+  m.def("region_attention(Tensor q, Tensor k, Tensor v, Tensor weights, Tensor masks, bool affine, "
+        "Tensor? theta, Tensor? tokens, Tensor? gy, Tensor? gx, Tensor? pin, float scale) -> (Tensor, Tensor)");
+  m.def("region_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor weights, "
+        "Tensor masks, bool affine, Tensor? theta, Tensor? tokens, Tensor? gy, Tensor? gx, Tensor? pin, "
+        "float scale, Tensor lse, bool[] needs) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(stattn_native, CPU, m) {
+  m.impl("region_attention", &stattn_native::region_attention_fwd);
+  m.impl("region_attention_backward", &stattn_native::region_attention_bwd);
+}

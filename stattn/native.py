@@ -1,0 +1,116 @@
+"""The native CPU implementation (csrc/): loading, and the Python side of its ops.
+
+The C++ extension registers ``torch.ops.stattn_native.region_attention`` and
+``torch.ops.stattn_native.region_attention_backward``; ``stattn.ops`` calls them for CPU tensors
+(STATTN_BACKEND=auto or native). It is built by ``pip install -e . --no-build-isolation`` (setup.py,
+as the module ``stattn._native``); without that build it is compiled on first use with
+torch.utils.cpp_extension.load (needs ninja and a C++ compiler). If neither works, ``available()``
+is False and the op falls back to the PyTorch reference with one warning saying how to build.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["available", "load", "forward", "backward", "SOURCES", "BUILD_HINT"]
+
+_CSRC = Path(__file__).resolve().parent.parent / "csrc"
+SOURCES = ("region_attention.cpp", "module.cpp")
+HEADERS = ("native_common.h",)
+# No -march=native: the build must run on any machine it is copied to (the row loops are compiled
+# for x86-64-v3 and the baseline by function multi-versioning instead); -fno-trapping-math lets the
+# compiler vectorise the loops with comparisons (exp's clamp, max). Same flags in setup.py.
+CFLAGS = ["-O3", "-fno-trapping-math"]
+BUILD_HINT = ("build it with `pip install -e . --no-build-isolation` (needs a C++ compiler), or install "
+              "ninja for the build on first use; STATTN_BACKEND=reference silences this warning")
+
+_lock = threading.Lock()
+_state: dict = {}  # "ok": bool once decided, "error": why not
+
+
+def _import_built() -> bool:
+    spec = importlib.util.find_spec("stattn._native")
+    if spec is None or spec.origin is None:
+        _state["error"] = "stattn._native is not built"
+        return False
+    built = Path(spec.origin).stat().st_mtime
+    if any((_CSRC / s).exists() and (_CSRC / s).stat().st_mtime > built for s in (*SOURCES, *HEADERS)):
+        _state["error"] = "stattn._native is older than csrc/ (rebuilding on first use)"
+        return False  # an edited checkout: the JIT build compiles the current sources
+    try:
+        from stattn import _native  # noqa: F401  (importing registers the ops)
+    except ImportError as e:
+        _state["error"] = f"stattn._native does not load ({e})"
+        return False
+    return True
+
+
+def _jit_build() -> bool:
+    from torch.utils import cpp_extension
+
+    sources = [_CSRC / s for s in SOURCES]
+    if not all(s.exists() for s in sources):
+        _state["error"] = f"the C++ sources are not in {_CSRC}"
+        return False
+    if not cpp_extension.is_ninja_available():
+        _state["error"] = "stattn._native is not built and ninja is not available for the build on first use"
+        return False
+    try:
+        cpp_extension.load(name="stattn_native", sources=[str(s) for s in sources], extra_cflags=CFLAGS,
+                           extra_include_paths=[str(_CSRC)], is_python_module=False,
+                           verbose=os.environ.get("STATTN_NATIVE_VERBOSE") == "1")
+    except Exception as e:  # compiler missing or failing: the reference still works
+        _state["error"] = f"building the native extension failed: {type(e).__name__}: {str(e)[-500:]}"
+        return False
+    return True
+
+
+def load() -> bool:
+    """Load (or JIT-build) the extension once; True if its ops are registered."""
+    if "ok" not in _state:
+        with _lock:
+            if "ok" not in _state:
+                ok = hasattr(torch.ops, "stattn_native") and _has_ops()
+                ok = ok or _import_built() or _jit_build()
+                _state["ok"] = ok and _has_ops()
+    return _state["ok"]
+
+
+def _has_ops() -> bool:
+    try:
+        torch.ops.stattn_native.region_attention  # noqa: B018
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def available() -> bool:
+    """True if the native ops can run; otherwise warns once (with how to build) and returns False."""
+    if load():
+        return True
+    if not _state.get("warned"):
+        _state["warned"] = True
+        warnings.warn(f"stattn: native CPU kernels unavailable, using the PyTorch reference: "
+                      f"{_state.get('error', 'unknown error')}; {BUILD_HINT}", RuntimeWarning, stacklevel=3)
+    return False
+
+
+def forward(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale) -> tuple[Tensor, Tensor]:
+    """(o [B, H, M, D] in q's dtype, lse [B, R + has_pin, H, M] float32), as the Triton forward."""
+    return torch.ops.stattn_native.region_attention(q, k, v, weights, masks, affine, theta, tokens, gy, gx,
+                                                    pin, float(scale))
+
+
+def backward(grad_out, q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, lse, needs):
+    """(dq, dk, dv, dweights, dmasks, dtheta) with None where ``needs`` is False (dtheta is zeros
+    when theta is given but no token is targeted)."""
+    grads = torch.ops.stattn_native.region_attention_backward(
+        grad_out, q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, float(scale), lse,
+        [bool(n) for n in needs])
+    return [g if n else None for g, n in zip(grads, needs)]
