@@ -249,6 +249,19 @@ def test_inner_loop_matches_reference(dtype, backend, monkeypatch):
     torch.testing.assert_close(out.double(), out_ref.double(), **tol)
 
 
+def test_closed_form_gradient_matches_autograd():
+    from stattn.regulation_core import regulation_loss
+
+    q, k, tokens, theta0, basis = _inner_case(torch.float64, seed=3, T=3)
+    z = rr._cond_logits(q, k, 0.25)
+    theta = rr.to_flat(theta0).requires_grad_(True)
+    L = rr.regulation_loss(z, tokens, theta, rr.released_basis(8, 8)).loss
+    (auto,) = torch.autograd.grad(L, theta)
+    closed = regulation_loss(z.reshape(2, 2, 64, 77), tokens, theta0, basis)
+    torch.testing.assert_close(closed.loss, L.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rr.to_flat(closed.grad), auto, rtol=1e-10, atol=1e-13)
+
+
 def _call(q, k, v, step, name="up_blocks.1.attentions.0.transformer_blocks.0.attn2", grid=(8, 8)):
     return CrossAttentionCall(name, None, q, k[:, None], v[:, None], None, grid, step, None, 0.25,
                               torch.tensor(step))
@@ -336,6 +349,14 @@ def test_pipeline_fused_matches_reference(sd):
     fused, reference = mk(True), mk(False)
     a, b = _generate(sd, fused), _generate(sd, reference)
     plain = _generate(sd, AttentionRegulation(["cat", "frog"], edit_steps=0))
+    stattn.accelerate(sd)
+    try:
+        gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
+        no_controller = sd(PROMPT, num_inference_steps=4, num_images_per_prompt=2, generator=gens, height=64,
+                           width=64, output_type="latent").images
+    finally:
+        stattn.restore(sd)
+    assert torch.equal(plain, no_controller)                              # steps >= edit_steps: plain
     assert (a - b).abs().max() <= 1e-5 * a.abs().max()
     assert (a - plain).abs().max() > 1e-2 * a.abs().max()
     assert fused.tokens == [5, 8] and fused.eos == 9
