@@ -303,6 +303,18 @@ def test_controller_over_steps_matches_reference(fused, cfg, dtype):
     assert ctrl.attention(_call(q, k, v, 0, name="down_blocks.1.attentions.0.transformer_blocks.0.attn2")) is None
 
 
+def test_controller_renormalize_matches_reference():
+    q, k, v = _layer(B=2, dtype=torch.float64, seed=8)
+    outs = []
+    for fused in (True, False):
+        ctrl = AttentionRegulation(token_indices=[3, 6], renormalize=True, iters=5, fused=fused,
+                                   generator=torch.Generator().manual_seed(2))
+        outs.append(ctrl.attention(_call(q, k, v, 0)))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-9, atol=1e-10)
+    pinned = AttentionRegulation(token_indices=[3, 6], eos_index=9, iters=5, generator=torch.Generator().manual_seed(2))
+    assert (pinned.attention(_call(q, k, v, 0)) - outs[0]).abs().max() > 1e-6
+
+
 def test_fused_uncond_rows_are_plain_attention():
     """One launch for the whole batch: θ = 0 on the unconditional rows leaves their logits exactly
     as they are, so their output is plain attention up to summation order."""
