@@ -116,18 +116,20 @@ LOOP_CASES = [  # (B, H, h, w, D, T, dtype)
 ITERS = 4
 
 
-def loop_inputs(B, H, h, w, D, T, dtype, seed=0):
+def loop_inputs(B, H, h, w, D, T, dtype, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    q = (torch.randn(B, H, h * w, D, generator=g) * 1.5).to(dtype)
-    k = torch.randn(B, H, 77, D, generator=g).to(dtype)
-    gy, gx = stattn.gaussian_basis(h, w)
-    theta0 = torch.rand(B, H, T, gy.shape[1], gx.shape[1], generator=g)
-    tokens = torch.randperm(76, generator=g)[:T] + 1
+    q = (torch.randn(B, H, h * w, D, generator=g) * 1.5).to(device, dtype)
+    k = torch.randn(B, H, 77, D, generator=g).to(device, dtype)
+    gy, gx = stattn.gaussian_basis(h, w, device=device)
+    theta0 = torch.rand(B, H, T, gy.shape[1], gx.shape[1], generator=g).to(device)
+    tokens = (torch.randperm(76, generator=g)[:T] + 1).to(device)
     return q, k, tokens, theta0, (gy, gx)
 
 
 def fp64_loop(q, k, tokens, theta0, basis, iters):
-    gy, gx = basis
+    """The oracle: the closed-form loop in fp64 on the CPU, with every evaluated theta_i."""
+    q, k, tokens, theta0 = (t.cpu() for t in (q, k, tokens, theta0))
+    gy, gx = (g.cpu() for g in basis)
     return rc._loop_reference(q.double(), k.double(), tokens, theta0.double(), gy.double(), gx.double(),
                               q.shape[-1] ** -0.5, iters, 100.0, 0.9, WEIGHTS, rc.default_thr(len(tokens)),
                               trajectory=True)
@@ -135,6 +137,8 @@ def fp64_loop(q, k, tokens, theta0, basis, iters):
 
 def assert_matches_fp64(res, q, k, tokens, theta0, basis, iters):
     _, ref_best, ref_losses, traj = fp64_loop(q, k, tokens, theta0, basis, iters)
+    assert res.theta_best.device == q.device and res.losses.device == q.device
+    res = type(res)(*(t.cpu() for t in res))
     assert res.theta_best.dtype == torch.float32 and res.losses.dtype == torch.float32
     assert res.best_iter.dtype == torch.int64 and res.best_iter.dim() == 0
     torch.testing.assert_close(res.losses.double(), ref_losses, rtol=2e-5, atol=0)
@@ -146,8 +150,8 @@ def assert_matches_fp64(res, q, k, tokens, theta0, basis, iters):
 
 
 @pytest.mark.parametrize("B,H,h,w,D,T,dtype", LOOP_CASES)
-def test_triton_loop_matches_fp64_loop(B, H, h, w, D, T, dtype, triton_backend, poisoned):
-    inp = loop_inputs(B, H, h, w, D, T, dtype)
+def test_triton_loop_matches_fp64_loop(B, H, h, w, D, T, dtype, device, triton_backend, poisoned):
+    inp = loop_inputs(B, H, h, w, D, T, dtype, device=device)
     res = rc.inner_loop(*inp, scale=D ** -0.5, iters=ITERS)
     assert_matches_fp64(res, *inp, ITERS)
     # theta moves every iteration (lr = 100 may overshoot: the loss need not fall)
@@ -172,10 +176,12 @@ def test_fp64_loop_keeps_the_first_strict_minimum(reference_backend):
     assert int(one.best_iter) == 0 and torch.equal(one.theta_best, theta0.double())
 
 
-def test_triton_quantile_matches_torch_quantile(triton_backend, poisoned):
+def test_triton_quantile_matches_torch_quantile(device, triton_backend, poisoned):
     """Loss weights (1, 0, 0) and one iteration: losses[0] is the quantile term alone."""
-    q, k, tokens, theta0, (gy, gx) = loop_inputs(1, 2, 12, 12, 40, 3, torch.float32, seed=2)
-    res = rc.inner_loop(q, k, tokens, theta0, (gy, gx), scale=40 ** -0.5, iters=1, loss_weights=(1.0, 0.0, 0.0))
+    inp = loop_inputs(1, 2, 12, 12, 40, 3, torch.float32, seed=2, device=device)
+    res = rc.inner_loop(*inp, scale=40 ** -0.5, iters=1, loss_weights=(1.0, 0.0, 0.0))
+    q, k, tokens, theta0 = (t.cpu() for t in inp[:4])
+    gy, gx = (g.cpu() for g in inp[4])
     z = torch.einsum("bhmd,bhnd->bhmn", q.double(), k.double()) * 40 ** -0.5
     S = torch.einsum("yi,bhtij,xj->bhyxt", gy.double(), theta0.double(), gx.double()).reshape(1, 2, 144, 3)
     onehot = torch.nn.functional.one_hot(tokens, 77).double()
@@ -185,14 +191,14 @@ def test_triton_quantile_matches_torch_quantile(triton_backend, poisoned):
 
 
 @pytest.mark.filterwarnings("ignore:All-NaN slice")
-def test_kernel_flags_bad_device_tokens_with_nan_losses(triton_backend, poisoned):
+def test_kernel_flags_bad_device_tokens_with_nan_losses(device, triton_backend, poisoned):
     """Device tokens are not read on the host; the kernel turns an invalid index into NaN losses,
     best_iter 0 and theta_best = theta0 (launcher called directly: CPU tokens would be checked)."""
     from stattn.kernels import regulation as kreg
 
-    q, k, _, theta0, (gy, gx) = loop_inputs(1, 1, 8, 8, 16, 2, torch.float32)
+    q, k, _, theta0, (gy, gx) = loop_inputs(1, 1, 8, 8, 16, 2, torch.float32, device=device)
     for bad in ([3, 77], [4, 4]):
-        theta_best, best, losses = kreg.inner_loop(q, k, torch.tensor(bad), theta0, gy, gx, 0.25, 2, 100.0,
+        theta_best, best, losses = kreg.inner_loop(q, k, torch.tensor(bad, device=device), theta0, gy, gx, 0.25, 2, 100.0,
                                                    rc.quantile_position(0.9, 64), 0.9, 0.2, WEIGHTS)
         assert torch.isnan(losses).all() and int(best) == 0
         assert torch.equal(theta_best, theta0)
@@ -200,15 +206,15 @@ def test_kernel_flags_bad_device_tokens_with_nan_losses(triton_backend, poisoned
 
 # ---- registration, bad input -------------------------------------------------------------------
 
-def op_args(dtype=torch.float32):
-    q, k, tokens, theta0, (gy, gx) = loop_inputs(1, 2, 8, 8, 16, 2, dtype)
+def op_args(dtype=torch.float32, device="cpu"):
+    q, k, tokens, theta0, (gy, gx) = loop_inputs(1, 2, 8, 8, 16, 2, dtype, device=device)
     return (q, k, tokens, theta0, gy, gx, 0.25, 3, 100.0, 0.9, 1.0, 80.0, 0.09, 0.4)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_opcheck(backend, monkeypatch):
+def test_opcheck(backend, device, monkeypatch):
     monkeypatch.setenv("STATTN_BACKEND", backend)
-    torch.library.opcheck(torch.ops.stattn.regulation_inner_loop.default, op_args(),
+    torch.library.opcheck(torch.ops.stattn.regulation_inner_loop.default, op_args(device=device),
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -268,12 +274,12 @@ def test_bad_input_errors_name_the_argument(case):
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("as_tensor", [False, True])
-def test_blend_gives_theta_eff_and_carries_theta_best(backend, as_tensor, monkeypatch, poisoned):
+def test_blend_gives_theta_eff_and_carries_theta_best(backend, as_tensor, device, monkeypatch, poisoned):
     monkeypatch.setenv("STATTN_BACKEND", backend)
-    q, k, tokens, theta0, basis = loop_inputs(1, 2, 8, 8, 16, 2, torch.float32, seed=4)
-    state = torch.randn(theta0.shape, generator=torch.Generator().manual_seed(9))
+    q, k, tokens, theta0, basis = loop_inputs(1, 2, 8, 8, 16, 2, torch.float32, seed=4, device=device)
+    state = torch.randn(theta0.shape, generator=torch.Generator().manual_seed(9)).to(device)
     prev = state.clone()
-    step = torch.tensor(7) if as_tensor else 7
+    step = torch.tensor(7, device=device) if as_tensor else 7
     res = rc.inner_loop_blend(q, k, tokens, theta0, basis, state, step, scale=0.25, iters=3)
     plain = rc.inner_loop(q, k, tokens, theta0, basis, scale=0.25, iters=3)
     torch.testing.assert_close(res.theta_best, plain.theta_best, rtol=0, atol=0)
@@ -303,6 +309,44 @@ def test_blend_bad_input(change, err, match):
     kwargs = {**dict(theta_state=theta0.clone(), step=3, scale=0.25), **change}
     with pytest.raises(err, match=match):
         rc.inner_loop_blend(q, k, tokens, theta0, basis, kwargs.pop("theta_state"), kwargs.pop("step"), **kwargs)
+
+
+# ---- CUDA only: bfloat16 and CUDA-graph capture (not run without a GPU) ------------------------
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda_only
+def test_cuda_bf16_loop_matches_fp64_loop(poisoned):
+    inp = loop_inputs(1, 5, 16, 16, 64, 3, torch.bfloat16, device="cuda")
+    res = rc.inner_loop(*inp, scale=0.125, iters=ITERS)
+    assert_matches_fp64(res, *inp, ITERS)
+
+
+@cuda_only
+def test_cuda_graph_replay_matches_eager():
+    """Captured once, replayed with new q and step: the same results as eager calls (no host
+    sync, no data-dependent allocation inside the loop, the step read on the device)."""
+    q, k, tokens, theta0, basis = loop_inputs(1, 5, 16, 16, 64, 3, torch.float16, device="cuda")
+    state = theta0.clone()
+    step = torch.zeros((), dtype=torch.int64, device="cuda")
+    run = lambda: rc.inner_loop_blend(q, k, tokens, theta0, basis, state, step, scale=0.125)  # noqa: E731
+    run()  # warm-up: compiles the kernels outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run()
+    q2 = loop_inputs(1, 5, 16, 16, 64, 3, torch.float16, seed=1, device="cuda")[0]
+    q.copy_(q2)
+    step.fill_(4)
+    state.copy_(theta0)
+    graph.replay()
+    got = [t.clone() for t in captured]
+    state_after = state.clone()
+    state.copy_(theta0)
+    eager = run()
+    for a, b in zip(got, eager):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(state_after, state, rtol=0, atol=0)
 
 
 # ---- the real compiler (sm_90): registers, no spills -------------------------------------------
