@@ -56,10 +56,11 @@ def _stock(accelerated: bool) -> Callable:
 TARGETS = ["cat", "frog"]
 
 
-def _regulation(fused: bool):
+def _regulation(fused: bool, steps: int):
     from stattn.regulation import AttentionRegulation
 
-    return AttentionRegulation(targets=TARGETS, fused=fused)
+    # released defaults: the first 25 of 50 steps edited (half of a shorter run)
+    return AttentionRegulation(targets=TARGETS, fused=fused, edit_steps=min(25, steps // 2))
 
 
 METHODS = {"regulation": _regulation}
@@ -69,10 +70,12 @@ def _runner(accelerated: bool, cuda_graphs: bool = False, method: str = None, fu
     def make(pipe):
         stattn.restore(pipe)
         runner = Runner(pipe, cuda_graphs=cuda_graphs, accelerate=accelerated)
-        if method is not None:
-            METHODS[method](fused).apply(runner, prompt=PROMPT)
+        applied = {}
 
         def generate(seed, steps, size):
+            if method is not None and applied.get("steps") != steps:
+                METHODS[method](fused, steps).apply(runner, prompt=PROMPT)
+                applied["steps"] = steps
             return runner(PROMPT, steps=steps, height=size, width=size, seed=seed, output_type="pt").images
         return generate
     return make

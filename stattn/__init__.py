@@ -13,6 +13,9 @@ _LAZY = {
     "RunResult": ("runner", "RunResult"),
     "AttentionMaps": ("maps", "AttentionMaps"),
     "models": ("models", None),
+    "AttentionRegulation": ("regulation", "AttentionRegulation"),
+    "token_indices": ("tokens", "token_indices"),
+    "eos_index": ("tokens", "eos_index"),
 }
 
 __all__ = ["region_attention", "ScoreOffset", "gaussian_basis", "set_value_checks", "backend_for",

@@ -110,7 +110,9 @@ def _controller(runner, args, tokens):
         if not args.targets:
             raise UsageError("--method regulation needs --targets (the words whose attention to regulate)")
         try:
-            method = AttentionRegulation(targets=list(args.targets))
+            # released defaults; edits the first 25 steps (all of them in a shorter run)
+            method = AttentionRegulation(targets=list(args.targets), edit_steps=min(25, args.steps),
+                                         cfg=args.guidance > 1.0)
             method.apply(runner, prompt=args.prompt)
         except ValueError as e:
             raise UsageError(f"--method regulation: {_one_line(e)}") from e

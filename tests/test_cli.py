@@ -43,6 +43,22 @@ def test_generate_is_deterministic_and_targets_select_heatmaps(tmp_path):
     assert json.loads((tmp_path / "a" / "report.json").read_text())["settings"]["heatmap_tokens"] == ["frog"]
 
 
+def test_generate_with_attention_regulation(tmp_path):
+    assert run("generate", "--model", "tiny", "--prompt", PROMPT, "--method", "regulation", "--targets", "cat",
+               "frog", "--steps", 3, "--out", tmp_path / "ar", "--no-progress") == 0
+    assert run("generate", "--model", "tiny", "--prompt", PROMPT, "--steps", 3, "--out", tmp_path / "plain",
+               "--no-progress", "--no-maps") == 0
+    report = json.loads((tmp_path / "ar" / "report.json").read_text())
+    assert report["settings"]["method"] == "regulation" and report["settings"]["controller"] == "AttentionMaps"
+    edited, plain = (Image.open(tmp_path / d / "image_0.png") for d in ("ar", "plain"))
+    assert list(edited.getdata()) != list(plain.getdata())  # the method changed the image
+
+
+def test_regulation_needs_targets(tmp_path, capsys):
+    assert run("generate", "--model", "tiny", "--prompt", PROMPT, "--method", "regulation", "--out", tmp_path) == 2
+    assert "--method regulation needs --targets" in capsys.readouterr().err
+
+
 def test_generate_from_a_model_directory(tmp_path):
     models.save(models.tiny(seed=3), tmp_path / "model")
     assert run("generate", "--model", tmp_path / "model", "--prompt", PROMPT, "--steps", 2,
