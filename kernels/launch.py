@@ -16,9 +16,26 @@ def _empty(*args, **kwargs):
     return torch.empty(*args, **kwargs)
 
 
+# Set by stattn.Runner(profile=...): each launch then opens a named range (torch.profiler, and
+# NVTX on CUDA for Nsight), so the trace shows which stattn kernel ran inside which UNet block.
+RANGES = False
+
+
 def _launch(kernel, grid, args, meta):
     """Every kernel launch goes through here (kernels.aot captures launches to compile them)."""
-    kernel[grid](*args, **meta)
+    if not RANGES:
+        kernel[grid](*args, **meta)
+        return
+    name = f"stattn.{getattr(kernel, '__name__', None) or kernel.fn.__name__}"
+    nvtx = torch.cuda.is_available() and any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
+    with torch.profiler.record_function(name):
+        if nvtx:
+            torch.cuda.nvtx.range_push(name)
+        try:
+            kernel[grid](*args, **meta)
+        finally:
+            if nvtx:
+                torch.cuda.nvtx.range_pop()
 
 
 def _empty_like(t):

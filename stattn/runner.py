@@ -383,7 +383,8 @@ class _Profile:
 
 @contextlib.contextmanager
 def _profiling(out_dir, unet):
-    """torch.profiler around the call, with a named range per UNet block (profiler + NVTX)."""
+    """torch.profiler around the call, with a named range per UNet block and per stattn kernel
+    launch (profiler + NVTX on CUDA)."""
     if out_dir is None:
         yield None
         return
@@ -394,6 +395,9 @@ def _profiling(out_dir, unet):
         acts.append(torch.profiler.ProfilerActivity.CUDA)
     handles = _block_ranges(unet)
     result = _Profile()
+    from stattn.kernels import launch
+
+    launch.RANGES = True
     try:
         with torch.profiler.profile(activities=acts) as prof:
             yield result
@@ -403,6 +407,7 @@ def _profiling(out_dir, unet):
         result.table = prof.key_averages().table(sort_by=sort, row_limit=40)
         (out / "ops.txt").write_text(result.table)
     finally:
+        launch.RANGES = False
         for h in handles:
             h.remove()
 

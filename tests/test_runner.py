@@ -187,3 +187,13 @@ def test_cuda_graphs_equal_eager(with_controller):
     b = graphed(PROMPT, steps=6, seed=0, output_type="latent").images
     c = graphed(PROMPT, steps=6, seed=0, output_type="latent").images  # replays only
     assert torch.allclose(a.float(), b.float(), atol=2e-3) and torch.allclose(b.float(), c.float(), atol=2e-3)
+
+
+def test_profile_names_each_kernel_launch(sd, tmp_path, triton_backend):
+    runner = Runner(sd)
+    runner(PROMPT, steps=1, seed=0, output_type="latent", profile=tmp_path)
+    stattn.restore(sd)
+    names = {e.get("name") for e in json.loads((tmp_path / "trace.json").read_text())["traceEvents"]}
+    assert "stattn._fwd_kernel" in names  # the Triton launch, ranged inside its UNet block
+    from stattn.kernels import launch
+    assert launch.RANGES is False  # switched off again after profiling
