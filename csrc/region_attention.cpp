@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -117,6 +118,37 @@ Problem<acc_t> make_problem(const Tensor& q, const Tensor& k, const Tensor& v, c
   }
   return p;
 }
+
+// Every output and intermediate the kernels must fully write: NaN-filled when STATTN_NATIVE_POISON=1
+// (the tests' poisoning, so that an element the kernels fail to write fails a test).
+Tensor output(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  Tensor t = at::empty(sizes, opts.memory_format(at::MemoryFormat::Contiguous));
+  const char* poison = std::getenv("STATTN_NATIVE_POISON");
+  if (poison && poison[0] == '1') t.fill_(std::numeric_limits<double>::quiet_NaN());
+  return t;
+}
+
+// 64-byte aligned per-thread scratch (BLAS may take alignment-dependent paths; aligned buffers
+// keep results independent of where the allocator puts them). Contents start undefined.
+template <typename T>
+class Scratch {
+ public:
+  explicit Scratch(int64_t n)
+      : n_(n), p_(static_cast<T*>(std::aligned_alloc(64, ((std::max<int64_t>(n, 1) * sizeof(T) + 63) / 64) * 64))) {
+    TORCH_CHECK(p_ != nullptr, "stattn native: out of memory for scratch buffers");
+  }
+  ~Scratch() { std::free(p_); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  T* data() const { return p_; }
+  T& operator[](int64_t i) const { return p_[i]; }
+  T* begin() const { return p_; }
+  T* end() const { return p_ + n_; }
+
+ private:
+  int64_t n_;
+  T* p_;
+};
 
 // ---------------------------------------------------------------------------------------------
 // Per-block pieces.
@@ -232,8 +264,8 @@ void forward_kernel(const Problem<acc_t>& p, const Tensor& q, Tensor& o, Tensor&
   float* lse_p = lse.data_ptr<float>();
   in_t* o_p = o.data_ptr<in_t>();
   at::parallel_for(0, p.B * p.H * nblk, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> qb(kBlockM * D), ob(kBlockM * D), z(kBlockM * N), pr(kBlockM * N), tmp(N),
-        al(kBlockM), S(kBlockM * std::max<int64_t>(T, 1)), A(T * p.Ky * p.W);
+    Scratch<acc_t> qb(kBlockM * D), ob(kBlockM * D), z(kBlockM * N), pr(kBlockM * N), tmp(N), al(kBlockM),
+        S(kBlockM * T), A(T * p.Ky * p.W);
     int64_t a_bh = -1;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / nblk, b = bh / p.H, h = bh % p.H;
@@ -267,13 +299,13 @@ std::tuple<Tensor, Tensor> region_attention_fwd(const Tensor& q, const Tensor& k
                                                 const c10::optional<Tensor>& gy, const c10::optional<Tensor>& gx,
                                                 const c10::optional<Tensor>& pin, double scale) {
   TORCH_CHECK(q.device().is_cpu(), "stattn native: CPU tensors only");
-  Tensor o = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  Tensor o = output(q.sizes(), q.options());
   Tensor lse;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "stattn_native_fwd", [&] {
     using in_t = scalar_t;
     using acc_t = std::conditional_t<std::is_same_v<in_t, double>, double, float>;
     auto p = make_problem<acc_t>(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale);
-    lse = at::empty({p.B, p.R + p.has_pin, p.H, p.M}, q.options().dtype(at::kFloat));
+    lse = output({p.B, p.R + p.has_pin, p.H, p.M}, q.options().dtype(at::kFloat));
     forward_kernel<in_t, acc_t>(p, q, o, lse);
   });
   return {o, lse};
@@ -360,10 +392,9 @@ void backward_kernel(const Problem<acc_t>& p, const Needs& need, const Tensor& q
   const float* lse_p = lse.data_ptr<float>();
   in_t* dq_p = need.q ? dq.data_ptr<in_t>() : nullptr;
   at::parallel_for(0, p.B * p.H * nchunk, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> qb(kBlockM * D), dob(kBlockM * D), dqb(kBlockM * D), z(kBlockM * N),
-        pe(kBlockM * N), p0(p.has_pin ? kBlockM * N : 0), dpv(kBlockM * N), al(kBlockM),
-        S(kBlockM * std::max<int64_t>(T, 1)), dS(kBlockM * std::max<int64_t>(T, 1)), A(T * p.Ky * p.W),
-        C(need_th ? T * Hg * p.Kx : 0);
+    Scratch<acc_t> qb(kBlockM * D), dob(kBlockM * D), dqb(kBlockM * D), z(kBlockM * N), pe(kBlockM * N),
+        p0(p.has_pin ? kBlockM * N : 0), dpv(kBlockM * N), al(kBlockM), S(kBlockM * T), dS(kBlockM * T),
+        A(T * p.Ky * p.W), C(need_th ? T * Hg * p.Kx : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / nchunk, b = bh / p.H, h = bh % p.H;
       const int64_t c0 = (task % nchunk) * kChunkM, c1 = std::min(p.M, c0 + kChunkM);
@@ -396,8 +427,9 @@ void backward_kernel(const Problem<acc_t>& p, const Needs& need, const Tensor& q
           if (need.q)  // dqb (+)= scale dz . K
             gemm(false, false, D, rows, N, p.scale, K, D,
                        z.data(), N, acc_t(r == 0 ? 0 : 1), dqb.data(), D);
-          if (need.k)  // dk_r += scale dz^T . q
-            gemm(false, true, D, N, rows, p.scale, qb.data(), D,
+          if (need.k)  // dk_r += dz^T . q (times scale in the final sum: alpha = 1 keeps MKL's
+                       // result independent of the thread count, which alpha != 1 here did not)
+            gemm(false, true, D, N, rows, acc_t(1), qb.data(), D,
                        z.data(), N, acc_t(1), dkp + r * N * D, D);
           if (need.v)  // dv_r += (alpha p)^T . dO
             gemm(false, true, D, N, rows, acc_t(1), dob.data(), D,
@@ -457,11 +489,11 @@ std::vector<Tensor> region_attention_bwd(const Tensor& grad_out, const Tensor& q
     const int64_t NDR = p.R * p.N * p.D, KK = p.Ky * p.Kx;
     auto opts = q.options().dtype(acc);
     Tensor lse_c = lse.contiguous();
-    Tensor dq = need.q ? at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous)) : Tensor();
+    Tensor dq = need.q ? output(q.sizes(), q.options()) : Tensor();
     Tensor dk_part = need.k ? at::zeros({tasks, NDR}, opts) : Tensor();
     Tensor dv_part = need.v ? at::zeros({tasks, NDR}, opts) : Tensor();
     Tensor dth_part = (need.t && p.T > 0) ? at::zeros({tasks, p.T * KK}, opts) : Tensor();
-    Tensor dfull = at::empty({p.B, p.H, p.R, p.M}, opts);
+    Tensor dfull = output({p.B, p.H, p.R, p.M}, opts);
     // fp64 recomputes the log-sum-exps in fp64 (the saved ones are float32)
     backward_kernel<in_t, acc_t>(p, need, q, grad_out, lse_c, std::is_same_v<acc_t, double>, dq,
                                  need.k ? dk_part.data_ptr<acc_t>() : nullptr,
@@ -477,18 +509,18 @@ std::vector<Tensor> region_attention_bwd(const Tensor& grad_out, const Tensor& q
         continue;
       }
       const acc_t* part = (which == 0 ? dk_part : dv_part).template data_ptr<acc_t>();
-      Tensor g = at::empty(k.sizes(), k.options().memory_format(at::MemoryFormat::Contiguous));
+      const acc_t factor = which == 0 ? p.scale : acc_t(1);
+      Tensor g = output(k.sizes(), k.options());
       in_t* gp = g.data_ptr<in_t>();
       const int64_t ND = p.N * p.D;
       at::parallel_for(0, p.B * p.R * p.H, 1, [&](int64_t begin, int64_t end) {
-        std::vector<acc_t> s(ND);
         for (int64_t brh = begin; brh < end; ++brh) {
           const int64_t b = brh / (p.R * p.H), r = (brh / p.H) % p.R, h = brh % p.H;
           const acc_t* first = part + ((b * p.H + h) * nchunk) * NDR + r * ND;
           for (int64_t i = 0; i < ND; ++i) {
             acc_t acc_v = first[i];
             for (int64_t c = 1; c < nchunk; ++c) acc_v += first[c * NDR + i];
-            gp[brh * ND + i] = static_cast<in_t>(acc_v);
+            gp[brh * ND + i] = static_cast<in_t>(acc_v * factor);
           }
         }
       });
@@ -496,7 +528,7 @@ std::vector<Tensor> region_attention_bwd(const Tensor& grad_out, const Tensor& q
     }
     // dalpha [B, R, M] = sum_h D (fixed head order); affine: regions >= 1 see D_r - D_0
     if (need.w || need.m) {
-      Tensor dalpha = at::empty({p.B, p.R, p.M}, opts);
+      Tensor dalpha = output({p.B, p.R, p.M}, opts);
       acc_t* da = dalpha.data_ptr<acc_t>();
       const acc_t* df = dfull.data_ptr<acc_t>();
       for (int64_t b = 0; b < p.B; ++b)
@@ -517,7 +549,7 @@ std::vector<Tensor> region_attention_bwd(const Tensor& grad_out, const Tensor& q
       const acc_t* w = p.weights.template data_ptr<acc_t>();
       const acc_t* mk = p.masks.template data_ptr<acc_t>();
       if (need.w) {
-        Tensor dw = at::empty({p.B, p.R}, opts);
+        Tensor dw = output({p.B, p.R}, opts);
         for (int64_t br = 0; br < p.B * p.R; ++br) {
           acc_t s = 0;
           for (int64_t m = 0; m < p.M; ++m) s += da[br * p.M + m] * mk[br * p.M + m];
@@ -528,7 +560,7 @@ std::vector<Tensor> region_attention_bwd(const Tensor& grad_out, const Tensor& q
         out[3] = at::empty({0}, q.options());
       }
       if (need.m) {
-        Tensor dm = at::empty({p.B, p.R, p.M}, opts);
+        Tensor dm = output({p.B, p.R, p.M}, opts);
         for (int64_t br = 0; br < p.B * p.R; ++br)
           for (int64_t m = 0; m < p.M; ++m) dm.data_ptr<acc_t>()[br * p.M + m] = da[br * p.M + m] * w[br];
         out[4] = dm.to(masks.scalar_type());
@@ -544,7 +576,7 @@ std::vector<Tensor> region_attention_bwd(const Tensor& grad_out, const Tensor& q
       if (p.T == 0) {
         out[5] = at::zeros(theta->sizes(), theta->options().memory_format(at::MemoryFormat::Contiguous));
       } else {
-        Tensor dth = at::empty(theta->sizes(), opts.memory_format(at::MemoryFormat::Contiguous));
+        Tensor dth = output(theta->sizes(), opts);
         const int64_t len = p.T * KK;
         for (int64_t bh = 0; bh < p.B * p.H; ++bh)
           sum_chunks(dth_part.data_ptr<acc_t>() + bh * nchunk * len, nchunk, len, dth.data_ptr<acc_t>() + bh * len);

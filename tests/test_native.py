@@ -1,0 +1,224 @@
+"""Native CPU kernels (csrc/, stattn.native) against the fp64 reference on the Triton tests' random
+inputs: odd pixel counts, N = 77 (and N > 128), D in {40, 64, 80, 160}, R in {1, 2, 4}, T in {0, 1, 3},
+pinned tokens, affine on/off, fp32/bf16/fp16/fp64, every output NaN-poisoned; only the requested
+gradients; determinism; a three-way check with the interpreter Triton kernels; the fallback when
+the extension cannot be loaded."""
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import stattn
+from stattn import native
+from helpers import GRAD_TOL_FACTOR, TOL, Case, make_inputs, reference_run, rel_err, run
+
+F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
+# bf16 has no CPU entry in helpers.TOL (the Triton interpreter has no bf16): the CUDA bound applies,
+# since the error is the bf16 rounding of the inputs either way; fp64 is exact to rounding.
+NATIVE_TOL = {F32: TOL[("cpu", F32)], F16: TOL[("cpu", F16)], BF16: TOL[("cuda", BF16)], F64: 1e-12}
+
+if not native.load():
+    pytest.skip(f"native extension unavailable: {native._state.get('error')}", allow_module_level=True)
+
+
+@pytest.fixture
+def native_backend(monkeypatch):
+    monkeypatch.setenv("STATTN_BACKEND", "native")
+    monkeypatch.setenv("STATTN_NATIVE_POISON", "1")  # every native output starts NaN-filled
+
+
+CASES = [
+    Case(D=40, R=1, T=0),                                                 # plain cross-attention, M = 35
+    Case(D=64, R=1, T=1, pinned=(0,)),
+    Case(D=80, R=2, T=3, pinned=(0, 9), affine=True),
+    Case(D=160, R=4, T=1, affine=True, h=3, w=5),
+    Case(D=40, R=4, T=3, pinned=(0, 1), float_masks=False),
+    Case(D=64, R=2, T=0, pinned=(0,), affine=True),                       # pins without an offset
+    Case(D=40, R=2, T=3, pinned=(0, 140), N=154, h=4, w=6),               # N > 128
+    Case(D=80, R=2, T=1, pinned=(5,), h=13, w=11),                        # M = 143: 3 pixel blocks
+    Case(D=40, R=2, T=3, pinned=(0, 9), affine=True, dtype=BF16, h=9, w=7),
+    Case(D=160, R=1, T=1, pinned=(0,), dtype=BF16, h=4, w=5),
+    Case(D=64, R=4, T=0, dtype=BF16),
+    Case(D=80, R=2, T=1, pinned=(3,), affine=True, dtype=F16),
+    Case(D=40, R=2, T=3, pinned=(0, 7), affine=True, dtype=F64, h=6, w=5),
+]
+
+
+def _ids(c):
+    return (f"D{c.D}-R{c.R}-T{c.T}-pin{len(c.pinned)}-{'aff' if c.affine else 'lin'}-M{c.M}-N{c.N}-"
+            f"{str(c.dtype).split('.')[-1]}{'-bool' if not c.float_masks else ''}")
+
+
+def _check(case, inp, out, grads, wrt=("q", "k", "v", "weights", "masks", "theta")):
+    ref_out, ref_grads = reference_run(case, inp, wrt=wrt)
+    tol = NATIVE_TOL[case.dtype]
+    assert out.dtype == case.dtype and out.shape == ref_out.shape
+    assert rel_err(out, ref_out) < tol, "forward"
+    assert set(grads) == set(ref_grads)
+    for name, g in grads.items():
+        assert g.shape == ref_grads[name].shape, name
+        assert rel_err(g, ref_grads[name]) < tol * GRAD_TOL_FACTOR, name
+
+
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_native_matches_reference(case, native_backend):
+    inp = make_inputs(case, "cpu")
+    out, grads = run(case, inp, case.dtype)
+    _check(case, inp, out, grads)
+
+
+def test_native_lse_matches_reference(native_backend):
+    case = Case(D=40, R=2, T=3, pinned=(0, 9), h=5, w=7)
+    inp = make_inputs(case, "cpu", seed=2)
+    gy, gx = (b.float() for b in inp["basis"])
+    off = stattn.ScoreOffset(inp["theta"].float(), inp["tokens"], (gy, gx), pinned=case.pinned)
+    tokens, pin = off.device_tensors(case.N)
+    q, k, v = (inp[n].float() for n in ("q", "k", "v"))
+    _, lse = native.forward(q, k, v, inp["weights"].float(), inp["masks"].float(), False, off.theta, tokens,
+                            gy, gx, pin, case.D ** -0.5)
+    ref_off = stattn.ScoreOffset(inp["theta"], inp["tokens"], inp["basis"], pinned=case.pinned)
+    expected = stattn.reference.region_lse(inp["q"], inp["k"], case.D ** -0.5, ref_off)
+    assert lse.shape == (case.B, case.R + 1, case.H, case.M) and lse.dtype == F32
+    torch.testing.assert_close(lse.double(), expected.double(), rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("wrt", [("q",), ("theta",), ("q", "weights"), ("masks",), ("k", "v"), ("v",), ("k",)])
+def test_native_computes_only_requested_gradients(wrt, native_backend):
+    case = Case(D=40, R=2, T=1, pinned=(0,), h=3, w=5)
+    inp = make_inputs(case, "cpu", seed=3)
+    out, grads = run(case, inp, F32, wrt=wrt)
+    assert set(grads) == set(wrt)
+    _check(case, inp, out, grads, wrt=wrt)
+
+
+def test_native_strided_q_and_grad(native_backend):
+    """diffusers hands q as a transposed view [B, M, H, D] -> [B, H, M, D]."""
+    case = Case(D=40, R=2, T=1, pinned=(0,), h=5, w=5)
+    inp = make_inputs(case, "cpu", seed=5)
+    inp["q"] = inp["q"].transpose(1, 2).contiguous().transpose(1, 2)
+    out, grads = run(case, inp, F32, wrt=("q", "theta"))
+    _check(case, inp, out, grads, wrt=("q", "theta"))
+
+
+def test_native_theta_without_tokens_gets_zero_gradient(native_backend):
+    case = Case(D=40, R=2, T=0, pinned=(0, 3), h=3, w=4)
+    inp = make_inputs(case, "cpu", seed=6)
+    out, grads = run(case, inp, F32)
+    assert torch.equal(grads["theta"], torch.zeros_like(grads["theta"]))
+    _check(case, inp, out, grads)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_native_backward_is_deterministic(threads, native_backend):
+    """Bitwise-equal repeated runs: the cross-pixel sums (dk, dv, dtheta, dweights) are per-chunk
+    partials over a fixed pixel partition, summed in a fixed order (BLAS itself promises run-to-run,
+    not cross-thread-count, reproducibility, so the thread count is held fixed)."""
+    case = Case(D=40, R=2, T=3, pinned=(0, 9), affine=True, h=40, w=30)   # M = 1200: two pixel chunks
+    inp = make_inputs(case, "cpu", seed=7)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        (o0, g0), (o1, g1) = run(case, inp, F32), run(case, inp, F32)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(o0, o1)
+    for name in g0:
+        assert torch.equal(g0[name], g1[name]), name
+
+
+def test_native_gradcheck_fp64(native_backend):
+    case = Case(B=1, H=2, h=3, w=4, D=5, R=2, N=9, T=2, pinned=(0, 4), affine=True)
+    inp = make_inputs(case, "cpu")
+    gy, gx = inp["basis"]
+
+    def f(q, k, v, masks, weights, theta):
+        off = stattn.ScoreOffset(theta, inp["tokens"], (gy, gx), pinned=case.pinned)
+        return stattn.region_attention(q, k, v, masks=masks, region_weights=weights, affine=True, offset=off)
+
+    args = [inp[n].clone().requires_grad_() for n in ("q", "k", "v", "masks", "weights", "theta")]
+    assert torch.autograd.gradcheck(f, args)
+
+
+def test_native_opcheck(native_backend, monkeypatch):
+    monkeypatch.delenv("STATTN_NATIVE_POISON")
+    B, H, h, w, D, R, N = 2, 2, 3, 4, 8, 2, 11
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, H, h * w, D, generator=g)
+    k, v = (torch.randn(B, R, H, N, D, generator=g) for _ in range(2))
+    gy, gx = stattn.gaussian_basis(h, w, sigma=1)
+    off = stattn.ScoreOffset(torch.randn(B, H, 2, gy.shape[1], gx.shape[1], generator=g), (1, 4), (gy, gx),
+                             pinned=(0,))
+    tokens, pin = off.device_tensors(N)
+    weights, masks = torch.rand(B, R, generator=g), torch.rand(B, R, h * w, generator=g)
+    args = (q, k, v, weights, masks, True, off.theta, tokens, gy, gx, pin, D ** -0.5)
+    for t in (q, k, v, weights, masks, off.theta):
+        t.requires_grad_(True)
+    torch.library.opcheck(torch.ops.stattn.region_attention.default, args)
+
+
+THREE_WAY = [Case(D=40, R=2, T=1, pinned=(0,), affine=True, h=5, w=7),
+             Case(D=80, R=1, T=3, pinned=(4,), h=4, w=5),
+             Case(D=64, R=4, T=0, dtype=F16, h=3, w=5)]
+
+
+@pytest.mark.parametrize("case", THREE_WAY, ids=_ids)
+def test_three_way_reference_triton_native(case, monkeypatch):
+    """The op under all three CPU backends on the same inputs: each near the fp64 oracle and the
+    native and interpreter-Triton results near each other."""
+    inp = make_inputs(case, "cpu", seed=11)
+    results = {}
+    for backend in ("reference", "triton", "native"):
+        monkeypatch.setenv("STATTN_BACKEND", backend)
+        results[backend] = run(case, inp, case.dtype)
+        _check(case, inp, *results[backend])
+    tol = NATIVE_TOL[case.dtype]
+    (o_n, g_n), (o_t, g_t) = results["native"], results["triton"]
+    assert rel_err(o_n, o_t.double()) < tol
+    for name in g_n:
+        assert rel_err(g_n[name], g_t[name].double()) < tol * GRAD_TOL_FACTOR, name
+
+
+def test_unavailable_extension_warns_once_and_falls_back(monkeypatch):
+    monkeypatch.setattr(native, "_state", {"ok": False, "error": "simulated: not built"})
+    monkeypatch.setenv("STATTN_BACKEND", "auto")
+    case = Case(D=40, R=2, T=1, pinned=(0,), h=3, w=5)
+    inp = make_inputs(case, "cpu", seed=4)
+    with pytest.warns(RuntimeWarning, match="native CPU kernels unavailable.*simulated: not built.*pip install"):
+        out, grads = run(case, inp, F32)
+    assert stattn.ops.backend_for(inp["q"]) == "reference"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                      # the warning is one-time
+        run(case, inp, F32)
+    _check(case, inp, out, grads)
+    monkeypatch.setenv("STATTN_BACKEND", "native")          # asked for explicitly: an error, not a fallback
+    with pytest.raises(RuntimeError, match="STATTN_BACKEND=native"):
+        stattn.ops.backend_for(inp["q"])
+
+
+def test_bad_backend_name_is_rejected(monkeypatch):
+    monkeypatch.setenv("STATTN_BACKEND", "nativ")
+    with pytest.raises(ValueError, match="auto, triton, native or reference"):
+        stattn.ops.backend_for(torch.zeros(1))
+
+
+def test_loop_fallback_without_blas():
+    """STATTN_NATIVE_BLAS=0 takes the kernels' own loops instead of libtorch's sgemm/dgemm (the path
+    of a torch build that does not export them); run in a fresh process, the switch is read once."""
+    code = (
+        "import sys; sys.path.insert(0, 'tests')\n"
+        "import torch\n"
+        "from helpers import Case, make_inputs, run, reference_run, rel_err\n"
+        "case = Case(D=40, R=2, T=1, pinned=(0,), affine=True, h=3, w=5)\n"
+        "inp = make_inputs(case, 'cpu')\n"
+        "out, grads = run(case, inp, torch.float32)\n"
+        "ref, rg = reference_run(case, inp)\n"
+        "print(max([rel_err(out, ref)] + [rel_err(g, rg[n]) for n, g in grads.items()]))\n")
+    env = dict(os.environ, STATTN_NATIVE_BLAS="0", STATTN_BACKEND="native", STATTN_NATIVE_POISON="1",
+               OMP_NUM_THREADS="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert float(res.stdout.strip().splitlines()[-1]) < TOL[("cpu", F32)] * GRAD_TOL_FACTOR
