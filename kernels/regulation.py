@@ -178,20 +178,25 @@ def _inner_loop_kernel(
         p = ex / den[None, :, :]                                       # 0 on padded t and pixels
         # quantile: the two order statistics from a top-k of the pixels (padding sorts last)
         top = _topk(tl.reshape(tl.where(p_ok3, p, -1.0), (TP, G)), LOG_TP, LOG_G, LOG_K)
-        v_lo = tl.sum(tl.where(jj == J_LO, top, 0.0), axis=1)
-        v_hi = tl.sum(tl.where(jj == J_HI, top, 0.0), axis=1)
+        # reductions stacked with join (one pass each): a reduction across warps costs a barrier
+        v_lo, v_hi = tl.split(tl.sum(tl.join(tl.where(jj == J_LO, top, 0.0), tl.where(jj == J_HI, top, 0.0)), axis=1))
         qv = tl.where(frac < 0.5, v_lo + frac * (v_hi - v_lo), v_hi - (v_hi - v_lo) * (1.0 - frac))
-        mean = tl.sum(tl.sum(p, axis=2), axis=1) / mf
-        dq = tl.where(t1 < T, qv - q_target, 0.0)
-        dm = tl.where(t1 < T, mean - m_target, 0.0)
-        loss = (w0 * tl.sum(dq * dq, axis=0) + w1 * tl.sum(dm * dm, axis=0)) / tf \
-            + w2 * tl.sum(tl.sum(tl.sum(theta * theta, axis=2), axis=1), axis=0) / (KT * tf)
-        tl.store(LOSS + pid * iters + it, loss)
         # n * dL/dP: the quantile's weight on its order statistics (shared among ties), the mean's
         eq_lo = ((p == v_lo[:, None, None]) & p_ok3).to(tl.float32)
         eq_hi = ((p == v_hi[:, None, None]) & p_ok3).to(tl.float32)
-        n_lo = tl.maximum(tl.sum(tl.sum(eq_lo, axis=2), axis=1), 1.0)
-        n_hi = tl.maximum(tl.sum(tl.sum(eq_hi, axis=2), axis=1), 1.0)
+        sums = tl.sum(tl.join(tl.join(tl.reshape(p, (TP, G)), tl.reshape(eq_lo, (TP, G))),
+                              tl.join(tl.reshape(eq_hi, (TP, G)), tl.zeros((TP, G), tl.float32))), axis=1)
+        sums_a, sums_b = tl.split(sums)
+        mean, n_lo = tl.split(sums_a)
+        n_hi, _unused = tl.split(sums_b)
+        mean = mean / mf
+        n_lo = tl.maximum(n_lo, 1.0)
+        n_hi = tl.maximum(n_hi, 1.0)
+        dq = tl.where(t1 < T, qv - q_target, 0.0)
+        dm = tl.where(t1 < T, mean - m_target, 0.0)
+        loss = (w0 * tl.sum(dq * dq, axis=0) + w1 * tl.sum(dm * dm, axis=0)) / tf \
+            + w2 * tl.sum(tl.reshape(theta * theta, (TP * KYP * KXP,)), axis=0) / (KT * tf)
+        tl.store(LOSS + pid * iters + it, loss)
         w_lo = c_q * dq * (1.0 - frac) / n_lo
         w_hi = c_q * dq * frac / n_hi
         g = w_lo[:, None, None] * eq_lo + w_hi[:, None, None] * eq_hi + (c_m * dm)[:, None, None]
