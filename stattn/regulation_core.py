@@ -23,6 +23,7 @@ to whichever one the sort put there; without ties, which is the generic case, bo
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple, Optional, Sequence
 
@@ -63,6 +64,7 @@ def default_thr(T: int) -> float:
     return min(1.0, 0.2 * T)
 
 
+@functools.lru_cache(maxsize=64)
 def quantile_position(quantile: float, M: int, dtype: torch.dtype = torch.float32) -> tuple[int, int, float]:
     """(lo, hi, frac) of torch.quantile's linear interpolation over M values: the rank
     quantile*(M-1) is computed in ``dtype`` as torch does (the Python float becomes a tensor of
@@ -300,8 +302,7 @@ def _out_dtype(q: Tensor) -> torch.dtype:
     return _compute_dtype(q)
 
 
-@torch.library.custom_op("stattn::regulation_inner_loop", mutates_args=())
-def _inner_loop_op(q: Tensor, k: Tensor, tokens: Tensor, theta0: Tensor, gy: Tensor, gx: Tensor,
+def _inner_loop_impl(q: Tensor, k: Tensor, tokens: Tensor, theta0: Tensor, gy: Tensor, gx: Tensor,
                    scale: float, iters: int, lr: float, quantile: float, w0: float, w1: float, w2: float,
                    thr: float) -> tuple[Tensor, Tensor, Tensor]:
     if backend_for(q) == "triton":
@@ -314,6 +315,19 @@ def _inner_loop_op(q: Tensor, k: Tensor, tokens: Tensor, theta0: Tensor, gy: Ten
                                                (w0, w1, w2), thr)
     dt = _out_dtype(q)
     return theta_best.to(dt), best, losses.to(dt)
+
+
+_inner_loop_op = torch.library.custom_op("stattn::regulation_inner_loop", _inner_loop_impl, mutates_args=())
+
+
+def _call(op, impl, q: Tensor, *args):
+    """Eager calls skip the custom-op dispatcher (tens of microseconds of Python per call, the
+    whole budget of this launch-bound op); torch.compile and tensor subclasses (fake tensors)
+    go through the registered op."""
+    if torch.compiler.is_compiling() or type(q) is not Tensor:
+        return op(q, *args)
+    with torch.no_grad():
+        return impl(q, *args)
 
 
 @_inner_loop_op.register_fake
@@ -340,8 +354,8 @@ def inner_loop(q: Tensor, k: Tensor, tokens, theta0: Tensor, basis, *, scale, it
     """
     tokens_t, gy, gx, scale, weights, thr = _check_loop_args(q, k, tokens, theta0, basis, scale, iters, lr,
                                                              quantile, loss_weights, thr)
-    theta_best, best, losses = _inner_loop_op(q, k, tokens_t, theta0, gy, gx, scale, iters, float(lr),
-                                              float(quantile), *weights, float(thr))
+    theta_best, best, losses = _call(_inner_loop_op, _inner_loop_impl, q, k, tokens_t, theta0, gy, gx, scale,
+                                     iters, float(lr), float(quantile), *weights, float(thr))
     return InnerResult(theta_best, best, losses)
 
 
@@ -355,8 +369,7 @@ def _blend_reference(theta_best, state, step, step_int, decay, w_prev):
     return theta_eff
 
 
-@torch.library.custom_op("stattn::regulation_inner_loop_blend", mutates_args=("theta_state",))
-def _inner_loop_blend_op(q: Tensor, k: Tensor, tokens: Tensor, theta0: Tensor, gy: Tensor, gx: Tensor,
+def _inner_loop_blend_impl(q: Tensor, k: Tensor, tokens: Tensor, theta0: Tensor, gy: Tensor, gx: Tensor,
                          theta_state: Tensor, step: Optional[Tensor], step_int: int, decay: float, w_prev: float,
                          scale: float, iters: int, lr: float, quantile: float, w0: float, w1: float, w2: float,
                          thr: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -367,10 +380,14 @@ def _inner_loop_blend_op(q: Tensor, k: Tensor, tokens: Tensor, theta0: Tensor, g
                                quantile_position(quantile, q.shape[2], torch.float32), quantile,
                                thr / tokens.numel(), (w0, w1, w2),
                                blend=(theta_state, step if step is not None else step_int, decay, w_prev))
-    theta_best, best, losses = _inner_loop_op(q, k, tokens, theta0, gy, gx, scale, iters, lr, quantile,
+    theta_best, best, losses = _inner_loop_impl(q, k, tokens, theta0, gy, gx, scale, iters, lr, quantile,
                                               w0, w1, w2, thr)
     theta_eff = _blend_reference(theta_best, theta_state, step, step_int, decay, w_prev)
     return theta_eff, theta_best, best, losses
+
+
+_inner_loop_blend_op = torch.library.custom_op("stattn::regulation_inner_loop_blend", _inner_loop_blend_impl,
+                                               mutates_args=("theta_state",))
 
 
 @_inner_loop_blend_op.register_fake
@@ -415,6 +432,6 @@ def inner_loop_blend(q: Tensor, k: Tensor, tokens, theta0: Tensor, basis, theta_
     w_prev = _finite_float("w_prev", w_prev)
     tokens_t, gy, gx, scale, weights, thr = _check_loop_args(q, k, tokens, theta0, basis, scale, iters, lr,
                                                              quantile, loss_weights, thr)
-    out = _inner_loop_blend_op(q, k, tokens_t, theta0, gy, gx, theta_state, step_t, step_int, decay, w_prev,
-                               scale, iters, float(lr), float(quantile), *weights, float(thr))
+    out = _call(_inner_loop_blend_op, _inner_loop_blend_impl, q, k, tokens_t, theta0, gy, gx, theta_state, step_t,
+                step_int, decay, w_prev, scale, iters, float(lr), float(quantile), *weights, float(thr))
     return BlendResult(*out)
