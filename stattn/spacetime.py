@@ -23,9 +23,12 @@ scheduler and batch size work (the released code: PLMS and one image).
 from __future__ import annotations
 
 import math
+import time
+from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .control import Controller, CrossAttentionCall, project_kv
@@ -34,7 +37,8 @@ from .layout import (Layout, LayoutPredictor, Phrase, RuleLayoutPredictor, _loca
 from .ops import region_attention
 from .processors import accelerate, restore, unet_of
 
-__all__ = ["SpatialTemporal", "combine", "region_kv", "MODES", "TEMPLATE"]
+__all__ = ["SpatialTemporal", "combine", "region_kv", "ClipLoss", "OptimizationResult", "clip_resize",
+           "sample_images", "MODES", "TEMPLATE"]
 
 MODES = ("same_branch", "uncond_ref")
 TEMPLATE = "a photo of {}"          # the released local description
@@ -140,6 +144,7 @@ class SpatialTemporal(Controller):
         self._cols: Optional[Tensor] = None   # int64 [MAX_EVALUATIONS]: UNet evaluation -> column of W
         self._context: Optional[Tensor] = None  # [n, N, C] the local descriptions' encoder states
         self._owner = None
+        self._prompt: Optional[str] = None
         self._kv: dict = {}
 
     # ------------------------------------------------------------------ apply / remove
@@ -168,6 +173,7 @@ class SpatialTemporal(Controller):
         # evaluation index -> column of W, refilled in place per run (see _map_columns)
         self._cols = torch.arange(MAX_EVALUATIONS, dtype=torch.int64, device=device)
         self._owner = pipe_or_runner
+        self._prompt = prompt
         self._kv = {}
         accelerate(pipe_or_runner, controller=self)
         return pipe_or_runner
@@ -312,6 +318,81 @@ class SpatialTemporal(Controller):
     def _grid_masks(self, call: CrossAttentionCall) -> Tensor:
         return self.layout_used.masks(call.grid, call.q.device)     # built once per grid, cached
 
+    # ------------------------------------------------------------------ optimising W
+    def optimize(self, pipe_or_runner, prompt: str, *, clip, steps: int = 50, passes: int = 3, lr: float = 0.005,
+                 local_weight: float = 5.0, clip_normalize: bool = False, grad_steps: Optional[int] = None,
+                 seed: Optional[int] = None, generator: Optional[torch.Generator] = None,
+                 latents: Optional[Tensor] = None, guidance_scale: float = 7.5, height: Optional[int] = None,
+                 width: Optional[int] = None, num_images: int = 1, checkpoint: bool = True) -> OptimizationResult:
+        """Optimise the temporal weights W [objects × steps] with Adam on the released CLIP loss.
+
+        ``passes`` counts generations as the release does (3: the saved image comes from the pass
+        after 2 updates): ``passes − 1`` differentiable passes, each a full sampling from the same
+        x_T with autograd, VAE decode, loss, backward and one Adam step; the final image is then
+        generated normally from the same seed / ``result.latents`` (no wasted backward). Gradients
+        reach only W (UNet, VAE, text encoders and CLIP frozen; dQ and dW from the fused backward,
+        no dK/dV); UNet evaluations and the decoder are checkpointed. ``grad_steps=k`` keeps
+        autograd for the last k steps only (cheaper; earlier columns of W are then not updated).
+        ``clip``: a (transformers CLIPModel, tokenizer) pair or a local model directory."""
+        if self._context is None or self._prompt != prompt:
+            raise ValueError("prompt: apply(x, prompt=...) this prompt before optimising its weights")
+        if isinstance(passes, bool) or not isinstance(passes, int) or passes < 2:
+            raise ValueError(f"passes: expected an int >= 2 (generations, the last one not differentiated), got {passes!r}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps: expected a positive int, got {steps!r}")
+        if grad_steps is not None and (isinstance(grad_steps, bool) or not isinstance(grad_steps, int) or grad_steps < 1):
+            raise ValueError(f"grad_steps: expected None or a positive int, got {grad_steps!r}")
+        runner = _runner_of(pipe_or_runner)
+        height = height or runner.default_size()
+        width = width or runner.default_size()
+        model, tokenizer = _load_clip(clip)
+        loss_fn = ClipLoss(model, tokenizer, prompt, [p.name for p in self.phrases],
+                           self.layout_used.crops(height, width), local_weight=local_weight, normalize=clip_normalize)
+        device, dtype = runner.device, runner.unet.dtype
+        if latents is None:
+            from diffusers.utils.torch_utils import randn_tensor
+
+            if generator is None and seed is not None:
+                generator = torch.Generator(device).manual_seed(int(seed))
+            shape = (num_images, runner.unet.config.in_channels, height // runner.pipe.vae_scale_factor,
+                     width // runner.pipe.vae_scale_factor)
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        if self.W.shape[1] == 1:                    # constant weights become one column per step
+            self.W = self.W.repeat(1, steps).contiguous()
+        W = self.W.requires_grad_(True)
+        frozen = _freeze([runner.unet, runner.pipe.vae, getattr(runner.pipe, "text_encoder", None),
+                          getattr(runner.pipe, "text_encoder_2", None), model])
+        opt = torch.optim.Adam([W], lr=lr)
+        cuda = torch.device(device).type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        losses, history, times = [], [], []
+        try:
+            for _ in range(passes - 1):
+                t0 = time.perf_counter()
+                opt.zero_grad(set_to_none=True)
+                images = sample_images(runner, prompt, latents, steps=steps, guidance_scale=guidance_scale,
+                                       height=height, width=width, num_images=num_images, grad_steps=grad_steps,
+                                       checkpoint=checkpoint)
+                loss = loss_fn(images.float() if images.dtype == torch.float16 else images)
+                loss.backward()
+                opt.step()
+                losses.append(float(loss.detach()))
+                history.append(W.detach().cpu().clone())
+                if cuda:
+                    torch.cuda.synchronize(device)
+                times.append((time.perf_counter() - t0) * 1e3)
+        finally:
+            W.requires_grad_(False)
+            W.grad = None
+            _unfreeze(frozen)
+        peak = torch.cuda.max_memory_allocated(device) if cuda else None
+        # W has new values (and maybe a new shape): re-install so CUDA graphs captured before are dropped
+        from .processors import tracker_of
+
+        accelerate(runner.unet, controller=tracker_of(runner.unet).controller)
+        return OptimizationResult(losses, history, times, peak, latents)
+
     def __repr__(self) -> str:
         objs = [p.text for p in self.phrases] if self.phrases is not None else self.objects
         return f"SpatialTemporal(objects={objs!r}, mode={self.mode!r}, weights={self.weights!r})"
@@ -336,6 +417,24 @@ def _check_weights(weights, n: Optional[int]):
     return float(weights)
 
 
+def _freeze(modules) -> list:
+    """Turn off requires_grad of every parameter (gradients go to W only); returns what to undo."""
+    changed = []
+    for m in modules:
+        if m is None:
+            continue
+        for p in m.parameters():
+            if p.requires_grad:
+                p.requires_grad_(False)
+                changed.append(p)
+    return changed
+
+
+def _unfreeze(params: list) -> None:
+    for p in params:
+        p.requires_grad_(True)
+
+
 def _encode(pipe, texts: list, device) -> Tensor:
     """Encoder hidden states [n, N, C] of each text alone, as the pipeline conditions its UNet
     (SDXL: both encoders concatenated)."""
@@ -343,3 +442,143 @@ def _encode(pipe, texts: list, device) -> Tensor:
         out = pipe.encode_prompt(prompt=texts, device=device, num_images_per_prompt=1,
                                  do_classifier_free_guidance=False)
     return out[0].detach()
+
+
+# ---------------------------------------------------------------------- optimising the temporal weights
+CLIP_SIZE = 224
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)   # OpenAI CLIP's normalisation (not applied by the release)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class OptimizationResult:
+    losses: list              # loss of each differentiable pass (before its update)
+    weights: list             # W [objects, steps] after each update (CPU)
+    pass_ms: list             # wall time of each differentiable pass (forward + backward + update)
+    peak_bytes: Optional[int]  # peak CUDA memory of the optimisation (None on the CPU)
+    latents: Tensor           # x_T used by every pass (generate the final image from it, or the same seed)
+
+
+def clip_resize(x: Tensor, size: int = CLIP_SIZE) -> Tensor:
+    """[B, C, H, W] -> [B, C, size, size] by exact area averaging, as the released code (512 px:
+    nearest x7 up, average-pool 16): per axis nearest-upsample by size/g and pool by n/g, g =
+    gcd(n, size). Falls back to antialiased bilinear when that upsampling would be huge."""
+    B, C, H, W = x.shape
+    gh, gw = math.gcd(H, size), math.gcd(W, size)
+    uh, uw = size // gh, size // gw
+    if H * uh * W * uw > 4096 * 4096:
+        return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    up = F.interpolate(x, scale_factor=(uh, uw), mode="nearest")
+    return F.avg_pool2d(up, kernel_size=(H // gh, W // gw))
+
+
+class ClipLoss:
+    """The released loss: [1 − cos(CLIP(image), CLIP(prompt))] + local_weight·Σ_i [1 −
+    cos(CLIP(crop_i), CLIP("A photo of " + name_i))], averaged over images. ``model`` is a
+    transformers ``CLIPModel`` (released: ViT-B/32), ``tokenizer`` its tokenizer; images in [0, 1]."""
+
+    def __init__(self, model, tokenizer, prompt: str, names: Sequence[str], crops: Sequence[tuple], *,
+                 local_weight: float = 5.0, normalize: bool = False):
+        self.model, self.crops, self.local_weight, self.normalize = model, list(crops), float(local_weight), normalize
+        device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        texts = [prompt] + ["A photo of " + n for n in names]
+        ids = tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(device)
+        with torch.no_grad():
+            t = _features(model.get_text_features(**ids))
+        self.text = F.normalize(t.float() if self.dtype != torch.float64 else t, dim=-1)
+
+    def _image_features(self, x: Tensor) -> Tensor:
+        if self.normalize:
+            mean = torch.tensor(CLIP_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+            std = torch.tensor(CLIP_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+            x = (x - mean) / std
+        f = _features(self.model.get_image_features(pixel_values=x.to(self.dtype)))
+        return F.normalize(f.to(self.text.dtype), dim=-1)
+
+    def __call__(self, images: Tensor) -> Tensor:
+        B = images.shape[0]
+        views = [clip_resize(images)]
+        for rows, cols in self.crops:
+            crop = images[:, :, rows, cols]
+            views.append(F.interpolate(crop, size=(CLIP_SIZE, CLIP_SIZE), mode="bilinear", antialias=True,
+                                       align_corners=False))
+        f = self._image_features(torch.cat(views)).view(len(views), B, -1)      # [1 + n, B, E]
+        cos = (f * self.text[:, None]).sum(-1)                                  # [1 + n, B]
+        terms = 1 - cos
+        return (terms[0] + self.local_weight * terms[1:].sum(0)).mean()
+
+
+def _features(out) -> Tensor:
+    """transformers 5 returns the projected features as ``pooler_output``; 4.x a tensor."""
+    return out if isinstance(out, Tensor) else out.pooler_output
+
+
+def _load_clip(clip):
+    if isinstance(clip, (tuple, list)) and len(clip) == 2:
+        return clip
+    if isinstance(clip, (str, bytes)) or hasattr(clip, "__fspath__"):
+        from transformers import CLIPModel, CLIPTokenizer
+
+        return (CLIPModel.from_pretrained(clip, local_files_only=True).eval(),
+                CLIPTokenizer.from_pretrained(clip, local_files_only=True))
+    raise TypeError(f"clip: expected a CLIP model directory or a (transformers CLIPModel, tokenizer) pair, "
+                    f"got {type(clip).__name__}")
+
+
+def _runner_of(x):
+    from .runner import Runner
+
+    return x if isinstance(x, Runner) else Runner(x, accelerate=False)
+
+
+def sample_images(runner, prompt: str, latents: Tensor, *, steps: int, guidance_scale: float,
+                  height: int, width: int, num_images: int = 1, grad_steps: Optional[int] = None,
+                  checkpoint: bool = True) -> Tensor:
+    """A denoising run from x_T = ``latents`` with autograd on (the last ``grad_steps`` steps only,
+    if given), every UNet evaluation and the VAE decode checkpointed (only the latents between
+    steps are kept); returns images [B, 3, H, W] in [0, 1]. The step index is set inside the
+    checkpointed function, so the recomputation in the backward sees the same step (and weights)."""
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+    from torch.utils.checkpoint import checkpoint as ckpt
+
+    from .processors import tracker_of
+
+    pipe, unet, device = runner.pipe, runner.unet, runner.device
+    cfg = guidance_scale > 1.0
+    cond = runner.encode(prompt, None, num_images, cfg, height, width)
+    timesteps, steps = retrieve_timesteps(runner.scheduler, steps, device)
+    x = pipe.prepare_latents(cond.batch, unet.config.in_channels, height, width, cond.context.dtype, device,
+                             None, latents)
+    extra = pipe.prepare_extra_step_kwargs(None, 0.0)
+    tracker = tracker_of(unet)
+    if tracker is None or tracker.controller is None:
+        raise ValueError("SpatialTemporal.optimize: the controller is not installed; call apply(x, prompt=...) first")
+    tracker.reset()
+    first_grad = 0 if grad_steps is None else max(0, len(timesteps) - grad_steps)
+
+    def unet_eval(model_in, i, t):
+        # runs again in the backward (recomputation): set the step here, and keep the tracker's own
+        # counting (its UNet pre-hook) out of it
+        driven, tracker.driven = tracker.driven, True
+        try:
+            tracker.latent_hw = tuple(model_in.shape[-2:])
+            tracker.set_step(i, t, device)
+            return unet(model_in, t, encoder_hidden_states=cond.context, added_cond_kwargs=cond.added,
+                        return_dict=False)[0]
+        finally:
+            tracker.driven = driven
+
+    for i, t in enumerate(timesteps):
+        with torch.set_grad_enabled(i >= first_grad):
+            model_in = runner.scheduler.scale_model_input(torch.cat([x] * 2) if cfg else x, t)
+            if checkpoint and i >= first_grad:
+                noise = ckpt(unet_eval, model_in, i, t, use_reentrant=False)
+            else:
+                noise = unet_eval(model_in, i, t)
+            if cfg:
+                uncond, text = noise.chunk(2)
+                noise = uncond + guidance_scale * (text - uncond)
+            x = runner.scheduler.step(noise, t, x, **extra, return_dict=False)[0]
+    decode = lambda z: runner._decode(z, "pt")  # noqa: E731  (the pipeline's own decode, in [0, 1])
+    return ckpt(decode, x, use_reentrant=False) if checkpoint and x.requires_grad else decode(x)

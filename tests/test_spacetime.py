@@ -324,3 +324,101 @@ def test_bad_input(pipe):
             images(pipe, steps=3)
     finally:
         st.remove(pipe)
+
+
+# ------------------------------------------------------------------------------ optimising W
+
+def tiny_clip(dtype=torch.float32):
+    """A tiny random transformers CLIP (ViT 224 px, patch 32) on the shipped tokenizer."""
+    from transformers import CLIPConfig, CLIPModel
+
+    tok = models.tokenizer()
+    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                max_position_embeddings=77, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                pad_token_id=1)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=224,
+                  patch_size=32)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    return model.eval().to(dtype), tok
+
+
+@pytest.mark.parametrize("n", [64, 512])
+def test_clip_resize_is_exact_area_averaging(n):
+    from stattn.spacetime import clip_resize
+
+    # A[o, p] = overlap of output cell o with input pixel p, over the output cell's length
+    edges_in = torch.arange(n + 1, dtype=torch.float64) / n
+    edges_out = torch.arange(225, dtype=torch.float64) / 224
+    lo = torch.maximum(edges_out[:-1, None], edges_in[None, :-1])
+    hi = torch.minimum(edges_out[1:, None], edges_in[None, 1:])
+    A = (hi - lo).clamp_min(0) * 224
+    x = torch.rand(1, 3, n, n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert torch.allclose(clip_resize(x), A @ x @ A.T, atol=1e-12)
+
+
+def test_weight_gradients_match_finite_differences(reference_backend):
+    """dL/dW through the whole sampling loop (checkpointed UNet evaluations recomputed in the
+    backward at the right step, PNDM's repeated timestep sharing a column), the decoder and CLIP."""
+    from stattn.runner import Runner
+    from stattn.spacetime import ClipLoss, _freeze, _unfreeze, sample_images
+
+    pipe = models.tiny(0, dtype=torch.float64)
+    st = SpatialTemporal(["cat", "frog"], weights=torch.full((2, 3), 2.5, dtype=torch.float64))
+    st.apply(pipe, prompt=PROMPT)
+    runner = Runner(pipe, accelerate=False)
+    clip, tok = tiny_clip(torch.float64)
+    frozen = _freeze([pipe.unet, pipe.vae, pipe.text_encoder, clip])
+    loss_fn = ClipLoss(clip, tok, PROMPT, [p.name for p in st.phrases], st.layout_used.crops(64, 64))
+    x_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def loss(W, **kw):
+        st.W = W
+        return loss_fn(sample_images(runner, PROMPT, x_T, steps=3, guidance_scale=7.5, height=64, width=64, **kw))
+
+    def grad(**kw):
+        W = torch.full((2, 3), 2.5, dtype=torch.float64, requires_grad=True)
+        loss(W, **kw).backward()
+        return W.grad
+
+    try:
+        g = grad()
+        eps = 1e-4
+        with torch.no_grad():
+            for i, j in ((0, 0), (1, 1), (0, 2), (1, 2)):
+                Wp, Wm = torch.full((2, 3), 2.5, dtype=torch.float64), torch.full((2, 3), 2.5, dtype=torch.float64)
+                Wp[i, j] += eps
+                Wm[i, j] -= eps
+                fd = (loss(Wp).item() - loss(Wm).item()) / (2 * eps)
+                assert g[i, j].item() == pytest.approx(fd, rel=1e-5, abs=1e-10)
+        assert torch.allclose(grad(checkpoint=False), g, rtol=1e-10, atol=1e-14)
+        last = grad(grad_steps=1)                  # the last evaluation only: column 2
+        assert torch.equal(last[:, :2], torch.zeros(2, 2, dtype=torch.float64))
+        assert torch.allclose(last[:, 2], g[:, 2], rtol=1e-10, atol=1e-14)
+    finally:
+        _unfreeze(frozen)
+        st.remove(pipe)
+
+
+def test_optimize_short_run(pipe, reference_backend):
+    st = SpatialTemporal(["cat", "frog"])
+    with pytest.raises(ValueError, match="apply"):
+        st.optimize(pipe, PROMPT, clip=tiny_clip(), steps=3)
+    st.apply(pipe, prompt=PROMPT)
+    with pytest.raises(ValueError, match="passes"):
+        st.optimize(pipe, PROMPT, clip=tiny_clip(), steps=3, passes=1)
+    with pytest.raises(TypeError, match="clip"):
+        st.optimize(pipe, PROMPT, clip=42, steps=3)
+    result = st.optimize(pipe, PROMPT, clip=tiny_clip(), steps=3, passes=3, seed=0, lr=0.05)
+    assert len(result.losses) == len(result.weights) == len(result.pass_ms) == 2
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    assert st.W.shape == (2, 3) and not st.W.requires_grad
+    assert not torch.allclose(result.weights[0], torch.full((2, 3), 2.5))      # Adam moved W
+    assert torch.equal(result.weights[-1], st.W.cpu())
+    assert all(p.requires_grad and p.grad is None for p in pipe.unet.parameters())
+    # the final image: a normal generation from the same x_T with the optimised weights
+    final = pipe(PROMPT, num_inference_steps=3, latents=result.latents, output_type="np").images
+    again = pipe(PROMPT, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert abs(final - again).max() < 1e-6
+    st.remove(pipe)
