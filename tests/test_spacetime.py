@@ -422,3 +422,18 @@ def test_optimize_short_run(pipe, reference_backend):
     again = pipe(PROMPT, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np").images
     assert abs(final - again).max() < 1e-6
     st.remove(pipe)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fused_equals_the_unfused_released_structure(mode):
+    """The benchmark's baseline (one SDPA call per region, combined eagerly, the cross-row term
+    written out) gives the same images as the fused controller."""
+    from bench.spacetime import UnfusedSpatialTemporal
+
+    runner = stattn.Runner(models.tiny(0, scheduler="DDIMScheduler"))
+    out = {}
+    for cls in (SpatialTemporal, UnfusedSpatialTemporal):
+        cls(["cat", "frog"], mode=mode, weights=torch.tensor([[3.0, 1.0, 2.0], [0.5, 4.0, 2.5]])).apply(
+            runner, prompt=PROMPT)
+        out[cls] = runner(PROMPT, steps=3, num_images=2, seed=0, output_type="np").images
+    assert abs(out[SpatialTemporal] - out[UnfusedSpatialTemporal]).max() < 1e-4
