@@ -3,8 +3,9 @@
 Per case (B cond images, H heads, a 16x16 grid, D, N = 77 keys, T targets, 20 iterations) and
 implementation, after a correctness gate against the fp64 loop on the same inputs:
 
-  fused   the Triton kernels (2 launches; on CPU: the Triton interpreter)
-  torch   the closed-form PyTorch loop (STATTN_BACKEND=reference)
+  fused        the Triton kernels (2 launches; on CPU: the Triton interpreter)
+  fused+blend  the same plus theta_eff and the carried state (inner_loop_blend, still 2 launches)
+  torch        the closed-form PyTorch loop (STATTN_BACKEND=reference)
 
 it reports the time per call (CUDA: host wall time per call in a loop of back-to-back calls,
 which is what a launch-bound op costs, and the replay time of a CUDA graph of one call, which is
@@ -12,7 +13,7 @@ the device time; CPU: perf_counter), and the launches per call: Triton launches 
 stattn.kernels.launch._launch, and on CUDA every kernel the profiler sees (torch ops included).
 
 Usage:
-    python -m bench.regulation [--device cuda|cpu] [--quick] [--out DIR] [--aot]
+    python -m bench.regulation [--device cuda|cpu] [--quick] [--out DIR] [--aot] [--warps N]
 
 --aot compiles the kernels for sm_90 with Triton's real compiler (no GPU needed; TRITON_INTERPRET
 must be unset) and prints registers, spill stack and shared memory per variant.
@@ -76,6 +77,13 @@ def backend(name: str):
 def call(inp, D):
     q, k, tokens, theta0, basis = inp
     return rc.inner_loop(q, k, tokens, theta0, basis, scale=D ** -0.5, iters=ITERS)
+
+
+def call_blend(inp, D, state, step):
+    """The loop plus the across-steps blend (theta_eff, carried state) in the same launches."""
+    q, k, tokens, theta0, basis = inp
+    out = rc.inner_loop_blend(q, k, tokens, theta0, basis, state, step, scale=D ** -0.5, iters=ITERS)
+    return rc.InnerResult(out.theta_best, out.best_iter, out.losses)
 
 
 def gate(res, inp) -> dict:
@@ -154,13 +162,19 @@ def measure(case, device: str, quick: bool) -> dict:
     D = case[4]
     inp = make_inputs(case, device)
     row = {"case": dict(zip(("B", "H", "h", "w", "D", "T", "dtype"), case)), "impls": {}}
-    for impl, name in (("fused", "triton"), ("torch", "reference")):
+    state = inp[3].clone()
+    step = torch.full((), 3, dtype=torch.int64, device=device)
+    impls = {"fused": ("triton", lambda: call(inp, D)),
+             "fused+blend": ("triton", lambda: call_blend(inp, D, state, step)),
+             "torch": ("reference", lambda: call(inp, D))}
+    for impl, (name, fn) in impls.items():
+        if quick and impl == "fused+blend" and device == "cpu":
+            continue
         with backend(name):
-            fn = lambda: call(inp, D)  # noqa: E731
             with launch_counter() as counts:
                 res = fn()
             entry = {"gate": gate(res, inp), "triton_launches": counts["triton"]}
-            reps = 5 if device == "cpu" and impl == "fused" else (10 if quick else 30)
+            reps = 5 if device == "cpu" and impl != "torch" else (10 if quick else 30)
             entry["wall_us"] = wall_us(fn, device, reps)
             if device == "cuda":
                 entry["kernels_per_call"] = profiled_kernels(fn)
@@ -225,6 +239,17 @@ def compile_report(problems=AOT_CASES, arch: int = 90) -> list[dict]:
     return rows
 
 
+def override_warps(num_warps: int) -> None:
+    from stattn.kernels import regulation as kreg
+
+    config = kreg.config
+
+    def patched(*args, **kwargs):
+        return {**config(*args, **kwargs), "num_warps": num_warps}
+
+    kreg.config = patched
+
+
 # ------------------------------------------------------------------------------------- reports
 
 def markdown(run: dict) -> str:
@@ -255,7 +280,10 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     p.add_argument("--aot", action="store_true", help="sm_90 compile report instead of timings")
+    p.add_argument("--warps", type=int, help="override the loop kernel's num_warps (tuning on a GPU)")
     args = p.parse_args(argv)
+    if args.warps:
+        override_warps(args.warps)
     if args.aot:
         rows = compile_report()
         print("| case | kernel | warps | REG | STACK | LOCAL | SHARED |\n|---|---|---|---|---|---|---|")
@@ -269,7 +297,7 @@ def main(argv=None) -> int:
                 p.error("--device cpu needs TRITON_INTERPRET=1 set before the kernels are imported")
             os.environ["TRITON_INTERPRET"] = "1"   # read by triton.jit when the kernels are imported
         torch.set_num_threads(1)
-    run = {"environment": machine(args.device), "iters": ITERS,
+    run = {"environment": machine(args.device), "iters": ITERS, "warps_override": args.warps,
            "cases": [measure(c, args.device, args.quick) for c in cases(args.device, args.quick)]}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"regulation-{device_slug(args.device)}-{time.strftime('%Y%m%d-%H%M%S')}"
