@@ -187,9 +187,7 @@ class SpatialTemporal(Controller):
         """(object phrases, layout) for the prompt; user objects must be in the prompt."""
         layout = self.layout
         named = None
-        if isinstance(layout, str) and layout != "auto":
-            named = parse_layout_text(layout)
-        elif isinstance(layout, Layout):
+        if isinstance(layout, Layout):                # given as a Layout or as layout text
             named = layout
         elif isinstance(layout, dict):
             if self.objects == "auto":

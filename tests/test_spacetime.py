@@ -12,6 +12,8 @@ from stattn.control import CrossAttentionCall
 from stattn.layout import Box, Centre, Layout
 from stattn.spacetime import SpatialTemporal, combine, region_kv
 
+from helpers import TOL, rel_err
+
 PROMPT = "a photo of a cat and a frog"
 MODES = ("same_branch", "uncond_ref")
 
@@ -149,6 +151,29 @@ def test_no_guidance_rows_are_all_conditional():
         assert torch.allclose(out[b:b + 1], ob, atol=1e-12)
     with pytest.raises(ValueError, match="uncond_ref.*classifier-free"):
         layer("uncond_ref", [0.6, 1.2], q, k, v, k_obj, v_obj, masks, c0=0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_combination_through_the_kernels_matches_fp64(mode, device, triton_backend, poisoned, monkeypatch):
+    """The Triton kernels (the interpreter on a CPU) in fp32: output, dq (both rows) and dc against
+    the fp64 reference path (NaN-poisoned kernel outputs)."""
+    q, k, v, k_obj, v_obj, masks = random_layer(M=20, D=16, N=77, seed=5)
+    c = torch.tensor([1.5, 0.7], dtype=torch.float64)
+    g = torch.randn(q.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+
+    def run(dtype):
+        qq = q.to(device, dtype).requires_grad_(True)
+        cc = c.to(device, dtype if dtype == torch.float64 else torch.float32).requires_grad_(True)
+        kk, vv = k.to(device, dtype), v.to(device, dtype)
+        kc, vc = region_kv(kk, vv, k_obj.to(device, dtype), v_obj.to(device, dtype), 2)
+        out = combine(qq, kk, vv, kc, vc, masks.to(device, dtype), cc, mode=mode, cond_start=2)
+        return (out, *torch.autograd.grad((out * g.to(device, dtype)).sum(), [qq, cc]))
+
+    got = run(torch.float32)
+    monkeypatch.setenv("STATTN_BACKEND", "reference")
+    expected = run(torch.float64)
+    for a, b in zip(got, expected):
+        assert rel_err(a, b) < 2.5 * TOL[(torch.device(device).type, torch.float32)]
 
 
 # ------------------------------------------------------------------------------ per-step weights
