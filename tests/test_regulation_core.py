@@ -158,6 +158,18 @@ def test_triton_loop_matches_fp64_loop(B, H, h, w, D, T, dtype, device, triton_b
     assert (res.losses.diff().abs() > 1e-4 * res.losses[0]).all()
 
 
+def test_triton_loop_strided_inputs(device, triton_backend, poisoned):
+    """B and H both > 1, q and k as views of [B, M, H, D] / [B, N, H, D] projections, theta0 a
+    transposed view: the kernels index by strides, no copies."""
+    q, k, tokens, theta0, basis = loop_inputs(2, 2, 8, 8, 24, 2, torch.float16, seed=6, device=device)
+    qv = q.transpose(1, 2).contiguous().transpose(1, 2)
+    kv = k.transpose(1, 2).contiguous().transpose(1, 2)
+    tv = theta0.transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert not (qv.is_contiguous() or kv.is_contiguous() or tv.is_contiguous())
+    res = rc.inner_loop(qv, kv, tokens, tv, basis, scale=24 ** -0.5, iters=3)
+    assert_matches_fp64(res, q, k, tokens, theta0, basis, 3)
+
+
 def test_reference_loop_fp32_matches_fp64_loop(reference_backend):
     inp = loop_inputs(1, 2, 16, 16, 40, 2, torch.float32)
     res = rc.inner_loop(*inp, scale=40 ** -0.5, iters=6)
@@ -218,8 +230,10 @@ def test_opcheck(backend, device, monkeypatch):
                           test_utils=("test_schema", "test_faketensor"))
 
 
-def test_torch_compile_fullgraph_matches_eager(reference_backend):
-    q, k, tokens, theta0, basis = loop_inputs(1, 2, 8, 8, 16, 2, torch.float32)
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_torch_compile_fullgraph_matches_eager(backend, device, monkeypatch):
+    monkeypatch.setenv("STATTN_BACKEND", backend)
+    q, k, tokens, theta0, basis = loop_inputs(1, 2, 8, 8, 16, 2, torch.float32, device=device)
 
     def f(q, theta0):
         return rc.inner_loop(q, k, tokens, theta0, basis, scale=0.25, iters=3)
