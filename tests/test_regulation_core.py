@@ -170,6 +170,19 @@ def test_triton_loop_strided_inputs(device, triton_backend, poisoned):
     assert_matches_fp64(res, q, k, tokens, theta0, basis, 3)
 
 
+def test_triton_loop_shares_the_quantile_weight_among_ties(device, triton_backend, poisoned):
+    """q = 0 and theta0 = 0: every pixel has exactly the same probability at the first iteration,
+    so each order statistic ties M ways; both paths split its weight equally, and L(theta_1)
+    shows the step agrees. (Later iterations keep mirror-symmetric near-ties that float32 and
+    float64 break differently: only the exact tie is compared.)"""
+    q, k, tokens, theta0, basis = loop_inputs(1, 2, 8, 8, 16, 2, torch.float32, seed=7, device=device)
+    q, theta0 = torch.zeros_like(q), torch.zeros_like(theta0)
+    res = rc.inner_loop(q, k, tokens, theta0, basis, scale=0.25, iters=2)
+    assert_matches_fp64(res, q, k, tokens, theta0, basis, 2)
+    *_, traj = fp64_loop(q, k, tokens, theta0, basis, 2)
+    assert traj[1].std() > 0   # the tied step moves theta non-uniformly (the basis is not flat)
+
+
 def test_reference_loop_fp32_matches_fp64_loop(reference_backend):
     inp = loop_inputs(1, 2, 16, 16, 40, 2, torch.float32)
     res = rc.inner_loop(*inp, scale=40 ** -0.5, iters=6)
