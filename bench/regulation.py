@@ -234,8 +234,8 @@ def compile_report(problems=AOT_CASES, arch: int = 90) -> list[dict]:
             compiled = aot.compile_launch(kernel, args, meta, GPUTarget("cuda", arch, 32))
             use = aot.resource_usage(compiled.asm["cubin"])
             rows.append({"case": "B={} H={} {}x{} D={} T={} {}".format(*case), "kernel": kernel.__name__,
-                         "num_warps": meta["num_warps"], "blend": bool(meta.get("BLEND")), "REG": use.get("REG"), "STACK": use.get("STACK"),
-                         "LOCAL": use.get("LOCAL"), "SHARED": compiled.metadata.shared})
+                         "num_warps": meta["num_warps"], "blend": bool(meta.get("BLEND")), "REG": use.get("REG"),
+                         "STACK": use.get("STACK"), "LOCAL": use.get("LOCAL"), "SHARED": compiled.metadata.shared})
     return rows
 
 
@@ -286,10 +286,10 @@ def main(argv=None) -> int:
         override_warps(args.warps)
     if args.aot:
         rows = compile_report()
-        print("| case | kernel | warps | REG | STACK | LOCAL | SHARED |\n|---|---|---|---|---|---|---|")
+        print("| case | kernel | blend | warps | REG | STACK | LOCAL | SHARED |\n|---|---|---|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r['case']} | {r['kernel']} | {r['num_warps']} | {r['REG']} | {r['STACK']} | {r['LOCAL']} | "
-                  f"{r['SHARED']} |")
+            print(f"| {r['case']} | {r['kernel']} | {int(r['blend'])} | {r['num_warps']} | {r['REG']} | {r['STACK']} | "
+                  f"{r['LOCAL']} | {r['SHARED']} |")
         return 1 if any(r["STACK"] or r["LOCAL"] for r in rows) else 0
     if args.device == "cpu":
         if os.environ.get("TRITON_INTERPRET") != "1":
