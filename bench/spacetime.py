@@ -59,17 +59,6 @@ class UnfusedSpatialTemporal(SpatialTemporal):
         return out_c if out_u is None else torch.cat([out_u, out_c])
 
 
-def tiny_clip(device, dtype):
-    from transformers import CLIPConfig, CLIPModel
-
-    tok = models.tokenizer()
-    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                max_position_embeddings=77, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=224,
-                  patch_size=32)
-    return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval().to(device, dtype), tok
-
-
 def vit_b32_clip(device, dtype):
     """The released loss model's architecture (transformers' CLIPConfig defaults = ViT-B/32) with
     random weights: its cost does not depend on the values. Text vocabulary: the shipped tokenizer."""
@@ -140,7 +129,7 @@ def measure(model: str, size: int, steps: int, repeats: int, device: str, dtype:
 
 def measure_optimise(runner, size, steps, device, dtype, mode, plain_ms, log) -> dict:
     """One differentiable pass (forward + backward + Adam step), 3 objects, after one warm-up pass."""
-    clip = vit_b32_clip(device, dtype) if device == "cuda" else tiny_clip(device, dtype)
+    clip = vit_b32_clip(device, dtype) if device == "cuda" else models.tiny_clip(0, dtype=dtype, device=device)
     st = SpatialTemporal(OBJECTS[:3], mode=mode)
     st.apply(runner, prompt=PROMPT)
     res = None

@@ -2,6 +2,7 @@
 
     stattn generate --model tiny --prompt "a photo of a cat and a frog" --out out/
     stattn generate --model DIR --prompt "..." --method regulation --targets cat frog --steps 50
+    stattn generate --model DIR --prompt "a cat to the left of a frog" --method spacetime [--optimize --clip DIR]
     stattn bench micro --quick            # bench.micro's options
     stattn bench e2e --model tiny         # bench.e2e's options
     stattn profile --model tiny --prompt "..." --out prof/
@@ -19,7 +20,7 @@ from typing import Optional
 
 import torch
 
-METHODS = ("none", "regulation")
+METHODS = ("none", "regulation", "spacetime")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # words not worth a heatmap when no --targets are given
 STOP_WORDS = frozenset("a an the of and or on in at to with without from by for is are photo picture "
@@ -38,7 +39,15 @@ def _common(p: argparse.ArgumentParser, out_default: str) -> None:
     p.add_argument("--negative-prompt")
     p.add_argument("--method", default="none", help=f"attention control: {', '.join(METHODS)}")
     p.add_argument("--targets", nargs="+", help="words of the prompt to edit / to show heatmaps of "
-                   "(default for heatmaps: the prompt's content words)")
+                   "(default for heatmaps: the prompt's content words; spacetime: its objects, default "
+                   "found in the prompt)")
+    st = p.add_argument_group("spacetime (spatial-temporal control)")
+    st.add_argument("--layout", help="object boxes as 'name [x, y, w, h]' lines on a 512 canvas (text or a "
+                    "file); default: placed from the relations the prompt states")
+    st.add_argument("--spacetime-mode", default="same_branch", choices=("same_branch", "uncond_ref"))
+    st.add_argument("--optimize", action="store_true", help="optimise the temporal weights against CLIP first")
+    st.add_argument("--clip", help="CLIP model directory for --optimize (or 'tiny': a random tiny CLIP)")
+    st.add_argument("--passes", type=int, default=3, help="--optimize: generations, as released (3)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--seed", type=int, default=0)
@@ -117,7 +126,33 @@ def _controller(runner, args, tokens):
         except ValueError as e:
             raise UsageError(f"--method regulation: {_one_line(e)}") from e
         return method
+    if args.method == "spacetime":
+        return _spacetime(runner, args)
     return None
+
+
+def _spacetime(runner, args):
+    from .spacetime import SpatialTemporal
+
+    layout = args.layout
+    if layout is not None and Path(layout).is_file():
+        layout = Path(layout).read_text()
+    if args.optimize and not args.clip:
+        raise UsageError("--optimize needs --clip DIR (a CLIP model directory; the released code uses ViT-B/32)")
+    try:
+        method = SpatialTemporal(objects=list(args.targets) if args.targets else "auto", layout=layout,
+                                 mode=args.spacetime_mode, cfg=args.guidance > 1.0)
+        method.apply(runner, prompt=args.prompt)
+        if args.optimize:
+            from . import models
+
+            clip = models.tiny_clip() if args.clip == "tiny" else args.clip
+            method.optimize(runner, args.prompt, clip=clip, steps=args.steps, passes=args.passes, seed=args.seed,
+                            guidance_scale=args.guidance, height=args.size, width=args.size,
+                            num_images=args.num_images)
+    except (ValueError, TypeError, OSError) as e:
+        raise UsageError(f"--method spacetime: {_one_line(e)}") from e
+    return method
 
 
 def _generate(runner, args, profile_dir=None, maps=True):

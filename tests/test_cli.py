@@ -59,6 +59,26 @@ def test_regulation_needs_targets(tmp_path, capsys):
     assert "--method regulation needs --targets" in capsys.readouterr().err
 
 
+def test_generate_with_spatial_temporal_control(tmp_path):
+    prompt = "a cat to the left of a frog"
+    assert run("generate", "--model", "tiny", "--prompt", prompt, "--method", "spacetime", "--steps", 3,
+               "--out", tmp_path / "auto", "--no-progress") == 0
+    assert run("generate", "--model", "tiny", "--prompt", prompt, "--method", "spacetime", "--steps", 3,
+               "--targets", "cat", "frog", "--layout", "cat [0, 0, 256, 512]\nfrog [256, 0, 256, 512]",
+               "--optimize", "--clip", "tiny", "--passes", 2, "--out", tmp_path / "opt", "--no-progress") == 0
+    for d in ("auto", "opt"):
+        report = json.loads((tmp_path / d / "report.json").read_text())
+        assert report["settings"]["method"] == "spacetime" and (tmp_path / d / "image_0.png").exists()
+
+
+def test_spacetime_bad_input(tmp_path, capsys):
+    base = ["generate", "--model", "tiny", "--prompt", PROMPT, "--method", "spacetime", "--out", tmp_path]
+    assert run(*base, "--optimize") == 2
+    assert "--optimize needs --clip" in capsys.readouterr().err
+    assert run(*base, "--targets", "zebra") == 2
+    assert "zebra" in capsys.readouterr().err
+
+
 def test_generate_from_a_model_directory(tmp_path):
     models.save(models.tiny(seed=3), tmp_path / "model")
     assert run("generate", "--model", tmp_path / "model", "--prompt", PROMPT, "--steps", 2,

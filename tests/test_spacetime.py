@@ -354,19 +354,7 @@ def test_bad_input(pipe):
 # ------------------------------------------------------------------------------ optimising W
 
 def tiny_clip(dtype=torch.float32):
-    """A tiny random transformers CLIP (ViT 224 px, patch 32) on the shipped tokenizer."""
-    from transformers import CLIPConfig, CLIPModel
-
-    tok = models.tokenizer()
-    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                max_position_embeddings=77, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                pad_token_id=1)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=224,
-                  patch_size=32)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
-    return model.eval().to(dtype), tok
+    return models.tiny_clip(0, dtype=dtype)
 
 
 @pytest.mark.parametrize("n", [64, 512])
