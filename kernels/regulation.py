@@ -261,7 +261,8 @@ def inner_loop(q, k, tokens, theta0, gy, gx, scale, iters, lr, qpos, q_target, m
     launches; arguments are validated by stattn.regulation_core. With ``blend = (theta_state,
     step, decay, w_prev)`` (state contiguous fp32, step a 0-d int tensor or an int) the second
     launch also returns theta_eff = decay^step (w_prev state + (1 - w_prev) theta_best) and
-    overwrites the state with theta_best: (theta_eff, theta_best, best_iter, losses)."""
+    overwrites the state with theta_best: (theta_eff, theta_best, best_iter, losses); a 5th
+    element ``eff_out`` (contiguous fp32 of theta0's shape) receives theta_eff in place."""
     B, H, M, D = q.shape
     N, T = k.shape[2], tokens.numel()
     h, w = gy.shape[0], gx.shape[0]
@@ -290,8 +291,8 @@ def inner_loop(q, k, tokens, theta0, gy, gx, scale, iters, lr, qpos, q_target, m
     state = theta_eff = step_t = None
     factor, log2_decay, w_prev = 1.0, 0.0, 0.0
     if blend is not None:
-        state, step, decay, w_prev = blend
-        theta_eff = launch._empty(B, H, T, Ky, Kx, **f32)
+        state, step, decay, w_prev, *eff_out = blend
+        theta_eff = eff_out[0] if eff_out and eff_out[0] is not None else launch._empty(B, H, T, Ky, Kx, **f32)
         if isinstance(step, torch.Tensor):
             step_t, log2_decay = step, math.log2(decay)
         else:

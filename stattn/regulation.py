@@ -57,6 +57,7 @@ class _LayerState:
     theta_full: Tensor           # [B, H, T, Ky, Kx]: applied θ_eff; zeros on the unconditional rows
     offset: ScoreOffset          # over theta_full, pinned SOS and first EOS
     ref_prev: Optional[Tensor] = None  # the reference path's carried θ_best (Python-held)
+    theta_zero: Optional[Tensor] = None  # θ0 of init="zeros", allocated once (no fill launch per call)
 
 
 class AttentionRegulation(Controller):
@@ -211,7 +212,8 @@ class AttentionRegulation(Controller):
                                  "denoising steps; lower edit_steps or raise the number of steps")
 
     def graph_key(self, step: int):
-        return step < self.edit_steps
+        # step 0 seeds the carried θ_best with θ0 (one extra copy): its own Python path
+        return (step < self.edit_steps, step == 0)
 
     def attention(self, call: CrossAttentionCall) -> Optional[Tensor]:
         if not self._is_selected(call.name):
@@ -235,28 +237,33 @@ class AttentionRegulation(Controller):
 
     # ------------------------------------------------------------------ the two paths
     def _fused_call(self, call: CrossAttentionCall) -> Tensor:
-        from .regulation_core import inner_loop
+        """θ0 draw, then 3 launches: the inner loop (Triton: logits + 20 iterations on-chip), the
+        best-iterate choice with the across-steps blend written straight into the offset's θ, and
+        the edited attention through region_attention. No host synchronisation."""
+        from .regulation_core import inner_loop_blend
 
         st, c0 = self._state(call)
         q, k = call.q, call.k
-        Bc = q.shape[0] - c0
-        H, T = q.shape[1], len(self.tokens)
-        (Ky, Kx), dt = st.theta_prev.shape[-2:], st.theta_prev.dtype
-        theta0 = rr.initial_theta(Bc, H, T, Ky, Kx, init=self.init, generator=self.generator,
-                                  device=q.device, dtype=dt)
-        step_t = _step_tensor(call)
-        res = inner_loop(q[c0:], k[c0:, 0], st.tokens, theta0, st.basis, scale=call.scale, iters=self.iters,
-                         lr=self.lr, quantile=self.quantile, loss_weights=self.loss_weights, thr=self.thr)
-        # at step 0 the carried "previous best" is this call's θ0 (the release's S(θ0))
-        prev = torch.where(step_t == 0, theta0, st.theta_prev)
-        blend = torch.lerp(res.theta_best, prev, self.prev_weight)    # pw·prev + (1 − pw)·best
-        torch.mul(blend, torch.pow(self.decay, step_t.to(dt)), out=st.theta_full[c0:])
-        st.theta_prev.copy_(res.theta_best)
+        theta0 = self._theta0(st, q.shape[0] - c0, q.device)
+        if call.step == 0:  # the release's "S_best(−1)" at step 0 is this call's S(θ0)
+            st.theta_prev.copy_(theta0)
+        inner_loop_blend(q[c0:], k[c0:, 0], st.tokens, theta0, st.basis, st.theta_prev, _step_tensor(call),
+                         scale=call.scale, iters=self.iters, lr=self.lr, quantile=self.quantile,
+                         loss_weights=self.loss_weights, thr=self.thr, decay=self.decay,
+                         w_prev=self.prev_weight, out=st.theta_full[c0:])
         with _no_value_checks():   # θ_eff is ours: reading it back for NaNs would sync the host per call
             out = region_attention(q, k, call.v, offset=st.offset, scale=call.scale)
         if self.record_maps:
             self._record(call, st.theta_full[c0:], st.basis)
         return out
+
+    def _theta0(self, st: _LayerState, Bc: int, device) -> Tensor:
+        shape, dt = st.theta_prev.shape, st.theta_prev.dtype
+        if self.init == "zeros":
+            if st.theta_zero is None:
+                st.theta_zero = torch.zeros(shape, dtype=dt, device=device)
+            return st.theta_zero
+        return rr.initial_theta(Bc, *shape[1:], init=self.init, generator=self.generator, device=device, dtype=dt)
 
     def _reference_call(self, call: CrossAttentionCall) -> Tensor:
         st, c0 = self._state(call)

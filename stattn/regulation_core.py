@@ -412,9 +412,43 @@ def _(q, k, tokens, theta0, gy, gx, theta_state, step, step_int, decay, w_prev, 
             q.new_empty((), dtype=torch.int64), q.new_empty((iters,), dtype=dt))
 
 
+def _inner_loop_blend_out_impl(q: Tensor, k: Tensor, tokens: Tensor, theta0: Tensor, gy: Tensor, gx: Tensor,
+                               theta_state: Tensor, theta_eff: Tensor, step: Optional[Tensor], step_int: int,
+                               decay: float, w_prev: float, scale: float, iters: int, lr: float, quantile: float,
+                               w0: float, w1: float, w2: float, thr: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The blend writing theta_eff into a given buffer (e.g. the cond rows of the layer's offset θ,
+    so no copy launch follows): a custom op may not return an alias of its input, hence its own op."""
+    if backend_for(q) == "triton":
+        from stattn.kernels import regulation as kreg
+
+        _, theta_best, best, losses = kreg.inner_loop(
+            q, k, tokens, theta0, gy, gx, scale, iters, lr, quantile_position(quantile, q.shape[2], torch.float32),
+            quantile, thr / tokens.numel(), (w0, w1, w2),
+            blend=(theta_state, step if step is not None else step_int, decay, w_prev, theta_eff))
+        return theta_best, best, losses
+    theta_best, best, losses = _inner_loop_impl(q, k, tokens, theta0, gy, gx, scale, iters, lr, quantile,
+                                                w0, w1, w2, thr)
+    theta_eff.copy_(_blend_reference(theta_best, theta_state, step, step_int, decay, w_prev))
+    return theta_best, best, losses
+
+
+_inner_loop_blend_out_op = torch.library.custom_op("stattn::regulation_inner_loop_blend_out",
+                                                   _inner_loop_blend_out_impl,
+                                                   mutates_args=("theta_state", "theta_eff"))
+
+
+@_inner_loop_blend_out_op.register_fake
+def _(q, k, tokens, theta0, gy, gx, theta_state, theta_eff, step, step_int, decay, w_prev, scale, iters, lr,
+      quantile, w0, w1, w2, thr):
+    dt = _out_dtype(q)
+    return (q.new_empty(theta0.shape, dtype=dt), q.new_empty((), dtype=torch.int64),
+            q.new_empty((iters,), dtype=dt))
+
+
 def inner_loop_blend(q: Tensor, k: Tensor, tokens, theta0: Tensor, basis, theta_state: Tensor, step, *, scale,
                      iters: int = 20, lr: float = 100.0, quantile: float = 0.9, loss_weights=(1.0, 80.0, 0.09),
-                     thr: Optional[float] = None, decay: float = 0.99, w_prev: float = 0.25) -> BlendResult:
+                     thr: Optional[float] = None, decay: float = 0.99, w_prev: float = 0.25,
+                     out: Optional[Tensor] = None) -> BlendResult:
     """:func:`inner_loop` plus the released across-steps blend in the same two launches:
     theta_eff = decay^step * (w_prev * theta_state + (1 - w_prev) * theta_best), then theta_state
     is overwritten with theta_best (in place: the layer's carried state; at the first edited
@@ -422,7 +456,8 @@ def inner_loop_blend(q: Tensor, k: Tensor, tokens, theta0: Tensor, basis, theta_
 
     theta_state: contiguous [B, H, T, Ky, Kx] in the result dtype (float32; float64 for float64 q)
     on q's device; step: a 0-d integer tensor on q's device (read on the device: CUDA-graph safe,
-    e.g. CrossAttentionCall.step_tensor) or a Python int >= 0."""
+    e.g. CrossAttentionCall.step_tensor) or a Python int >= 0; out: optional buffer like theta_state
+    (contiguous; may be a row slice of a bigger tensor) that receives theta_eff in place."""
     _, _, M, D = _check_qk(q, k)
     if not isinstance(theta_state, Tensor):
         raise TypeError(f"theta_state must be a tensor, got {type(theta_state).__name__}")
@@ -446,6 +481,15 @@ def inner_loop_blend(q: Tensor, k: Tensor, tokens, theta0: Tensor, basis, theta_
     w_prev = _finite_float("w_prev", w_prev)
     tokens_t, gy, gx, scale, weights, thr = _check_loop_args(q, k, tokens, theta0, basis, scale, iters, lr,
                                                              quantile, loss_weights, thr)
-    out = _call(_inner_loop_blend_op, _inner_loop_blend_impl, q, k, tokens_t, theta0, gy, gx, theta_state, step_t,
-                step_int, decay, w_prev, scale, iters, float(lr), float(quantile), *weights, float(thr))
-    return BlendResult(*out)
+    rest = (step_t, step_int, decay, w_prev, scale, iters, float(lr), float(quantile), *weights, float(thr))
+    if out is None:
+        return BlendResult(*_call(_inner_loop_blend_op, _inner_loop_blend_impl, q, k, tokens_t, theta0, gy, gx,
+                                  theta_state, *rest))
+    if not isinstance(out, Tensor) or out.dtype != dt or out.shape != theta_state.shape \
+            or not out.is_contiguous() or out.device != q.device:
+        raise ValueError(f"out must be a contiguous {dt} tensor of theta0's shape {tuple(theta_state.shape)} on "
+                         f"q's device {q.device}, got {getattr(out, 'dtype', type(out).__name__)} "
+                         f"{tuple(getattr(out, 'shape', ()))}")
+    theta_best, best, losses = _call(_inner_loop_blend_out_op, _inner_loop_blend_out_impl, q, k, tokens_t, theta0,
+                                     gy, gx, theta_state, out, *rest)
+    return BlendResult(out, theta_best, best, losses)

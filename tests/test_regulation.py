@@ -326,7 +326,8 @@ def test_fused_uncond_rows_are_plain_attention():
     assert (out[2:] - plain[2:]).abs().max() > 1e-2
     st = next(iter(ctrl._states.values()))
     assert torch.equal(st.theta_full[:2], torch.zeros_like(st.theta_full[:2]))
-    assert ctrl.graph_key(24) is True and ctrl.graph_key(25) is False
+    keys = [ctrl.graph_key(s) for s in (0, 1, 24, 25, 40)]  # step 0 seeds the carried θ: own path
+    assert keys[0] != keys[1] == keys[2] and keys[3] == keys[4] and len(set(keys)) == 3
 
 
 # ------------------------------------------------------------------------------ pipelines
@@ -467,3 +468,19 @@ def test_fused_state_in_place_and_step_from_step_tensor():
         assert ptrs is None or now == ptrs
         ptrs = now
     assert len(ctrl._states) == 1
+
+
+@pytest.mark.parametrize("init", ["uniform", "zeros"])
+def test_fused_layer_call_is_three_kernel_launches(init, triton_backend, monkeypatch):
+    """An edited layer call after step 0: the inner loop (2 launches, θ_eff written into the
+    offset) and the edited attention (1 launch); nothing else goes through the Triton launcher."""
+    from stattn.kernels import launch
+
+    q, k, v = _layer(B=4, dtype=torch.float32, seed=6)
+    ctrl = AttentionRegulation(token_indices=[3, 6], eos_index=9, iters=3, init=init)
+    ctrl.attention(_call(q, k, v, 0))
+    names = []
+    real = launch._launch
+    monkeypatch.setattr(launch, "_launch", lambda kernel, *a: (names.append(kernel.fn.__name__), real(kernel, *a)))
+    ctrl.attention(_call(q, k, v, 1))
+    assert names == ["_inner_loop_kernel", "_best_kernel", "_fwd_kernel"]

@@ -317,6 +317,31 @@ def test_blend_gives_theta_eff_and_carries_theta_best(backend, as_tensor, device
     assert torch.equal(state, plain.theta_best)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_blend_into_a_given_buffer(backend, device, monkeypatch, poisoned):
+    """out= receives theta_eff in place, here the trailing (cond) rows of a bigger offset tensor."""
+    monkeypatch.setenv("STATTN_BACKEND", backend)
+    q, k, tokens, theta0, basis = loop_inputs(1, 2, 8, 8, 16, 2, torch.float32, seed=5, device=device)
+    state = torch.randn(theta0.shape, generator=torch.Generator().manual_seed(3)).to(device)
+    state2 = state.clone()
+    full = torch.full((2, *theta0.shape[1:]), 7.0, device=device)  # [uncond; cond]
+    res = rc.inner_loop_blend(q, k, tokens, theta0, basis, state, torch.tensor(4, device=device), scale=0.25,
+                              iters=3, out=full[1:])
+    ref = rc.inner_loop_blend(q, k, tokens, theta0, basis, state2, 4, scale=0.25, iters=3)
+    assert res.theta_eff.data_ptr() == full[1:].data_ptr()
+    torch.testing.assert_close(full[1:], ref.theta_eff, rtol=1e-6, atol=1e-6)
+    assert torch.equal(full[0], torch.full_like(full[0], 7.0)) and torch.equal(state, state2)
+    with pytest.raises(ValueError, match="out must be a contiguous"):
+        rc.inner_loop_blend(q, k, tokens, theta0, basis, state, 4, scale=0.25, iters=3, out=full)
+
+
+def test_opcheck_blend_out(reference_backend):
+    q, k, tokens, theta0, gy, gx, *rest = op_args()
+    torch.library.opcheck(torch.ops.stattn.regulation_inner_loop_blend_out.default,
+                          (q, k, tokens, theta0, gy, gx, theta0.clone(), theta0.clone(), torch.tensor(3), 0, 0.99,
+                           0.25, *rest), test_utils=("test_schema", "test_faketensor"))
+
+
 def test_opcheck_blend(reference_backend):
     q, k, tokens, theta0, gy, gx, *rest = op_args()
     torch.library.opcheck(torch.ops.stattn.regulation_inner_loop_blend.default,
