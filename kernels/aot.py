@@ -25,7 +25,8 @@ from triton.compiler import ASTSource
 
 from . import launch
 
-_PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int32: "*i32"}
+_PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int32: "*i32",
+        torch.int64: "*i64"}
 _OPTIONS = ("num_warps", "num_stages")
 
 

@@ -16,6 +16,10 @@ _LAZY = {
     "AttentionRegulation": ("regulation", "AttentionRegulation"),
     "token_indices": ("tokens", "token_indices"),
     "eos_index": ("tokens", "eos_index"),
+    "SpatialTemporal": ("spacetime", "SpatialTemporal"),
+    "Layout": ("layout", "Layout"),
+    "LayoutPredictor": ("layout", "LayoutPredictor"),
+    "RuleLayoutPredictor": ("layout", "RuleLayoutPredictor"),
 }
 
 __all__ = ["region_attention", "ScoreOffset", "gaussian_basis", "set_value_checks", "backend_for",
