@@ -177,8 +177,9 @@ def markdown(run: dict) -> str:
                          f"{v['vs_first']:+.1%} | {v['max_abs_diff_vs_first']:.1e} |")
         lines.append("")
     if env["device"] == "cpu":
-        lines += ["CPU: stattn's op runs its PyTorch reference here; this checks the harness, "
-                  "the GPU run is the measurement."]
+        lines += [f"CPU: stattn's op runs its {env['stattn_backend']} backend here (torch threads "
+                  f"{env['torch_threads']}); a CPU run checks the harness and gives CPU ratios, the GPU "
+                  "run is the measurement."]
     return "\n".join(lines) + "\n"
 
 
@@ -222,6 +223,7 @@ def run(args, log=print) -> dict:
         targets = list(GPU_MODELS) if args.device == "cuda" else [("tiny", 64)]
     env = machine(args.device)
     env["dtype"] = str(args.dtype).removeprefix("torch.")
+    env["stattn_backend"] = stattn.backend_for(torch.empty(0, device=args.device, dtype=args.dtype))
     out = {"environment": env, "repeats": args.repeats, "variants": args.variants,
            "scheduler": args.scheduler, "models": []}
     for model, size in targets:
