@@ -13,7 +13,6 @@ Results (JSON + Markdown, with device, versions, commit) go to bench/results/.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -27,7 +26,7 @@ import stattn
 from stattn import models
 from stattn.runner import Runner
 
-from .env import REPO, device_slug, machine
+from .env import REPO, machine, quantiles, sync, write_results
 
 DEFAULT_OUT = REPO / "bench" / "results"
 PROMPT = "a photo of a cat and a frog on a bench"
@@ -100,17 +99,6 @@ PRESETS = {
 }
 
 
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _quantiles(xs: list) -> dict:
-    xs = sorted(xs)
-    pick = lambda q: xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]  # noqa: E731
-    return {"median": statistics.median(xs), "p20": pick(0.2), "p80": pick(0.8), "n": len(xs)}
-
-
 def measure_model(model: str, size: int, names: list, steps: int, repeats: int, device: str,
                   dtype: torch.dtype, scheduler=None, log=print) -> dict:
     """Alternate the variants `repeats` times on one pipeline; one warm-up generation each."""
@@ -124,10 +112,10 @@ def measure_model(model: str, size: int, names: list, steps: int, repeats: int, 
         for name in names:
             if not VARIANTS[name].own_unet:
                 _set_processors(pipe, name)
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             out = gens[name](0, steps, size)
-            _sync(device)
+            sync(device)
             if rep:
                 times[name].append((time.perf_counter() - t0) * 1e3)
             outputs[name] = out
@@ -135,7 +123,7 @@ def measure_model(model: str, size: int, names: list, steps: int, repeats: int, 
     result = {"model": model, "size": size, "steps": steps, "repeats": repeats, "variants": {}}
     base = statistics.median(times[names[0]])
     for name in names:
-        q = _quantiles(times[name])
+        q = quantiles(times[name])
         diff = (outputs[name].float() - ref).abs().max().item()
         result["variants"][name] = {"ms": q, "vs_first": q["median"] / base - 1.0,
                                     "max_abs_diff_vs_first": diff}
@@ -234,19 +222,10 @@ def run(args, log=print) -> dict:
     return out
 
 
-def write_results(result: dict, out_dir: Path) -> tuple[Path, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"e2e-{device_slug(result['environment']['device'])}-{time.strftime('%Y%m%d-%H%M%S')}"
-    jp, mp = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
-    jp.write_text(json.dumps(result, indent=1, default=str) + "\n")
-    mp.write_text(markdown(result))
-    return jp, mp
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     result = run(args)
-    jp, mp = write_results(result, args.out)
+    jp, mp = write_results(result, args.out, "e2e", markdown)
     print()
     print(markdown(result))
     print(f"wrote {jp}\n      {mp}")

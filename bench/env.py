@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import platform
+import statistics
+import time
 import re
 import subprocess
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -70,3 +73,26 @@ def machine(device: str) -> dict:
                    sm_count=props.multi_processor_count, memory_gib=props.total_memory / 2**30,
                    capability=f"{props.major}.{props.minor}")
     return env
+
+
+def sync(device) -> None:
+    """Wait for the device's queued work (wall-clock timings of whole generations)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def quantiles(xs: list) -> dict:
+    """Median, p20, p80 and count of repeated wall times."""
+    xs = sorted(xs)
+    pick = lambda q: xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]  # noqa: E731
+    return {"median": statistics.median(xs), "p20": pick(0.2), "p80": pick(0.8), "n": len(xs)}
+
+
+def write_results(result: dict, out_dir: Path, prefix: str, markdown: Callable[[dict], str]) -> tuple[Path, Path]:
+    """<prefix>-<device>-<time>.json (the raw result) and .md (its table) under out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{prefix}-{device_slug(result['environment']['device'])}-{time.strftime('%Y%m%d-%H%M%S')}"
+    json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    json_path.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    md_path.write_text(markdown(result))
+    return json_path, md_path

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import json
 import math
 import os
 import sys
@@ -44,7 +43,7 @@ if not torch.cuda.is_available():
 import stattn  # noqa: E402  (after the interpreter switch)
 from stattn import reference  # noqa: E402
 
-from .env import REPO, device_slug, machine  # noqa: E402
+from .env import REPO, machine, write_results  # noqa: E402
 
 DEFAULT_OUT = REPO / "bench" / "results"
 
@@ -676,15 +675,6 @@ def markdown(run: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(run: dict, out_dir: Path) -> tuple[Path, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"micro-{device_slug(run['environment']['device'])}-{time.strftime('%Y%m%d-%H%M%S')}"
-    json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
-    json_path.write_text(json.dumps(run, indent=1, default=str) + "\n")
-    md_path.write_text(markdown(run))
-    return json_path, md_path
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.micro", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
@@ -709,7 +699,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     run = run_benchmark(args.device, args.dtype, args.quick, args.filter, args.value_checks, args.threads)
-    json_path, md_path = write_results(run, args.out)
+    json_path, md_path = write_results(run, args.out, "micro", markdown)
     print()
     print(markdown(run))
     print(f"wrote {json_path}\n      {md_path}")

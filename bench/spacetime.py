@@ -20,7 +20,6 @@ Results (JSON + Markdown, with device, versions, commit) go to bench/results/.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -34,7 +33,7 @@ from stattn import models
 from stattn.runner import Runner
 from stattn.spacetime import SpatialTemporal
 
-from .env import REPO, device_slug, machine
+from .env import REPO, machine, quantiles, sync, write_results
 
 DEFAULT_OUT = REPO / "bench" / "results"
 PROMPT = "a photo of a cat, a dog, a bird, a frog and a horse"
@@ -70,17 +69,6 @@ def vit_b32_clip(device, dtype):
     return CLIPModel(config).eval().to(device, dtype), tok
 
 
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _quantiles(xs: list) -> dict:
-    xs = sorted(xs)
-    pick = lambda q: xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]  # noqa: E731
-    return {"median": statistics.median(xs), "p20": pick(0.2), "p80": pick(0.8), "n": len(xs)}
-
-
 def measure(model: str, size: int, steps: int, repeats: int, device: str, dtype: torch.dtype, mode: str,
             optimise: bool, log=print) -> dict:
     pipe = models.resolve(model, dtype=dtype, device=device)
@@ -101,10 +89,10 @@ def measure(model: str, size: int, steps: int, repeats: int, device: str, dtype:
                 ctrl.apply(runner, prompt=PROMPT)
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             out = runner(PROMPT, steps=steps, height=size, width=size, seed=0, output_type="pt").images
-            _sync(device)
+            sync(device)
             if rep:
                 times[name].append((time.perf_counter() - t0) * 1e3)
             else:
@@ -114,7 +102,7 @@ def measure(model: str, size: int, steps: int, repeats: int, device: str, dtype:
     base = statistics.median(times["plain"])
     result = {"model": model, "size": size, "steps": steps, "repeats": repeats, "mode": mode, "variants": {}}
     for name in controllers:
-        q = _quantiles(times[name])
+        q = quantiles(times[name])
         row = {"ms": q, "vs_plain": q["median"] / base - 1.0, "peak_bytes": peak.get(name)}
         if name.startswith("unfused"):
             row["max_abs_diff_vs_fused"] = (outputs[name] - outputs[name.replace("unfused", "fused")]).abs().max().item()
@@ -204,19 +192,10 @@ def run(args, log=print) -> dict:
     return {"environment": env, "repeats": args.repeats, "models": [m]}
 
 
-def write_results(result: dict, out_dir: Path) -> tuple[Path, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"spacetime-{device_slug(result['environment']['device'])}-{time.strftime('%Y%m%d-%H%M%S')}"
-    jp, mp = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
-    jp.write_text(json.dumps(result, indent=1, default=str) + "\n")
-    mp.write_text(markdown(result))
-    return jp, mp
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     result = run(args)
-    jp, mp = write_results(result, args.out)
+    jp, mp = write_results(result, args.out, "spacetime", markdown)
     print()
     print(markdown(result))
     print(f"wrote {jp}\n      {mp}")

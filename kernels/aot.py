@@ -152,7 +152,7 @@ def main(argv=None):
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("stattn.kernels.aot: unset TRITON_INTERPRET (it replaces the kernels this compiles)")
     rows = report(QUICK if args.quick else PROBLEMS, args.arch)
-    print(f"| problem | kernel | tiles (M,N,D) / warps | REG | STACK | SHARED |\n|---|---|---|---|---|---|")
+    print("| problem | kernel | tiles (M,N,D) / warps | REG | STACK | SHARED |\n|---|---|---|---|---|---|")
     for p, name, meta, use in rows:
         tiles = f"{meta['BLOCK_M']},{meta['BLOCK_N']},{meta['BLOCK_D']} / {meta['num_warps']}"
         print(f"| {p} | {name} | {tiles} | {use.get('REG', '?')} | {use.get('STACK', '?')} | "

@@ -5,7 +5,6 @@ target token ``tokens[t]`` of region 0 (Attention Regulation, spec: attention-re
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch

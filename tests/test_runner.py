@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
 
 import stattn
 from stattn import models

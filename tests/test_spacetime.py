@@ -220,7 +220,7 @@ def images(p, prompt=PROMPT, steps=3, n=1, seed=0, **kw):
 def test_zero_weights_reproduce_the_stock_pipeline(kind, mode):
     p = models.tiny(0, kind)
     expected = images(p, n=2)
-    st = SpatialTemporal(mode=mode, weights=0.0).apply(p, prompt=PROMPT)
+    SpatialTemporal(mode=mode, weights=0.0).apply(p, prompt=PROMPT)
     try:
         got = images(p, n=2)
     finally:
