@@ -1,5 +1,6 @@
 """stattn: the package `stattn`, the Triton kernels of kernels/ as `stattn.kernels` and the
 benchmarks of bench/ as `stattn.bench` (for the `stattn bench` command)."""
+import glob
 import os
 import shutil
 
@@ -19,7 +20,7 @@ def _native_extension():
     if not shutil.which(os.environ.get("CXX", "c++")):
         print("stattn: no C++ compiler found, skipping the native CPU extension")
         return [], {}
-    ext = CppExtension("stattn._native", ["csrc/region_attention.cpp", "csrc/module.cpp"], include_dirs=["csrc"],
+    ext = CppExtension("stattn._native", sorted(glob.glob("csrc/*.cpp")), include_dirs=["csrc"],
                        extra_compile_args=["-O3", "-fno-trapping-math"],  # = stattn.native.CFLAGS (no -march)
                        optional=True)               # a failing compile leaves the reference path
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=False)}

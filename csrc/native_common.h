@@ -150,6 +150,17 @@ STATTN_INLINE T row_lse(const T* x, int64_t n) {
 }
 
 template <typename T>
+STATTN_INLINE T row_sum(const T* x, int64_t n) {
+  T acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) acc[j] += x[i + j];
+  T s = lane_sum(acc);
+  for (; i < n; ++i) s += x[i];
+  return s;
+}
+
+template <typename T>
 STATTN_INLINE void scale_row(T* x, T a, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] *= a;
 }

@@ -14,7 +14,10 @@
 // dtype are packed into fp32 blocks (fp64 stays fp64). The backward's cross-pixel sums (dk, dv,
 // dtheta, dweights) go to per-task partials over a fixed pixel partition and are summed in a
 // fixed order afterwards, so results do not depend on the thread count or scheduling.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

@@ -18,11 +18,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["available", "load", "forward", "backward", "SOURCES", "BUILD_HINT"]
+__all__ = ["available", "load", "forward", "backward", "inner_loop", "BUILD_HINT"]
 
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
-SOURCES = ("region_attention.cpp", "module.cpp")
-HEADERS = ("native_common.h",)
 # No -march=native: the build must run on any machine it is copied to (the row loops are compiled
 # for x86-64-v3 and the baseline by function multi-versioning instead); -fno-trapping-math lets the
 # compiler vectorise the loops with comparisons (exp's clamp, max). Same flags in setup.py.
@@ -40,7 +38,7 @@ def _import_built() -> bool:
         _state["error"] = "stattn._native is not built"
         return False
     built = Path(spec.origin).stat().st_mtime
-    if any((_CSRC / s).exists() and (_CSRC / s).stat().st_mtime > built for s in (*SOURCES, *HEADERS)):
+    if _CSRC.is_dir() and any(f.stat().st_mtime > built for f in _CSRC.iterdir()):
         _state["error"] = "stattn._native is older than csrc/ (rebuilding on first use)"
         return False  # an edited checkout: the JIT build compiles the current sources
     try:
@@ -54,8 +52,8 @@ def _import_built() -> bool:
 def _jit_build() -> bool:
     from torch.utils import cpp_extension
 
-    sources = [_CSRC / s for s in SOURCES]
-    if not all(s.exists() for s in sources):
+    sources = sorted(_CSRC.glob("*.cpp"))  # every csrc/*.cpp, as setup.py
+    if not sources:
         _state["error"] = f"the C++ sources are not in {_CSRC}"
         return False
     if not cpp_extension.is_ninja_available():
@@ -114,3 +112,13 @@ def backward(grad_out, q, k, v, weights, masks, affine, theta, tokens, gy, gx, p
         grad_out, q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, float(scale), lse,
         [bool(n) for n in needs])
     return [g if n else None for g, n in zip(grads, needs)]
+
+
+def inner_loop(q, k, tokens, theta0, gy, gx, scale, iters, lr, qpos, quantile, m_target, weights):
+    """stattn.regulation_core.inner_loop's CPU path (arguments already checked, as the Triton
+    launcher's): (theta_best, best_iter 0-d int64, losses [iters]) in the compute dtype. ``qpos`` =
+    quantile_position(quantile, M, compute dtype), m_target = thr / T, weights = (w0, w1, w2)."""
+    lo, hi, frac = qpos
+    return torch.ops.stattn_native.regulation_inner_loop(q, k, tokens, theta0, gy, gx, float(scale), int(iters),
+                                                         float(lr), float(quantile), int(lo), int(hi), float(frac),
+                                                         float(m_target), *(float(w) for w in weights))

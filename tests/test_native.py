@@ -222,3 +222,70 @@ def test_loop_fallback_without_blas():
     res = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert float(res.stdout.strip().splitlines()[-1]) < TOL[("cpu", F32)] * GRAD_TOL_FACTOR
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention Regulation inner loop (csrc/regulation.cpp) against the closed-form PyTorch loop
+
+def _loop_inputs(B, H, h, w, D, T, dtype, seed=0, repeat_rows=False):
+    g = torch.Generator().manual_seed(seed)
+    M = h * w
+    q = torch.randn(B, H, M, D, generator=g, dtype=torch.float64)
+    if repeat_rows:  # 95 % identical pixels: the 0.9 quantile falls in their tie (first iteration)
+        q[:, :, : M * 95 // 100] = q[:, :, :1]
+    k = torch.randn(B, H, 77, D, generator=g, dtype=torch.float64)
+    ct = torch.float64 if dtype == F64 else F32
+    gy, gx = stattn.gaussian_basis(h, w, dtype=ct)
+    theta0 = 0.1 * torch.randn(B, H, T, gy.shape[1], gx.shape[1], generator=g, dtype=torch.float64)
+    tokens = torch.randperm(77, generator=g)[:T]
+    return q.to(dtype), k.to(dtype), tokens, theta0.to(ct), gy, gx
+
+
+@pytest.mark.parametrize("B,H,h,w,D,T,dtype", [
+    (1, 2, 8, 8, 40, 1, F64),        # small M: selection over all pixels
+    (2, 3, 24, 20, 64, 3, F64),      # M = 480
+    (2, 2, 32, 24, 40, 2, F64),      # M = 768: the sampled-window selection
+    (2, 2, 32, 24, 80, 2, F32),
+    (1, 2, 24, 24, 40, 3, BF16),
+])
+def test_native_inner_loop_matches_closed_form(B, H, h, w, D, T, dtype):
+    from stattn import regulation_core as rc
+
+    q, k, tokens, theta0, gy, gx = _loop_inputs(B, H, h, w, D, T, dtype)
+    ct = torch.float64 if dtype == F64 else F32
+    scale, weights, thr = D ** -0.5, (1.0, 80.0, 0.09), rc.default_thr(T)
+    ref_theta, ref_best, ref_losses = rc._loop_reference(q, k, tokens, theta0, gy, gx, scale, 20, 100.0, 0.9,
+                                                         weights, thr)
+    theta, best, losses = native.inner_loop(q, k, tokens, theta0, gy, gx, scale, 20, 100.0,
+                                            rc.quantile_position(0.9, h * w, ct), 0.9, thr / T, weights)
+    assert theta.dtype == losses.dtype == ct and best.dtype == torch.int64 and best.dim() == 0
+    assert theta.shape == theta0.shape and losses.shape == (20,)
+    tol = 1e-9 if dtype == F64 else 1e-4
+    assert int(best) == int(ref_best)
+    assert rel_err(losses, ref_losses.double()) < tol
+    assert rel_err(theta, ref_theta.double()) < tol
+
+
+def test_native_inner_loop_shares_the_quantile_weight_among_ties():
+    from stattn import regulation_core as rc
+
+    q, k, tokens, theta0, gy, gx = _loop_inputs(1, 2, 24, 24, 40, 2, F64, seed=3, repeat_rows=True)
+    theta0.zero_()  # every repeated pixel has the same probability: a tie at the 0.9 quantile
+    args = (q, k, tokens, theta0, gy, gx, 40 ** -0.5, 3, 100.0)
+    z = torch.einsum("bhmd,bhnd->bhmn", q, k) * 40 ** -0.5
+    p = z.softmax(-1)[0, 0, :, tokens[0]]
+    assert (p == p.sort().values[int(0.9 * 575)]).sum() > 500
+    ref_theta, ref_best, ref_losses = rc._loop_reference(*args, 0.9, (1.0, 80.0, 0.09), 0.4)
+    theta, best, losses = native.inner_loop(*args, rc.quantile_position(0.9, 576, F64), 0.9, 0.2, (1.0, 80.0, 0.09))
+    assert int(best) == int(ref_best)
+    assert rel_err(losses, ref_losses) < 1e-9 and rel_err(theta, ref_theta) < 1e-9
+
+
+def test_native_inner_loop_is_deterministic():
+    from stattn import regulation_core as rc
+
+    q, k, tokens, theta0, gy, gx = _loop_inputs(2, 2, 32, 24, 40, 2, F32, seed=5)
+    call = lambda: native.inner_loop(q, k, tokens, theta0, gy, gx, 40 ** -0.5, 20, 100.0,  # noqa: E731
+                                     rc.quantile_position(0.9, 768, F32), 0.9, 0.2, (1.0, 80.0, 0.09))
+    a, b = call(), call()
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
