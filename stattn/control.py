@@ -60,6 +60,19 @@ class Controller:
         return None
 
 
+def cond_start(call: CrossAttentionCall, cfg: bool) -> int:
+    """First conditional row of the batch: B/2 under classifier-free guidance (diffusers orders the
+    batch [uncond; cond]), else 0. A method cannot tell the two apart from an even batch, hence `cfg`."""
+    B = call.q.shape[0]
+    if not cfg:
+        return 0
+    if B % 2:
+        raise ValueError(f"cfg: with classifier-free guidance the batch is [uncond; cond], an even number of "
+                         f"rows, but layer {call.name} got {B}; pass cfg=False when generating without "
+                         "guidance (guidance_scale <= 1)")
+    return B // 2
+
+
 def project_kv(attn, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """to_k / to_v of `context` [B, N, C] as [B, 1, H, N, D] (norm_cross / norm_k honoured)."""
     if attn.norm_cross:

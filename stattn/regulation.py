@@ -36,8 +36,9 @@ from torch import Tensor
 from . import reference as ref
 from ._validate import set_value_checks
 from . import regulation_reference as rr
+from .regulation_core import check_loss_weights
 from .basis import ScoreOffset, gaussian_basis
-from .control import Controller, CrossAttentionCall
+from .control import Controller, CrossAttentionCall, cond_start
 from .ops import region_attention
 from .processors import accelerate, restore, unet_of
 
@@ -120,7 +121,7 @@ class AttentionRegulation(Controller):
         self.quantile = _float("quantile", quantile)
         if not 0.0 < self.quantile < 1.0:
             raise ValueError(f"quantile: expected a float in (0, 1), got {quantile!r}")
-        self.loss_weights = _weights(loss_weights)
+        self.loss_weights = check_loss_weights(loss_weights)
         self.thr = None if thr is None else _float("thr", thr, positive=True)
         self.beta = _float("beta", beta)
         if self.beta < 0:
@@ -317,15 +318,7 @@ class AttentionRegulation(Controller):
         return st, c0
 
     def _cond_start(self, call: CrossAttentionCall) -> int:
-        """First conditional row: B/2 under classifier-free guidance ([uncond; cond]), else 0."""
-        B = call.q.shape[0]
-        if not self.cfg:
-            return 0
-        if B % 2:
-            raise ValueError(f"cfg: with classifier-free guidance the batch is [uncond; cond], an even number "
-                             f"of rows, but layer {call.name} got {B}; pass cfg=False when generating "
-                             "without guidance (guidance_scale <= 1)")
-        return B // 2
+        return cond_start(call, self.cfg)
 
     def _is_selected(self, name: str) -> bool:
         hit = self._selected.get(name)
@@ -423,16 +416,6 @@ def _float(name: str, value, *, positive: bool = False) -> float:
     if not math.isfinite(value) or (positive and value <= 0):
         raise ValueError(f"{name}: expected a {'positive ' if positive else ''}finite float, got {value!r}")
     return float(value)
-
-
-def _weights(w) -> tuple:
-    try:
-        w = tuple(w)
-    except TypeError:
-        raise TypeError(f"loss_weights: expected three floats (quantile, mean, theta), got {w!r}") from None
-    if len(w) != 3:
-        raise ValueError(f"loss_weights: expected three floats (quantile, mean, theta), got {w!r}")
-    return tuple(_float(f"loss_weights[{i}]", x) for i, x in enumerate(w))
 
 
 def _indices(name: str, values) -> list:

@@ -233,18 +233,23 @@ def _finite_float(name: str, value, *, positive: bool = False) -> float:
     return float(value)
 
 
-def _check_loss_args(quantile, loss_weights, thr, T: int):
-    """(weights, thr) of the loss, checked; thr None -> min(1, 0.2 T)."""
-    q = _finite_float("quantile", quantile)
-    if not 0.0 <= q <= 1.0:
-        raise ValueError(f"quantile must be in [0, 1], got {quantile}")
+def check_loss_weights(loss_weights) -> tuple:
+    """(w_quantile, w_mean, w_theta) as finite floats, or a TypeError/ValueError naming them."""
     try:
         weights = tuple(loss_weights)
     except TypeError:
         raise TypeError(f"loss_weights must be three floats (w_quantile, w_mean, w_theta), got {loss_weights!r}") from None
     if len(weights) != 3:
         raise ValueError(f"loss_weights must be three floats (w_quantile, w_mean, w_theta), got {loss_weights!r}")
-    weights = tuple(_finite_float(f"loss_weights[{i}]", w) for i, w in enumerate(weights))
+    return tuple(_finite_float(f"loss_weights[{i}]", w) for i, w in enumerate(weights))
+
+
+def _check_loss_args(quantile, loss_weights, thr, T: int):
+    """(weights, thr) of the loss, checked; thr None -> min(1, 0.2 T)."""
+    q = _finite_float("quantile", quantile)
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"quantile must be in [0, 1], got {quantile}")
+    weights = check_loss_weights(loss_weights)
     thr = default_thr(T) if thr is None else _finite_float("thr", thr)
     return weights, thr
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .control import Controller, CrossAttentionCall, project_kv
+from .control import Controller, CrossAttentionCall, cond_start, project_kv
 from .layout import (Layout, LayoutPredictor, Phrase, RuleLayoutPredictor, _locate, as_region, expand_to_phrase,
                      parse_layout_text)
 from .ops import region_attention
@@ -285,14 +285,7 @@ class SpatialTemporal(Controller):
 
     # ------------------------------------------------------------------ cached pieces
     def _cond_start(self, call: CrossAttentionCall) -> int:
-        B = call.q.shape[0]
-        if not self.cfg:
-            return 0
-        if B % 2:
-            raise ValueError(f"cfg: with classifier-free guidance the batch is [uncond; cond], an even number of "
-                             f"rows, but layer {call.name} got {B}; pass cfg=False when generating without "
-                             "guidance (guidance_scale <= 1)")
-        return B // 2
+        return cond_start(call, self.cfg)
 
     def _region_kv(self, call: CrossAttentionCall, c0: int) -> tuple[Tensor, Tensor]:
         """[Bc, 1 + n, H, N, D] K and V: the prompt's cond rows, then the objects'. The objects'
