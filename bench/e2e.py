@@ -26,7 +26,7 @@ import stattn
 from stattn import models
 from stattn.runner import Runner
 
-from .env import REPO, machine, quantiles, sync, write_results
+from .env import REPO, machine, publish, quantiles, sync
 
 DEFAULT_OUT = REPO / "bench" / "results"
 PROMPT = "a photo of a cat and a frog on a bench"
@@ -225,10 +225,7 @@ def run(args, log=print) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     result = run(args)
-    jp, mp = write_results(result, args.out, "e2e", markdown)
-    print()
-    print(markdown(result))
-    print(f"wrote {jp}\n      {mp}")
+    publish(result, args.out, "e2e", markdown)
     return 0
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import platform
 import statistics
 import time
@@ -96,3 +97,28 @@ def write_results(result: dict, out_dir: Path, prefix: str, markdown: Callable[[
     json_path.write_text(json.dumps(result, indent=1, default=str) + "\n")
     md_path.write_text(markdown(result))
     return json_path, md_path
+
+
+def publish(result: dict, out_dir: Path, prefix: str, markdown: Callable[[dict], str]) -> None:
+    """Write the result files and print the table and where they are."""
+    json_path, md_path = write_results(result, out_dir, prefix, markdown)
+    print()
+    print(markdown(result))
+    print(f"wrote {json_path}\n      {md_path}")
+
+
+@contextlib.contextmanager
+def stattn_backend(name: Optional[str]):
+    """Set STATTN_BACKEND (stattn.backend_for reads it at every call) for the block; None: leave it."""
+    if name is None:
+        yield
+        return
+    previous = os.environ.get("STATTN_BACKEND")
+    os.environ["STATTN_BACKEND"] = name
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["STATTN_BACKEND"]
+        else:
+            os.environ["STATTN_BACKEND"] = previous

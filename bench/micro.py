@@ -43,7 +43,7 @@ if not torch.cuda.is_available():
 import stattn  # noqa: E402  (after the interpreter switch)
 from stattn import reference  # noqa: E402
 
-from .env import REPO, machine, write_results  # noqa: E402
+from .env import REPO, machine, publish, stattn_backend  # noqa: E402
 
 DEFAULT_OUT = REPO / "bench" / "results"
 
@@ -300,23 +300,6 @@ def skip_reason(impl: Impl, case: Case, device: str) -> Optional[str]:
         if case.R != 1 or not case.offset:
             return "FlexAttention baseline covers R = 1 with an offset only (one softmax per call)"
     return None
-
-
-@contextlib.contextmanager
-def stattn_backend(name: Optional[str]):
-    """Set STATTN_BACKEND (stattn.backend_for reads it at every call) for the block."""
-    if name is None:
-        yield
-        return
-    previous = os.environ.get("STATTN_BACKEND")
-    os.environ["STATTN_BACKEND"] = name
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ["STATTN_BACKEND"]
-        else:
-            os.environ["STATTN_BACKEND"] = previous
 
 
 @contextlib.contextmanager
@@ -699,10 +682,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     run = run_benchmark(args.device, args.dtype, args.quick, args.filter, args.value_checks, args.threads)
-    json_path, md_path = write_results(run, args.out, "micro", markdown)
-    print()
-    print(markdown(run))
-    print(f"wrote {json_path}\n      {md_path}")
+    publish(run, args.out, "micro", markdown)
     return 1 if any(c["status"] != "ok" for c in run["cases"]) else 0
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 import time
@@ -34,7 +33,7 @@ import torch
 import stattn
 from stattn import regulation_core as rc
 
-from .env import REPO, device_slug, machine
+from .env import REPO, machine, publish, stattn_backend
 
 N_KEYS, ITERS = 77, 20
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -59,19 +58,6 @@ def make_inputs(case, device, seed=0):
     theta0 = torch.rand(B, H, T, gy.shape[1], gx.shape[1], generator=g).to(device)
     tokens = (torch.randperm(N_KEYS - 1, generator=g)[:T] + 1).to(device)
     return q, k, tokens, theta0, (gy, gx)
-
-
-@contextlib.contextmanager
-def backend(name: str):
-    old = os.environ.get("STATTN_BACKEND")
-    os.environ["STATTN_BACKEND"] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("STATTN_BACKEND")
-        else:
-            os.environ["STATTN_BACKEND"] = old
 
 
 def call(inp, D):
@@ -170,7 +156,7 @@ def measure(case, device: str, quick: bool) -> dict:
     for impl, (name, fn) in impls.items():
         if quick and impl == "fused+blend" and device == "cpu":
             continue
-        with backend(name):
+        with stattn_backend(name):
             with launch_counter() as counts:
                 res = fn()
             entry = {"gate": gate(res, inp), "triton_launches": counts["triton"]}
@@ -299,13 +285,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(1)
     run = {"environment": machine(args.device), "iters": ITERS, "warps_override": args.warps,
            "cases": [measure(c, args.device, args.quick) for c in cases(args.device, args.quick)]}
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"regulation-{device_slug(args.device)}-{time.strftime('%Y%m%d-%H%M%S')}"
-    (args.out / f"{stem}.json").write_text(json.dumps(run, indent=1, default=str) + "\n")
-    md = markdown(run)
-    (args.out / f"{stem}.md").write_text(md)
-    print(md)
-    print(f"wrote {args.out / stem}.json / .md")
+    publish(run, args.out, "regulation", markdown)
     return 0 if all(e["gate"]["ok"] for r in run["cases"] for e in r["impls"].values()) else 1
 
 

@@ -33,7 +33,7 @@ from stattn import models
 from stattn.runner import Runner
 from stattn.spacetime import SpatialTemporal
 
-from .env import REPO, machine, quantiles, sync, write_results
+from .env import REPO, machine, publish, quantiles, sync
 
 DEFAULT_OUT = REPO / "bench" / "results"
 PROMPT = "a photo of a cat, a dog, a bird, a frog and a horse"
@@ -195,10 +195,7 @@ def run(args, log=print) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     result = run(args)
-    jp, mp = write_results(result, args.out, "spacetime", markdown)
-    print()
-    print(markdown(result))
-    print(f"wrote {jp}\n      {mp}")
+    publish(result, args.out, "spacetime", markdown)
     return 0
 
 
