@@ -100,7 +100,7 @@ STATTN_INLINE void loss_backward_impl(int64_t M, int64_t T, const acc_t* P, cons
 // the sample), a vectorised pass counts the values below and between them, one more gathers those
 // between (about 10 % of M) and std::nth_element runs on that window only; if the pivots miss the
 // ranks (a 4-sigma event), nth_element over all M values. O(M), no sort.
-constexpr int64_t kMaxSample = 512, kMinSample = 64;
+constexpr int64_t kMaxSample = 256, kMinSample = 64;
 
 template <typename acc_t>
 void order_stats(const acc_t* x, int64_t M, int64_t lo, int64_t hi, acc_t* buf, acc_t& v_lo, acc_t& v_hi) {
@@ -112,15 +112,20 @@ void order_stats(const acc_t* x, int64_t M, int64_t lo, int64_t hi, acc_t* buf, 
   const int64_t S = std::min(kMaxSample, M / 8);
   if (S >= kMinSample) {
     acc_t sample[kMaxSample];
-    for (int64_t s = 0; s < S; ++s) sample[s] = x[s * M / S];
+    uint32_t state = 0x9E3779B9u;  // fixed xorshift sequence: deterministic, and no grid bias (a strided
+    for (int64_t s = 0; s < S; ++s) {  // sample aliases with the Gaussian basis' period)
+      state ^= state << 13, state ^= state >> 17, state ^= state << 5;
+      sample[s] = x[(static_cast<uint64_t>(state) * static_cast<uint64_t>(M)) >> 32];
+    }
     // the sample rank of the target scatters by sqrt(S p (1 - p)): a 4-sigma margin
     const double p = static_cast<double>(lo) / M;
     const int64_t margin = 2 + static_cast<int64_t>(4.0 * std::sqrt(S * p * (1.0 - p)));
     const int64_t at = lo * S / M;
     const int64_t ra = std::max<int64_t>(at - margin, 0), rb = std::min<int64_t>(at + margin, S - 1);
     std::nth_element(sample, sample + ra, sample + S);
-    std::nth_element(sample + ra, sample + rb, sample + S);
-    const acc_t a = sample[ra], b = sample[rb];
+    const acc_t a = sample[ra];  // read before the second selection permutes [ra, S)
+    std::nth_element(sample + ra + 1, sample + rb, sample + S);
+    const acc_t b = sample[rb];
     int64_t below = 0, inside = 0;
     for (int64_t m = 0; m < M; ++m) {  // vectorised counts first: gather only when the window brackets
       below += x[m] < a;

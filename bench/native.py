@@ -1,0 +1,186 @@
+"""Native CPU kernels (csrc/) against the eager PyTorch paths, on the CPU, in one run.
+
+Two parts, at SD 1.5's cross-attention shapes for one layer call (B = 2 images, H = 8 heads,
+N = 77 keys; M = 4096 / 1024 / 256 pixels with D = 40 / 80 / 160), fp32:
+
+- the op ``stattn.region_attention`` with R = 1, 2, 4 regions, an offset on 2 target tokens and
+  2 pinned tokens (affine, float masks): forward, and forward + backward (grads of q, the region
+  weights and theta), STATTN_BACKEND=native against =reference (the eager PyTorch reference);
+- the Attention Regulation inner optimisation of one layer call (20 iterations, 2 target tokens):
+  the native op (stattn.native.inner_loop) against the released algorithm's eager autograd loop
+  (stattn.regulation_reference.reference_inner_loop, the oracle) and against the closed-form
+  vectorised PyTorch loop (regulation_core's CPU path).
+
+Every timed pair first passes a correctness gate (native vs reference relative error). Times are
+wall-clock medians (p20/p80 kept) of a few repeats after a warm-up, at torch's default thread count.
+The machine may be shared with other jobs: the load average before and after is recorded.
+
+    python -m bench.native [--quick] [--repeats 3] [--out bench/results]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import stattn
+from stattn import native
+from stattn import regulation_core as rc
+from stattn import regulation_reference as rr
+
+from .env import REPO, machine, publish, quantiles, stattn_backend
+
+B, H, N = 2, 8, 77
+SHAPES = [(64, 64, 40), (32, 32, 80), (16, 16, 160)]      # (h, w, D): SD 1.5 at 512 px
+REGIONS = (1, 2, 4)
+TOKENS, PINNED, ITERS = (2, 5), (0, 7), 20
+
+
+def _timed(fn, repeats: int) -> dict:
+    fn()                                                   # warm-up (and the JIT build, if any)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return {k: (v * 1e3 if k != "n" else v) for k, v in quantiles(times).items()}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def op_inputs(h, w, D, R, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    M = h * w
+    q = torch.randn(B, H, M, D, generator=g)
+    k = torch.randn(B, R, H, N, D, generator=g)
+    v = torch.randn(B, R, H, N, D, generator=g)
+    masks = torch.rand(B, R, M, generator=g)
+    weights = 0.25 + torch.rand(B, R, generator=g)
+    gy, gx = stattn.gaussian_basis(h, w)
+    theta = torch.randn(B, H, len(TOKENS), gy.shape[1], gx.shape[1], generator=g)
+    return q, k, v, masks, weights, theta, (gy, gx)
+
+
+def op_case(h, w, D, R, repeats: int) -> dict:
+    q, k, v, masks, weights, theta, basis = op_inputs(h, w, D, R)
+
+    def call(backward: bool):
+        leaves = [t.detach().requires_grad_(backward) for t in (q, weights, theta)]
+        off = stattn.ScoreOffset(leaves[2], TOKENS, basis, pinned=PINNED)
+        out = stattn.region_attention(leaves[0], k, v, masks=masks, region_weights=leaves[1], affine=True,
+                                      offset=off)
+        if not backward:
+            return [out]
+        return [out, *torch.autograd.grad(out, leaves, torch.ones_like(out) / out.numel() ** 0.5)]
+
+    row = {"h": h, "w": w, "M": h * w, "D": D, "R": R}
+    results = {}
+    for backend in ("native", "reference"):
+        with stattn_backend(backend):
+            results[backend] = call(True)
+            row[f"{backend}_fwd_ms"] = _timed(lambda: call(False), repeats)
+            row[f"{backend}_fwdbwd_ms"] = _timed(lambda: call(True), repeats)
+    row["max_rel_err"] = max(_rel(a, b) for a, b in zip(results["native"], results["reference"]))
+    for mode in ("fwd", "fwdbwd"):
+        row[f"speedup_{mode}"] = row[f"reference_{mode}_ms"]["median"] / row[f"native_{mode}_ms"]["median"]
+    return row
+
+
+def loop_case(h, w, D, repeats: int) -> dict:
+    g = torch.Generator().manual_seed(1)
+    M, T = h * w, len(TOKENS)
+    q = 1.5 * torch.randn(B, H, M, D, generator=g)
+    k = torch.randn(B, H, N, D, generator=g)
+    gy, gx = stattn.gaussian_basis(h, w)
+    theta0 = torch.rand(B, H, T, gy.shape[1], gx.shape[1], generator=g)      # the release's U[0, 1) init
+    tokens = torch.tensor(TOKENS)
+    scale, weights, thr = D ** -0.5, (1.0, 80.0, 0.09), rc.default_thr(T)
+    qpos = rc.quantile_position(0.9, M, torch.float32)
+    runs = {
+        "native": lambda: native.inner_loop(q, k, tokens, theta0, gy, gx, scale, ITERS, 100.0, qpos, 0.9, thr / T,
+                                            weights),
+        "closed_form": lambda: rc._loop_reference(q, k, tokens, theta0, gy, gx, scale, ITERS, 100.0, 0.9,
+                                                  weights, thr),
+        "eager_autograd": lambda: rr.reference_inner_loop(q, k, list(TOKENS), theta0, (h, w), scale=scale,
+                                                          iters=ITERS, thr=thr),
+    }
+    row = {"h": h, "w": w, "M": M, "D": D, "T": T, "iters": ITERS}
+    outs = {name: fn() for name, fn in runs.items()}
+    row["best_iter"] = {name: int(o[1]) for name, o in outs.items()}
+    row["losses_rel_err_vs_eager"] = _rel(outs["native"][2], outs["eager_autograd"][2])
+    row["theta_best_rel_err_vs_eager"] = _rel(outs["native"][0], outs["eager_autograd"][0])
+    for name, fn in runs.items():
+        row[f"{name}_ms"] = _timed(fn, repeats)
+    for name in ("closed_form", "eager_autograd"):
+        row[f"speedup_vs_{name}"] = row[f"{name}_ms"]["median"] / row["native_ms"]["median"]
+    return row
+
+
+def _ms(d: dict) -> str:
+    return f"{d['median']:.1f} ({d['p20']:.1f}-{d['p80']:.1f})"
+
+
+def markdown(res: dict) -> str:
+    e = res["environment"]
+    lines = [f"# Native CPU kernels vs eager PyTorch ({e['device_name']})", "",
+             f"torch {e['torch']}, {e['torch_threads']} threads, fp32, B={B} H={H} N={N}, commit "
+             f"{(e['git'].get('commit') or '?')[:10]}{' (dirty)' if e['git'].get('dirty') else ''}; "
+             f"load average before/after {res['load_before']} / {res['load_after']} "
+             "(shared machine: other jobs may have run at the same time). Times in ms: median (p20-p80) "
+             f"of {res['repeats']} runs after a warm-up.", "",
+             "## stattn.region_attention (offset on 2 tokens, 2 pinned, affine)", "",
+             "| M | D | R | native fwd | reference fwd | speed-up | native fwd+bwd | reference fwd+bwd | speed-up | max rel err |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["op"]:
+        lines.append(f"| {r['M']} | {r['D']} | {r['R']} | {_ms(r['native_fwd_ms'])} | {_ms(r['reference_fwd_ms'])} | "
+                     f"{r['speedup_fwd']:.1f}x | {_ms(r['native_fwdbwd_ms'])} | {_ms(r['reference_fwdbwd_ms'])} | "
+                     f"{r['speedup_fwdbwd']:.1f}x | {r['max_rel_err']:.1e} |")
+    lines += ["", f"## Attention Regulation inner loop ({ITERS} iterations, T = {len(TOKENS)})", "",
+              "| M | D | native | closed-form PyTorch | speed-up | eager autograd (released) | speed-up | best iter (nat/cf/eager) | rel err vs eager (losses / theta) |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in res["inner_loop"]:
+        b = r["best_iter"]
+        lines.append(f"| {r['M']} | {r['D']} | {_ms(r['native_ms'])} | {_ms(r['closed_form_ms'])} | "
+                     f"{r['speedup_vs_closed_form']:.1f}x | {_ms(r['eager_autograd_ms'])} | "
+                     f"{r['speedup_vs_eager_autograd']:.1f}x | {b['native']}/{b['closed_form']}/{b['eager_autograd']} | "
+                     f"{r['losses_rel_err_vs_eager']:.1e} / {r['theta_best_rel_err_vs_eager']:.1e} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.native", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="the M = 1024 shape only")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    args = p.parse_args(argv)
+    if not native.load():
+        print(f"native extension unavailable: {native._state.get('error')}", file=sys.stderr)
+        return 1
+    shapes = SHAPES[1:2] if args.quick else SHAPES
+    load_before = os.getloadavg()
+    op_rows, loop_rows = [], []
+    for h, w, D in shapes:
+        for R in REGIONS:
+            op_rows.append(op_case(h, w, D, R, args.repeats))
+            print(f"op M={h * w} D={D} R={R}: fwd {op_rows[-1]['speedup_fwd']:.1f}x, "
+                  f"fwd+bwd {op_rows[-1]['speedup_fwdbwd']:.1f}x", flush=True)
+        loop_rows.append(loop_case(h, w, D, args.repeats))
+        print(f"inner loop M={h * w}: {loop_rows[-1]['speedup_vs_eager_autograd']:.1f}x vs eager autograd, "
+              f"{loop_rows[-1]['speedup_vs_closed_form']:.1f}x vs closed form", flush=True)
+    result = {"environment": machine("cpu"), "repeats": args.repeats, "dtype": "float32",
+              "load_before": [round(x, 2) for x in load_before],
+              "load_after": [round(x, 2) for x in os.getloadavg()],
+              "op": op_rows, "inner_loop": loop_rows}
+    publish(result, args.out, "native", markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
