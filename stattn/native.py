@@ -99,16 +99,23 @@ def available() -> bool:
     return False
 
 
+def _ops():
+    """torch.ops.stattn_native, loading the extension first."""
+    if not load():
+        raise RuntimeError(f"stattn native kernels unavailable: {_state.get('error')}; {BUILD_HINT}")
+    return torch.ops.stattn_native
+
+
 def forward(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale) -> tuple[Tensor, Tensor]:
     """(o [B, H, M, D] in q's dtype, lse [B, R + has_pin, H, M] float32), as the Triton forward."""
-    return torch.ops.stattn_native.region_attention(q, k, v, weights, masks, affine, theta, tokens, gy, gx,
+    return _ops().region_attention(q, k, v, weights, masks, affine, theta, tokens, gy, gx,
                                                     pin, float(scale))
 
 
 def backward(grad_out, q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, lse, needs):
     """(dq, dk, dv, dweights, dmasks, dtheta) with None where ``needs`` is False (dtheta is zeros
     when theta is given but no token is targeted)."""
-    grads = torch.ops.stattn_native.region_attention_backward(
+    grads = _ops().region_attention_backward(
         grad_out, q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, float(scale), lse,
         [bool(n) for n in needs])
     return [g if n else None for g, n in zip(grads, needs)]
@@ -119,6 +126,6 @@ def inner_loop(q, k, tokens, theta0, gy, gx, scale, iters, lr, qpos, quantile, m
     launcher's): (theta_best, best_iter 0-d int64, losses [iters]) in the compute dtype. ``qpos`` =
     quantile_position(quantile, M, compute dtype), m_target = thr / T, weights = (w0, w1, w2)."""
     lo, hi, frac = qpos
-    return torch.ops.stattn_native.regulation_inner_loop(q, k, tokens, theta0, gy, gx, float(scale), int(iters),
+    return _ops().regulation_inner_loop(q, k, tokens, theta0, gy, gx, float(scale), int(iters),
                                                          float(lr), float(quantile), int(lo), int(hi), float(frac),
                                                          float(m_target), *(float(w) for w in weights))
