@@ -42,7 +42,7 @@ using at::Tensor;
 #define STATTN_MULTIVERSION
 #endif
 
-constexpr int64_t kBlockM = 64;    // pixel rows per block: logits block kBlockM x N stays in L1/L2
+constexpr int64_t kBlockM = 128;  // pixel rows per block: the logits block kBlockM x N stays in L2
 constexpr int64_t kChunkM = 1024;  // pixels per backward task (a fixed partition: deterministic sums)
 
 // ---------------------------------------------------------------------------------------------

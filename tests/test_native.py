@@ -38,7 +38,7 @@ CASES = [
     Case(D=40, R=4, T=3, pinned=(0, 1), float_masks=False),
     Case(D=64, R=2, T=0, pinned=(0,), affine=True),                       # pins without an offset
     Case(D=40, R=2, T=3, pinned=(0, 140), N=154, h=4, w=6),               # N > 128
-    Case(D=80, R=2, T=1, pinned=(5,), h=13, w=11),                        # M = 143: 3 pixel blocks
+    Case(D=80, R=2, T=1, pinned=(5,), h=13, w=11),                        # M = 143: a partial second pixel block
     Case(D=40, R=2, T=3, pinned=(0, 9), affine=True, dtype=BF16, h=9, w=7),
     Case(D=160, R=1, T=1, pinned=(0,), dtype=BF16, h=4, w=5),
     Case(D=64, R=4, T=0, dtype=BF16),
