@@ -324,12 +324,19 @@ def _out_dtype(q: Tensor) -> torch.dtype:
 def _inner_loop_impl(q: Tensor, k: Tensor, tokens: Tensor, theta0: Tensor, gy: Tensor, gx: Tensor,
                    scale: float, iters: int, lr: float, quantile: float, w0: float, w1: float, w2: float,
                    thr: float) -> tuple[Tensor, Tensor, Tensor]:
-    if backend_for(q) == "triton":
+    backend = backend_for(q)
+    if backend == "triton":
         from stattn.kernels import regulation as kreg  # installed from the repo's kernels/
 
         return kreg.inner_loop(q, k, tokens, theta0, gy, gx, scale, iters, lr,
                                quantile_position(quantile, q.shape[2], torch.float32), quantile,
                                thr / tokens.numel(), (w0, w1, w2))
+    if backend == "native":  # csrc/regulation.cpp: the 20 iterations in one native call
+        from . import native
+
+        return native.inner_loop(q, k, tokens, theta0, gy, gx, scale, iters, lr,
+                                 quantile_position(quantile, q.shape[2], _compute_dtype(q)), quantile,
+                                 thr / tokens.numel(), (w0, w1, w2))
     theta_best, best, losses = _loop_reference(q, k, tokens, theta0, gy, gx, scale, iters, lr, quantile,
                                                (w0, w1, w2), thr)
     dt = _out_dtype(q)
@@ -366,7 +373,8 @@ def inner_loop(q: Tensor, k: Tensor, tokens, theta0: Tensor, basis, *, scale, it
     with h*w = M; scale the logit scale (None: D^-1/2); thr None -> min(1, 0.2*T).
     Returns InnerResult(theta_best [B, H, T, Ky, Kx], best_iter 0-d int64, losses [iters]),
     float32 (float64 for float64 q), on q's device, without host synchronisation: CUDA runs two
-    Triton launches, CPU the closed-form PyTorch loop (or the kernels under the interpreter
+    Triton launches, CPU the native kernels of csrc/ (the closed-form PyTorch loop with
+    STATTN_BACKEND=reference or when the extension is unavailable; the kernels under the interpreter
     with STATTN_BACKEND=triton, as stattn.ops.backend_for).
     Values of device-resident tokens are not read: an out-of-range or repeated index there gives
     NaN losses (and best_iter 0); CPU tokens are checked and raise.
