@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -232,6 +233,8 @@ def _one_line(e: BaseException) -> str:
 
 
 def main(argv: Optional[list] = None) -> int:
+    # diffusers imports transformers' image processors we never use, which warn without torchvision
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
     handler = {"generate": cmd_generate, "profile": cmd_profile, "bench": cmd_bench}[args.command]
     try:
