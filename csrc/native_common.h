@@ -24,6 +24,14 @@ void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const in
 // Row helpers are force-inlined so that a multi-versioned caller compiles them for its target.
 #define STATTN_INLINE __attribute__((always_inline)) inline
 
+// The fp32 row work is compiled for x86-64-v4 (AVX-512), x86-64-v3 (AVX2 + FMA) and the baseline,
+// and picked at load time (GCC/clang function multi-versioning): the build itself uses no -march.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(STATTN_NO_MULTIVERSION)
+#define STATTN_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define STATTN_MULTIVERSION
+#endif
+
 namespace stattn_native {
 
 // BLAS available (and not switched off with STATTN_NATIVE_BLAS=0, which tests the fallback)?
@@ -57,50 +65,79 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
   }
 }
 
-// The row kernels below are plain loops over kLanes independent lanes (fixed order: lane partials,
-// then a fixed combine), written so that the compiler vectorises them for whatever target the
-// calling function is compiled for. The callers (fwd_rows / bwd_rows) are multi-versioned for
-// x86-64-v3 and the baseline. at::vec::Vectorized is not used here: without -m flags ATen's
-// headers select the generic Vectorized, whose array-backed ops (NaN-checking maximum, map-based
-// floor, array round-trips in casts) compiled to spilled scalar-ish code and made the forward
-// slower than the eager reference; the lane loops vectorise cleanly in every clone.
+// The row kernels below keep kLanes independent lane partials (fixed order: lane partials, then a
+// fixed combine), so results do not depend on the target they are compiled for. fp32 uses GCC
+// vector types of 8 floats: one AVX register in the x86-64-v3 clone of the multi-versioned callers
+// (fwd_rows, bwd_rows, ...), two SSE registers in the baseline. Plain loops of arrays did not do:
+// GCC neither vectorises an IEEE max (a > b ? a : b) nor keeps an accumulator array in registers
+// (it went through the stack, a store-forwarding chain per 8 elements). at::vec::Vectorized is not
+// used either: without -m flags ATen's headers select the generic Vectorized, whose array-backed
+// ops compiled to spilled scalar-ish code. fp64 (the exactness path) keeps plain lane loops.
 constexpr int64_t kLanes = 8;
 
-template <typename T>
-STATTN_INLINE T row_max(const T* x, int64_t n) {
-  T m = -std::numeric_limits<T>::infinity();
-  int64_t i = 0;
-  if (n >= kLanes) {
-    T acc[kLanes];
-    for (int64_t j = 0; j < kLanes; ++j) acc[j] = x[j];
-    for (i = kLanes; i + kLanes <= n; i += kLanes)
-      for (int64_t j = 0; j < kLanes; ++j) acc[j] = acc[j] > x[i + j] ? acc[j] : x[i + j];
-    for (int64_t j = 0; j < kLanes; ++j) m = m > acc[j] ? m : acc[j];
-  }
-  for (; i < n; ++i) m = m > x[i] ? m : x[i];
+// These helpers are always inlined, so no vector ever crosses a call: GCC's note that returning an
+// AVX vector from a function compiled without AVX changes the ABI does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+
+STATTN_INLINE f32x8 load8(const float* p) {
+  f32x8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+STATTN_INLINE void store8(float* p, const f32x8& v) { std::memcpy(p, &v, sizeof v); }
+STATTN_INLINE f32x8 splat8(float a) { return f32x8{} + a; }
+STATTN_INLINE f32x8 max8(const f32x8& a, const f32x8& b) { return a > b ? a : b; }
+STATTN_INLINE float hsum8(const f32x8& v) {
+  float s = 0;
+  for (int j = 0; j < 8; ++j) s += v[j];
+  return s;
+}
+STATTN_INLINE float hmax8(const f32x8& v) {
+  float m = v[0];
+  for (int j = 1; j < 8; ++j) m = m > v[j] ? m : v[j];
   return m;
 }
 
 // exp(x) in fp32: Cephes range reduction (round to nearest by the 1.5 * 2^23 trick, so no floor
-// call) and its degree-6 polynomial, about 2 ulp on the softmax range; inputs are clamped to
-// [-87.3, 88.3] (results below ~1e-38 become tiny normals instead of 0). fp64 uses std::exp.
-STATTN_INLINE float exp_f32(float x) {
-  x = x < -87.3365447f ? -87.3365447f : x;
-  x = x > 88.3762589f ? 88.3762589f : x;
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  float r = x - n * 0.693359375f;
+// call) and its degree-6 polynomial, about 2 ulp on the softmax range. Below kExpLo the result is
+// 0 (the true value is below 1.7e-38) and the discarded lanes are computed at kExpLo: a denormal
+// anywhere, even in a lane that is thrown away, costs a microcode assist per instruction, and the
+// -inf pad columns of the logits would hit that on every row. Inputs above kExpHi are clamped.
+// One lane and 8 lanes compute the same operations. fp64 uses std::exp.
+constexpr float kExpLo = -87.0f, kExpHi = 88.3762589f;
+template <typename V>
+STATTN_INLINE V exp_poly(const V& x) {  // x already clamped; returns exp(x) / 2^n
+  const V n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  V r = x - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
+  V y = r * 1.9875691500e-4f + 1.3981999507e-3f;
   y = y * r + 8.3334519073e-3f;
   y = y * r + 4.1665795894e-2f;
   y = y * r + 1.6666665459e-1f;
   y = y * r + 5.0000001201e-1f;
-  y = y * (r * r) + r + 1.0f;
+  return y * (r * r) + r + 1.0f;
+}
+STATTN_INLINE float exp_f32(float x) {
+  float c = x < kExpLo ? kExpLo : x;
+  c = c > kExpHi ? kExpHi : c;
+  const float n = (c * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   const int32_t bits = (static_cast<int32_t>(n) + 127) * (1 << 23);  // 2^n as float bits
   float scale;
   std::memcpy(&scale, &bits, sizeof(float));
-  return y * scale;
+  const float e = exp_poly(c) * scale;
+  return x < kExpLo ? 0.0f : e;
+}
+STATTN_INLINE f32x8 exp8(const f32x8& x) {
+  f32x8 c = x < kExpLo ? splat8(kExpLo) : x;
+  c = c > kExpHi ? splat8(kExpHi) : c;
+  const f32x8 n = (c * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const i32x8 bits = (__builtin_convertvector(n, i32x8) + 127) << 23;
+  f32x8 scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  const f32x8 e = exp_poly(c) * scale;
+  return x < kExpLo ? splat8(0.0f) : e;
 }
 template <typename T>
 STATTN_INLINE T exp_t(T x) {
@@ -117,18 +154,73 @@ STATTN_INLINE T lane_sum(const T* acc) {
   return s;
 }
 
+template <typename T>
+STATTN_INLINE T row_max(const T* x, int64_t n) {
+  T m = -std::numeric_limits<T>::infinity();
+  int64_t i = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    if (n >= kLanes) {
+      f32x8 acc = load8(x);
+      for (i = kLanes; i + kLanes <= n; i += kLanes) acc = max8(acc, load8(x + i));
+      m = hmax8(acc);
+    }
+  } else if (n >= kLanes) {
+    T acc[kLanes];
+    for (int64_t j = 0; j < kLanes; ++j) acc[j] = x[j];
+    for (i = kLanes; i + kLanes <= n; i += kLanes)
+      for (int64_t j = 0; j < kLanes; ++j) acc[j] = acc[j] > x[i + j] ? acc[j] : x[i + j];
+    for (int64_t j = 0; j < kLanes; ++j) m = m > acc[j] ? m : acc[j];
+  }
+  for (; i < n; ++i) m = m > x[i] ? m : x[i];
+  return m;
+}
+
+// max over n of x + add (add: 0 on the columns that count, -inf on the others)
+template <typename T>
+STATTN_INLINE T row_max_plus(const T* x, const T* add, int64_t n) {
+  T m = -std::numeric_limits<T>::infinity();
+  int64_t i = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    f32x8 acc = splat8(m);
+    for (; i + kLanes <= n; i += kLanes) acc = max8(acc, load8(x + i) + load8(add + i));
+    m = hmax8(acc);
+  } else {
+    T acc[kLanes];
+    for (int64_t j = 0; j < kLanes; ++j) acc[j] = m;
+    for (; i + kLanes <= n; i += kLanes)
+      for (int64_t j = 0; j < kLanes; ++j) {
+        const T v = x[i + j] + add[i + j];
+        acc[j] = acc[j] > v ? acc[j] : v;
+      }
+    for (int64_t j = 0; j < kLanes; ++j) m = m > acc[j] ? m : acc[j];
+  }
+  for (; i < n; ++i) m = m > x[i] + add[i] ? m : x[i] + add[i];
+  return m;
+}
+
 // y = exp(x - shift) (y may alias x); returns sum(y)
 template <typename T>
 STATTN_INLINE T exp_shift_sum(const T* x, T shift, T* y, int64_t n) {
-  T acc[kLanes] = {};
+  T sum;
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int64_t j = 0; j < kLanes; ++j) {
-      const T e = exp_t(x[i + j] - shift);
-      y[i + j] = e;
-      acc[j] += e;
+  if constexpr (std::is_same_v<T, float>) {
+    f32x8 acc = {};
+    for (; i + kLanes <= n; i += kLanes) {
+      const f32x8 e = exp8(load8(x + i) - shift);
+      store8(y + i, e);
+      acc += e;
     }
-  T sum = lane_sum(acc);
+    sum = hsum8(acc);
+  } else {
+    T acc[kLanes] = {};
+    for (; i + kLanes <= n; i += kLanes)
+      for (int64_t j = 0; j < kLanes; ++j) {
+        const T e = exp_t(x[i + j] - shift);
+        y[i + j] = e;
+        acc[j] += e;
+      }
+    sum = lane_sum(acc);
+  }
   for (; i < n; ++i) {
     y[i] = exp_t(x[i] - shift);
     sum += y[i];
@@ -136,26 +228,73 @@ STATTN_INLINE T exp_shift_sum(const T* x, T shift, T* y, int64_t n) {
   return sum;
 }
 
+// y = exp(x - shift) (y may alias x); sum_all = sum(y), sum_w = sum(w * y)
+template <typename T>
+STATTN_INLINE void exp_shift_sum2(const T* x, T shift, const T* w, T* y, int64_t n, T& sum_all, T& sum_w) {
+  int64_t i = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    f32x8 acc = {}, accw = {};
+    for (; i + kLanes <= n; i += kLanes) {
+      const f32x8 e = exp8(load8(x + i) - shift);
+      store8(y + i, e);
+      acc += e;
+      accw += load8(w + i) * e;
+    }
+    sum_all = hsum8(acc);
+    sum_w = hsum8(accw);
+  } else {
+    T acc[kLanes] = {}, accw[kLanes] = {};
+    for (; i + kLanes <= n; i += kLanes)
+      for (int64_t j = 0; j < kLanes; ++j) {
+        const T e = exp_t(x[i + j] - shift);
+        y[i + j] = e;
+        acc[j] += e;
+        accw[j] += w[i + j] * e;
+      }
+    sum_all = lane_sum(acc);
+    sum_w = lane_sum(accw);
+  }
+  for (; i < n; ++i) {
+    y[i] = exp_t(x[i] - shift);
+    sum_all += y[i];
+    sum_w += w[i] * y[i];
+  }
+}
+
 // log(sum(exp(x))) without writing x
 template <typename T>
 STATTN_INLINE T row_lse(const T* x, int64_t n) {
   const T mx = row_max(x, n);
-  T acc[kLanes] = {};
+  T sum;
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int64_t j = 0; j < kLanes; ++j) acc[j] += exp_t(x[i + j] - mx);
-  T sum = lane_sum(acc);
+  if constexpr (std::is_same_v<T, float>) {
+    f32x8 acc = {};
+    for (; i + kLanes <= n; i += kLanes) acc += exp8(load8(x + i) - mx);
+    sum = hsum8(acc);
+  } else {
+    T acc[kLanes] = {};
+    for (; i + kLanes <= n; i += kLanes)
+      for (int64_t j = 0; j < kLanes; ++j) acc[j] += exp_t(x[i + j] - mx);
+    sum = lane_sum(acc);
+  }
   for (; i < n; ++i) sum += exp_t(x[i] - mx);
   return mx + std::log(sum);
 }
 
 template <typename T>
 STATTN_INLINE T row_sum(const T* x, int64_t n) {
-  T acc[kLanes] = {};
+  T s;
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int64_t j = 0; j < kLanes; ++j) acc[j] += x[i + j];
-  T s = lane_sum(acc);
+  if constexpr (std::is_same_v<T, float>) {
+    f32x8 acc = {};
+    for (; i + kLanes <= n; i += kLanes) acc += load8(x + i);
+    s = hsum8(acc);
+  } else {
+    T acc[kLanes] = {};
+    for (; i + kLanes <= n; i += kLanes)
+      for (int64_t j = 0; j < kLanes; ++j) acc[j] += x[i + j];
+    s = lane_sum(acc);
+  }
   for (; i < n; ++i) s += x[i];
   return s;
 }
@@ -167,11 +306,18 @@ STATTN_INLINE void scale_row(T* x, T a, int64_t n) {
 
 template <typename T>
 STATTN_INLINE T row_dot(const T* x, const T* y, int64_t n) {
-  T acc[kLanes] = {};
+  T s;
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int64_t j = 0; j < kLanes; ++j) acc[j] += x[i + j] * y[i + j];
-  T s = lane_sum(acc);
+  if constexpr (std::is_same_v<T, float>) {
+    f32x8 acc = {};
+    for (; i + kLanes <= n; i += kLanes) acc += load8(x + i) * load8(y + i);
+    s = hsum8(acc);
+  } else {
+    T acc[kLanes] = {};
+    for (; i + kLanes <= n; i += kLanes)
+      for (int64_t j = 0; j < kLanes; ++j) acc[j] += x[i + j] * y[i + j];
+    s = lane_sum(acc);
+  }
   for (; i < n; ++i) s += x[i] * y[i];
   return s;
 }

@@ -34,14 +34,6 @@ namespace stattn_native {
 
 using at::Tensor;
 
-// The row work of fp32 is compiled twice, for x86-64-v3 (AVX2 + FMA) and the baseline, and picked
-// at load time (GCC/clang function multi-versioning): the build itself uses no -march flag.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(STATTN_NO_MULTIVERSION)
-#define STATTN_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define STATTN_MULTIVERSION
-#endif
-
 constexpr int64_t kBlockM = 128;  // pixel rows per block: the logits block kBlockM x N stays in L2
 constexpr int64_t kChunkM = 1024;  // pixels per backward task (a fixed partition: deterministic sums)
 
@@ -55,6 +47,11 @@ struct Problem {
   Tensor k, v, weights, masks, theta, gy, gx;  // contiguous, acc_t
   std::vector<int64_t> tokens, pinned;          // target columns, pinned columns of region 0
   std::vector<uint8_t> is_pin;                  // [N]
+  // Forward layout: every region's keys padded to Np (a multiple of 16: the row loops run without
+  // scalar tails) and all regions of a head side by side, so that one product per block serves
+  // every region (see pack_head).
+  int64_t Np = 0;
+  std::vector<acc_t> nt_one, nt_neg;  // [Np] over non-target real columns: 1 / 0, else 0 / -inf
 
   const acc_t* K(int64_t b, int64_t r, int64_t h) const {
     return k.data_ptr<acc_t>() + ((b * R + r) * H + h) * N * D;
@@ -119,6 +116,12 @@ Problem<acc_t> make_problem(const Tensor& q, const Tensor& k, const Tensor& v, c
       p.tokens.push_back(tok);
     }
   }
+  p.Np = (p.N + 15) / 16 * 16;
+  const acc_t inf = std::numeric_limits<acc_t>::infinity();
+  p.nt_one.assign(p.Np, acc_t(0));
+  p.nt_neg.assign(p.Np, -inf);
+  for (int64_t n = 0; n < p.N; ++n) p.nt_one[n] = 1, p.nt_neg[n] = 0;
+  for (int64_t tok : p.tokens) p.nt_one[tok] = 0, p.nt_neg[tok] = -inf;  // (distinct: ScoreOffset checks)
   return p;
 }
 
@@ -223,72 +226,146 @@ void logits(const Problem<acc_t>& p, const acc_t* K, const acc_t* qb, int64_t ro
 // ---------------------------------------------------------------------------------------------
 // Forward.
 
-// Softmax of one region for a block of rows: pr = alpha * p_r (region 0: offset on the target
-// columns, pinned columns from the un-offset logits) and the log-sum-exps.
+// Region 0 with an offset, one row, exactly as copy + add + softmax + a second softmax for the pinned
+// columns: the fallback of fwd_rows when the two softmaxes' shifts are too far apart to share exps.
 template <typename acc_t>
-STATTN_INLINE void fwd_rows_impl(const Problem<acc_t>& p, int64_t r, int64_t rows, acc_t* z, acc_t* pr,
-                                            acc_t* tmp, const acc_t* al, const acc_t* S, float* lse_r, float* lse_0) {
-  const int64_t N = p.N, T = p.T;
-  for (int64_t i = 0; i < rows; ++i) {
-    acc_t* zi = z + i * N;
-    acc_t* pi = pr + i * N;
-    const acc_t* src = zi;
-    if (p.offset_on(r)) {  // edited logits: z + S on the target columns
-      std::copy(zi, zi + N, pi);
-      for (int64_t t = 0; t < T; ++t) pi[p.tokens[t]] += S[i * T + t];
-      src = pi;
-    }
-    const acc_t mx = row_max(src, N);
-    const acc_t sum = exp_shift_sum(src, mx, pi, N);
-    lse_r[i] = static_cast<float>(mx + std::log(sum));
-    scale_row(pi, al[i] / sum, N);  // alpha folded into p: the PV product accumulates sum_r
-    if (p.pin_on(r)) {
-      const acc_t mx0 = row_max(zi, N);
-      const acc_t sum0 = exp_shift_sum(zi, mx0, tmp, N);
-      lse_0[i] = static_cast<float>(mx0 + std::log(sum0));
-      for (int64_t n : p.pinned) pi[n] = al[i] * tmp[n] / sum0;
-    }
+STATTN_INLINE void fwd_row_offset_twopass(const Problem<acc_t>& p, acc_t* zi, acc_t* tmp, acc_t a, const acc_t* Si,
+                                          float* lse_r, float* lse_0) {
+  const int64_t Np = p.Np;
+  std::copy(zi, zi + Np, tmp);  // un-offset logits
+  for (int64_t t = 0; t < p.T; ++t) zi[p.tokens[t]] += Si[t];
+  const acc_t mx = row_max(zi, Np);
+  const acc_t sum = exp_shift_sum(zi, mx, zi, Np);
+  *lse_r = static_cast<float>(mx + std::log(sum));
+  scale_row(zi, a / sum, Np);
+  if (p.has_pin) {
+    const acc_t mx0 = row_max(tmp, Np);
+    const acc_t sum0 = exp_shift_sum(tmp, mx0, tmp, Np);
+    *lse_0 = static_cast<float>(mx0 + std::log(sum0));
+    for (int64_t n : p.pinned) zi[n] = a * tmp[n] / sum0;
   }
 }
 
-STATTN_MULTIVERSION void fwd_rows(const Problem<float>& p, int64_t r, int64_t rows, float* z, float* pr, float* tmp,
-                                  const float* al, const float* S, float* lse_r, float* lse_0) {
-  fwd_rows_impl(p, r, rows, z, pr, tmp, al, S, lse_r, lse_0);
-}
-void fwd_rows(const Problem<double>& p, int64_t r, int64_t rows, double* z, double* pr, double* tmp,
-              const double* al, const double* S, float* lse_r, float* lse_0) {
-  fwd_rows_impl(p, r, rows, z, pr, tmp, al, S, lse_r, lse_0);
+// Softmax of one region for a block of rows, in place: z [rows, ldz] holds this region's Np logit
+// columns (pads -inf) and becomes alpha * p_r; writes the log-sum-exps (region 0 with pins: also
+// that of the un-offset logits). Region 0 with an offset shares one exp pass between the edited
+// and the un-offset softmax: both differ only on the few target columns, so with e = exp(z - mx0)
+// (mx0 the un-offset maximum) the edited row is e * exp(mx0 - mxe) off the targets, renormalised
+// by the sum over the non-target columns; target and pinned columns are then set directly.
+template <typename acc_t>
+STATTN_INLINE void fwd_rows_impl(const Problem<acc_t>& p, int64_t r, int64_t rows, acc_t* z, int64_t ldz,
+                                 acc_t* tmp, const acc_t* al, const acc_t* S, float* lse_r, float* lse_0) {
+  const int64_t Np = p.Np, T = p.T;
+  constexpr int64_t kMaxT = 16;      // targets held in registers on the shared-exp path
+  constexpr acc_t kMaxShift = 60;    // beyond this gap between the two maxima the shared exps would
+                                     // leave the normal range
+  for (int64_t i = 0; i < rows; ++i) {
+    acc_t* zi = z + i * ldz;
+    const acc_t a = al[i];
+    if (!p.offset_on(r)) {  // plain softmax; pinned columns (no offset) take the same probability
+      const acc_t mx = row_max(zi, Np);
+      const acc_t sum = exp_shift_sum(zi, mx, zi, Np);
+      lse_r[i] = static_cast<float>(mx + std::log(sum));
+      if (p.pin_on(r)) lse_0[i] = lse_r[i];
+      scale_row(zi, a / sum, Np);
+      continue;
+    }
+    acc_t ze[kMaxT];  // edited logits of the target columns
+    const acc_t mx_nt = row_max_plus(zi, p.nt_neg.data(), Np);
+    acc_t mx0 = mx_nt, mxe = mx_nt;
+    for (int64_t t = 0; t < T && T <= kMaxT; ++t) {
+      ze[t] = zi[p.tokens[t]] + S[i * T + t];
+      mx0 = std::max(mx0, zi[p.tokens[t]]);
+      mxe = std::max(mxe, ze[t]);
+    }
+    if (T > kMaxT || !(std::abs(mx0 - mxe) <= kMaxShift)) {
+      fwd_row_offset_twopass(p, zi, tmp, a, S + i * T, lse_r + i, lse_0 + i);
+      continue;
+    }
+    acc_t sum0, sum_nt;
+    exp_shift_sum2(zi, mx0, p.nt_one.data(), zi, Np, sum0, sum_nt);
+    const acc_t c = exp_t(mx0 - mxe);
+    acc_t sum_e = c * sum_nt;
+    for (int64_t t = 0; t < T; ++t) {
+      ze[t] = exp_t(ze[t] - mxe);
+      sum_e += ze[t];
+    }
+    lse_r[i] = static_cast<float>(mxe + std::log(sum_e));
+    if (p.has_pin) {
+      lse_0[i] = static_cast<float>(mx0 + std::log(sum0));
+      for (size_t k = 0; k < p.pinned.size(); ++k) tmp[k] = zi[p.pinned[k]];
+    }
+    scale_row(zi, a * c / sum_e, Np);
+    for (int64_t t = 0; t < T; ++t) zi[p.tokens[t]] = a * ze[t] / sum_e;
+    for (size_t k = 0; k < p.pinned.size(); ++k) zi[p.pinned[k]] = a * tmp[k] / sum0;
+  }
 }
 
+STATTN_MULTIVERSION void fwd_rows(const Problem<float>& p, int64_t r, int64_t rows, float* z, int64_t ldz, float* tmp,
+                                  const float* al, const float* S, float* lse_r, float* lse_0) {
+  fwd_rows_impl(p, r, rows, z, ldz, tmp, al, S, lse_r, lse_0);
+}
+void fwd_rows(const Problem<double>& p, int64_t r, int64_t rows, double* z, int64_t ldz, double* tmp,
+              const double* al, const double* S, float* lse_r, float* lse_0) {
+  fwd_rows_impl(p, r, rows, z, ldz, tmp, al, S, lse_r, lse_0);
+}
+
+// Keys or values of head (b, h), all regions side by side with zero pad rows: dst [R * Np, D]. Packed
+// per task into thread-local scratch (whenever the head changes), not per call into a new tensor:
+// at small M a fresh B * H * R * Np * D tensor cost more in page faults than the products.
+template <typename acc_t>
+void pack_head(const Problem<acc_t>& p, const Tensor& x, int64_t b, int64_t h, acc_t* dst) {
+  const int64_t ND = p.N * p.D;
+  for (int64_t r = 0; r < p.R; ++r) {
+    const acc_t* src = x.data_ptr<acc_t>() + ((b * p.R + r) * p.H + h) * ND;
+    acc_t* out = dst + r * p.Np * p.D;
+    std::copy(src, src + ND, out);
+    std::fill(out + ND, out + p.Np * p.D, acc_t(0));
+  }
+}
+
+// The pad columns of every region's logits (z [rows, R * Np]) to -inf: probability exactly 0.
+template <typename acc_t>
+void set_pad_logits(const Problem<acc_t>& p, int64_t rows, acc_t* z) {
+  if (p.Np == p.N) return;
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t r = 0; r < p.R; ++r)
+      std::fill(z + i * p.R * p.Np + r * p.Np + p.N, z + i * p.R * p.Np + (r + 1) * p.Np,
+                -std::numeric_limits<acc_t>::infinity());
+}
+
+// Per block: one product for the logits of all regions (z [rows, R * Np] = scale q Kp^T), the
+// softmax of each region in place, one product for the output (o = sum_r (alpha_r p_r) V_r = z Vp).
 template <typename in_t, typename acc_t>
 void forward_kernel(const Problem<acc_t>& p, const Tensor& q, Tensor& o, Tensor& lse) {
   const int64_t nblk = (p.M + kBlockM - 1) / kBlockM;
-  const int64_t N = p.N, D = p.D, T = p.T, L = p.R + p.has_pin;
+  const int64_t Np = p.Np, D = p.D, T = p.T, L = p.R + p.has_pin, RN = p.R * Np;
   float* lse_p = lse.data_ptr<float>();
   in_t* o_p = o.data_ptr<in_t>();
   at::parallel_for(0, p.B * p.H * nblk, 1, [&](int64_t begin, int64_t end) {
-    Scratch<acc_t> qb(kBlockM * D), ob(kBlockM * D), z(kBlockM * N), pr(kBlockM * N), tmp(N), al(kBlockM),
-        S(kBlockM * T), A(T * p.Ky * p.W);
-    int64_t a_bh = -1;
+    Scratch<acc_t> qb(kBlockM * D), ob(kBlockM * D), z(kBlockM * RN), tmp(Np), al(kBlockM), S(kBlockM * T),
+        A(T * p.Ky * p.W), kh(RN * D), vh(RN * D);
+    int64_t cur_bh = -1;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / nblk, b = bh / p.H, h = bh % p.H;
       const int64_t m0 = (task % nblk) * kBlockM, rows = std::min(kBlockM, p.M - m0);
-      pack_rows<in_t, acc_t>(q, b, h, m0, rows, qb.data());
-      if (T > 0) {
-        if (a_bh != bh) offset_half(p, b, h, A.data());
-        a_bh = bh;
-        block_offset(p, A.data(), m0, rows, S.data());
+      if (bh != cur_bh) {
+        pack_head(p, p.k, b, h, kh.data());
+        pack_head(p, p.v, b, h, vh.data());
+        if (T > 0) offset_half(p, b, h, A.data());
+        cur_bh = bh;
       }
+      pack_rows<in_t, acc_t>(q, b, h, m0, rows, qb.data());
+      if (T > 0) block_offset(p, A.data(), m0, rows, S.data());
+      gemm(true, false, RN, rows, D, p.scale, kh.data(), D, qb.data(), D, acc_t(0), z.data(), RN);
+      set_pad_logits(p, rows, z.data());
       for (int64_t r = 0; r < p.R; ++r) {
-        logits(p, p.K(b, r, h), qb.data(), rows, z.data());
         block_alpha(p, b, r, m0, rows, al.data());
         float* lse_r = lse_p + ((b * L + r) * p.H + h) * p.M + m0;
         float* lse_0 = lse_p + ((b * L + p.R) * p.H + h) * p.M + m0;
-        fwd_rows(p, r, rows, z.data(), pr.data(), tmp.data(), al.data(), S.data(), lse_r, lse_0);
-        // ob (+)= (alpha p_r) . V_r
-        gemm(false, false, D, rows, N, acc_t(1), p.V(b, r, h),
-                   D, pr.data(), N, acc_t(r == 0 ? 0 : 1), ob.data(), D);
+        fwd_rows(p, r, rows, z.data() + r * Np, RN, tmp.data(), al.data(), S.data(), lse_r, lse_0);
       }
+      gemm(false, false, D, rows, RN, acc_t(1), vh.data(), D, z.data(), RN, acc_t(0), ob.data(), D);
       in_t* dst = o_p + ((b * p.H + h) * p.M + m0) * D;
       for (int64_t i = 0; i < rows * D; ++i) dst[i] = static_cast<in_t>(ob[i]);
     }
@@ -321,91 +398,95 @@ struct Needs {
   bool q, k, v, w, m, t;
 };
 
-// Softmax backward of one region for a block of rows. In: z = logits, dpv = dO . V^T. Out: z = dz
-// (pinned columns through the un-offset softmax), dS = dz_edited at the target columns, dpv =
-// alpha * p_used (for dv), dfull = <dO, O_r>.
+// Softmax backward of one region for a block of rows, on the padded layout of the forward (rows of
+// stride ld, this region's Np columns; pad logits -inf, so pad probabilities and gradients are 0).
+// In: z = logits, dpv = dO . V^T. Out: z = dz (pinned columns through the un-offset softmax), dS =
+// dz_edited at the target columns, dpv = alpha * p_used (for dv), dfull = <dO, O_r>.
 template <typename acc_t>
-STATTN_INLINE void bwd_rows_impl(const Problem<acc_t>& p, int64_t r, int64_t rows, bool need_v,
-                                            bool need_th, bool recompute_lse, acc_t* z, acc_t* pe, acc_t* p0,
-                                            acc_t* dpv, const acc_t* al, const acc_t* S, acc_t* dS,
-                                            const float* lse_r, const float* lse_0, acc_t* dfull_r) {
-  const int64_t N = p.N, T = p.T;
+STATTN_INLINE void bwd_rows_impl(const Problem<acc_t>& p, int64_t r, int64_t rows, bool need_v, bool need_th,
+                                 bool recompute_lse, acc_t* z, acc_t* dpv, int64_t ld, acc_t* pe, acc_t* p0,
+                                 const acc_t* al, const acc_t* S, acc_t* dS, const float* lse_r,
+                                 const float* lse_0, acc_t* dfull_r) {
+  const int64_t Np = p.Np, T = p.T;
   const bool off = p.offset_on(r), pinr = p.pin_on(r);
   for (int64_t i = 0; i < rows; ++i) {
-    acc_t* zi = z + i * N;
-    acc_t* pei = pe + i * N;
-    acc_t* dpi = dpv + i * N;
+    acc_t* zi = z + i * ld;
+    acc_t* dpi = dpv + i * ld;
     const acc_t a = al[i];
     // edited probabilities pe (all columns) and, with pins, un-offset ones p0
-    std::copy(zi, zi + N, pei);
+    std::copy(zi, zi + Np, pe);
     if (off)
-      for (int64_t t = 0; t < T; ++t) pei[p.tokens[t]] += S[i * T + t];
-    acc_t lse_e = recompute_lse ? row_lse(pei, N) : static_cast<acc_t>(lse_r[i]);
-    exp_shift_sum(pei, lse_e, pei, N);
-    acc_t* p0i = nullptr;
+      for (int64_t t = 0; t < T; ++t) pe[p.tokens[t]] += S[i * T + t];
+    acc_t lse_e = recompute_lse ? row_lse(pe, Np) : static_cast<acc_t>(lse_r[i]);
+    exp_shift_sum(pe, lse_e, pe, Np);
     acc_t D0 = 0;
     if (pinr) {
-      p0i = p0 + i * N;
-      acc_t l0 = recompute_lse ? row_lse(zi, N) : static_cast<acc_t>(lse_0[i]);
-      exp_shift_sum(zi, l0, p0i, N);
-      for (int64_t n : p.pinned) D0 += p0i[n] * dpi[n];
+      acc_t l0 = recompute_lse ? row_lse(zi, Np) : static_cast<acc_t>(lse_0[i]);
+      exp_shift_sum(zi, l0, p0, Np);
+      for (int64_t n : p.pinned) D0 += p0[n] * dpi[n];
     }
     // De = <pe, dpv> over the non-pinned columns
-    acc_t De = row_dot(pei, dpi, N);
+    acc_t De = row_dot(pe, dpi, Np);
     if (pinr)
-      for (int64_t n : p.pinned) De -= pei[n] * dpi[n];
+      for (int64_t n : p.pinned) De -= pe[n] * dpi[n];
     dfull_r[i] = De + D0;
     // dze = a pe (dpv [not pinned] - De) -> z; dtheta reads it at the target columns
-    softmax_bwd_row(pei, dpi, a, De, zi, N);
+    softmax_bwd_row(pe, dpi, a, De, zi, Np);
     if (pinr)
-      for (int64_t n : p.pinned) zi[n] = -a * pei[n] * De;
+      for (int64_t n : p.pinned) zi[n] = -a * pe[n] * De;
     if (need_th)
       for (int64_t t = 0; t < T; ++t) dS[i * T + t] = zi[p.tokens[t]];
     if (pinr) {  // + a p0 (dpv [pinned] - D0): pinned columns go through the un-offset softmax
-      axpy_row(zi, -a * D0, p0i, N);
-      for (int64_t n : p.pinned) zi[n] += a * p0i[n] * dpi[n];
+      axpy_row(zi, -a * D0, p0, Np);
+      for (int64_t n : p.pinned) zi[n] += a * p0[n] * dpi[n];
     }
     if (need_v) {  // dv uses alpha * p_used: overwrite dpv (no longer needed for this row)
-      for (int64_t n = 0; n < N; ++n) dpi[n] = a * pei[n];
+      for (int64_t n = 0; n < Np; ++n) dpi[n] = a * pe[n];
       if (pinr)
-        for (int64_t n : p.pinned) dpi[n] = a * p0i[n];
+        for (int64_t n : p.pinned) dpi[n] = a * p0[n];
     }
   }
 }
 
 STATTN_MULTIVERSION void bwd_rows(const Problem<float>& p, int64_t r, int64_t rows, bool need_v, bool need_th,
-                                  bool recompute_lse, float* z, float* pe, float* p0, float* dpv, const float* al,
-                                  const float* S, float* dS, const float* lse_r, const float* lse_0, float* dfull_r) {
-  bwd_rows_impl(p, r, rows, need_v, need_th, recompute_lse, z, pe, p0, dpv, al, S, dS, lse_r, lse_0, dfull_r);
+                                  bool recompute_lse, float* z, float* dpv, int64_t ld, float* pe, float* p0,
+                                  const float* al, const float* S, float* dS, const float* lse_r, const float* lse_0,
+                                  float* dfull_r) {
+  bwd_rows_impl(p, r, rows, need_v, need_th, recompute_lse, z, dpv, ld, pe, p0, al, S, dS, lse_r, lse_0, dfull_r);
 }
 void bwd_rows(const Problem<double>& p, int64_t r, int64_t rows, bool need_v, bool need_th, bool recompute_lse,
-              double* z, double* pe, double* p0, double* dpv, const double* al, const double* S, double* dS,
-              const float* lse_r, const float* lse_0, double* dfull_r) {
-  bwd_rows_impl(p, r, rows, need_v, need_th, recompute_lse, z, pe, p0, dpv, al, S, dS, lse_r, lse_0, dfull_r);
+              double* z, double* dpv, int64_t ld, double* pe, double* p0, const double* al, const double* S,
+              double* dS, const float* lse_r, const float* lse_0, double* dfull_r) {
+  bwd_rows_impl(p, r, rows, need_v, need_th, recompute_lse, z, dpv, ld, pe, p0, al, S, dS, lse_r, lse_0, dfull_r);
 }
 
+// Per block, as the forward: one product each for the logits and dO . V^T of all regions, the
+// softmax backward per region, one product each for dq and the dk / dv partials of all regions
+// (per task, [R * Np, D] with the pad rows ignored by the final sum).
 template <typename in_t, typename acc_t>
 void backward_kernel(const Problem<acc_t>& p, const Needs& need, const Tensor& q, const Tensor& dout,
                      const Tensor& lse, bool recompute_lse, Tensor& dq, acc_t* dk_part, acc_t* dv_part,
                      acc_t* dth_part, acc_t* dfull, int64_t nchunk) {
-  const int64_t N = p.N, D = p.D, T = p.T, L = p.R + p.has_pin;
+  const int64_t Np = p.Np, D = p.D, T = p.T, L = p.R + p.has_pin, RN = p.R * Np;
   const int64_t KK = p.Ky * p.Kx;
   const bool need_th = need.t && T > 0;
   const int64_t Hg = p.M / p.W;  // image rows of the offset grid
   const float* lse_p = lse.data_ptr<float>();
   in_t* dq_p = need.q ? dq.data_ptr<in_t>() : nullptr;
   at::parallel_for(0, p.B * p.H * nchunk, 1, [&](int64_t begin, int64_t end) {
-    Scratch<acc_t> qb(kBlockM * D), dob(kBlockM * D), dqb(kBlockM * D), z(kBlockM * N), pe(kBlockM * N),
-        p0(p.has_pin ? kBlockM * N : 0), dpv(kBlockM * N), al(kBlockM), S(kBlockM * T), dS(kBlockM * T),
-        A(T * p.Ky * p.W), C(need_th ? T * Hg * p.Kx : 0);
+    Scratch<acc_t> qb(kBlockM * D), dob(kBlockM * D), dqb(kBlockM * D), z(kBlockM * RN), dpv(kBlockM * RN),
+        pe(Np), p0(Np), al(kBlockM), S(kBlockM * T), dS(kBlockM * T), A(T * p.Ky * p.W),
+        C(need_th ? T * Hg * p.Kx : 0), kh(RN * D), vh(RN * D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / nchunk, b = bh / p.H, h = bh % p.H;
       const int64_t c0 = (task % nchunk) * kChunkM, c1 = std::min(p.M, c0 + kChunkM);
-      acc_t* dkp = need.k ? dk_part + task * p.R * N * D : nullptr;
-      acc_t* dvp = need.v ? dv_part + task * p.R * N * D : nullptr;
+      acc_t* dkp = need.k ? dk_part + task * RN * D : nullptr;
+      acc_t* dvp = need.v ? dv_part + task * RN * D : nullptr;
       acc_t* dthp = need_th ? dth_part + task * T * KK : nullptr;
       const acc_t* gy = need_th ? p.gy.template data_ptr<acc_t>() : nullptr;
       const acc_t* gx = need_th ? p.gx.template data_ptr<acc_t>() : nullptr;
+      pack_head(p, p.k, b, h, kh.data());
+      pack_head(p, p.v, b, h, vh.data());
       if (T > 0) offset_half(p, b, h, A.data());
       std::fill(C.begin(), C.end(), acc_t(0));
       for (int64_t m0 = c0; m0 < c1; m0 += kBlockM) {
@@ -413,31 +494,18 @@ void backward_kernel(const Problem<acc_t>& p, const Needs& need, const Tensor& q
         pack_rows<in_t, acc_t>(q, b, h, m0, rows, qb.data());
         pack_rows<in_t, acc_t>(dout, b, h, m0, rows, dob.data());
         if (T > 0) block_offset(p, A.data(), m0, rows, S.data());
+        gemm(true, false, RN, rows, D, p.scale, kh.data(), D, qb.data(), D, acc_t(0), z.data(), RN);
+        set_pad_logits(p, rows, z.data());
+        // dpv[rows, R * Np] = dO . V^T
+        gemm(true, false, RN, rows, D, acc_t(1), vh.data(), D, dob.data(), D, acc_t(0), dpv.data(), RN);
         for (int64_t r = 0; r < p.R; ++r) {
-          const acc_t* K = p.K(b, r, h);
-          const acc_t* V = p.V(b, r, h);
-          const bool off = p.offset_on(r), pinr = p.pin_on(r);
-          logits(p, K, qb.data(), rows, z.data());
-          // dpv[rows, N] = dO . V^T
-          gemm(true, false, N, rows, D, acc_t(1), V, D,
-                     dob.data(), D, acc_t(0), dpv.data(), N);
           block_alpha(p, b, r, m0, rows, al.data());
           const float* lse_r = lse_p + ((b * L + r) * p.H + h) * p.M + m0;
           const float* lse_0 = lse_p + ((b * L + p.R) * p.H + h) * p.M + m0;
           acc_t* dfull_r = dfull + ((b * p.H + h) * p.R + r) * p.M + m0;
-          bwd_rows(p, r, rows, need.v, need_th, recompute_lse, z.data(), pe.data(), p0.data(), dpv.data(), al.data(),
-                   S.data(), dS.data(), lse_r, lse_0, dfull_r);
-          if (need.q)  // dqb (+)= scale dz . K
-            gemm(false, false, D, rows, N, p.scale, K, D,
-                       z.data(), N, acc_t(r == 0 ? 0 : 1), dqb.data(), D);
-          if (need.k)  // dk_r += dz^T . q (times scale in the final sum: alpha = 1 keeps MKL's
-                       // result independent of the thread count, which alpha != 1 here did not)
-            gemm(false, true, D, N, rows, acc_t(1), qb.data(), D,
-                       z.data(), N, acc_t(1), dkp + r * N * D, D);
-          if (need.v)  // dv_r += (alpha p)^T . dO
-            gemm(false, true, D, N, rows, acc_t(1), dob.data(), D,
-                       dpv.data(), N, acc_t(1), dvp + r * N * D, D);
-          if (need_th && off) {  // C[t, y] += dS[m, t] gx[x]: the x-half of dtheta, per image row y
+          bwd_rows(p, r, rows, need.v, need_th, recompute_lse, z.data() + r * Np, dpv.data() + r * Np, RN, pe.data(),
+                   p0.data(), al.data(), S.data(), dS.data(), lse_r, lse_0, dfull_r);
+          if (need_th && p.offset_on(r)) {  // C[t, y] += dS[m, t] gx[x]: the x-half of dtheta, per image row y
             for (int64_t i = 0; i < rows; ++i) {
               const int64_t y = (m0 + i) / p.W, x = (m0 + i) % p.W;
               for (int64_t t = 0; t < T; ++t)
@@ -445,10 +513,16 @@ void backward_kernel(const Problem<acc_t>& p, const Needs& need, const Tensor& q
             }
           }
         }
-        if (need.q) {
+        if (need.q) {  // dq = scale dz . K
+          gemm(false, false, D, rows, RN, p.scale, kh.data(), D, z.data(), RN, acc_t(0), dqb.data(), D);
           in_t* dst = dq_p + ((b * p.H + h) * p.M + m0) * D;
           for (int64_t i = 0; i < rows * D; ++i) dst[i] = static_cast<in_t>(dqb[i]);
         }
+        if (need.k)  // dk += dz^T . q (times scale in the final sum: alpha = 1 keeps MKL's result
+                     // independent of the thread count, which alpha != 1 here did not)
+          gemm(false, true, D, RN, rows, acc_t(1), qb.data(), D, z.data(), RN, acc_t(1), dkp, D);
+        if (need.v)  // dv += (alpha p)^T . dO
+          gemm(false, true, D, RN, rows, acc_t(1), dob.data(), D, dpv.data(), RN, acc_t(1), dvp, D);
       }
       if (need_th)  // dtheta_t[i, :] = sum_y gy[y, i] C[t, y, :]
         for (int64_t t = 0; t < T; ++t)
@@ -489,7 +563,7 @@ std::vector<Tensor> region_attention_bwd(const Tensor& grad_out, const Tensor& q
     TORCH_CHECK(lse.sizes() == at::IntArrayRef({p.B, p.R + p.has_pin, p.H, p.M}) && lse.scalar_type() == at::kFloat,
                 "stattn native: lse must be float32 [B, R + has_pin, H, M]");
     const int64_t nchunk = (p.M + kChunkM - 1) / kChunkM, tasks = p.B * p.H * nchunk;
-    const int64_t NDR = p.R * p.N * p.D, KK = p.Ky * p.Kx;
+    const int64_t NDR = p.R * p.Np * p.D, KK = p.Ky * p.Kx;  // per-task dk / dv partials: [R * Np, D]
     auto opts = q.options().dtype(acc);
     Tensor lse_c = lse.contiguous();
     Tensor dq = need.q ? output(q.sizes(), q.options()) : Tensor();
@@ -504,7 +578,7 @@ std::vector<Tensor> region_attention_bwd(const Tensor& grad_out, const Tensor& q
                                  dth_part.defined() ? dth_part.data_ptr<acc_t>() : nullptr,
                                  dfull.data_ptr<acc_t>(), nchunk);
     out[0] = need.q ? dq : at::empty({0}, q.options());
-    // dk / dv [B, R, H, N, D] from the per-(b, h, chunk) partials [B, H, C, R, N, D]
+    // dk / dv [B, R, H, N, D] from the per-(b, h, chunk) partials [B, H, C, R, Np, D]
     for (int which = 0; which < 2; ++which) {
       const bool wanted = which == 0 ? need.k : need.v;
       if (!wanted) {
@@ -519,7 +593,7 @@ std::vector<Tensor> region_attention_bwd(const Tensor& grad_out, const Tensor& q
       at::parallel_for(0, p.B * p.R * p.H, 1, [&](int64_t begin, int64_t end) {
         for (int64_t brh = begin; brh < end; ++brh) {
           const int64_t b = brh / (p.R * p.H), r = (brh / p.H) % p.R, h = brh % p.H;
-          const acc_t* first = part + ((b * p.H + h) * nchunk) * NDR + r * ND;
+          const acc_t* first = part + ((b * p.H + h) * nchunk) * NDR + r * p.Np * p.D;
           for (int64_t i = 0; i < ND; ++i) {
             acc_t acc_v = first[i];
             for (int64_t c = 1; c < nchunk; ++c) acc_v += first[c * NDR + i];

@@ -28,12 +28,6 @@ namespace stattn_native {
 
 using at::Tensor;
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(STATTN_NO_MULTIVERSION)
-#define STATTN_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define STATTN_MULTIVERSION
-#endif
-
 // Row-major C[m, n] = alpha op(A)[m, k] op(B)[k, n] + beta C (op = transpose when ta / tb); lda,
 // ldb, ldc are the row strides of the stored matrices.
 template <typename T>

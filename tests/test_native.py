@@ -70,6 +70,25 @@ def test_native_matches_reference(case, native_backend):
     _check(case, inp, out, grads)
 
 
+# The forward's row paths for region 0 with an offset: the shared-exp path (edited and un-offset
+# softmax from one exp pass), its two-pass fallback when the two maxima are more than 60 apart or
+# there are more than 16 targets, and a pinned target (it keeps its un-offset probability).
+@pytest.mark.parametrize("dtype", [F32, F64])
+@pytest.mark.parametrize("theta_scale,tokens,pinned", [
+    (1.0, (3, 5), (0, 3)),
+    (40.0, (2, 6), (0,)),                   # offsets of +-100: rows on both sides of the 60 gap
+    (-40.0, (2, 6, 9), (0, 6)),
+    (1.0, tuple(range(1, 18)), (0,)),       # 17 targets
+], ids=["pinned-target", "large-positive", "large-negative", "17-targets"])
+def test_native_offset_row_paths(theta_scale, tokens, pinned, dtype, native_backend):
+    case = Case(D=40, R=2, T=len(tokens), pinned=pinned, affine=True, h=4, w=5, dtype=dtype)
+    inp = make_inputs(case, "cpu")
+    inp["theta"] = inp["theta"] * theta_scale
+    inp["tokens"] = tokens
+    out, grads = run(case, inp, case.dtype)
+    _check(case, inp, out, grads)
+
+
 def test_native_lse_matches_reference(native_backend):
     case = Case(D=40, R=2, T=3, pinned=(0, 9), h=5, w=7)
     inp = make_inputs(case, "cpu", seed=2)
