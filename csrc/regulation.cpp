@@ -137,13 +137,32 @@ void order_stats(const acc_t* x, int64_t M, int64_t lo, int64_t hi, acc_t* buf, 
 }
 
 // y[0..n) += sum_r coef[r * coef_stride] rows[r * n + (0..n)], r < R: blocks of kBlock outputs stay
-// in registers over r (kBlock / kLanes independent accumulator chains, one load/store of y per block)
+// in registers over r (kBlock / kLanes independent accumulator chains, one load/store of y per block).
+// fp32 then takes blocks of 2 and 1 vectors (n is an image side, 16 at SD's 16 x 16 maps): y must
+// not go through memory once per r (a store-forwarding chain per term, which the scalar tail was).
 constexpr int64_t kBlock = 4 * kLanes;
+
+template <int V>
+STATTN_INLINE void add_combination_f32(float* __restrict y, const float* coef, int64_t coef_stride,
+                                       const float* __restrict rows, int64_t n, int64_t R) {
+  f32x8 acc[V];
+  for (int j = 0; j < V; ++j) acc[j] = load8(y + j * kLanes);
+  for (int64_t r = 0; r < R; ++r) {
+    const float c = coef[r * coef_stride];
+    for (int j = 0; j < V; ++j) acc[j] += c * load8(rows + r * n + j * kLanes);
+  }
+  for (int j = 0; j < V; ++j) store8(y + j * kLanes, acc[j]);
+}
 
 template <typename acc_t>
 STATTN_INLINE void add_combination(acc_t* __restrict y, const acc_t* coef, int64_t coef_stride,
                                    const acc_t* __restrict rows, int64_t n, int64_t R) {
   int64_t i = 0;
+  if constexpr (std::is_same_v<acc_t, float>) {
+    for (; i + 4 * kLanes <= n; i += 4 * kLanes) add_combination_f32<4>(y + i, coef, coef_stride, rows + i, n, R);
+    for (; i + 2 * kLanes <= n; i += 2 * kLanes) add_combination_f32<2>(y + i, coef, coef_stride, rows + i, n, R);
+    for (; i + kLanes <= n; i += kLanes) add_combination_f32<1>(y + i, coef, coef_stride, rows + i, n, R);
+  }
   for (; i + kBlock <= n; i += kBlock) {
     acc_t acc[kBlock];
     for (int64_t j = 0; j < kBlock; ++j) acc[j] = y[i + j];
@@ -176,8 +195,7 @@ STATTN_INLINE void head_loop_impl(const LoopArgs<acc_t>& a, const acc_t* zt, con
     for (int64_t t = 0; t < T; ++t) {
       std::fill(A.begin(), A.end(), acc_t(0));
       for (int64_t ki = 0; ki < a.Ky; ++ki)
-        for (int64_t kj = 0; kj < a.Kx; ++kj)
-          axpy_row(A.data() + ki * W, theta[t * K + ki * a.Kx + kj], a.gxT + kj * W, W);
+        add_combination(A.data() + ki * W, theta + t * K + ki * a.Kx, 1, a.gxT, W, a.Kx);
       acc_t* Et = E.data() + t * M;
       std::copy(zt + t * M, zt + (t + 1) * M, Et);
       for (int64_t x = 0; x < W; ++x) add_combination(Et + x * Hg, A.data() + x, W, a.gyT, Hg, a.Ky);
