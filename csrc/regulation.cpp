@@ -89,11 +89,54 @@ STATTN_INLINE void loss_backward_impl(int64_t M, int64_t T, const acc_t* P, cons
   for (const auto& tp : ties) dS[tp.t * M + tp.m] += P[tp.t * M + tp.m] * tp.g;
 }
 
+// fp32 as a signed integer of the same order (for non-NaN values: a < b <=> key(a) < key(b)).
+STATTN_INLINE int32_t order_key(float x) {
+  int32_t b;
+  std::memcpy(&b, &x, sizeof b);
+  return b >= 0 ? b : b ^ 0x7FFFFFFF;
+}
+
+// The r-th smallest (0-based) of x[0..M), exactly, by bisection on the keys: the smallest key u with
+// more than r keys <= u is the key of that element. 32 vectorised counting passes and no branch on
+// the data: std::nth_element mispredicts about every other comparison, and at M = 256 (no sample
+// there) it was the costliest step of the loop. keys: scratch [M].
+STATTN_MULTIVERSION float kth_by_bisection(const float* x, int64_t M, int64_t r, int32_t* keys) {
+  for (int64_t m = 0; m < M; ++m) keys[m] = order_key(x[m]);
+  int64_t lo = std::numeric_limits<int32_t>::min(), hi = std::numeric_limits<int32_t>::max();
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    const int32_t mid32 = static_cast<int32_t>(mid);
+    int32_t count = 0;
+    for (int64_t m = 0; m < M; ++m) count += keys[m] <= mid32;
+    if (count > r)
+      hi = mid;
+    else
+      lo = mid + 1;
+  }
+  for (int64_t m = 0; m < M; ++m)
+    if (keys[m] == lo) return x[m];
+  return std::numeric_limits<float>::quiet_NaN();  // unreachable for non-NaN input
+}
+
+// The (r + 1)-th smallest of x[0..M) given the r-th, v: v again if more than r + 1 values are <= v,
+// else the smallest value above v.
+template <typename acc_t>
+acc_t next_order_stat(const acc_t* x, int64_t M, int64_t r, acc_t v) {
+  int64_t at_most = 0;
+  acc_t above = std::numeric_limits<acc_t>::infinity();
+  for (int64_t m = 0; m < M; ++m) {
+    at_most += x[m] <= v;
+    above = x[m] > v && x[m] < above ? x[m] : above;
+  }
+  return at_most > r + 1 ? v : above;
+}
+
 // The lo-th and hi-th smallest of x[0..M) (hi is lo or lo + 1), exactly, by selection: a strided
 // sample of S = M / 8 (at most kMaxSample) values gives two pivots bracketing the ranks (selection in
 // the sample), a vectorised pass counts the values below and between them, one more gathers those
-// between (about 10 % of M) and std::nth_element runs on that window only; if the pivots miss the
-// ranks (a 4-sigma event), nth_element over all M values. O(M), no sort.
+// between (about 10 % of M) and std::nth_element runs on that window only; without a sample (M < 512)
+// or if the pivots miss the ranks (a 4-sigma event), fp32 bisects on the values (kth_by_bisection)
+// and fp64 runs nth_element over all M values. O(M), no sort.
 constexpr int64_t kMaxSample = 256, kMinSample = 64;
 
 template <typename acc_t>
@@ -132,8 +175,13 @@ void order_stats(const acc_t* x, int64_t M, int64_t lo, int64_t hi, acc_t* buf, 
       return select(buf, n, lo - below);
     }
   }
-  std::copy(x, x + M, buf);
-  select(buf, M, lo);
+  if constexpr (std::is_same_v<acc_t, float>) {
+    v_lo = kth_by_bisection(x, M, lo, reinterpret_cast<int32_t*>(buf));
+    v_hi = hi == lo ? v_lo : next_order_stat(x, M, lo, v_lo);
+  } else {
+    std::copy(x, x + M, buf);
+    select(buf, M, lo);
+  }
 }
 
 // y[0..n) += sum_r coef[r * coef_stride] rows[r * n + (0..n)], r < R: blocks of kBlock outputs stay

@@ -263,6 +263,7 @@ def _loop_inputs(B, H, h, w, D, T, dtype, seed=0, repeat_rows=False):
 @pytest.mark.parametrize("B,H,h,w,D,T,dtype", [
     (1, 2, 8, 8, 40, 1, F64),        # small M: selection over all pixels
     (2, 3, 24, 20, 64, 3, F64),      # M = 480
+    (2, 2, 16, 16, 160, 2, F32),     # M = 256 (SD's 16 x 16 layer): fp32 selection by bisection
     (2, 2, 32, 24, 40, 2, F64),      # M = 768: the sampled-window selection
     (2, 2, 32, 24, 80, 2, F32),
     (1, 2, 24, 24, 40, 3, BF16),
@@ -285,27 +286,34 @@ def test_native_inner_loop_matches_closed_form(B, H, h, w, D, T, dtype):
     assert rel_err(theta, ref_theta.double()) < tol
 
 
-def test_native_inner_loop_shares_the_quantile_weight_among_ties():
+# fp64 selects with nth_element, fp32 at M = 256 by bisection. In fp32 the tie is exact in the first
+# iteration, whose step theta_1 shows the shared weight; later steps are ill-conditioned in fp32 (the
+# fp32 reference is 8 % off the fp64 one at theta_2 here, the native loop 4 %), so fp32 stops at 2.
+@pytest.mark.parametrize("h,dtype,iters,tol", [(24, F64, 3, 1e-9), (16, F32, 2, 1e-5)])
+def test_native_inner_loop_shares_the_quantile_weight_among_ties(h, dtype, iters, tol):
     from stattn import regulation_core as rc
 
-    q, k, tokens, theta0, gy, gx = _loop_inputs(1, 2, 24, 24, 40, 2, F64, seed=3, repeat_rows=True)
+    M = h * h
+    q, k, tokens, theta0, gy, gx = _loop_inputs(1, 2, h, h, 40, 2, dtype, seed=3, repeat_rows=True)
     theta0.zero_()  # every repeated pixel has the same probability: a tie at the 0.9 quantile
-    args = (q, k, tokens, theta0, gy, gx, 40 ** -0.5, 3, 100.0)
+    args = (q, k, tokens, theta0, gy, gx, 40 ** -0.5, iters, 100.0)
     z = torch.einsum("bhmd,bhnd->bhmn", q, k) * 40 ** -0.5
     p = z.softmax(-1)[0, 0, :, tokens[0]]
-    assert (p == p.sort().values[int(0.9 * 575)]).sum() > 500
+    assert (p == p.sort().values[int(0.9 * (M - 1))]).sum() > 0.85 * M
     # the ties are exact only while every tied pixel is computed in the same order: one thread
     # (with several, torch splits the reference's reductions differently per chunk and breaks them)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        ref_theta, ref_best, ref_losses = rc._loop_reference(*args, 0.9, (1.0, 80.0, 0.09), 0.4)
-        theta, best, losses = native.inner_loop(*args, rc.quantile_position(0.9, 576, F64), 0.9, 0.2,
+        # the oracle in fp64 on the same inputs
+        ref_args = tuple(a.double() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+        ref_theta, ref_best, ref_losses = rc._loop_reference(*ref_args, 0.9, (1.0, 80.0, 0.09), 0.4)
+        theta, best, losses = native.inner_loop(*args, rc.quantile_position(0.9, M, dtype), 0.9, 0.2,
                                                 (1.0, 80.0, 0.09))
     finally:
         torch.set_num_threads(threads)
     assert int(best) == int(ref_best)
-    assert rel_err(losses, ref_losses) < 1e-9 and rel_err(theta, ref_theta) < 1e-9
+    assert rel_err(losses, ref_losses) < tol and rel_err(theta, ref_theta) < tol
 
 
 def test_native_inner_loop_is_deterministic():
