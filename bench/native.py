@@ -12,7 +12,8 @@ N = 77 keys; M = 4096 / 1024 / 256 pixels with D = 40 / 80 / 160), fp32:
   vectorised PyTorch loop (regulation_core's CPU path).
 
 Every timed pair is checked first (native vs reference relative error, recorded). Times are
-wall-clock medians (p20/p80 kept) of a few repeats after a warm-up, with --threads torch threads
+wall-clock medians (p20/p80 kept) of a few repeats after a warm-up, the compared paths interleaved
+call by call (so that the shared machine's slow spells hit them alike), with --threads torch threads
 (default 1: on the shared 2-core development machine a second thread did not even speed up a
 large torch matmul, so single-thread numbers are the stable comparison). The load average before
 and after is recorded.
@@ -42,14 +43,20 @@ REGIONS = (1, 2, 4)
 TOKENS, PINNED, ITERS = (2, 5), (0, 7), 20
 
 
-def _timed(fn, repeats: int) -> dict:
-    fn()                                                   # warm-up (and the JIT build, if any)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return {k: (v * 1e3 if k != "n" else v) for k, v in quantiles(times).items()}
+def _timed(fns: dict, repeats: int) -> dict:
+    """{name: ms quantiles} of the callables in `fns`, interleaved: each repeat runs every callable
+    once (in a rotating order), so that a slow spell of the shared machine hits all of them alike
+    and their ratios stay fair."""
+    for fn in fns.values():
+        fn()                                               # warm-up (and the JIT build, if any)
+    names = list(fns)
+    times = {name: [] for name in names}
+    for i in range(repeats):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+    return {name: {k: (v * 1e3 if k != "n" else v) for k, v in quantiles(t).items()} for name, t in times.items()}
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -82,13 +89,18 @@ def op_case(h, w, D, R, repeats: int) -> dict:
             return [out]
         return [out, *torch.autograd.grad(out, leaves, torch.ones_like(out) / out.numel() ** 0.5)]
 
+    def on(backend, backward):
+        def fn():
+            with stattn_backend(backend):
+                return call(backward)
+        return fn
+
     row = {"h": h, "w": w, "M": h * w, "D": D, "R": R}
-    results = {}
-    for backend in ("native", "reference"):
-        with stattn_backend(backend):
-            results[backend] = call(True)
-            row[f"{backend}_fwd_ms"] = _timed(lambda: call(False), repeats)
-            row[f"{backend}_fwdbwd_ms"] = _timed(lambda: call(True), repeats)
+    results = {backend: on(backend, True)() for backend in ("native", "reference")}
+    for mode, backward in (("fwd", False), ("fwdbwd", True)):
+        timed = _timed({backend: on(backend, backward) for backend in ("native", "reference")}, repeats)
+        for backend, t in timed.items():
+            row[f"{backend}_{mode}_ms"] = t
     row["max_rel_err"] = max(_rel(a, b) for a, b in zip(results["native"], results["reference"]))
     for mode in ("fwd", "fwdbwd"):
         row[f"speedup_{mode}"] = row[f"reference_{mode}_ms"]["median"] / row[f"native_{mode}_ms"]["median"]
@@ -120,8 +132,8 @@ def loop_case(h, w, D, repeats: int) -> dict:
     row["theta_best_rel_err_vs_closed_form"] = _rel(outs["native"][0], outs["closed_form"][0])
     row["losses_rel_err_vs_eager"] = _rel(outs["native"][2], outs["eager_autograd"][2])
     row["theta_best_rel_err_vs_eager"] = _rel(outs["native"][0], outs["eager_autograd"][0])
-    for name, fn in runs.items():
-        row[f"{name}_ms"] = _timed(fn, repeats)
+    for name, t in _timed(runs, repeats).items():
+        row[f"{name}_ms"] = t
     for name in ("closed_form", "eager_autograd"):
         row[f"speedup_vs_{name}"] = row[f"{name}_ms"]["median"] / row["native_ms"]["median"]
     return row
@@ -138,7 +150,7 @@ def markdown(res: dict) -> str:
              f"{(e['git'].get('commit') or '?')[:10]}{' (dirty)' if e['git'].get('dirty') else ''}; "
              f"load average before/after {res['load_before']} / {res['load_after']} "
              "(shared machine: other jobs may have run at the same time). Times in ms: median (p20-p80) "
-             f"of {res['repeats']} runs after a warm-up.", "",
+             f"of {res['repeats']} runs after a warm-up, the compared paths interleaved call by call.", "",
              "## stattn.region_attention (offset on 2 tokens, 2 pinned, affine)", "",
              "| M | D | R | native fwd | reference fwd | speed-up | native fwd+bwd | reference fwd+bwd | speed-up | max rel err |",
              "|---|---|---|---|---|---|---|---|---|---|"]

@@ -334,6 +334,21 @@ void set_pad_logits(const Problem<acc_t>& p, int64_t rows, acc_t* z) {
                 -std::numeric_limits<acc_t>::infinity());
 }
 
+// Keys of head (b, h) transposed: dst [D, R * Np] (zero pad columns). The forward's logits product
+// then runs as N x N, which MKL serves without packing the keys again for every block (measured
+// 5-15 % faster at D = 160 than with the transposed operand); the backward also needs the
+// untransposed keys (dq = dz K) and keeps pack_head.
+template <typename acc_t>
+void pack_head_t(const Problem<acc_t>& p, const Tensor& x, int64_t b, int64_t h, acc_t* dst) {
+  const int64_t RN = p.R * p.Np;
+  std::fill(dst, dst + p.D * RN, acc_t(0));
+  for (int64_t r = 0; r < p.R; ++r) {
+    const acc_t* src = x.data_ptr<acc_t>() + ((b * p.R + r) * p.H + h) * p.N * p.D;
+    for (int64_t n = 0; n < p.N; ++n)
+      for (int64_t d = 0; d < p.D; ++d) dst[d * RN + r * p.Np + n] = src[n * p.D + d];
+  }
+}
+
 // Per block: one product for the logits of all regions (z [rows, R * Np] = scale q Kp^T), the
 // softmax of each region in place, one product for the output (o = sum_r (alpha_r p_r) V_r = z Vp).
 template <typename in_t, typename acc_t>
@@ -350,14 +365,14 @@ void forward_kernel(const Problem<acc_t>& p, const Tensor& q, Tensor& o, Tensor&
       const int64_t bh = task / nblk, b = bh / p.H, h = bh % p.H;
       const int64_t m0 = (task % nblk) * kBlockM, rows = std::min(kBlockM, p.M - m0);
       if (bh != cur_bh) {
-        pack_head(p, p.k, b, h, kh.data());
+        pack_head_t(p, p.k, b, h, kh.data());
         pack_head(p, p.v, b, h, vh.data());
         if (T > 0) offset_half(p, b, h, A.data());
         cur_bh = bh;
       }
       pack_rows<in_t, acc_t>(q, b, h, m0, rows, qb.data());
       if (T > 0) block_offset(p, A.data(), m0, rows, S.data());
-      gemm(true, false, RN, rows, D, p.scale, kh.data(), D, qb.data(), D, acc_t(0), z.data(), RN);
+      gemm(false, false, RN, rows, D, p.scale, kh.data(), RN, qb.data(), D, acc_t(0), z.data(), RN);
       set_pad_logits(p, rows, z.data());
       for (int64_t r = 0; r < p.R; ++r) {
         block_alpha(p, b, r, m0, rows, al.data());

@@ -324,3 +324,33 @@ def test_native_inner_loop_is_deterministic():
                                      rc.quantile_position(0.9, 768, F32), 0.9, 0.2, (1.0, 80.0, 0.09))
     a, b = call(), call()
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_bench_timing_interleaves_the_compared_paths():
+    from bench.native import _timed
+
+    calls = []
+    timed = _timed({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-ups, then one of each per repeat
+    assert set(timed) == {"a", "b"} and all(t["n"] == 3 for t in timed.values())
+
+
+def test_bench_native_quick_run_writes_checked_results(tmp_path, capsys):
+    import json
+
+    from bench import native as bench_native
+
+    threads = torch.get_num_threads()
+    try:
+        assert bench_native.main(["--quick", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    (js,) = tmp_path.glob("native-*.json")
+    (md,) = tmp_path.glob("native-*.md")
+    res = json.loads(js.read_text())
+    assert [r["R"] for r in res["op"]] == [1, 2, 4] and len(res["inner_loop"]) == 1
+    for row in res["op"]:
+        assert row["max_rel_err"] < 1e-5 and row["speedup_fwd"] > 0 and row["native_fwd_ms"]["n"] == 1
+    loop = res["inner_loop"][0]
+    assert loop["best_iter"]["native"] == loop["best_iter"]["closed_form"]
+    assert "| 1024 | 80 | 4 |" in md.read_text()
