@@ -21,7 +21,8 @@ def _native_extension():
         print("stattn: no C++ compiler found, skipping the native CPU extension")
         return [], {}
     ext = CppExtension("stattn._native", sorted(glob.glob("csrc/*.cpp")), include_dirs=["csrc"],
-                       extra_compile_args=["-O3", "-fno-trapping-math"],  # = stattn.native.CFLAGS (no -march)
+                       # = stattn.native.CFLAGS / LDFLAGS (no -march; -fopenmp for at::parallel_for)
+                       extra_compile_args=["-O3", "-fno-trapping-math", "-fopenmp"], extra_link_args=["-fopenmp"],
                        optional=True)               # a failing compile leaves the reference path
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=False)}
 

@@ -344,8 +344,9 @@ void pack_head_t(const Problem<acc_t>& p, const Tensor& x, int64_t b, int64_t h,
   std::fill(dst, dst + p.D * RN, acc_t(0));
   for (int64_t r = 0; r < p.R; ++r) {
     const acc_t* src = x.data_ptr<acc_t>() + ((b * p.R + r) * p.H + h) * p.N * p.D;
-    for (int64_t n = 0; n < p.N; ++n)
-      for (int64_t d = 0; d < p.D; ++d) dst[d * RN + r * p.Np + n] = src[n * p.D + d];
+    for (int64_t n0 = 0; n0 < p.N; n0 += 8)  // 8 x D tiles: 8 source rows in flight, short dst runs
+      for (int64_t d = 0; d < p.D; ++d)
+        for (int64_t n = n0; n < std::min(n0 + 8, p.N); ++n) dst[d * RN + r * p.Np + n] = src[n * p.D + d];
   }
 }
 

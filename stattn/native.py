@@ -23,8 +23,12 @@ __all__ = ["available", "load", "forward", "backward", "inner_loop", "BUILD_HINT
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
 # No -march=native: the build must run on any machine it is copied to (the row loops are compiled
 # for x86-64-v3 and the baseline by function multi-versioning instead); -fno-trapping-math lets the
-# compiler vectorise the loops with comparisons (exp's clamp, max). Same flags in setup.py.
-CFLAGS = ["-O3", "-fno-trapping-math"]
+# compiler vectorise the loops with comparisons (exp's clamp, max). -fopenmp: at::parallel_for is a
+# header template whose OpenMP backend is a `#pragma omp parallel` compiled into the extension;
+# without the flag the pragma is dropped and every op runs on one thread (it links libgomp.so.1, the
+# copy torch has already loaded). Same flags in setup.py.
+CFLAGS = ["-O3", "-fno-trapping-math", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
 BUILD_HINT = ("build it with `pip install -e . --no-build-isolation` (needs a C++ compiler), or install "
               "ninja for the build on first use; STATTN_BACKEND=reference silences this warning")
 
@@ -61,6 +65,7 @@ def _jit_build() -> bool:
         return False
     try:
         cpp_extension.load(name="stattn_native", sources=[str(s) for s in sources], extra_cflags=CFLAGS,
+                           extra_ldflags=LDFLAGS,
                            extra_include_paths=[str(_CSRC)], is_python_module=False,
                            verbose=os.environ.get("STATTN_NATIVE_VERBOSE") == "1")
     except Exception as e:  # compiler missing or failing: the reference still works
