@@ -11,12 +11,15 @@ N = 77 keys; M = 4096 / 1024 / 256 pixels with D = 40 / 80 / 160), fp32:
   (stattn.regulation_reference.reference_inner_loop, the oracle) and against the closed-form
   vectorised PyTorch loop (regulation_core's CPU path).
 
+With the op's forward, its two products alone (q k^T and p v for all regions, torch.bmm: the same
+MKL gemm both paths use) are timed too: reference / products bounds what any implementation can
+gain (where the products dominate, e.g. D = 160, the bound itself is below 3x).
+
 Every timed pair is checked first (native vs reference relative error, recorded). Times are
 wall-clock medians (p20/p80 kept) of a few repeats after a warm-up, the compared paths interleaved
 call by call (so that the shared machine's slow spells hit them alike), with --threads torch threads
-(default 1: on the shared 2-core development machine a second thread did not even speed up a
-large torch matmul, so single-thread numbers are the stable comparison). The load average before
-and after is recorded.
+(default 1, the steadier comparison on a shared machine; --threads 2 uses both cores of the
+development machine). The load average before and after is recorded.
 
     python -m bench.native [--quick] [--threads 1] [--repeats 3] [--out bench/results]
 """
@@ -95,12 +98,21 @@ def op_case(h, w, D, R, repeats: int) -> dict:
                 return call(backward)
         return fn
 
+    # the forward's floor: its two products alone (q k^T, then p v, all regions at once) as torch.bmm,
+    # the same MKL gemm both paths use; no implementation of the op can go below it
+    qq, kk, vv = q.flatten(0, 1), k.transpose(1, 2).flatten(2, 3).flatten(0, 1), v.transpose(1, 2).flatten(2, 3).flatten(0, 1)
+
+    def products():
+        return torch.bmm(torch.bmm(qq, kk.transpose(1, 2)), vv)
+
     row = {"h": h, "w": w, "M": h * w, "D": D, "R": R}
     results = {backend: on(backend, True)() for backend in ("native", "reference")}
     for mode, backward in (("fwd", False), ("fwdbwd", True)):
-        timed = _timed({backend: on(backend, backward) for backend in ("native", "reference")}, repeats)
-        for backend, t in timed.items():
-            row[f"{backend}_{mode}_ms"] = t
+        fns = {backend: on(backend, backward) for backend in ("native", "reference")}
+        if not backward:
+            fns["products"] = products
+        for name, t in _timed(fns, repeats).items():
+            row[f"{name}_{mode}_ms"] = t
     row["max_rel_err"] = max(_rel(a, b) for a, b in zip(results["native"], results["reference"]))
     for mode in ("fwd", "fwdbwd"):
         row[f"speedup_{mode}"] = row[f"reference_{mode}_ms"]["median"] / row[f"native_{mode}_ms"]["median"]
@@ -152,12 +164,16 @@ def markdown(res: dict) -> str:
              "(shared machine: other jobs may have run at the same time). Times in ms: median (p20-p80) "
              f"of {res['repeats']} runs after a warm-up, the compared paths interleaved call by call.", "",
              "## stattn.region_attention (offset on 2 tokens, 2 pinned, affine)", "",
-             "| M | D | R | native fwd | reference fwd | speed-up | native fwd+bwd | reference fwd+bwd | speed-up | max rel err |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| M | D | R | native fwd | reference fwd | speed-up | fwd's 2 products alone (bmm) | speed-up bound | native fwd+bwd | reference fwd+bwd | speed-up | max rel err |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["op"]:
+        bound = r["reference_fwd_ms"]["median"] / r["products_fwd_ms"]["median"]
         lines.append(f"| {r['M']} | {r['D']} | {r['R']} | {_ms(r['native_fwd_ms'])} | {_ms(r['reference_fwd_ms'])} | "
-                     f"{r['speedup_fwd']:.1f}x | {_ms(r['native_fwdbwd_ms'])} | {_ms(r['reference_fwdbwd_ms'])} | "
+                     f"{r['speedup_fwd']:.1f}x | {_ms(r['products_fwd_ms'])} | {bound:.1f}x | "
+                     f"{_ms(r['native_fwdbwd_ms'])} | {_ms(r['reference_fwdbwd_ms'])} | "
                      f"{r['speedup_fwdbwd']:.1f}x | {r['max_rel_err']:.1e} |")
+    lines += ["", "Speed-up bound: reference forward / its two products alone, the most any implementation "
+              "that computes both products with the same gemm can gain over the reference."]
     lines += ["", f"## Attention Regulation inner loop ({ITERS} iterations, T = {len(TOKENS)})", "",
               "| M | D | native | closed-form PyTorch | speed-up | eager autograd (released) | speed-up | best iter (nat/cf/eager) | rel err losses / theta_best vs closed form | vs eager |",
               "|---|---|---|---|---|---|---|---|---|---|"]
