@@ -12,8 +12,8 @@ N = 77 keys; M = 4096 / 1024 / 256 pixels with D = 40 / 80 / 160), fp32:
   vectorised PyTorch loop (regulation_core's CPU path).
 
 With the op's forward, its two products alone (q k^T and p v for all regions, torch.bmm: the same
-MKL gemm both paths use) are timed too: reference / products bounds what any implementation can
-gain (where the products dominate, e.g. D = 160, the bound itself is below 3x).
+MKL gemm both paths use) are timed too: reference / products bounds what any implementation that
+computes both products can gain.
 
 Every timed pair is checked first (native vs reference relative error, recorded). Times are
 wall-clock medians (p20/p80 kept) of a few repeats after a warm-up, the compared paths interleaved
