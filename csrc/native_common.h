@@ -88,6 +88,31 @@ STATTN_INLINE f32x8 load8(const float* p) {
 }
 STATTN_INLINE void store8(float* p, const f32x8& v) { std::memcpy(p, &v, sizeof v); }
 STATTN_INLINE f32x8 splat8(float a) { return f32x8{} + a; }
+#if defined(__clang__)
+#define STATTN_SHUF8(a, b, i0, i1, i2, i3, i4, i5, i6, i7) __builtin_shufflevector(a, b, i0, i1, i2, i3, i4, i5, i6, i7)
+#else
+#define STATTN_SHUF8(a, b, i0, i1, i2, i3, i4, i5, i6, i7) __builtin_shuffle(a, b, i32x8{i0, i1, i2, i3, i4, i5, i6, i7})
+#endif
+
+// dst[j * ld_dst + i] = src[i * ld_src + j] for an 8 x 8 tile (three rounds of two-vector shuffles,
+// the unpack / shuffle / permute pattern of an AVX transpose).
+STATTN_INLINE void transpose8x8(const float* src, int64_t ld_src, float* dst, int64_t ld_dst) {
+  f32x8 r[8], t[8], u[8];
+  for (int i = 0; i < 8; ++i) r[i] = load8(src + i * ld_src);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = STATTN_SHUF8(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[i + 1] = STATTN_SHUF8(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  for (int i = 0; i < 8; i += 4)
+    for (int k = 0; k < 2; ++k) {
+      u[i + 2 * k] = STATTN_SHUF8(t[i + k], t[i + k + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+      u[i + 2 * k + 1] = STATTN_SHUF8(t[i + k], t[i + k + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    }
+  for (int j = 0; j < 4; ++j) {
+    store8(dst + j * ld_dst, STATTN_SHUF8(u[j], u[j + 4], 0, 1, 2, 3, 8, 9, 10, 11));
+    store8(dst + (j + 4) * ld_dst, STATTN_SHUF8(u[j], u[j + 4], 4, 5, 6, 7, 12, 13, 14, 15));
+  }
+}
 STATTN_INLINE f32x8 max8(const f32x8& a, const f32x8& b) { return a > b ? a : b; }
 STATTN_INLINE float hsum8(const f32x8& v) {
   float s = 0;

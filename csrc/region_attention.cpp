@@ -339,15 +339,27 @@ void set_pad_logits(const Problem<acc_t>& p, int64_t rows, acc_t* z) {
 // 5-15 % faster at D = 160 than with the transposed operand); the backward also needs the
 // untransposed keys (dq = dz K) and keeps pack_head.
 template <typename acc_t>
-void pack_head_t(const Problem<acc_t>& p, const Tensor& x, int64_t b, int64_t h, acc_t* dst) {
+STATTN_INLINE void pack_head_t_impl(const Problem<acc_t>& p, const Tensor& x, int64_t b, int64_t h, acc_t* dst) {
   const int64_t RN = p.R * p.Np;
   std::fill(dst, dst + p.D * RN, acc_t(0));
   for (int64_t r = 0; r < p.R; ++r) {
     const acc_t* src = x.data_ptr<acc_t>() + ((b * p.R + r) * p.H + h) * p.N * p.D;
-    for (int64_t n0 = 0; n0 < p.N; n0 += 8)  // 8 x D tiles: 8 source rows in flight, short dst runs
-      for (int64_t d = 0; d < p.D; ++d)
-        for (int64_t n = n0; n < std::min(n0 + 8, p.N); ++n) dst[d * RN + r * p.Np + n] = src[n * p.D + d];
+    acc_t* out = dst + r * p.Np;
+    int64_t n0 = 0, d0 = 0;
+    if constexpr (std::is_same_v<acc_t, float>) {  // 8 x 8 tiles in registers
+      for (; n0 + 8 <= p.N; n0 += 8)
+        for (d0 = 0; d0 + 8 <= p.D; d0 += 8) transpose8x8(src + n0 * p.D + d0, p.D, out + d0 * RN + n0, RN);
+      d0 = p.D - p.D % 8;
+    }
+    for (int64_t n = 0; n < p.N; ++n)  // what the tiles left: the last N % 8 keys, the last D % 8 dims
+      for (int64_t d = n < n0 ? d0 : 0; d < p.D; ++d) out[d * RN + n] = src[n * p.D + d];
   }
+}
+STATTN_MULTIVERSION void pack_head_t(const Problem<float>& p, const Tensor& x, int64_t b, int64_t h, float* dst) {
+  pack_head_t_impl(p, x, b, h, dst);
+}
+void pack_head_t(const Problem<double>& p, const Tensor& x, int64_t b, int64_t h, double* dst) {
+  pack_head_t_impl(p, x, b, h, dst);
 }
 
 // Per block: one product for the logits of all regions (z [rows, R * Np] = scale q Kp^T), the

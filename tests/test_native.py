@@ -44,6 +44,7 @@ CASES = [
     Case(D=64, R=4, T=0, dtype=BF16),
     Case(D=80, R=2, T=1, pinned=(3,), affine=True, dtype=F16),
     Case(D=40, R=2, T=3, pinned=(0, 7), affine=True, dtype=F64, h=6, w=5),
+    Case(D=36, R=2, T=1, pinned=(0,), N=13),    # D and N not multiples of 8 (the key transpose's tails)
 ]
 
 
