@@ -7,11 +7,11 @@
 // o = sum_r alpha_r p_r v_r.
 //
 // Work is split over (b, h, pixel block) with at::parallel_for. A block of kBlockM pixels holds
-// the full rows of logits (N is small: 77 text tokens), so no online softmax is needed; the two
-// products per region are BLAS calls (the sgemm_/dgemm_ inside libtorch_cpu, with MKL's own
-// runtime CPU dispatch)
-// and the row work (softmax, softmax backward) uses at::vec::Vectorized. Inputs of any float
-// dtype are packed into fp32 blocks (fp64 stays fp64). The backward's cross-pixel sums (dk, dv,
+// the full rows of logits of every region (N is small: 77 text tokens), so no online softmax is
+// needed; the products are BLAS calls (the sgemm_/dgemm_ inside libtorch_cpu, with MKL's own
+// runtime CPU dispatch), one per block for all regions, and the row work (softmax, softmax
+// backward) uses the vectorised row helpers of native_common.h. Inputs of any float dtype are
+// packed into fp32 blocks (fp64 stays fp64). The backward's cross-pixel sums (dk, dv,
 // dtheta, dweights) go to per-task partials over a fixed pixel partition and are summed in a
 // fixed order afterwards, so results do not depend on the thread count or scheduling.
 #include <ATen/core/Tensor.h>
@@ -34,7 +34,7 @@ namespace stattn_native {
 
 using at::Tensor;
 
-constexpr int64_t kBlockM = 128;  // pixel rows per block: the logits block kBlockM x N stays in L2
+constexpr int64_t kBlockM = 128;  // pixel rows per block: the logits block kBlockM x R Np stays in L2
 constexpr int64_t kChunkM = 1024;  // pixels per backward task (a fixed partition: deterministic sums)
 
 // ---------------------------------------------------------------------------------------------
@@ -46,18 +46,15 @@ struct Problem {
   acc_t scale;
   Tensor k, v, weights, masks, theta, gy, gx;  // contiguous, acc_t
   std::vector<int64_t> tokens, pinned;          // target columns, pinned columns of region 0
-  std::vector<uint8_t> is_pin;                  // [N]
-  // Forward layout: every region's keys padded to Np (a multiple of 16: the row loops run without
-  // scalar tails) and all regions of a head side by side, so that one product per block serves
-  // every region (see pack_head).
+  // Block layout (forward and backward): every region's keys padded to Np (a multiple of 16: the
+  // row loops run without scalar tails) and all regions of a head side by side, so that one
+  // product per block serves every region (see pack_head).
   int64_t Np = 0;
   std::vector<acc_t> nt_one, nt_neg;  // [Np] over non-target real columns: 1 / 0, else 0 / -inf
 
-  const acc_t* K(int64_t b, int64_t r, int64_t h) const {
-    return k.data_ptr<acc_t>() + ((b * R + r) * H + h) * N * D;
-  }
-  const acc_t* V(int64_t b, int64_t r, int64_t h) const {
-    return v.data_ptr<acc_t>() + ((b * R + r) * H + h) * N * D;
+  // keys or values x (k or v) of region r, head (b, h): [N, D]
+  const acc_t* head(const Tensor& x, int64_t b, int64_t r, int64_t h) const {
+    return x.data_ptr<acc_t>() + ((b * R + r) * H + h) * N * D;
   }
   bool offset_on(int64_t r) const { return r == 0 && T > 0; }
   bool pin_on(int64_t r) const { return r == 0 && has_pin; }
@@ -84,17 +81,12 @@ Problem<acc_t> make_problem(const Tensor& q, const Tensor& k, const Tensor& v, c
   p.v = v.to(acc).contiguous();
   p.weights = weights.to(acc).expand({p.B, p.R}).contiguous();
   p.masks = masks.to(acc).expand({p.B, p.R, p.M}).contiguous();
-  p.is_pin.assign(p.N, 0);
   if (pin.has_value() && pin->defined()) {
     TORCH_CHECK(pin->numel() == p.N, "stattn native: pin must hold N flags");
     auto pc = pin->to(at::kInt).contiguous();
     const int32_t* pp = pc.data_ptr<int32_t>();
-    for (int64_t n = 0; n < p.N; ++n) {
-      if (pp[n] != 0) {
-        p.is_pin[n] = 1;
-        p.pinned.push_back(n);
-      }
-    }
+    for (int64_t n = 0; n < p.N; ++n)
+      if (pp[n] != 0) p.pinned.push_back(n);
     p.has_pin = true;  // the lse layout has slot R whenever pin is given, even with no flag set
   }
   if (theta.has_value() && theta->defined() && theta->size(2) > 0) {
@@ -216,13 +208,6 @@ void block_offset(const Problem<acc_t>& p, const acc_t* A, int64_t m0, int64_t r
   }
 }
 
-// z[rows, N] = scale * qb[rows, D] . K[N, D]^T (row-major; BLAS sees the column-major transposes)
-template <typename acc_t>
-void logits(const Problem<acc_t>& p, const acc_t* K, const acc_t* qb, int64_t rows, acc_t* z) {
-  gemm(true, false, p.N, rows, p.D, p.scale, K, p.D, qb,
-             p.D, acc_t(0), z, p.N);
-}
-
 // ---------------------------------------------------------------------------------------------
 // Forward.
 
@@ -317,7 +302,7 @@ template <typename acc_t>
 void pack_head(const Problem<acc_t>& p, const Tensor& x, int64_t b, int64_t h, acc_t* dst) {
   const int64_t ND = p.N * p.D;
   for (int64_t r = 0; r < p.R; ++r) {
-    const acc_t* src = x.data_ptr<acc_t>() + ((b * p.R + r) * p.H + h) * ND;
+    const acc_t* src = p.head(x, b, r, h);
     acc_t* out = dst + r * p.Np * p.D;
     std::copy(src, src + ND, out);
     std::fill(out + ND, out + p.Np * p.D, acc_t(0));
@@ -343,7 +328,7 @@ STATTN_INLINE void pack_head_t_impl(const Problem<acc_t>& p, const Tensor& x, in
   const int64_t RN = p.R * p.Np;
   std::fill(dst, dst + p.D * RN, acc_t(0));
   for (int64_t r = 0; r < p.R; ++r) {
-    const acc_t* src = x.data_ptr<acc_t>() + ((b * p.R + r) * p.H + h) * p.N * p.D;
+    const acc_t* src = p.head(x, b, r, h);
     acc_t* out = dst + r * p.Np;
     int64_t n0 = 0, d0 = 0;
     if constexpr (std::is_same_v<acc_t, float>) {  // 8 x 8 tiles in registers

@@ -113,8 +113,7 @@ def _ops():
 
 def forward(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale) -> tuple[Tensor, Tensor]:
     """(o [B, H, M, D] in q's dtype, lse [B, R + has_pin, H, M] float32), as the Triton forward."""
-    return _ops().region_attention(q, k, v, weights, masks, affine, theta, tokens, gy, gx,
-                                                    pin, float(scale))
+    return _ops().region_attention(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, float(scale))
 
 
 def backward(grad_out, q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, lse, needs):
@@ -131,6 +130,6 @@ def inner_loop(q, k, tokens, theta0, gy, gx, scale, iters, lr, qpos, quantile, m
     launcher's): (theta_best, best_iter 0-d int64, losses [iters]) in the compute dtype. ``qpos`` =
     quantile_position(quantile, M, compute dtype), m_target = thr / T, weights = (w0, w1, w2)."""
     lo, hi, frac = qpos
-    return _ops().regulation_inner_loop(q, k, tokens, theta0, gy, gx, float(scale), int(iters),
-                                                         float(lr), float(quantile), int(lo), int(hi), float(frac),
-                                                         float(m_target), *(float(w) for w in weights))
+    return _ops().regulation_inner_loop(q, k, tokens, theta0, gy, gx, float(scale), int(iters), float(lr),
+                                        float(quantile), int(lo), int(hi), float(frac), float(m_target),
+                                        *(float(w) for w in weights))

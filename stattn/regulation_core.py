@@ -322,8 +322,8 @@ def _out_dtype(q: Tensor) -> torch.dtype:
 
 
 def _inner_loop_impl(q: Tensor, k: Tensor, tokens: Tensor, theta0: Tensor, gy: Tensor, gx: Tensor,
-                   scale: float, iters: int, lr: float, quantile: float, w0: float, w1: float, w2: float,
-                   thr: float) -> tuple[Tensor, Tensor, Tensor]:
+                     scale: float, iters: int, lr: float, quantile: float, w0: float, w1: float, w2: float,
+                     thr: float) -> tuple[Tensor, Tensor, Tensor]:
     backend = backend_for(q)
     if backend == "triton":
         from stattn.kernels import regulation as kreg  # installed from the repo's kernels/
