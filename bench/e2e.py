@@ -26,7 +26,7 @@ import stattn
 from stattn import models
 from stattn.runner import Runner
 
-from .env import REPO, machine, publish, quantiles, sync
+from .env import REPO, provenance, machine, publish, quantiles, sync
 
 DEFAULT_OUT = REPO / "bench" / "results"
 PROMPT = "a photo of a cat and a frog on a bench"
@@ -149,10 +149,8 @@ def _set_processors(pipe, name):
 
 def markdown(run: dict) -> str:
     env = run["environment"]
-    git = env["git"]
     lines = [f"# stattn end-to-end: {env['device_name']}, {env['dtype']}", "",
-             f"commit `{(git['commit'] or 'unknown')[:12]}`{' (dirty)' if git['dirty'] else ''}; "
-             f"torch {env['torch']}, triton {env['triton']}, diffusers {env.get('diffusers')}; "
+             f"{provenance(env)}; "
              f"prompt {PROMPT!r} (method targets {TARGETS}), seed 0, CFG 7.5 (SDXL 5), "
              f"scheduler {run.get('scheduler') or 'the model default'}; one image; "
              f"times: median [p20–p80] over {run['repeats']} alternated repeats after one warm-up.", ""]

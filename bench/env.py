@@ -55,6 +55,17 @@ def git_state() -> dict:
             "dirty_paths": dirty_paths[:50]}
 
 
+def provenance(env: dict) -> str:
+    """What a result was measured with, for its Markdown: commit `abcdef123456` (dirty); torch X,
+    triton Y, diffusers Z (where installed)."""
+    git = env["git"]
+    versions = [f"torch {env['torch']}", f"triton {env['triton']}"]
+    if env.get("diffusers"):
+        versions.append(f"diffusers {env['diffusers']}")
+    return (f"commit `{(git.get('commit') or 'unknown')[:12]}`{' (dirty)' if git.get('dirty') else ''}; "
+            + ", ".join(versions))
+
+
 def machine(device: str) -> dict:
     """Device and software versions for a result file."""
     import triton

@@ -43,7 +43,7 @@ if not torch.cuda.is_available():
 import stattn  # noqa: E402  (after the interpreter switch)
 from stattn import reference  # noqa: E402
 
-from .env import REPO, machine, publish, stattn_backend  # noqa: E402
+from .env import REPO, provenance, machine, publish, stattn_backend  # noqa: E402
 
 DEFAULT_OUT = REPO / "bench" / "results"
 
@@ -630,12 +630,10 @@ def notes(run: dict) -> list[str]:
 
 def markdown(run: dict) -> str:
     env, copy = run["environment"], run["copy_bandwidth"]
-    git = env["git"]
     lines = [
         f"# stattn micro-benchmark: {env['device_name']}, {env['dtype']}",
         "",
-        f"commit `{(git['commit'] or 'unknown')[:12]}`{' (dirty)' if git['dirty'] else ''}; "
-        f"torch {env['torch']}, triton {env['triton']}, python {env['python']}"
+        f"{provenance(env)}, python {env['python']}"
         + (f", CUDA {env['cuda']}, driver {env['driver']}" if env["device"] == "cuda" else
            f", torch threads {env['torch_threads']}, TRITON_INTERPRET={env['TRITON_INTERPRET']}")
         + f"; B = {B}, N = {N}; copy bandwidth {copy['gbps']:.1f} GB/s (read + write).",

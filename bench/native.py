@@ -38,7 +38,7 @@ from stattn import native
 from stattn import regulation_core as rc
 from stattn import regulation_reference as rr
 
-from .env import REPO, machine, publish, quantiles, stattn_backend
+from .env import REPO, provenance, machine, publish, quantiles, stattn_backend
 
 B, H, N = 2, 8, 77
 SHAPES = [(64, 64, 40), (32, 32, 80), (16, 16, 160)]      # (h, w, D): SD 1.5 at 512 px
@@ -158,8 +158,7 @@ def _ms(d: dict) -> str:
 def markdown(res: dict) -> str:
     e = res["environment"]
     lines = [f"# Native CPU kernels vs eager PyTorch ({e['device_name']})", "",
-             f"torch {e['torch']}, {e['torch_threads']} threads, fp32, B={B} H={H} N={N}, commit "
-             f"{(e['git'].get('commit') or '?')[:10]}{' (dirty)' if e['git'].get('dirty') else ''}; "
+             f"{provenance(e)}; {e['torch_threads']} threads, fp32, B={B} H={H} N={N}; "
              f"load average before/after {res['load_before']} / {res['load_after']} "
              "(shared machine: other jobs may have run at the same time). Times in ms: median (p20-p80) "
              f"of {res['repeats']} runs after a warm-up, the compared paths interleaved call by call.", "",

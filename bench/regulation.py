@@ -33,7 +33,7 @@ import torch
 import stattn
 from stattn import regulation_core as rc
 
-from .env import REPO, machine, publish, stattn_backend
+from .env import REPO, provenance, machine, publish, stattn_backend
 
 N_KEYS, ITERS = 77, 20
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -241,8 +241,8 @@ def override_warps(num_warps: int) -> None:
 def markdown(run: dict) -> str:
     env = run["environment"]
     lines = [f"# Attention-Regulation inner loop, one layer call ({ITERS} iterations)", "",
-             f"{env['device_name']} · torch {env['torch']} · triton {env['triton']} · commit "
-             f"{(env['git']['commit'] or '?')[:10]}{' (dirty)' if env['git']['dirty'] else ''}", "",
+             f"{env['device_name']} · {provenance(env)}",
+             "",
              "| case | impl | gate (loss err / theta err / best) | wall µs/call (p20–p80) | graph µs | "
              "Triton launches | kernels/call |", "|---|---|---|---|---|---|---|"]
     for row in run["cases"]:

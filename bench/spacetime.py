@@ -33,7 +33,7 @@ from stattn import models
 from stattn.runner import Runner
 from stattn.spacetime import SpatialTemporal
 
-from .env import REPO, machine, publish, quantiles, sync
+from .env import REPO, provenance, machine, publish, quantiles, sync
 
 DEFAULT_OUT = REPO / "bench" / "results"
 PROMPT = "a photo of a cat, a dog, a bird, a frog and a horse"
@@ -56,17 +56,6 @@ class UnfusedSpatialTemporal(SpatialTemporal):
         for i, o in enumerate(outs[1:]):
             out_c = out_c + alpha[i][None, None, :, None] * (o - base)
         return out_c if out_u is None else torch.cat([out_u, out_c])
-
-
-def vit_b32_clip(device, dtype):
-    """The released loss model's architecture (transformers' CLIPConfig defaults = ViT-B/32) with
-    random weights: its cost does not depend on the values. Text vocabulary: the shipped tokenizer."""
-    from transformers import CLIPConfig, CLIPModel
-
-    tok = models.tokenizer()
-    config = CLIPConfig(text_config=dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id,
-                                         eos_token_id=tok.eos_token_id))
-    return CLIPModel(config).eval().to(device, dtype), tok
 
 
 def measure(model: str, size: int, steps: int, repeats: int, device: str, dtype: torch.dtype, mode: str,
@@ -120,7 +109,9 @@ def measure_optimise(runner, size, steps, device, dtype, mode, plain_ms, log) ->
     + Adam step) after a warm-up, full and with gradients truncated to the last k UNet evaluations
     (the cheaper option); its effect: the loss change over two updates and how the first update of
     W lines up with the full one (cosine)."""
-    clip = vit_b32_clip(device, dtype) if device == "cuda" else models.tiny_clip(0, dtype=dtype, device=device)
+    # the released loss model's architecture (ViT-B/32, random weights) on a GPU, a tiny CLIP on the CPU
+    clip = (models.random_clip(dtype=dtype, device=device) if device == "cuda"
+            else models.tiny_clip(0, dtype=dtype, device=device))
     st = SpatialTemporal(OBJECTS[:3], mode=mode)
     st.apply(runner, prompt=PROMPT)
     w0 = st.W[:, :1].contiguous()
@@ -149,10 +140,8 @@ def measure_optimise(runner, size, steps, device, dtype, mode, plain_ms, log) ->
 
 def markdown(run: dict) -> str:
     env = run["environment"]
-    git = env["git"]
     lines = [f"# spatial-temporal control end to end: {env['device_name']}, {env['dtype']}", "",
-             f"commit `{(git['commit'] or 'unknown')[:12]}`{' (dirty)' if git['dirty'] else ''}; "
-             f"torch {env['torch']}, triton {env['triton']}, diffusers {env.get('diffusers')}; "
+             f"{provenance(env)}; "
              f"prompt {PROMPT!r}, objects the first n of {OBJECTS}, seed 0, CFG 7.5, one image, value checks "
              f"off; times: median [p20–p80] over {run['repeats']} alternated repeats after one warm-up.", ""]
     for m in run["models"]:

@@ -27,7 +27,7 @@ from diffusers import (AutoencoderKL, DiffusionPipeline, StableDiffusionPipeline
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-__all__ = ["tiny", "tiny_clip", "full", "save", "load", "resolve", "tokenizer", "TINY_KINDS", "FULL_NAMES",
+__all__ = ["tiny", "tiny_clip", "random_clip", "full", "save", "load", "resolve", "tokenizer", "TINY_KINDS", "FULL_NAMES",
            "TOKENIZER_DIR", "CONFIGS_DIR"]
 
 TOKENIZER_DIR = Path(__file__).parent / "data" / "tokenizer"
@@ -65,21 +65,30 @@ def tokenizer(pad_token: str = EOS) -> CLIPTokenizer:
     return CLIPTokenizer.from_pretrained(TOKENIZER_DIR, pad_token=pad_token, local_files_only=True)
 
 
-def tiny_clip(seed: int = 0, *, dtype: torch.dtype = torch.float32, device="cpu"):
-    """A tiny random transformers ``CLIPModel`` (ViT 224 px, patch 32, width 32) on the shipped
-    tokenizer, and that tokenizer: the loss model of spatial-temporal control in tests and demos."""
+def random_clip(text: Optional[dict] = None, vision: Optional[dict] = None, *, seed: int = 0,
+                dtype: torch.dtype = torch.float32, device="cpu", **config):
+    """A random-weight transformers ``CLIPModel`` on the shipped tokenizer, and that tokenizer.
+    ``text`` / ``vision`` / ``config`` override transformers' CLIPConfig defaults, which are the
+    ViT-B/32 architecture (the released spatial-temporal loss model; its cost does not depend on
+    the weights)."""
     from transformers import CLIPConfig, CLIPModel
 
     tok = tokenizer()
-    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                num_attention_heads=2, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
-                eos_token_id=tok.eos_token_id, pad_token_id=1)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                  image_size=224, patch_size=32)
+    text = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **(text or {}))
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+        model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision or {}, **config))
     return model.eval().to(device=device, dtype=dtype), tok
+
+
+def tiny_clip(seed: int = 0, *, dtype: torch.dtype = torch.float32, device="cpu"):
+    """A tiny random CLIP (ViT 224 px, patch 32, width 32) and the shipped tokenizer: the loss model
+    of spatial-temporal control in tests and demos."""
+    return random_clip(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                            max_position_embeddings=77, pad_token_id=1),
+                       dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                            image_size=224, patch_size=32),
+                       projection_dim=16, seed=seed, dtype=dtype, device=device)
 
 
 def _read_json(path: Path) -> dict:
