@@ -24,8 +24,9 @@ void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const in
 // Row helpers are force-inlined so that a multi-versioned caller compiles them for its target.
 #define STATTN_INLINE __attribute__((always_inline)) inline
 
-// The fp32 row work is compiled for x86-64-v4 (AVX-512), x86-64-v3 (AVX2 + FMA) and the baseline,
-// and picked at load time (GCC/clang function multi-versioning): the build itself uses no -march.
+// The fp32 row work is compiled for x86-64-v3 (AVX2 + FMA) and the baseline, picked at load time
+// (GCC/clang function multi-versioning), and for x86-64-v4 (AVX-512, 16 lanes) where the callers
+// provide a STATTN_V4 version: the build itself uses no -march.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(STATTN_NO_MULTIVERSION)
 #define STATTN_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
@@ -65,14 +66,17 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
   }
 }
 
-// The row kernels below keep kLanes independent lane partials (fixed order: lane partials, then a
-// fixed combine), so results do not depend on the target they are compiled for. fp32 uses GCC
-// vector types of 8 floats: one AVX register in the x86-64-v3 clone of the multi-versioned callers
-// (fwd_rows, bwd_rows, ...), two SSE registers in the baseline. Plain loops of arrays did not do:
-// GCC neither vectorises an IEEE max (a > b ? a : b) nor keeps an accumulator array in registers
-// (it went through the stack, a store-forwarding chain per 8 elements). at::vec::Vectorized is not
-// used either: without -m flags ATen's headers select the generic Vectorized, whose array-backed
-// ops compiled to spilled scalar-ish code. fp64 (the exactness path) keeps plain lane loops.
+// The row kernels below keep independent lane partials (fixed order: lane partials, then a fixed
+// tree combine), so results do not depend on the thread count. fp32 uses GCC vector types V: f32x8
+// (one AVX register in the x86-64-v3 clone of the multi-versioned callers such as fwd_rows, two SSE
+// registers in the baseline) or f32x16 (one AVX-512 register in the callers' x86-64-v4 versions,
+// see STATTN_V4); the rows of the op are padded to multiples of 16, so neither width has tails there.
+// Every row loop of a caller uses the same V: a wide load of data just stored by narrower stores
+// stalls on store forwarding. Plain loops of arrays did not do: GCC neither vectorises an IEEE max
+// (a > b ? a : b) nor keeps an accumulator array in registers (it went through the stack, a
+// store-forwarding chain per 8 elements). at::vec::Vectorized is not used either: without -m flags
+// ATen's headers select the generic Vectorized, whose array-backed ops compiled to spilled
+// scalar-ish code. fp64 (the exactness path) keeps plain loops of kLanes lanes.
 constexpr int64_t kLanes = 8;
 
 // These helpers are always inlined, so no vector ever crosses a call: GCC's note that returning an
@@ -80,14 +84,58 @@ constexpr int64_t kLanes = 8;
 #pragma GCC diagnostic ignored "-Wpsabi"
 typedef float f32x8 __attribute__((vector_size(32)));
 typedef int32_t i32x8 __attribute__((vector_size(32)));
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
 
-STATTN_INLINE f32x8 load8(const float* p) {
-  f32x8 v;
+// The x86-64-v4 (AVX-512) versions of the row work: functions with this attribute, picked at run
+// time by has_v4() (GCC's target_clones cannot give the clones different vector widths).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(STATTN_NO_MULTIVERSION)
+#define STATTN_HAVE_V4 1
+#define STATTN_V4 __attribute__((target("arch=x86-64-v4")))
+inline bool has_v4() {
+  static const bool on = __builtin_cpu_supports("x86-64-v4") &&
+                         !(std::getenv("STATTN_NATIVE_V4") && std::getenv("STATTN_NATIVE_V4")[0] == '0');
+  return on;
+}
+#else
+#define STATTN_HAVE_V4 0
+inline bool has_v4() { return false; }
+#endif
+
+template <typename V>
+constexpr int64_t lanes_of = sizeof(V) / sizeof(float);
+template <typename V>
+struct int_vec;
+template <>
+struct int_vec<f32x8> {
+  using type = i32x8;
+};
+template <>
+struct int_vec<f32x16> {
+  using type = i32x16;
+};
+
+template <typename V>
+STATTN_INLINE V loadv(const float* p) {
+  V v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
-STATTN_INLINE void store8(float* p, const f32x8& v) { std::memcpy(p, &v, sizeof v); }
-STATTN_INLINE f32x8 splat8(float a) { return f32x8{} + a; }
+template <typename V>
+STATTN_INLINE void storev(float* p, const V& v) {
+  std::memcpy(p, &v, sizeof v);
+}
+template <typename V>
+STATTN_INLINE V splatv(float a) {
+  return V{} + a;
+}
+template <typename V>
+STATTN_INLINE V maxv(const V& a, const V& b) {
+  return a > b ? a : b;
+}
+STATTN_INLINE f32x8 load8(const float* p) { return loadv<f32x8>(p); }
+STATTN_INLINE void store8(float* p, const f32x8& v) { storev(p, v); }
+STATTN_INLINE f32x8 max8(const f32x8& a, const f32x8& b) { return maxv(a, b); }
 #if defined(__clang__)
 #define STATTN_SHUF8(a, b, i0, i1, i2, i3, i4, i5, i6, i7) __builtin_shufflevector(a, b, i0, i1, i2, i3, i4, i5, i6, i7)
 #else
@@ -113,16 +161,34 @@ STATTN_INLINE void transpose8x8(const float* src, int64_t ld_src, float* dst, in
     store8(dst + (j + 4) * ld_dst, STATTN_SHUF8(u[j], u[j + 4], 4, 5, 6, 7, 12, 13, 14, 15));
   }
 }
-STATTN_INLINE f32x8 max8(const f32x8& a, const f32x8& b) { return a > b ? a : b; }
-STATTN_INLINE float hsum8(const f32x8& v) {
-  float s = 0;
-  for (int j = 0; j < 8; ++j) s += v[j];
-  return s;
+
+// Horizontal sum and max as a tree of shuffles (a fixed order; the lane-by-lane loop was a chain
+// of seven dependent scalar adds per row). 16 lanes: the two halves first.
+STATTN_INLINE float hsum(const f32x8& v) {
+  f32x8 t = v + STATTN_SHUF8(v, v, 4, 5, 6, 7, 0, 1, 2, 3);
+  t = t + STATTN_SHUF8(t, t, 2, 3, 0, 1, 6, 7, 4, 5);
+  t = t + STATTN_SHUF8(t, t, 1, 0, 3, 2, 5, 4, 7, 6);
+  return t[0];
 }
-STATTN_INLINE float hmax8(const f32x8& v) {
-  float m = v[0];
-  for (int j = 1; j < 8; ++j) m = m > v[j] ? m : v[j];
-  return m;
+STATTN_INLINE float hmax(const f32x8& v) {
+  f32x8 t = max8(v, STATTN_SHUF8(v, v, 4, 5, 6, 7, 0, 1, 2, 3));
+  t = max8(t, STATTN_SHUF8(t, t, 2, 3, 0, 1, 6, 7, 4, 5));
+  t = max8(t, STATTN_SHUF8(t, t, 1, 0, 3, 2, 5, 4, 7, 6));
+  return t[0];
+}
+STATTN_INLINE void halves(const f32x16& v, f32x8& lo, f32x8& hi) {
+  std::memcpy(&lo, &v, sizeof lo);
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi);
+}
+STATTN_INLINE float hsum(const f32x16& v) {
+  f32x8 lo, hi;
+  halves(v, lo, hi);
+  return hsum(lo + hi);
+}
+STATTN_INLINE float hmax(const f32x16& v) {
+  f32x8 lo, hi;
+  halves(v, lo, hi);
+  return hmax(max8(lo, hi));
 }
 
 // exp(x) in fp32: Cephes range reduction (round to nearest by the 1.5 * 2^23 trick, so no floor
@@ -130,7 +196,7 @@ STATTN_INLINE float hmax8(const f32x8& v) {
 // 0 (the true value is below 1.7e-38) and the discarded lanes are computed at kExpLo: a denormal
 // anywhere, even in a lane that is thrown away, costs a microcode assist per instruction, and the
 // -inf pad columns of the logits would hit that on every row. Inputs above kExpHi are clamped.
-// One lane and 8 lanes compute the same operations. fp64 uses std::exp.
+// One lane and a vector compute the same operations. fp64 uses std::exp.
 constexpr float kExpLo = -87.0f, kExpHi = 88.3762589f;
 template <typename V>
 STATTN_INLINE V exp_poly(const V& x) {  // x already clamped; returns exp(x) / 2^n
@@ -154,15 +220,17 @@ STATTN_INLINE float exp_f32(float x) {
   const float e = exp_poly(c) * scale;
   return x < kExpLo ? 0.0f : e;
 }
-STATTN_INLINE f32x8 exp8(const f32x8& x) {
-  f32x8 c = x < kExpLo ? splat8(kExpLo) : x;
-  c = c > kExpHi ? splat8(kExpHi) : c;
-  const f32x8 n = (c * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const i32x8 bits = (__builtin_convertvector(n, i32x8) + 127) << 23;
-  f32x8 scale;
+template <typename V>
+STATTN_INLINE V expv(const V& x) {
+  using I = typename int_vec<V>::type;
+  V c = x < kExpLo ? splatv<V>(kExpLo) : x;
+  c = c > kExpHi ? splatv<V>(kExpHi) : c;
+  const V n = (c * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const I bits = (__builtin_convertvector(n, I) + 127) << 23;
+  V scale;
   std::memcpy(&scale, &bits, sizeof scale);
-  const f32x8 e = exp_poly(c) * scale;
-  return x < kExpLo ? splat8(0.0f) : e;
+  const V e = exp_poly(c) * scale;
+  return x < kExpLo ? splatv<V>(0.0f) : e;
 }
 template <typename T>
 STATTN_INLINE T exp_t(T x) {
@@ -179,15 +247,17 @@ STATTN_INLINE T lane_sum(const T* acc) {
   return s;
 }
 
-template <typename T>
+// In the helpers below, V is the fp32 vector type (ignored for fp64).
+template <typename T, typename V = f32x8>
 STATTN_INLINE T row_max(const T* x, int64_t n) {
   T m = -std::numeric_limits<T>::infinity();
   int64_t i = 0;
   if constexpr (std::is_same_v<T, float>) {
-    if (n >= kLanes) {
-      f32x8 acc = load8(x);
-      for (i = kLanes; i + kLanes <= n; i += kLanes) acc = max8(acc, load8(x + i));
-      m = hmax8(acc);
+    constexpr int64_t L = lanes_of<V>;
+    if (n >= L) {
+      V acc = loadv<V>(x);
+      for (i = L; i + L <= n; i += L) acc = maxv(acc, loadv<V>(x + i));
+      m = hmax(acc);
     }
   } else if (n >= kLanes) {
     T acc[kLanes];
@@ -201,14 +271,15 @@ STATTN_INLINE T row_max(const T* x, int64_t n) {
 }
 
 // max over n of x + add (add: 0 on the columns that count, -inf on the others)
-template <typename T>
+template <typename T, typename V = f32x8>
 STATTN_INLINE T row_max_plus(const T* x, const T* add, int64_t n) {
   T m = -std::numeric_limits<T>::infinity();
   int64_t i = 0;
   if constexpr (std::is_same_v<T, float>) {
-    f32x8 acc = splat8(m);
-    for (; i + kLanes <= n; i += kLanes) acc = max8(acc, load8(x + i) + load8(add + i));
-    m = hmax8(acc);
+    constexpr int64_t L = lanes_of<V>;
+    V acc = splatv<V>(m);
+    for (; i + L <= n; i += L) acc = maxv(acc, loadv<V>(x + i) + loadv<V>(add + i));
+    m = hmax(acc);
   } else {
     T acc[kLanes];
     for (int64_t j = 0; j < kLanes; ++j) acc[j] = m;
@@ -224,18 +295,19 @@ STATTN_INLINE T row_max_plus(const T* x, const T* add, int64_t n) {
 }
 
 // y = exp(x - shift) (y may alias x); returns sum(y)
-template <typename T>
+template <typename T, typename V = f32x8>
 STATTN_INLINE T exp_shift_sum(const T* x, T shift, T* y, int64_t n) {
   T sum;
   int64_t i = 0;
   if constexpr (std::is_same_v<T, float>) {
-    f32x8 acc = {};
-    for (; i + kLanes <= n; i += kLanes) {
-      const f32x8 e = exp8(load8(x + i) - shift);
-      store8(y + i, e);
+    constexpr int64_t L = lanes_of<V>;
+    V acc = {};
+    for (; i + L <= n; i += L) {
+      const V e = expv(loadv<V>(x + i) - shift);
+      storev(y + i, e);
       acc += e;
     }
-    sum = hsum8(acc);
+    sum = hsum(acc);
   } else {
     T acc[kLanes] = {};
     for (; i + kLanes <= n; i += kLanes)
@@ -254,19 +326,20 @@ STATTN_INLINE T exp_shift_sum(const T* x, T shift, T* y, int64_t n) {
 }
 
 // y = exp(x - shift) (y may alias x); sum_all = sum(y), sum_w = sum(w * y)
-template <typename T>
+template <typename T, typename V = f32x8>
 STATTN_INLINE void exp_shift_sum2(const T* x, T shift, const T* w, T* y, int64_t n, T& sum_all, T& sum_w) {
   int64_t i = 0;
   if constexpr (std::is_same_v<T, float>) {
-    f32x8 acc = {}, accw = {};
-    for (; i + kLanes <= n; i += kLanes) {
-      const f32x8 e = exp8(load8(x + i) - shift);
-      store8(y + i, e);
+    constexpr int64_t L = lanes_of<V>;
+    V acc = {}, accw = {};
+    for (; i + L <= n; i += L) {
+      const V e = expv(loadv<V>(x + i) - shift);
+      storev(y + i, e);
       acc += e;
-      accw += load8(w + i) * e;
+      accw += loadv<V>(w + i) * e;
     }
-    sum_all = hsum8(acc);
-    sum_w = hsum8(accw);
+    sum_all = hsum(acc);
+    sum_w = hsum(accw);
   } else {
     T acc[kLanes] = {}, accw[kLanes] = {};
     for (; i + kLanes <= n; i += kLanes)
@@ -286,16 +359,48 @@ STATTN_INLINE void exp_shift_sum2(const T* x, T shift, const T* w, T* y, int64_t
   }
 }
 
+// y = exp(x - shift) (y may alias x); returns sum(w * y * g) (w == nullptr: all ones)
+template <typename T, typename V = f32x8>
+STATTN_INLINE T exp_shift_dot(const T* x, T shift, const T* w, const T* g, T* y, int64_t n) {
+  T dot;
+  int64_t i = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    constexpr int64_t L = lanes_of<V>;
+    V acc = {};
+    for (; i + L <= n; i += L) {
+      const V e = expv(loadv<V>(x + i) - shift);
+      storev(y + i, e);
+      acc += (w ? loadv<V>(w + i) * e : e) * loadv<V>(g + i);
+    }
+    dot = hsum(acc);
+  } else {
+    T acc[kLanes] = {};
+    for (; i + kLanes <= n; i += kLanes)
+      for (int64_t j = 0; j < kLanes; ++j) {
+        const T e = exp_t(x[i + j] - shift);
+        y[i + j] = e;
+        acc[j] += (w ? w[i + j] * e : e) * g[i + j];
+      }
+    dot = lane_sum(acc);
+  }
+  for (; i < n; ++i) {
+    y[i] = exp_t(x[i] - shift);
+    dot += (w ? w[i] * y[i] : y[i]) * g[i];
+  }
+  return dot;
+}
+
 // log(sum(exp(x))) without writing x
-template <typename T>
+template <typename T, typename V = f32x8>
 STATTN_INLINE T row_lse(const T* x, int64_t n) {
-  const T mx = row_max(x, n);
+  const T mx = row_max<T, V>(x, n);
   T sum;
   int64_t i = 0;
   if constexpr (std::is_same_v<T, float>) {
-    f32x8 acc = {};
-    for (; i + kLanes <= n; i += kLanes) acc += exp8(load8(x + i) - mx);
-    sum = hsum8(acc);
+    constexpr int64_t L = lanes_of<V>;
+    V acc = {};
+    for (; i + L <= n; i += L) acc += expv(loadv<V>(x + i) - mx);
+    sum = hsum(acc);
   } else {
     T acc[kLanes] = {};
     for (; i + kLanes <= n; i += kLanes)
@@ -306,14 +411,15 @@ STATTN_INLINE T row_lse(const T* x, int64_t n) {
   return mx + std::log(sum);
 }
 
-template <typename T>
+template <typename T, typename V = f32x8>
 STATTN_INLINE T row_sum(const T* x, int64_t n) {
   T s;
   int64_t i = 0;
   if constexpr (std::is_same_v<T, float>) {
-    f32x8 acc = {};
-    for (; i + kLanes <= n; i += kLanes) acc += load8(x + i);
-    s = hsum8(acc);
+    constexpr int64_t L = lanes_of<V>;
+    V acc = {};
+    for (; i + L <= n; i += L) acc += loadv<V>(x + i);
+    s = hsum(acc);
   } else {
     T acc[kLanes] = {};
     for (; i + kLanes <= n; i += kLanes)
@@ -324,19 +430,25 @@ STATTN_INLINE T row_sum(const T* x, int64_t n) {
   return s;
 }
 
-template <typename T>
+template <typename T, typename V = f32x8>
 STATTN_INLINE void scale_row(T* x, T a, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) x[i] *= a;
+  int64_t i = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    constexpr int64_t L = lanes_of<V>;
+    for (; i + L <= n; i += L) storev(x + i, loadv<V>(x + i) * a);
+  }
+  for (; i < n; ++i) x[i] *= a;
 }
 
-template <typename T>
+template <typename T, typename V = f32x8>
 STATTN_INLINE T row_dot(const T* x, const T* y, int64_t n) {
   T s;
   int64_t i = 0;
   if constexpr (std::is_same_v<T, float>) {
-    f32x8 acc = {};
-    for (; i + kLanes <= n; i += kLanes) acc += load8(x + i) * load8(y + i);
-    s = hsum8(acc);
+    constexpr int64_t L = lanes_of<V>;
+    V acc = {};
+    for (; i + L <= n; i += L) acc += loadv<V>(x + i) * loadv<V>(y + i);
+    s = hsum(acc);
   } else {
     T acc[kLanes] = {};
     for (; i + kLanes <= n; i += kLanes)
@@ -348,15 +460,44 @@ STATTN_INLINE T row_dot(const T* x, const T* y, int64_t n) {
 }
 
 // y += a * x
-template <typename T>
+template <typename T, typename V = f32x8>
 STATTN_INLINE void axpy_row(T* __restrict y, T a, const T* __restrict x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+  int64_t i = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    constexpr int64_t L = lanes_of<V>;
+    for (; i + L <= n; i += L) storev(y + i, loadv<V>(y + i) + a * loadv<V>(x + i));
+  }
+  for (; i < n; ++i) y[i] += a * x[i];
+}
+
+// softmax backward of one row in place: p <- a * p * (g - dot) and, with write_g, g <- a * p
+template <typename T, typename V = f32x8>
+STATTN_INLINE void softmax_bwd_inplace(T* __restrict p, T* __restrict g, T a, T dot, bool write_g, int64_t n) {
+  int64_t i = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    constexpr int64_t L = lanes_of<V>;
+    for (; i + L <= n; i += L) {
+      const V pa = a * loadv<V>(p + i), gi = loadv<V>(g + i);
+      storev(p + i, pa * (gi - dot));
+      if (write_g) storev(g + i, pa);
+    }
+  }
+  for (; i < n; ++i) {
+    const T pa = a * p[i];
+    p[i] = pa * (g[i] - dot);
+    if (write_g) g[i] = pa;
+  }
 }
 
 // softmax backward of one row: out = a * p * (g - dot)
-template <typename T>
+template <typename T, typename V = f32x8>
 STATTN_INLINE void softmax_bwd_row(const T* p, const T* g, T a, T dot, T* out, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) out[i] = a * p[i] * (g[i] - dot);
+  int64_t i = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    constexpr int64_t L = lanes_of<V>;
+    for (; i + L <= n; i += L) storev(out + i, a * loadv<V>(p + i) * (loadv<V>(g + i) - dot));
+  }
+  for (; i < n; ++i) out[i] = a * p[i] * (g[i] - dot);
 }
 
 }  // namespace stattn_native

@@ -42,7 +42,7 @@ constexpr int64_t kChunkM = 1024;  // pixels per backward task (a fixed partitio
 template <typename acc_t>
 struct Problem {
   int64_t B, H, M, D, R, N, T = 0, Ky = 0, Kx = 0, W = 1;
-  bool affine = false, has_pin = false;
+  bool affine = false, has_pin = false, pin_is_target = false;
   acc_t scale;
   Tensor k, v, weights, masks, theta, gy, gx;  // contiguous, acc_t
   std::vector<int64_t> tokens, pinned;          // target columns, pinned columns of region 0
@@ -114,6 +114,7 @@ Problem<acc_t> make_problem(const Tensor& q, const Tensor& k, const Tensor& v, c
   p.nt_neg.assign(p.Np, -inf);
   for (int64_t n = 0; n < p.N; ++n) p.nt_one[n] = 1, p.nt_neg[n] = 0;
   for (int64_t tok : p.tokens) p.nt_one[tok] = 0, p.nt_neg[tok] = -inf;  // (distinct: ScoreOffset checks)
+  for (int64_t n : p.pinned) p.pin_is_target = p.pin_is_target || p.nt_one[n] == 0;
   return p;
 }
 
@@ -167,6 +168,18 @@ void pack_rows(const Tensor& x, int64_t b, int64_t h, int64_t m0, int64_t rows, 
   }
 }
 
+// Pixel rows [m0, m0 + rows) of x as a [rows, D] block of acc_t: x's own memory where it already is
+// one (acc_t, rows of D contiguous elements), else packed into dst.
+template <typename in_t, typename acc_t>
+const acc_t* block_rows(const Tensor& x, int64_t b, int64_t h, int64_t m0, int64_t rows, acc_t* dst) {
+  if constexpr (std::is_same_v<in_t, acc_t>) {
+    if (x.stride(3) == 1 && x.stride(2) == x.size(3))
+      return x.data_ptr<acc_t>() + b * x.stride(0) + h * x.stride(1) + m0 * x.stride(2);
+  }
+  pack_rows<in_t, acc_t>(x, b, h, m0, rows, dst);
+  return dst;
+}
+
 // alpha of region r for pixel rows [m0, m0 + rows).
 template <typename acc_t>
 void block_alpha(const Problem<acc_t>& p, int64_t b, int64_t r, int64_t m0, int64_t rows, acc_t* out) {
@@ -213,19 +226,19 @@ void block_offset(const Problem<acc_t>& p, const acc_t* A, int64_t m0, int64_t r
 
 // Region 0 with an offset, one row, exactly as copy + add + softmax + a second softmax for the pinned
 // columns: the fallback of fwd_rows when the two softmaxes' shifts are too far apart to share exps.
-template <typename acc_t>
+template <typename acc_t, typename V>
 STATTN_INLINE void fwd_row_offset_twopass(const Problem<acc_t>& p, acc_t* zi, acc_t* tmp, acc_t a, const acc_t* Si,
                                           float* lse_r, float* lse_0) {
   const int64_t Np = p.Np;
   std::copy(zi, zi + Np, tmp);  // un-offset logits
   for (int64_t t = 0; t < p.T; ++t) zi[p.tokens[t]] += Si[t];
-  const acc_t mx = row_max(zi, Np);
-  const acc_t sum = exp_shift_sum(zi, mx, zi, Np);
+  const acc_t mx = row_max<acc_t, V>(zi, Np);
+  const acc_t sum = exp_shift_sum<acc_t, V>(zi, mx, zi, Np);
   *lse_r = static_cast<float>(mx + std::log(sum));
-  scale_row(zi, a / sum, Np);
+  scale_row<acc_t, V>(zi, a / sum, Np);
   if (p.has_pin) {
-    const acc_t mx0 = row_max(tmp, Np);
-    const acc_t sum0 = exp_shift_sum(tmp, mx0, tmp, Np);
+    const acc_t mx0 = row_max<acc_t, V>(tmp, Np);
+    const acc_t sum0 = exp_shift_sum<acc_t, V>(tmp, mx0, tmp, Np);
     *lse_0 = static_cast<float>(mx0 + std::log(sum0));
     for (int64_t n : p.pinned) zi[n] = a * tmp[n] / sum0;
   }
@@ -237,62 +250,87 @@ STATTN_INLINE void fwd_row_offset_twopass(const Problem<acc_t>& p, acc_t* zi, ac
 // and the un-offset softmax: both differ only on the few target columns, so with e = exp(z - mx0)
 // (mx0 the un-offset maximum) the edited row is e * exp(mx0 - mxe) off the targets, renormalised
 // by the sum over the non-target columns; target and pinned columns are then set directly.
-template <typename acc_t>
+// The rows are swept three times (maxima, exps, then logs and scaling): within a row each step
+// waits on the previous one's horizontal reduction, across rows they are independent, and the
+// sweeps let the CPU overlap consecutive rows. work: [Np + rows * (4 + T)].
+template <typename acc_t, typename V>
 STATTN_INLINE void fwd_rows_impl(const Problem<acc_t>& p, int64_t r, int64_t rows, acc_t* z, int64_t ldz,
-                                 acc_t* tmp, const acc_t* al, const acc_t* S, float* lse_r, float* lse_0) {
+                                 acc_t* work, const acc_t* al, const acc_t* S, float* lse_r, float* lse_0) {
   const int64_t Np = p.Np, T = p.T;
-  constexpr int64_t kMaxT = 16;      // targets held in registers on the shared-exp path
+  constexpr int64_t kMaxT = 16;      // targets on the shared-exp path (more: the two-pass fallback)
   constexpr acc_t kMaxShift = 60;    // beyond this gap between the two maxima the shared exps would
                                      // leave the normal range
-  for (int64_t i = 0; i < rows; ++i) {
-    acc_t* zi = z + i * ldz;
-    const acc_t a = al[i];
-    if (!p.offset_on(r)) {  // plain softmax; pinned columns (no offset) take the same probability
-      const acc_t mx = row_max(zi, Np);
-      const acc_t sum = exp_shift_sum(zi, mx, zi, Np);
-      lse_r[i] = static_cast<float>(mx + std::log(sum));
+  acc_t* tmp = work;                                        // [Np]
+  acc_t *mx0 = work + Np, *sum0 = mx0 + rows, *mxe = sum0 + rows, *sum_nt = mxe + rows;
+  acc_t* ze = sum_nt + rows;                                // [rows, T]: edited target logits, then exps
+  if (!p.offset_on(r)) {  // plain softmax; pinned columns (no offset) take the same probability
+    for (int64_t i = 0; i < rows; ++i) mx0[i] = row_max<acc_t, V>(z + i * ldz, Np);
+    for (int64_t i = 0; i < rows; ++i) sum0[i] = exp_shift_sum<acc_t, V>(z + i * ldz, mx0[i], z + i * ldz, Np);
+    for (int64_t i = 0; i < rows; ++i) {
+      lse_r[i] = static_cast<float>(mx0[i] + std::log(sum0[i]));
       if (p.pin_on(r)) lse_0[i] = lse_r[i];
-      scale_row(zi, a / sum, Np);
-      continue;
+      scale_row<acc_t, V>(z + i * ldz, al[i] / sum0[i], Np);
     }
-    acc_t ze[kMaxT];  // edited logits of the target columns
-    const acc_t mx_nt = row_max_plus(zi, p.nt_neg.data(), Np);
-    acc_t mx0 = mx_nt, mxe = mx_nt;
-    for (int64_t t = 0; t < T && T <= kMaxT; ++t) {
-      ze[t] = zi[p.tokens[t]] + S[i * T + t];
-      mx0 = std::max(mx0, zi[p.tokens[t]]);
-      mxe = std::max(mxe, ze[t]);
-    }
-    if (T > kMaxT || !(std::abs(mx0 - mxe) <= kMaxShift)) {
-      fwd_row_offset_twopass(p, zi, tmp, a, S + i * T, lse_r + i, lse_0 + i);
-      continue;
-    }
-    acc_t sum0, sum_nt;
-    exp_shift_sum2(zi, mx0, p.nt_one.data(), zi, Np, sum0, sum_nt);
-    const acc_t c = exp_t(mx0 - mxe);
-    acc_t sum_e = c * sum_nt;
+    return;
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    const acc_t* zi = z + i * ldz;
+    mx0[i] = mxe[i] = row_max_plus<acc_t, V>(zi, p.nt_neg.data(), Np);
     for (int64_t t = 0; t < T; ++t) {
-      ze[t] = exp_t(ze[t] - mxe);
-      sum_e += ze[t];
+      ze[i * T + t] = zi[p.tokens[t]] + S[i * T + t];
+      mx0[i] = std::max(mx0[i], zi[p.tokens[t]]);
+      mxe[i] = std::max(mxe[i], ze[i * T + t]);
     }
-    lse_r[i] = static_cast<float>(mxe + std::log(sum_e));
+  }
+  auto shared = [&](int64_t i) { return T <= kMaxT && std::abs(mx0[i] - mxe[i]) <= kMaxShift; };
+  for (int64_t i = 0; i < rows; ++i) {
+    if (shared(i))
+      exp_shift_sum2<acc_t, V>(z + i * ldz, mx0[i], p.nt_one.data(), z + i * ldz, Np, sum0[i], sum_nt[i]);
+    else
+      fwd_row_offset_twopass<acc_t, V>(p, z + i * ldz, tmp, al[i], S + i * T, lse_r + i, lse_0 + i);
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    if (!shared(i)) continue;
+    acc_t* zi = z + i * ldz;
+    const acc_t c = exp_t(mx0[i] - mxe[i]);
+    acc_t sum_e = c * sum_nt[i];
+    for (int64_t t = 0; t < T; ++t) {
+      ze[i * T + t] = exp_t(ze[i * T + t] - mxe[i]);
+      sum_e += ze[i * T + t];
+    }
+    lse_r[i] = static_cast<float>(mxe[i] + std::log(sum_e));
     if (p.has_pin) {
-      lse_0[i] = static_cast<float>(mx0 + std::log(sum0));
+      lse_0[i] = static_cast<float>(mx0[i] + std::log(sum0[i]));
       for (size_t k = 0; k < p.pinned.size(); ++k) tmp[k] = zi[p.pinned[k]];
     }
-    scale_row(zi, a * c / sum_e, Np);
-    for (int64_t t = 0; t < T; ++t) zi[p.tokens[t]] = a * ze[t] / sum_e;
-    for (size_t k = 0; k < p.pinned.size(); ++k) zi[p.pinned[k]] = a * tmp[k] / sum0;
+    const acc_t a = al[i];
+    scale_row<acc_t, V>(zi, a * c / sum_e, Np);
+    for (int64_t t = 0; t < T; ++t) zi[p.tokens[t]] = a * ze[i * T + t] / sum_e;
+    for (size_t k = 0; k < p.pinned.size(); ++k) zi[p.pinned[k]] = a * tmp[k] / sum0[i];
   }
 }
 
-STATTN_MULTIVERSION void fwd_rows(const Problem<float>& p, int64_t r, int64_t rows, float* z, int64_t ldz, float* tmp,
-                                  const float* al, const float* S, float* lse_r, float* lse_0) {
-  fwd_rows_impl(p, r, rows, z, ldz, tmp, al, S, lse_r, lse_0);
+// fp32: 16 lanes on AVX-512 machines, else 8 (the x86-64-v3 clone or the baseline); fp64: plain loops
+STATTN_MULTIVERSION void fwd_rows_w8(const Problem<float>& p, int64_t r, int64_t rows, float* z, int64_t ldz,
+                                     float* work, const float* al, const float* S, float* lse_r, float* lse_0) {
+  fwd_rows_impl<float, f32x8>(p, r, rows, z, ldz, work, al, S, lse_r, lse_0);
 }
-void fwd_rows(const Problem<double>& p, int64_t r, int64_t rows, double* z, int64_t ldz, double* tmp,
+#if STATTN_HAVE_V4
+STATTN_V4 void fwd_rows_w16(const Problem<float>& p, int64_t r, int64_t rows, float* z, int64_t ldz, float* work,
+                            const float* al, const float* S, float* lse_r, float* lse_0) {
+  fwd_rows_impl<float, f32x16>(p, r, rows, z, ldz, work, al, S, lse_r, lse_0);
+}
+#endif
+void fwd_rows(const Problem<float>& p, int64_t r, int64_t rows, float* z, int64_t ldz, float* work,
+              const float* al, const float* S, float* lse_r, float* lse_0) {
+#if STATTN_HAVE_V4
+  if (has_v4()) return fwd_rows_w16(p, r, rows, z, ldz, work, al, S, lse_r, lse_0);
+#endif
+  fwd_rows_w8(p, r, rows, z, ldz, work, al, S, lse_r, lse_0);
+}
+void fwd_rows(const Problem<double>& p, int64_t r, int64_t rows, double* z, int64_t ldz, double* work,
               const double* al, const double* S, float* lse_r, float* lse_0) {
-  fwd_rows_impl(p, r, rows, z, ldz, tmp, al, S, lse_r, lse_0);
+  fwd_rows_impl<double, f32x8>(p, r, rows, z, ldz, work, al, S, lse_r, lse_0);
 }
 
 // Keys or values of head (b, h), all regions side by side with zero pad rows: dst [R * Np, D]. Packed
@@ -356,7 +394,7 @@ void forward_kernel(const Problem<acc_t>& p, const Tensor& q, Tensor& o, Tensor&
   float* lse_p = lse.data_ptr<float>();
   in_t* o_p = o.data_ptr<in_t>();
   at::parallel_for(0, p.B * p.H * nblk, 1, [&](int64_t begin, int64_t end) {
-    Scratch<acc_t> qb(kBlockM * D), ob(kBlockM * D), z(kBlockM * RN), tmp(Np), al(kBlockM), S(kBlockM * T),
+    Scratch<acc_t> qb(kBlockM * D), ob(std::is_same_v<in_t, acc_t> ? 0 : kBlockM * D), z(kBlockM * RN), work(Np + kBlockM * (4 + T)), al(kBlockM), S(kBlockM * T),
         A(T * p.Ky * p.W), kh(RN * D), vh(RN * D);
     int64_t cur_bh = -1;
     for (int64_t task = begin; task < end; ++task) {
@@ -368,19 +406,23 @@ void forward_kernel(const Problem<acc_t>& p, const Tensor& q, Tensor& o, Tensor&
         if (T > 0) offset_half(p, b, h, A.data());
         cur_bh = bh;
       }
-      pack_rows<in_t, acc_t>(q, b, h, m0, rows, qb.data());
+      const acc_t* qrows = block_rows<in_t, acc_t>(q, b, h, m0, rows, qb.data());
       if (T > 0) block_offset(p, A.data(), m0, rows, S.data());
-      gemm(false, false, RN, rows, D, p.scale, kh.data(), RN, qb.data(), D, acc_t(0), z.data(), RN);
+      gemm(false, false, RN, rows, D, p.scale, kh.data(), RN, qrows, D, acc_t(0), z.data(), RN);
       set_pad_logits(p, rows, z.data());
       for (int64_t r = 0; r < p.R; ++r) {
         block_alpha(p, b, r, m0, rows, al.data());
         float* lse_r = lse_p + ((b * L + r) * p.H + h) * p.M + m0;
         float* lse_0 = lse_p + ((b * L + p.R) * p.H + h) * p.M + m0;
-        fwd_rows(p, r, rows, z.data() + r * Np, RN, tmp.data(), al.data(), S.data(), lse_r, lse_0);
+        fwd_rows(p, r, rows, z.data() + r * Np, RN, work.data(), al.data(), S.data(), lse_r, lse_0);
       }
-      gemm(false, false, D, rows, RN, acc_t(1), vh.data(), D, z.data(), RN, acc_t(0), ob.data(), D);
       in_t* dst = o_p + ((b * p.H + h) * p.M + m0) * D;
-      for (int64_t i = 0; i < rows * D; ++i) dst[i] = static_cast<in_t>(ob[i]);
+      if constexpr (std::is_same_v<in_t, acc_t>) {  // o is contiguous: the product writes it directly
+        gemm(false, false, D, rows, RN, acc_t(1), vh.data(), D, z.data(), RN, acc_t(0), dst, D);
+      } else {
+        gemm(false, false, D, rows, RN, acc_t(1), vh.data(), D, z.data(), RN, acc_t(0), ob.data(), D);
+        for (int64_t i = 0; i < rows * D; ++i) dst[i] = static_cast<in_t>(ob[i]);
+      }
     }
   });
 }
@@ -411,66 +453,151 @@ struct Needs {
   bool q, k, v, w, m, t;
 };
 
+// Softmax backward of one row of region r, the general way: the edited probabilities pe and the
+// un-offset ones p0 from two exp passes. The fallback of bwd_rows for what its shared-exp path does
+// not take (fp64's recomputed log-sum-exps, > kMaxT targets or pins, a pinned target, log-sum-exps
+// more than kMaxShift apart). In: zi = logits, dpi = dO . V^T; out as bwd_rows.
+template <typename acc_t, typename V>
+STATTN_INLINE void bwd_row_general(const Problem<acc_t>& p, bool off, bool pinr, bool need_v, bool need_th,
+                                   bool recompute_lse, acc_t* zi, acc_t* dpi, acc_t* pe, acc_t* p0, acc_t a,
+                                   const acc_t* Si, acc_t* dSi, float lse_r, float lse_0, acc_t* dfull) {
+  const int64_t Np = p.Np, T = p.T;
+  std::copy(zi, zi + Np, pe);
+  if (off)
+    for (int64_t t = 0; t < T; ++t) pe[p.tokens[t]] += Si[t];
+  const acc_t lse_e = recompute_lse ? row_lse<acc_t, V>(pe, Np) : static_cast<acc_t>(lse_r);
+  exp_shift_sum<acc_t, V>(pe, lse_e, pe, Np);
+  acc_t D0 = 0;
+  if (pinr) {
+    const acc_t l0 = recompute_lse ? row_lse<acc_t, V>(zi, Np) : static_cast<acc_t>(lse_0);
+    exp_shift_sum<acc_t, V>(zi, l0, p0, Np);
+    for (int64_t n : p.pinned) D0 += p0[n] * dpi[n];
+  }
+  // De = <pe, dpv> over the non-pinned columns
+  acc_t De = row_dot<acc_t, V>(pe, dpi, Np);
+  if (pinr)
+    for (int64_t n : p.pinned) De -= pe[n] * dpi[n];
+  *dfull = De + D0;
+  // dze = a pe (dpv [not pinned] - De) -> z; dtheta reads it at the target columns
+  softmax_bwd_row<acc_t, V>(pe, dpi, a, De, zi, Np);
+  if (pinr)
+    for (int64_t n : p.pinned) zi[n] = -a * pe[n] * De;
+  if (need_th)
+    for (int64_t t = 0; t < T; ++t) dSi[t] = zi[p.tokens[t]];
+  if (pinr) {  // + a p0 (dpv [pinned] - D0): pinned columns go through the un-offset softmax
+    axpy_row<acc_t, V>(zi, -a * D0, p0, Np);
+    for (int64_t n : p.pinned) zi[n] += a * p0[n] * dpi[n];
+  }
+  if (need_v) {  // dv uses alpha * p_used: overwrite dpv (no longer needed for this row)
+    for (int64_t n = 0; n < Np; ++n) dpi[n] = a * pe[n];
+    if (pinr)
+      for (int64_t n : p.pinned) dpi[n] = a * p0[n];
+  }
+}
+
 // Softmax backward of one region for a block of rows, on the padded layout of the forward (rows of
 // stride ld, this region's Np columns; pad logits -inf, so pad probabilities and gradients are 0).
 // In: z = logits, dpv = dO . V^T. Out: z = dz (pinned columns through the un-offset softmax), dS =
 // dz_edited at the target columns, dpv = alpha * p_used (for dv), dfull = <dO, O_r>.
-template <typename acc_t>
+// Two passes per row, as the forward: pe = exp(z - lse) in place with <pe, dpv>, then dz and dv.
+// With an offset, pe off the targets is exact from the un-offset logits, the few target columns are
+// fixed up, and the un-offset probabilities the pins need are p0 = pe * exp(lse_e - lse_0) off the
+// targets (the forward's shared-exp argument: no second exp pass).
+template <typename acc_t, typename V>
 STATTN_INLINE void bwd_rows_impl(const Problem<acc_t>& p, int64_t r, int64_t rows, bool need_v, bool need_th,
                                  bool recompute_lse, acc_t* z, acc_t* dpv, int64_t ld, acc_t* pe, acc_t* p0,
                                  const acc_t* al, const acc_t* S, acc_t* dS, const float* lse_r,
                                  const float* lse_0, acc_t* dfull_r) {
-  const int64_t Np = p.Np, T = p.T;
+  const int64_t Np = p.Np, T = p.T, P = static_cast<int64_t>(p.pinned.size());
+  constexpr int64_t kMax = 16;       // targets and pins held in registers on the shared-exp path
+  constexpr acc_t kMaxShift = 60;    // as the forward's
   const bool off = p.offset_on(r), pinr = p.pin_on(r);
+  const bool general = recompute_lse || (off && (T > kMax || P > kMax || p.pin_is_target));
   for (int64_t i = 0; i < rows; ++i) {
     acc_t* zi = z + i * ld;
     acc_t* dpi = dpv + i * ld;
     const acc_t a = al[i];
-    // edited probabilities pe (all columns) and, with pins, un-offset ones p0
-    std::copy(zi, zi + Np, pe);
-    if (off)
-      for (int64_t t = 0; t < T; ++t) pe[p.tokens[t]] += S[i * T + t];
-    acc_t lse_e = recompute_lse ? row_lse(pe, Np) : static_cast<acc_t>(lse_r[i]);
-    exp_shift_sum(pe, lse_e, pe, Np);
-    acc_t D0 = 0;
-    if (pinr) {
-      acc_t l0 = recompute_lse ? row_lse(zi, Np) : static_cast<acc_t>(lse_0[i]);
-      exp_shift_sum(zi, l0, p0, Np);
-      for (int64_t n : p.pinned) D0 += p0[n] * dpi[n];
+    const acc_t le = static_cast<acc_t>(lse_r[i]);
+    const acc_t l0 = pinr ? static_cast<acc_t>(lse_0[i]) : le;
+    if (general || (off && pinr && !(std::abs(le - l0) <= kMaxShift))) {
+      bwd_row_general<acc_t, V>(p, off, pinr, need_v, need_th, recompute_lse, zi, dpi, pe, p0, a, S + i * T, dS + i * T,
+                      lse_r[i], pinr ? lse_0[i] : 0.0f, dfull_r + i);
+      continue;
     }
-    // De = <pe, dpv> over the non-pinned columns
-    acc_t De = row_dot(pe, dpi, Np);
-    if (pinr)
-      for (int64_t n : p.pinned) De -= pe[n] * dpi[n];
+    if (!off) {  // plain softmax (pins without an offset see the same probabilities)
+      const acc_t dot = exp_shift_dot<acc_t, V>(zi, le, static_cast<const acc_t*>(nullptr), dpi, zi, Np);
+      dfull_r[i] = dot;
+      softmax_bwd_inplace<acc_t, V>(zi, dpi, a, dot, need_v, Np);
+      continue;
+    }
+    acc_t pt[kMax], gt[kMax], p0t[kMax], pp[kMax], gp[kMax], p0p[kMax];  // at the targets / the pins
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t n = p.tokens[t];
+      pt[t] = exp_t(zi[n] + S[i * T + t] - le);
+      p0t[t] = exp_t(zi[n] - l0);
+      gt[t] = dpi[n];
+    }
+    for (int64_t k = 0; k < P; ++k) {
+      const int64_t n = p.pinned[k];
+      p0p[k] = exp_t(zi[n] - l0);
+      gp[k] = dpi[n];
+    }
+    acc_t De = exp_shift_dot<acc_t, V>(zi, le, p.nt_one.data(), dpi, zi, Np), D0 = 0;  // over the non-targets
+    for (int64_t t = 0; t < T; ++t) De += pt[t] * gt[t];
+    for (int64_t k = 0; k < P; ++k) {
+      pp[k] = zi[p.pinned[k]];
+      De -= pp[k] * gp[k];
+      D0 += p0p[k] * gp[k];
+    }
     dfull_r[i] = De + D0;
-    // dze = a pe (dpv [not pinned] - De) -> z; dtheta reads it at the target columns
-    softmax_bwd_row(pe, dpi, a, De, zi, Np);
-    if (pinr)
-      for (int64_t n : p.pinned) zi[n] = -a * pe[n] * De;
-    if (need_th)
-      for (int64_t t = 0; t < T; ++t) dS[i * T + t] = zi[p.tokens[t]];
-    if (pinr) {  // + a p0 (dpv [pinned] - D0): pinned columns go through the un-offset softmax
-      axpy_row(zi, -a * D0, p0, Np);
-      for (int64_t n : p.pinned) zi[n] += a * p0[n] * dpi[n];
+    // off the targets and pins: a pe (dpv - De) - a D0 p0 = a pe (dpv - De - D0 exp(le - l0))
+    softmax_bwd_inplace<acc_t, V>(zi, dpi, a, De + (pinr ? D0 * exp_t(le - l0) : acc_t(0)), need_v, Np);
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t n = p.tokens[t];
+      const acc_t dze = a * pt[t] * (gt[t] - De);
+      if (need_th) dS[i * T + t] = dze;
+      zi[n] = dze - a * D0 * p0t[t];
+      if (need_v) dpi[n] = a * pt[t];
     }
-    if (need_v) {  // dv uses alpha * p_used: overwrite dpv (no longer needed for this row)
-      for (int64_t n = 0; n < Np; ++n) dpi[n] = a * pe[n];
-      if (pinr)
-        for (int64_t n : p.pinned) dpi[n] = a * p0[n];
+    for (int64_t k = 0; k < P; ++k) {
+      const int64_t n = p.pinned[k];
+      zi[n] = -a * pp[k] * De + a * p0p[k] * (gp[k] - D0);
+      if (need_v) dpi[n] = a * p0p[k];
     }
   }
 }
 
-STATTN_MULTIVERSION void bwd_rows(const Problem<float>& p, int64_t r, int64_t rows, bool need_v, bool need_th,
-                                  bool recompute_lse, float* z, float* dpv, int64_t ld, float* pe, float* p0,
-                                  const float* al, const float* S, float* dS, const float* lse_r, const float* lse_0,
-                                  float* dfull_r) {
-  bwd_rows_impl(p, r, rows, need_v, need_th, recompute_lse, z, dpv, ld, pe, p0, al, S, dS, lse_r, lse_0, dfull_r);
+STATTN_MULTIVERSION void bwd_rows_w8(const Problem<float>& p, int64_t r, int64_t rows, bool need_v, bool need_th,
+                                     bool recompute_lse, float* z, float* dpv, int64_t ld, float* pe, float* p0,
+                                     const float* al, const float* S, float* dS, const float* lse_r,
+                                     const float* lse_0, float* dfull_r) {
+  bwd_rows_impl<float, f32x8>(p, r, rows, need_v, need_th, recompute_lse, z, dpv, ld, pe, p0, al, S, dS, lse_r,
+                              lse_0, dfull_r);
+}
+#if STATTN_HAVE_V4
+STATTN_V4 void bwd_rows_w16(const Problem<float>& p, int64_t r, int64_t rows, bool need_v, bool need_th,
+                            bool recompute_lse, float* z, float* dpv, int64_t ld, float* pe, float* p0,
+                            const float* al, const float* S, float* dS, const float* lse_r, const float* lse_0,
+                            float* dfull_r) {
+  bwd_rows_impl<float, f32x16>(p, r, rows, need_v, need_th, recompute_lse, z, dpv, ld, pe, p0, al, S, dS, lse_r,
+                               lse_0, dfull_r);
+}
+#endif
+void bwd_rows(const Problem<float>& p, int64_t r, int64_t rows, bool need_v, bool need_th, bool recompute_lse,
+              float* z, float* dpv, int64_t ld, float* pe, float* p0, const float* al, const float* S, float* dS,
+              const float* lse_r, const float* lse_0, float* dfull_r) {
+#if STATTN_HAVE_V4
+  if (has_v4())
+    return bwd_rows_w16(p, r, rows, need_v, need_th, recompute_lse, z, dpv, ld, pe, p0, al, S, dS, lse_r, lse_0,
+                        dfull_r);
+#endif
+  bwd_rows_w8(p, r, rows, need_v, need_th, recompute_lse, z, dpv, ld, pe, p0, al, S, dS, lse_r, lse_0, dfull_r);
 }
 void bwd_rows(const Problem<double>& p, int64_t r, int64_t rows, bool need_v, bool need_th, bool recompute_lse,
               double* z, double* dpv, int64_t ld, double* pe, double* p0, const double* al, const double* S,
               double* dS, const float* lse_r, const float* lse_0, double* dfull_r) {
-  bwd_rows_impl(p, r, rows, need_v, need_th, recompute_lse, z, dpv, ld, pe, p0, al, S, dS, lse_r, lse_0, dfull_r);
+  bwd_rows_impl<double, f32x8>(p, r, rows, need_v, need_th, recompute_lse, z, dpv, ld, pe, p0, al, S, dS, lse_r,
+                               lse_0, dfull_r);
 }
 
 // Per block, as the forward: one product each for the logits and dO . V^T of all regions, the
@@ -487,7 +614,7 @@ void backward_kernel(const Problem<acc_t>& p, const Needs& need, const Tensor& q
   const float* lse_p = lse.data_ptr<float>();
   in_t* dq_p = need.q ? dq.data_ptr<in_t>() : nullptr;
   at::parallel_for(0, p.B * p.H * nchunk, 1, [&](int64_t begin, int64_t end) {
-    Scratch<acc_t> qb(kBlockM * D), dob(kBlockM * D), dqb(kBlockM * D), z(kBlockM * RN), dpv(kBlockM * RN),
+    Scratch<acc_t> qb(kBlockM * D), dob(kBlockM * D), dqb(std::is_same_v<in_t, acc_t> ? 0 : kBlockM * D), z(kBlockM * RN), dpv(kBlockM * RN),
         pe(Np), p0(Np), al(kBlockM), S(kBlockM * T), dS(kBlockM * T), A(T * p.Ky * p.W),
         C(need_th ? T * Hg * p.Kx : 0), kh(RN * D), vh(RN * D);
     for (int64_t task = begin; task < end; ++task) {
@@ -504,13 +631,13 @@ void backward_kernel(const Problem<acc_t>& p, const Needs& need, const Tensor& q
       std::fill(C.begin(), C.end(), acc_t(0));
       for (int64_t m0 = c0; m0 < c1; m0 += kBlockM) {
         const int64_t rows = std::min(kBlockM, c1 - m0);
-        pack_rows<in_t, acc_t>(q, b, h, m0, rows, qb.data());
-        pack_rows<in_t, acc_t>(dout, b, h, m0, rows, dob.data());
+        const acc_t* qrows = block_rows<in_t, acc_t>(q, b, h, m0, rows, qb.data());
+        const acc_t* dorows = block_rows<in_t, acc_t>(dout, b, h, m0, rows, dob.data());
         if (T > 0) block_offset(p, A.data(), m0, rows, S.data());
-        gemm(true, false, RN, rows, D, p.scale, kh.data(), D, qb.data(), D, acc_t(0), z.data(), RN);
+        gemm(true, false, RN, rows, D, p.scale, kh.data(), D, qrows, D, acc_t(0), z.data(), RN);
         set_pad_logits(p, rows, z.data());
         // dpv[rows, R * Np] = dO . V^T
-        gemm(true, false, RN, rows, D, acc_t(1), vh.data(), D, dob.data(), D, acc_t(0), dpv.data(), RN);
+        gemm(true, false, RN, rows, D, acc_t(1), vh.data(), D, dorows, D, acc_t(0), dpv.data(), RN);
         for (int64_t r = 0; r < p.R; ++r) {
           block_alpha(p, b, r, m0, rows, al.data());
           const float* lse_r = lse_p + ((b * L + r) * p.H + h) * p.M + m0;
@@ -527,15 +654,19 @@ void backward_kernel(const Problem<acc_t>& p, const Needs& need, const Tensor& q
           }
         }
         if (need.q) {  // dq = scale dz . K
-          gemm(false, false, D, rows, RN, p.scale, kh.data(), D, z.data(), RN, acc_t(0), dqb.data(), D);
           in_t* dst = dq_p + ((b * p.H + h) * p.M + m0) * D;
-          for (int64_t i = 0; i < rows * D; ++i) dst[i] = static_cast<in_t>(dqb[i]);
+          if constexpr (std::is_same_v<in_t, acc_t>) {  // dq is contiguous: the product writes it directly
+            gemm(false, false, D, rows, RN, p.scale, kh.data(), D, z.data(), RN, acc_t(0), dst, D);
+          } else {
+            gemm(false, false, D, rows, RN, p.scale, kh.data(), D, z.data(), RN, acc_t(0), dqb.data(), D);
+            for (int64_t i = 0; i < rows * D; ++i) dst[i] = static_cast<in_t>(dqb[i]);
+          }
         }
         if (need.k)  // dk += dz^T . q (times scale in the final sum: alpha = 1 keeps MKL's result
                      // independent of the thread count, which alpha != 1 here did not)
-          gemm(false, true, D, RN, rows, acc_t(1), qb.data(), D, z.data(), RN, acc_t(1), dkp, D);
+          gemm(false, true, D, RN, rows, acc_t(1), qrows, D, z.data(), RN, acc_t(1), dkp, D);
         if (need.v)  // dv += (alpha p)^T . dO
-          gemm(false, true, D, RN, rows, acc_t(1), dob.data(), D, dpv.data(), RN, acc_t(1), dvp, D);
+          gemm(false, true, D, RN, rows, acc_t(1), dorows, D, dpv.data(), RN, acc_t(1), dvp, D);
       }
       if (need_th)  // dtheta_t[i, :] = sum_y gy[y, i] C[t, y, :]
         for (int64_t t = 0; t < T; ++t)
