@@ -240,6 +240,54 @@ STATTN_INLINE T exp_t(T x) {
     return std::exp(x);
 }
 
+// log(x) in fp32 for normal x > 0 (the softmax sums, >= 1): Cephes logf (frexp by bit operations,
+// its degree-9 polynomial on [sqrt(1/2) - 1, sqrt(2) - 1]), about 1 ulp.
+template <typename V>
+STATTN_INLINE V logv(const V& x) {
+  using I = typename int_vec<V>::type;
+  I bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  V e = __builtin_convertvector(((bits >> 23) & 0xff) - 126, V);
+  const I mbits = (bits & 0x807fffff) | 0x3f000000;  // mantissa in [0.5, 1)
+  V m;
+  std::memcpy(&m, &mbits, sizeof m);
+  const auto small = m < 0.707106781186547524f;
+  e = small ? e - 1.0f : e;
+  m = (small ? m + m : m) - 1.0f;
+  const V z = m * m;
+  V y = m * 7.0376836292e-2f - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  y = y + e * -2.12194440e-4f;
+  y = y - z * 0.5f;
+  return (m + y) + e * 0.693359375f;
+}
+
+// out[i] = log(x[i]) for n values > 0: vectors of V (the tail through a 1-padded vector, so every
+// value takes the same operations); fp64: std::log.
+template <typename T, typename V = f32x8>
+STATTN_INLINE void log_rows(const T* x, int64_t n, T* out) {
+  if constexpr (std::is_same_v<T, float>) {
+    constexpr int64_t L = lanes_of<V>;
+    int64_t i = 0;
+    for (; i + L <= n; i += L) storev(out + i, logv(loadv<V>(x + i)));
+    if (i < n) {
+      float buf[L];
+      for (int64_t j = 0; j < L; ++j) buf[j] = i + j < n ? x[i + j] : 1.0f;
+      storev(buf, logv(loadv<V>(buf)));
+      for (int64_t j = 0; i + j < n; ++j) out[i + j] = buf[j];
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) out[i] = std::log(x[i]);
+  }
+}
+
 template <typename T>
 STATTN_INLINE T lane_sum(const T* acc) {
   T s = 0;

@@ -207,17 +207,26 @@ void offset_half(const Problem<acc_t>& p, int64_t b, int64_t h, acc_t* A) {
     }
 }
 
-// S [rows, T] = sum_i gy[y, i] A[t, i, x] for the block's pixels (m = y * W + x).
+// S [rows, T] = sum_i gy[y, i] A[t, i, x] for the block's pixels (m = y * W + x), per run of
+// pixels of one image row and per chunk of kRun, vectorised over x (a sum per pixel was a chain of
+// Ky dependent multiply-adds).
 template <typename acc_t>
 void block_offset(const Problem<acc_t>& p, const acc_t* A, int64_t m0, int64_t rows, acc_t* S) {
+  constexpr int64_t kRun = 64;
   const acc_t* gy = p.gy.template data_ptr<acc_t>();
-  for (int64_t i = 0; i < rows; ++i) {
-    const int64_t y = (m0 + i) / p.W, x = (m0 + i) % p.W;
+  acc_t acc[kRun];
+  for (int64_t i = 0; i < rows;) {
+    const int64_t y = (m0 + i) / p.W, x0 = (m0 + i) % p.W, n = std::min({p.W - x0, rows - i, kRun});
     for (int64_t t = 0; t < p.T; ++t) {
-      acc_t s = 0;
-      for (int64_t ki = 0; ki < p.Ky; ++ki) s += gy[y * p.Ky + ki] * A[(t * p.Ky + ki) * p.W + x];
-      S[i * p.T + t] = s;
+      std::fill(acc, acc + n, acc_t(0));
+      for (int64_t ki = 0; ki < p.Ky; ++ki) {
+        const acc_t g = gy[y * p.Ky + ki];
+        const acc_t* a = A + (t * p.Ky + ki) * p.W + x0;
+        for (int64_t j = 0; j < n; ++j) acc[j] += g * a[j];
+      }
+      for (int64_t j = 0; j < n; ++j) S[(i + j) * p.T + t] = acc[j];
     }
+    i += n;
   }
 }
 
@@ -252,7 +261,7 @@ STATTN_INLINE void fwd_row_offset_twopass(const Problem<acc_t>& p, acc_t* zi, ac
 // by the sum over the non-target columns; target and pinned columns are then set directly.
 // The rows are swept three times (maxima, exps, then logs and scaling): within a row each step
 // waits on the previous one's horizontal reduction, across rows they are independent, and the
-// sweeps let the CPU overlap consecutive rows. work: [Np + rows * (4 + T)].
+// sweeps let the CPU overlap consecutive rows. work: [Np + rows * (7 + T)].
 template <typename acc_t, typename V>
 STATTN_INLINE void fwd_rows_impl(const Problem<acc_t>& p, int64_t r, int64_t rows, acc_t* z, int64_t ldz,
                                  acc_t* work, const acc_t* al, const acc_t* S, float* lse_r, float* lse_0) {
@@ -261,13 +270,15 @@ STATTN_INLINE void fwd_rows_impl(const Problem<acc_t>& p, int64_t r, int64_t row
   constexpr acc_t kMaxShift = 60;    // beyond this gap between the two maxima the shared exps would
                                      // leave the normal range
   acc_t* tmp = work;                                        // [Np]
-  acc_t *mx0 = work + Np, *sum0 = mx0 + rows, *mxe = sum0 + rows, *sum_nt = mxe + rows;
-  acc_t* ze = sum_nt + rows;                                // [rows, T]: edited target logits, then exps
+  acc_t *mx0 = work + Np, *sum0 = mx0 + rows, *log0 = sum0 + rows;  // un-offset: max, sum, log(sum)
+  acc_t *mxe = log0 + rows, *sum_e = mxe + rows, *loge = sum_e + rows, *c = loge + rows;  // edited
+  acc_t* ze = c + rows;                                     // [rows, T]: edited target logits, then exps
   if (!p.offset_on(r)) {  // plain softmax; pinned columns (no offset) take the same probability
     for (int64_t i = 0; i < rows; ++i) mx0[i] = row_max<acc_t, V>(z + i * ldz, Np);
     for (int64_t i = 0; i < rows; ++i) sum0[i] = exp_shift_sum<acc_t, V>(z + i * ldz, mx0[i], z + i * ldz, Np);
+    log_rows<acc_t, V>(sum0, rows, log0);
     for (int64_t i = 0; i < rows; ++i) {
-      lse_r[i] = static_cast<float>(mx0[i] + std::log(sum0[i]));
+      lse_r[i] = static_cast<float>(mx0[i] + log0[i]);
       if (p.pin_on(r)) lse_0[i] = lse_r[i];
       scale_row<acc_t, V>(z + i * ldz, al[i] / sum0[i], Np);
     }
@@ -284,28 +295,34 @@ STATTN_INLINE void fwd_rows_impl(const Problem<acc_t>& p, int64_t r, int64_t row
   }
   auto shared = [&](int64_t i) { return T <= kMaxT && std::abs(mx0[i] - mxe[i]) <= kMaxShift; };
   for (int64_t i = 0; i < rows; ++i) {
-    if (shared(i))
-      exp_shift_sum2<acc_t, V>(z + i * ldz, mx0[i], p.nt_one.data(), z + i * ldz, Np, sum0[i], sum_nt[i]);
-    else
-      fwd_row_offset_twopass<acc_t, V>(p, z + i * ldz, tmp, al[i], S + i * T, lse_r + i, lse_0 + i);
+    acc_t* zi = z + i * ldz;
+    if (!shared(i)) {
+      fwd_row_offset_twopass<acc_t, V>(p, zi, tmp, al[i], S + i * T, lse_r + i, lse_0 + i);
+      sum0[i] = sum_e[i] = 1;  // (placeholders for the logs below)
+      continue;
+    }
+    acc_t sum_nt;
+    exp_shift_sum2<acc_t, V>(zi, mx0[i], p.nt_one.data(), zi, Np, sum0[i], sum_nt);
+    c[i] = exp_t(mx0[i] - mxe[i]);
+    sum_e[i] = c[i] * sum_nt;
+    for (int64_t t = 0; t < T; ++t) {
+      ze[i * T + t] = exp_t(ze[i * T + t] - mxe[i]);
+      sum_e[i] += ze[i * T + t];
+    }
   }
+  log_rows<acc_t, V>(sum_e, rows, loge);
+  if (p.has_pin) log_rows<acc_t, V>(sum0, rows, log0);
   for (int64_t i = 0; i < rows; ++i) {
     if (!shared(i)) continue;
     acc_t* zi = z + i * ldz;
-    const acc_t c = exp_t(mx0[i] - mxe[i]);
-    acc_t sum_e = c * sum_nt[i];
-    for (int64_t t = 0; t < T; ++t) {
-      ze[i * T + t] = exp_t(ze[i * T + t] - mxe[i]);
-      sum_e += ze[i * T + t];
-    }
-    lse_r[i] = static_cast<float>(mxe[i] + std::log(sum_e));
+    lse_r[i] = static_cast<float>(mxe[i] + loge[i]);
     if (p.has_pin) {
-      lse_0[i] = static_cast<float>(mx0[i] + std::log(sum0[i]));
+      lse_0[i] = static_cast<float>(mx0[i] + log0[i]);
       for (size_t k = 0; k < p.pinned.size(); ++k) tmp[k] = zi[p.pinned[k]];
     }
     const acc_t a = al[i];
-    scale_row<acc_t, V>(zi, a * c / sum_e, Np);
-    for (int64_t t = 0; t < T; ++t) zi[p.tokens[t]] = a * ze[i * T + t] / sum_e;
+    scale_row<acc_t, V>(zi, a * c[i] / sum_e[i], Np);
+    for (int64_t t = 0; t < T; ++t) zi[p.tokens[t]] = a * ze[i * T + t] / sum_e[i];
     for (size_t k = 0; k < p.pinned.size(); ++k) zi[p.pinned[k]] = a * tmp[k] / sum0[i];
   }
 }
@@ -364,7 +381,8 @@ void set_pad_logits(const Problem<acc_t>& p, int64_t rows, acc_t* z) {
 template <typename acc_t>
 STATTN_INLINE void pack_head_t_impl(const Problem<acc_t>& p, const Tensor& x, int64_t b, int64_t h, acc_t* dst) {
   const int64_t RN = p.R * p.Np;
-  std::fill(dst, dst + p.D * RN, acc_t(0));
+  for (int64_t d = 0; d < p.D; ++d)  // the pad columns
+    for (int64_t r = 0; r < p.R; ++r) std::fill(dst + d * RN + r * p.Np + p.N, dst + d * RN + (r + 1) * p.Np, acc_t(0));
   for (int64_t r = 0; r < p.R; ++r) {
     const acc_t* src = p.head(x, b, r, h);
     acc_t* out = dst + r * p.Np;
@@ -394,7 +412,7 @@ void forward_kernel(const Problem<acc_t>& p, const Tensor& q, Tensor& o, Tensor&
   float* lse_p = lse.data_ptr<float>();
   in_t* o_p = o.data_ptr<in_t>();
   at::parallel_for(0, p.B * p.H * nblk, 1, [&](int64_t begin, int64_t end) {
-    Scratch<acc_t> qb(kBlockM * D), ob(std::is_same_v<in_t, acc_t> ? 0 : kBlockM * D), z(kBlockM * RN), work(Np + kBlockM * (4 + T)), al(kBlockM), S(kBlockM * T),
+    Scratch<acc_t> qb(kBlockM * D), ob(std::is_same_v<in_t, acc_t> ? 0 : kBlockM * D), z(kBlockM * RN), work(Np + kBlockM * (7 + T)), al(kBlockM), S(kBlockM * T),
         A(T * p.Ky * p.W), kh(RN * D), vh(RN * D);
     int64_t cur_bh = -1;
     for (int64_t task = begin; task < end; ++task) {
@@ -646,10 +664,10 @@ void backward_kernel(const Problem<acc_t>& p, const Needs& need, const Tensor& q
           bwd_rows(p, r, rows, need.v, need_th, recompute_lse, z.data() + r * Np, dpv.data() + r * Np, RN, pe.data(),
                    p0.data(), al.data(), S.data(), dS.data(), lse_r, lse_0, dfull_r);
           if (need_th && p.offset_on(r)) {  // C[t, y] += dS[m, t] gx[x]: the x-half of dtheta, per image row y
-            for (int64_t i = 0; i < rows; ++i) {
-              const int64_t y = (m0 + i) / p.W, x = (m0 + i) % p.W;
+            for (int64_t i = 0, y = m0 / p.W, x = m0 % p.W; i < rows; ++i) {
               for (int64_t t = 0; t < T; ++t)
                 axpy_row(C.data() + (t * Hg + y) * p.Kx, dS[i * T + t], gx + x * p.Kx, p.Kx);
+              if (++x == p.W) x = 0, ++y;
             }
           }
         }
