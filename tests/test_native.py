@@ -227,20 +227,31 @@ def test_bad_backend_name_is_rejected(monkeypatch):
         stattn.ops.backend_for(torch.zeros(1))
 
 
-def test_loop_fallback_without_blas():
-    """STATTN_NATIVE_BLAS=0 takes the kernels' own loops instead of libtorch's sgemm/dgemm (the path
-    of a torch build that does not export them); run in a fresh process, the switch is read once."""
+@pytest.mark.parametrize("switch", ["STATTN_NATIVE_BLAS", "STATTN_NATIVE_V4"])
+def test_switched_off_paths(switch):
+    """Paths a machine may take that this one does not, each switched on in a fresh process (the
+    switches are read once): STATTN_NATIVE_BLAS=0 takes the kernels' own loops instead of libtorch's
+    sgemm/dgemm (a torch build that does not export them); STATTN_NATIVE_V4=0 runs the fp32 row
+    work with 8 lanes (AVX2 or baseline machines) instead of AVX-512's 16. Forward and every gradient
+    against the reference, on the row paths: plain, offset with pins (shared exps), offsets of +-100
+    (the two-pass fallback)."""
     code = (
         "import sys; sys.path.insert(0, 'tests')\n"
         "import torch\n"
         "from helpers import Case, make_inputs, run, reference_run, rel_err\n"
-        "case = Case(D=40, R=2, T=1, pinned=(0,), affine=True, h=3, w=5)\n"
-        "inp = make_inputs(case, 'cpu')\n"
-        "out, grads = run(case, inp, torch.float32)\n"
-        "ref, rg = reference_run(case, inp)\n"
-        "print(max([rel_err(out, ref)] + [rel_err(g, rg[n]) for n, g in grads.items()]))\n")
-    env = dict(os.environ, STATTN_NATIVE_BLAS="0", STATTN_BACKEND="native", STATTN_NATIVE_POISON="1",
-               OMP_NUM_THREADS="1")
+        "errs = []\n"
+        "for case, scale in ((Case(D=40, R=2, T=1, pinned=(0,), affine=True, h=3, w=5), 1.0),\n"
+        "                    (Case(D=80, R=2, T=3, pinned=(0, 9), h=5, w=7), 1.0),\n"
+        "                    (Case(D=40, R=1, T=0, h=4, w=5), 1.0),\n"
+        "                    (Case(D=40, R=2, T=2, pinned=(0,), affine=True, h=4, w=5), 40.0)):\n"
+        "    inp = make_inputs(case, 'cpu')\n"
+        "    if scale != 1.0: inp['theta'] = inp['theta'] * scale\n"
+        "    out, grads = run(case, inp, torch.float32)\n"
+        "    ref, rg = reference_run(case, inp)\n"
+        "    errs += [rel_err(out, ref)] + [rel_err(g, rg[n]) for n, g in grads.items()]\n"
+        "print(max(errs))\n")
+    env = dict(os.environ, STATTN_BACKEND="native", STATTN_NATIVE_POISON="1", OMP_NUM_THREADS="1")
+    env[switch] = "0"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     res = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
