@@ -634,7 +634,7 @@ void backward_kernel(const Problem<acc_t>& p, const Needs& need, const Tensor& q
   at::parallel_for(0, p.B * p.H * nchunk, 1, [&](int64_t begin, int64_t end) {
     Scratch<acc_t> qb(kBlockM * D), dob(kBlockM * D), dqb(std::is_same_v<in_t, acc_t> ? 0 : kBlockM * D), z(kBlockM * RN), dpv(kBlockM * RN),
         pe(Np), p0(Np), al(kBlockM), S(kBlockM * T), dS(kBlockM * T), A(T * p.Ky * p.W),
-        C(need_th ? T * Hg * p.Kx : 0), kh(RN * D), vh(RN * D);
+        C(need_th ? T * Hg * p.Kx : 0), kh(RN * D), kt(RN * D), vt(RN * D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / nchunk, b = bh / p.H, h = bh % p.H;
       const int64_t c0 = (task % nchunk) * kChunkM, c1 = std::min(p.M, c0 + kChunkM);
@@ -644,7 +644,8 @@ void backward_kernel(const Problem<acc_t>& p, const Needs& need, const Tensor& q
       const acc_t* gy = need_th ? p.gy.template data_ptr<acc_t>() : nullptr;
       const acc_t* gx = need_th ? p.gx.template data_ptr<acc_t>() : nullptr;
       pack_head(p, p.k, b, h, kh.data());
-      pack_head(p, p.v, b, h, vh.data());
+      pack_head_t(p, p.k, b, h, kt.data());
+      pack_head_t(p, p.v, b, h, vt.data());
       if (T > 0) offset_half(p, b, h, A.data());
       std::fill(C.begin(), C.end(), acc_t(0));
       for (int64_t m0 = c0; m0 < c1; m0 += kBlockM) {
@@ -652,10 +653,10 @@ void backward_kernel(const Problem<acc_t>& p, const Needs& need, const Tensor& q
         const acc_t* qrows = block_rows<in_t, acc_t>(q, b, h, m0, rows, qb.data());
         const acc_t* dorows = block_rows<in_t, acc_t>(dout, b, h, m0, rows, dob.data());
         if (T > 0) block_offset(p, A.data(), m0, rows, S.data());
-        gemm(true, false, RN, rows, D, p.scale, kh.data(), D, qrows, D, acc_t(0), z.data(), RN);
+        gemm(false, false, RN, rows, D, p.scale, kt.data(), RN, qrows, D, acc_t(0), z.data(), RN);
         set_pad_logits(p, rows, z.data());
         // dpv[rows, R * Np] = dO . V^T
-        gemm(true, false, RN, rows, D, acc_t(1), vh.data(), D, dorows, D, acc_t(0), dpv.data(), RN);
+        gemm(false, false, RN, rows, D, acc_t(1), vt.data(), RN, dorows, D, acc_t(0), dpv.data(), RN);
         for (int64_t r = 0; r < p.R; ++r) {
           block_alpha(p, b, r, m0, rows, al.data());
           const float* lse_r = lse_p + ((b * L + r) * p.H + h) * p.M + m0;
