@@ -374,6 +374,22 @@ void set_pad_logits(const Problem<acc_t>& p, int64_t rows, acc_t* z) {
                 -std::numeric_limits<acc_t>::infinity());
 }
 
+// A block's logits z [rows, R * Np] (their real columns) to / from saved logits [rows, R * N]: the
+// forward keeps them for the backward when asked (save_logits), which then skips its first product.
+template <typename acc_t>
+void save_logits_block(const Problem<acc_t>& p, const acc_t* z, int64_t rows, acc_t* dst) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t r = 0; r < p.R; ++r)
+      std::copy(z + i * p.R * p.Np + r * p.Np, z + i * p.R * p.Np + r * p.Np + p.N, dst + (i * p.R + r) * p.N);
+}
+template <typename acc_t>
+void load_logits_block(const Problem<acc_t>& p, const acc_t* src, int64_t rows, acc_t* z) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t r = 0; r < p.R; ++r)
+      std::copy(src + (i * p.R + r) * p.N, src + (i * p.R + r + 1) * p.N, z + i * p.R * p.Np + r * p.Np);
+  set_pad_logits(p, rows, z);
+}
+
 // Keys of head (b, h) transposed: dst [D, R * Np] (zero pad columns). The forward's logits product
 // then runs as N x N, which MKL serves without packing the keys again for every block (measured
 // 5-15 % faster at D = 160 than with the transposed operand); the backward also needs the
@@ -406,12 +422,13 @@ void pack_head_t(const Problem<double>& p, const Tensor& x, int64_t b, int64_t h
 // Per block: one product for the logits of all regions (z [rows, R * Np] = scale q Kp^T), the
 // softmax of each region in place, one product for the output (o = sum_r (alpha_r p_r) V_r = z Vp).
 template <typename in_t, typename acc_t>
-void forward_kernel(const Problem<acc_t>& p, const Tensor& q, Tensor& o, Tensor& lse) {
+void forward_kernel(const Problem<acc_t>& p, const Tensor& q, Tensor& o, Tensor& lse, acc_t* logits) {
   const int64_t nblk = (p.M + kBlockM - 1) / kBlockM;
   const int64_t Np = p.Np, D = p.D, T = p.T, L = p.R + p.has_pin, RN = p.R * Np;
   float* lse_p = lse.data_ptr<float>();
   in_t* o_p = o.data_ptr<in_t>();
   at::parallel_for(0, p.B * p.H * nblk, 1, [&](int64_t begin, int64_t end) {
+    SequentialBlas sequential;
     Scratch<acc_t> qb(kBlockM * D), ob(std::is_same_v<in_t, acc_t> ? 0 : kBlockM * D), z(kBlockM * RN), work(Np + kBlockM * (7 + T)), al(kBlockM), S(kBlockM * T),
         A(T * p.Ky * p.W), kh(RN * D), vh(RN * D);
     int64_t cur_bh = -1;
@@ -428,6 +445,7 @@ void forward_kernel(const Problem<acc_t>& p, const Tensor& q, Tensor& o, Tensor&
       if (T > 0) block_offset(p, A.data(), m0, rows, S.data());
       gemm(false, false, RN, rows, D, p.scale, kh.data(), RN, qrows, D, acc_t(0), z.data(), RN);
       set_pad_logits(p, rows, z.data());
+      if (logits) save_logits_block(p, z.data(), rows, logits + ((b * p.H + h) * p.M + m0) * p.R * p.N);
       for (int64_t r = 0; r < p.R; ++r) {
         block_alpha(p, b, r, m0, rows, al.data());
         float* lse_r = lse_p + ((b * L + r) * p.H + h) * p.M + m0;
@@ -445,23 +463,29 @@ void forward_kernel(const Problem<acc_t>& p, const Tensor& q, Tensor& o, Tensor&
   });
 }
 
-std::tuple<Tensor, Tensor> region_attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
-                                                const Tensor& weights, const Tensor& masks, bool affine,
-                                                const c10::optional<Tensor>& theta,
-                                                const c10::optional<Tensor>& tokens,
-                                                const c10::optional<Tensor>& gy, const c10::optional<Tensor>& gx,
-                                                const c10::optional<Tensor>& pin, double scale) {
+// (o, lse, logits): logits [B, H, M, R * N] (scale q k_r^T, region r at columns r * N, float32;
+// float64 for float64 inputs) when save_logits, else empty.
+std::tuple<Tensor, Tensor, Tensor> region_attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                        const Tensor& weights, const Tensor& masks, bool affine,
+                                                        const c10::optional<Tensor>& theta,
+                                                        const c10::optional<Tensor>& tokens,
+                                                        const c10::optional<Tensor>& gy,
+                                                        const c10::optional<Tensor>& gx,
+                                                        const c10::optional<Tensor>& pin, double scale,
+                                                        bool save_logits) {
   TORCH_CHECK(q.device().is_cpu(), "stattn native: CPU tensors only");
   Tensor o = output(q.sizes(), q.options());
-  Tensor lse;
+  Tensor lse, logits;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "stattn_native_fwd", [&] {
     using in_t = scalar_t;
     using acc_t = std::conditional_t<std::is_same_v<in_t, double>, double, float>;
+    const auto acc = c10::CppTypeToScalarType<acc_t>::value;
     auto p = make_problem<acc_t>(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale);
     lse = output({p.B, p.R + p.has_pin, p.H, p.M}, q.options().dtype(at::kFloat));
-    forward_kernel<in_t, acc_t>(p, q, o, lse);
+    logits = save_logits ? output({p.B, p.H, p.M, p.R * p.N}, q.options().dtype(acc)) : at::empty({0}, q.options().dtype(acc));
+    forward_kernel<in_t, acc_t>(p, q, o, lse, save_logits ? logits.data_ptr<acc_t>() : nullptr);
   });
-  return {o, lse};
+  return {o, lse, logits};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -623,8 +647,8 @@ void bwd_rows(const Problem<double>& p, int64_t r, int64_t rows, bool need_v, bo
 // (per task, [R * Np, D] with the pad rows ignored by the final sum).
 template <typename in_t, typename acc_t>
 void backward_kernel(const Problem<acc_t>& p, const Needs& need, const Tensor& q, const Tensor& dout,
-                     const Tensor& lse, bool recompute_lse, Tensor& dq, acc_t* dk_part, acc_t* dv_part,
-                     acc_t* dth_part, acc_t* dfull, int64_t nchunk) {
+                     const Tensor& lse, bool recompute_lse, const acc_t* logits, Tensor& dq, acc_t* dk_part,
+                     acc_t* dv_part, acc_t* dth_part, acc_t* dfull, int64_t nchunk) {
   const int64_t Np = p.Np, D = p.D, T = p.T, L = p.R + p.has_pin, RN = p.R * Np;
   const int64_t KK = p.Ky * p.Kx;
   const bool need_th = need.t && T > 0;
@@ -632,6 +656,7 @@ void backward_kernel(const Problem<acc_t>& p, const Needs& need, const Tensor& q
   const float* lse_p = lse.data_ptr<float>();
   in_t* dq_p = need.q ? dq.data_ptr<in_t>() : nullptr;
   at::parallel_for(0, p.B * p.H * nchunk, 1, [&](int64_t begin, int64_t end) {
+    SequentialBlas sequential;
     Scratch<acc_t> qb(kBlockM * D), dob(kBlockM * D), dqb(std::is_same_v<in_t, acc_t> ? 0 : kBlockM * D), z(kBlockM * RN), dpv(kBlockM * RN),
         pe(Np), p0(Np), al(kBlockM), S(kBlockM * T), dS(kBlockM * T), A(T * p.Ky * p.W),
         C(need_th ? T * Hg * p.Kx : 0), kh(RN * D), kt(RN * D), vt(RN * D);
@@ -644,7 +669,7 @@ void backward_kernel(const Problem<acc_t>& p, const Needs& need, const Tensor& q
       const acc_t* gy = need_th ? p.gy.template data_ptr<acc_t>() : nullptr;
       const acc_t* gx = need_th ? p.gx.template data_ptr<acc_t>() : nullptr;
       pack_head(p, p.k, b, h, kh.data());
-      pack_head_t(p, p.k, b, h, kt.data());
+      if (!logits) pack_head_t(p, p.k, b, h, kt.data());
       pack_head_t(p, p.v, b, h, vt.data());
       if (T > 0) offset_half(p, b, h, A.data());
       std::fill(C.begin(), C.end(), acc_t(0));
@@ -653,8 +678,12 @@ void backward_kernel(const Problem<acc_t>& p, const Needs& need, const Tensor& q
         const acc_t* qrows = block_rows<in_t, acc_t>(q, b, h, m0, rows, qb.data());
         const acc_t* dorows = block_rows<in_t, acc_t>(dout, b, h, m0, rows, dob.data());
         if (T > 0) block_offset(p, A.data(), m0, rows, S.data());
-        gemm(false, false, RN, rows, D, p.scale, kt.data(), RN, qrows, D, acc_t(0), z.data(), RN);
-        set_pad_logits(p, rows, z.data());
+        if (logits) {  // the forward's, bit for bit what the product would give
+          load_logits_block(p, logits + ((b * p.H + h) * p.M + m0) * p.R * p.N, rows, z.data());
+        } else {
+          gemm(false, false, RN, rows, D, p.scale, kt.data(), RN, qrows, D, acc_t(0), z.data(), RN);
+          set_pad_logits(p, rows, z.data());
+        }
         // dpv[rows, R * Np] = dO . V^T
         gemm(false, false, RN, rows, D, acc_t(1), vt.data(), RN, dorows, D, acc_t(0), dpv.data(), RN);
         for (int64_t r = 0; r < p.R; ++r) {
@@ -711,7 +740,7 @@ std::vector<Tensor> region_attention_bwd(const Tensor& grad_out, const Tensor& q
                                          const c10::optional<Tensor>& theta, const c10::optional<Tensor>& tokens,
                                          const c10::optional<Tensor>& gy, const c10::optional<Tensor>& gx,
                                          const c10::optional<Tensor>& pin, double scale, const Tensor& lse,
-                                         const c10::List<bool>& needs) {
+                                         const c10::List<bool>& needs, const c10::optional<Tensor>& logits) {
   TORCH_CHECK(q.device().is_cpu(), "stattn native: CPU tensors only");
   TORCH_CHECK(needs.size() == 6, "stattn native: needs must hold 6 flags");
   TORCH_CHECK(grad_out.sizes() == q.sizes(), "stattn native: grad_out must have q's shape");
@@ -729,13 +758,18 @@ std::vector<Tensor> region_attention_bwd(const Tensor& grad_out, const Tensor& q
     const int64_t NDR = p.R * p.Np * p.D, KK = p.Ky * p.Kx;  // per-task dk / dv partials: [R * Np, D]
     auto opts = q.options().dtype(acc);
     Tensor lse_c = lse.contiguous();
+    const bool saved = logits.has_value() && logits->defined() && logits->numel() > 0;
+    TORCH_CHECK(!saved || (logits->sizes() == at::IntArrayRef({p.B, p.H, p.M, p.R * p.N}) &&
+                           logits->scalar_type() == acc && logits->is_contiguous()),
+                "stattn native: logits must be the forward's saved logits [B, H, M, R * N], contiguous");
     Tensor dq = need.q ? output(q.sizes(), q.options()) : Tensor();
     Tensor dk_part = need.k ? at::zeros({tasks, NDR}, opts) : Tensor();
     Tensor dv_part = need.v ? at::zeros({tasks, NDR}, opts) : Tensor();
     Tensor dth_part = (need.t && p.T > 0) ? at::zeros({tasks, p.T * KK}, opts) : Tensor();
     Tensor dfull = output({p.B, p.H, p.R, p.M}, opts);
     // fp64 recomputes the log-sum-exps in fp64 (the saved ones are float32)
-    backward_kernel<in_t, acc_t>(p, need, q, grad_out, lse_c, std::is_same_v<acc_t, double>, dq,
+    backward_kernel<in_t, acc_t>(p, need, q, grad_out, lse_c, std::is_same_v<acc_t, double>,
+                                 saved ? logits->data_ptr<acc_t>() : nullptr, dq,
                                  need.k ? dk_part.data_ptr<acc_t>() : nullptr,
                                  need.v ? dv_part.data_ptr<acc_t>() : nullptr,
                                  dth_part.defined() ? dth_part.data_ptr<acc_t>() : nullptr,
@@ -833,10 +867,11 @@ std::vector<Tensor> region_attention_bwd(const Tensor& grad_out, const Tensor& q
 
 TORCH_LIBRARY(stattn_native, m) {
   m.def("region_attention(Tensor q, Tensor k, Tensor v, Tensor weights, Tensor masks, bool affine, "
-        "Tensor? theta, Tensor? tokens, Tensor? gy, Tensor? gx, Tensor? pin, float scale) -> (Tensor, Tensor)");
+        "Tensor? theta, Tensor? tokens, Tensor? gy, Tensor? gx, Tensor? pin, float scale, bool save_logits=False) "
+        "-> (Tensor, Tensor, Tensor)");
   m.def("region_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor weights, "
         "Tensor masks, bool affine, Tensor? theta, Tensor? tokens, Tensor? gy, Tensor? gx, Tensor? pin, "
-        "float scale, Tensor lse, bool[] needs) -> Tensor[]");
+        "float scale, Tensor lse, bool[] needs, Tensor? logits=None) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(stattn_native, CPU, m) {

@@ -111,17 +111,22 @@ def _ops():
     return torch.ops.stattn_native
 
 
-def forward(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale) -> tuple[Tensor, Tensor]:
-    """(o [B, H, M, D] in q's dtype, lse [B, R + has_pin, H, M] float32), as the Triton forward."""
-    return _ops().region_attention(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, float(scale))
+def forward(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale,
+            save_logits: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """(o [B, H, M, D] in q's dtype, lse [B, R + has_pin, H, M] float32, logits): lse as the Triton
+    forward; logits [B, H, M, R * N] (scale q k_r^T, float32, float64 for float64 inputs) when
+    ``save_logits``, for :func:`backward` to skip recomputing them, else an empty tensor."""
+    return _ops().region_attention(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, float(scale),
+                                   bool(save_logits))
 
 
-def backward(grad_out, q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, lse, needs):
+def backward(grad_out, q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, lse, needs,
+             logits=None):
     """(dq, dk, dv, dweights, dmasks, dtheta) with None where ``needs`` is False (dtheta is zeros
-    when theta is given but no token is targeted)."""
+    when theta is given but no token is targeted); ``logits``: the forward's saved logits, if any."""
     grads = _ops().region_attention_backward(
         grad_out, q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, float(scale), lse,
-        [bool(n) for n in needs])
+        [bool(n) for n in needs], logits)
     return [g if n else None for g, n in zip(grads, needs)]
 
 

@@ -66,38 +66,58 @@ def _ref_offset(theta, tokens, gy, gx, pin):
                            tokens=tuple(tokens.tolist()) if tokens is not None else ())
 
 
+def _logits_dtype(q: Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _logits(q: Tensor, k: Tensor, scale: float) -> Tensor:
+    """[B, H, M, R * N]: scale q k_r^T of every region (region r at columns r * N), no offset."""
+    ct = _logits_dtype(q)
+    return (torch.einsum("bhmd,brhnd->bhmrn", q.to(ct), k.to(ct)) * scale).flatten(3).contiguous()
+
+
 @torch.library.custom_op("stattn::region_attention", mutates_args=())
 def _region_attention_op(q: Tensor, k: Tensor, v: Tensor, weights: Tensor, masks: Tensor, affine: bool,
                          theta: Optional[Tensor], tokens: Optional[Tensor], gy: Optional[Tensor],
-                         gx: Optional[Tensor], pin: Optional[Tensor], scale: float) -> tuple[Tensor, Tensor]:
+                         gx: Optional[Tensor], pin: Optional[Tensor], scale: float,
+                         save_logits: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """(o, lse, logits): logits (see _logits) when save_logits, for the native backward to skip its
+    first product; else empty. Only the native CPU backend is asked for them (see _save_logits)."""
     backend = backend_for(q)
-    if backend == "triton":
-        return _kernels().forward(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale)
     if backend == "native":
-        return native.forward(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale)
-    off = _ref_offset(theta, tokens, gy, gx, pin)
-    o = ref.region_attention(q, k, v, masks, weights, affine, off, scale)
-    return o.contiguous(), ref.region_lse(q, k, scale, off)
+        return native.forward(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, save_logits)
+    if backend == "triton":
+        o, lse = _kernels().forward(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale)
+    else:
+        off = _ref_offset(theta, tokens, gy, gx, pin)
+        o = ref.region_attention(q, k, v, masks, weights, affine, off, scale).contiguous()
+        lse = ref.region_lse(q, k, scale, off)
+    logits = _logits(q, k, scale) if save_logits else q.new_empty(0, dtype=_logits_dtype(q))
+    return o, lse, logits
 
 
 @_region_attention_op.register_fake
-def _(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale):
+def _(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, save_logits=False):
     B, H, M, _ = q.shape
-    return q.new_empty(q.shape), q.new_empty((B, k.shape[1] + (pin is not None), H, M), dtype=torch.float32)
+    R, N = k.shape[1], k.shape[3]
+    return (q.new_empty(q.shape), q.new_empty((B, R + (pin is not None), H, M), dtype=torch.float32),
+            q.new_empty((B, H, M, R * N) if save_logits else (0,), dtype=_logits_dtype(q)))
 
 
 @torch.library.custom_op("stattn::region_attention_backward", mutates_args=())
 def _region_attention_backward_op(
         grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, weights: Tensor, masks: Tensor, affine: bool,
         theta: Optional[Tensor], tokens: Optional[Tensor], gy: Optional[Tensor], gx: Optional[Tensor],
-        pin: Optional[Tensor], scale: float, lse: Tensor, needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        pin: Optional[Tensor], scale: float, lse: Tensor, needs: list[bool],
+        logits: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv, dweights, dmasks, dtheta); ``needs`` flags them in that order
-    (dk and dv share one flag slot each); an unneeded one comes back as an empty tensor."""
+    (dk and dv share one flag slot each); an unneeded one comes back as an empty tensor. ``logits``:
+    the forward's saved logits (used by the native backend; the others recompute)."""
     need_q, need_k, need_v, need_w, need_m, need_t = needs
     backend = backend_for(q)
     if backend == "native":
         grads = native.backward(grad_out, q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale,
-                                lse, needs)
+                                lse, needs, logits)
     elif backend == "triton":
         dq, dk, dv, dbuf, dtheta = _kernels().backward(
             grad_out, q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, lse,
@@ -139,27 +159,39 @@ def _reference_backward(grad_out, q, k, v, weights, masks, affine, theta, tokens
 
 
 @_region_attention_backward_op.register_fake
-def _(grad_out, q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, lse, needs):
+def _(grad_out, q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, lse, needs, logits=None):
     like = (q, k, v, weights, masks, theta)
     return tuple(q.new_empty(t.shape, dtype=t.dtype) if (n and t is not None) else q.new_empty(0)
                  for t, n in zip(like, needs))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale = inputs
-    ctx.save_for_backward(q, k, v, weights, masks, theta, tokens, gy, gx, pin, output[1])
+    q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale = inputs[:12]
+    ctx.save_for_backward(q, k, v, weights, masks, theta, tokens, gy, gx, pin, output[1], output[2])
     ctx.affine, ctx.scale = affine, scale
-    ctx.mark_non_differentiable(output[1])
+    ctx.mark_non_differentiable(output[1], output[2])
 
 
-def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, weights, masks, theta, tokens, gy, gx, pin, lse = ctx.saved_tensors
+def _backward(ctx, grad_out, _grad_lse, _grad_logits):
+    q, k, v, weights, masks, theta, tokens, gy, gx, pin, lse, logits = ctx.saved_tensors
     ng = ctx.needs_input_grad
     needs = [ng[0], ng[1], ng[2], ng[3], ng[4], ng[6] and theta is not None]
     grads = _region_attention_backward_op(grad_out.contiguous(), q, k, v, weights, masks, ctx.affine, theta,
-                                          tokens, gy, gx, pin, ctx.scale, lse, needs)
+                                          tokens, gy, gx, pin, ctx.scale, lse, needs,
+                                          logits if logits.numel() else None)
     dq, dk, dv, dw, dm, dt = (g if n else None for g, n in zip(grads, needs))
-    return dq, dk, dv, dw, dm, None, dt, None, None, None, None, None
+    return dq, dk, dv, dw, dm, None, dt, None, None, None, None, None, None
+
+
+def _save_logits(q: Tensor, *inputs: Optional[Tensor]) -> bool:
+    """Whether the forward keeps its logits for the backward: with the native CPU backend, when a
+    gradient will be taken, the backward then skips its first product (B H M R N floats held until
+    the backward; STATTN_SAVE_LOGITS=0 recomputes them instead). Not under torch.compile."""
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+        return False
+    if not any(t is not None and t.requires_grad for t in (q, *inputs)):
+        return False
+    return os.environ.get("STATTN_SAVE_LOGITS", "1") != "0" and backend_for(q) == "native"
 
 
 torch.library.register_autograd("stattn::region_attention", _backward, setup_context=_setup_context)
@@ -196,5 +228,6 @@ def region_attention(q: Tensor, k: Tensor, v: Tensor, *, masks: Optional[Tensor]
         masks_f, weights_f = masks_f.double(), weights_f.double()
     elif theta is not None and theta.dtype == torch.float64:
         raise TypeError(f"offset.theta must be float32 for {q.dtype} inputs (float64 only with float64 q)")
-    o, _ = _region_attention_op(q, k, v, weights_f, masks_f, affine, theta, tokens, gy, gx, pin, scale)
+    save = _save_logits(q, k, v, weights_f, masks_f, theta)
+    o, _, _ = _region_attention_op(q, k, v, weights_f, masks_f, affine, theta, tokens, gy, gx, pin, scale, save)
     return o

@@ -100,7 +100,7 @@ def test_native_lse_matches_reference(native_backend):
     off = stattn.ScoreOffset(inp["theta"].float(), inp["tokens"], (gy, gx), pinned=case.pinned)
     tokens, pin = off.device_tensors(case.N)
     q, k, v = (inp[n].float() for n in ("q", "k", "v"))
-    _, lse = native.forward(q, k, v, inp["weights"].float(), inp["masks"].float(), False, off.theta, tokens,
+    _, lse, _ = native.forward(q, k, v, inp["weights"].float(), inp["masks"].float(), False, off.theta, tokens,
                             gy, gx, pin, case.D ** -0.5)
     ref_off = stattn.ScoreOffset(inp["theta"], inp["tokens"], inp["basis"], pinned=case.pinned)
     expected = stattn.reference.region_lse(inp["q"], inp["k"], case.D ** -0.5, ref_off)
