@@ -93,6 +93,49 @@ def test_native_offset_row_paths(theta_scale, tokens, pinned, dtype, native_back
     _check(case, inp, out, grads)
 
 
+# The forward keeps its logits for the backward when a gradient will be taken (STATTN_SAVE_LOGITS,
+# default on): the backward then loads them instead of recomputing the product, which gives the same
+# bits (the same product on the same packed operands), so the gradients must be identical.
+@pytest.mark.parametrize("case", [Case(D=80, R=2, T=3, pinned=(0, 9), affine=True, h=13, w=11),
+                                  Case(D=40, R=2, T=3, pinned=(0, 9), affine=True, dtype=BF16, h=9, w=7),
+                                  Case(D=40, R=2, T=3, pinned=(0, 7), affine=True, dtype=F64, h=6, w=5)], ids=_ids)
+def test_native_saved_logits_give_the_recomputed_gradients(case, native_backend, monkeypatch):
+    inp = make_inputs(case, "cpu")
+    results, passed = {}, []
+    backward = native.backward
+    monkeypatch.setattr(native, "backward", lambda *a, **kw: passed.append(a[-1] is not None) or backward(*a, **kw))
+    for save in ("1", "0"):
+        monkeypatch.setenv("STATTN_SAVE_LOGITS", save)
+        results[save] = run(case, inp, case.dtype)
+        _check(case, inp, *results[save])
+    assert passed == [True, False]  # the backward got the saved logits, then had to recompute them
+    assert torch.equal(results["1"][0], results["0"][0])
+    for name, g in results["1"][1].items():
+        assert torch.equal(g, results["0"][1][name]), name
+
+
+@pytest.mark.parametrize("backend", ["native", "reference", "triton"])
+def test_forward_returns_the_logits_when_asked(backend, monkeypatch):
+    monkeypatch.setenv("STATTN_BACKEND", backend)
+    monkeypatch.setenv("STATTN_NATIVE_POISON", "1")
+    args = _opcheck_args()
+    q, k, scale = args[0], args[1], args[11]
+    o, lse, logits = torch.ops.stattn.region_attention(*args, save_logits=True)
+    expected = torch.einsum("bhmd,brhnd->bhmrn", q.double(), k.double()).flatten(3) * scale
+    assert logits.shape == expected.shape and logits.dtype == F32
+    torch.testing.assert_close(logits.double(), expected, rtol=1e-5, atol=1e-5)
+    o2, lse2, none = torch.ops.stattn.region_attention(*args)
+    assert none.numel() == 0
+    torch.testing.assert_close(o2, o, rtol=0, atol=0)
+
+
+def test_native_backward_rejects_foreign_logits(native_backend):
+    args = _opcheck_args()
+    o, lse, logits = torch.ops.stattn.region_attention(*args, save_logits=True)
+    with pytest.raises(RuntimeError, match="logits must be the forward's saved logits"):
+        native.backward(torch.ones_like(o), *args, lse, [True] * 6, logits[..., :-1].contiguous())
+
+
 def test_native_lse_matches_reference(native_backend):
     case = Case(D=40, R=2, T=3, pinned=(0, 9), h=5, w=7)
     inp = make_inputs(case, "cpu", seed=2)
@@ -165,8 +208,7 @@ def test_native_gradcheck_fp64(native_backend):
     assert torch.autograd.gradcheck(f, args)
 
 
-def test_native_opcheck(native_backend, monkeypatch):
-    monkeypatch.delenv("STATTN_NATIVE_POISON")
+def _opcheck_args():
     B, H, h, w, D, R, N = 2, 2, 3, 4, 8, 2, 11
     g = torch.Generator().manual_seed(0)
     q = torch.randn(B, H, h * w, D, generator=g)
@@ -176,10 +218,16 @@ def test_native_opcheck(native_backend, monkeypatch):
                              pinned=(0,))
     tokens, pin = off.device_tensors(N)
     weights, masks = torch.rand(B, R, generator=g), torch.rand(B, R, h * w, generator=g)
-    args = (q, k, v, weights, masks, True, off.theta, tokens, gy, gx, pin, D ** -0.5)
-    for t in (q, k, v, weights, masks, off.theta):
+    return (q, k, v, weights, masks, True, off.theta, tokens, gy, gx, pin, D ** -0.5)
+
+
+@pytest.mark.parametrize("save_logits", [False, True])
+def test_native_opcheck(save_logits, native_backend, monkeypatch):
+    monkeypatch.delenv("STATTN_NATIVE_POISON")
+    args = _opcheck_args()
+    for t in args[:5] + (args[6],):
         t.requires_grad_(True)
-    torch.library.opcheck(torch.ops.stattn.region_attention.default, args)
+    torch.library.opcheck(torch.ops.stattn.region_attention.default, args, {"save_logits": save_logits})
 
 
 THREE_WAY = [Case(D=40, R=2, T=1, pinned=(0,), affine=True, h=5, w=7),
