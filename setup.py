@@ -21,6 +21,7 @@ def _native_extension():
         print("stattn: no C++ compiler found, skipping the native CPU extension")
         return [], {}
     ext = CppExtension("stattn._native", sorted(glob.glob("csrc/*.cpp")), include_dirs=["csrc"],
+                       depends=sorted(glob.glob("csrc/*.h")),  # a changed header rebuilds too
                        # = stattn.native.CFLAGS / LDFLAGS (no -march; -fopenmp for at::parallel_for)
                        extra_compile_args=["-O3", "-fno-trapping-math", "-fopenmp"], extra_link_args=["-fopenmp"],
                        optional=True)               # a failing compile leaves the reference path
