@@ -361,37 +361,6 @@ STATTN_INLINE T row_max_plus(const T* x, const T* add, int64_t n) {
   return m;
 }
 
-// y = exp(x - shift) (y may alias x); returns sum(y)
-template <typename T, typename V = f32x8>
-STATTN_INLINE T exp_shift_sum(const T* x, T shift, T* y, int64_t n) {
-  T sum;
-  int64_t i = 0;
-  if constexpr (std::is_same_v<T, float>) {
-    constexpr int64_t L = lanes_of<V>;
-    V acc = {};
-    for (; i + L <= n; i += L) {
-      const V e = expv(loadv<V>(x + i) - shift);
-      storev(y + i, e);
-      acc += e;
-    }
-    sum = hsum(acc);
-  } else {
-    T acc[kLanes] = {};
-    for (; i + kLanes <= n; i += kLanes)
-      for (int64_t j = 0; j < kLanes; ++j) {
-        const T e = exp_t(x[i + j] - shift);
-        y[i + j] = e;
-        acc[j] += e;
-      }
-    sum = lane_sum(acc);
-  }
-  for (; i < n; ++i) {
-    y[i] = exp_t(x[i] - shift);
-    sum += y[i];
-  }
-  return sum;
-}
-
 // y = exp(x - shift) (y may alias x); sum_all = sum(y), sum_w = sum(w * y)
 template <typename T, typename V = f32x8>
 STATTN_INLINE void exp_shift_sum2(const T* x, T shift, const T* w, T* y, int64_t n, T& sum_all, T& sum_w) {
@@ -426,7 +395,8 @@ STATTN_INLINE void exp_shift_sum2(const T* x, T shift, const T* w, T* y, int64_t
   }
 }
 
-// y = exp(x - shift) (y may alias x); returns sum(w * y * g) (w == nullptr: all ones)
+// y = exp(x - shift) (y may alias x); returns sum(w * y * g), w or g nullptr: all ones (the
+// loop-invariant tests are hoisted out of the loop at -O3)
 template <typename T, typename V = f32x8>
 STATTN_INLINE T exp_shift_dot(const T* x, T shift, const T* w, const T* g, T* y, int64_t n) {
   T dot;
@@ -437,7 +407,8 @@ STATTN_INLINE T exp_shift_dot(const T* x, T shift, const T* w, const T* g, T* y,
     for (; i + L <= n; i += L) {
       const V e = expv(loadv<V>(x + i) - shift);
       storev(y + i, e);
-      acc += (w ? loadv<V>(w + i) * e : e) * loadv<V>(g + i);
+      const V we = w ? loadv<V>(w + i) * e : e;
+      acc += g ? we * loadv<V>(g + i) : we;
     }
     dot = hsum(acc);
   } else {
@@ -446,15 +417,21 @@ STATTN_INLINE T exp_shift_dot(const T* x, T shift, const T* w, const T* g, T* y,
       for (int64_t j = 0; j < kLanes; ++j) {
         const T e = exp_t(x[i + j] - shift);
         y[i + j] = e;
-        acc[j] += (w ? w[i + j] * e : e) * g[i + j];
+        acc[j] += (w ? w[i + j] * e : e) * (g ? g[i + j] : T(1));
       }
     dot = lane_sum(acc);
   }
   for (; i < n; ++i) {
     y[i] = exp_t(x[i] - shift);
-    dot += (w ? w[i] * y[i] : y[i]) * g[i];
+    dot += (w ? w[i] * y[i] : y[i]) * (g ? g[i] : T(1));
   }
   return dot;
+}
+
+// y = exp(x - shift) (y may alias x); returns sum(y)
+template <typename T, typename V = f32x8>
+STATTN_INLINE T exp_shift_sum(const T* x, T shift, T* y, int64_t n) {
+  return exp_shift_dot<T, V>(x, shift, nullptr, nullptr, y, n);
 }
 
 // log(sum(exp(x))) without writing x
