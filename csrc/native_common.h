@@ -112,7 +112,11 @@ typedef int32_t i32x16 __attribute__((vector_size(64)));
 #define STATTN_HAVE_V4 1
 #define STATTN_V4 __attribute__((target("arch=x86-64-v4")))
 inline bool has_v4() {
-  static const bool on = __builtin_cpu_supports("x86-64-v4") &&
+  // x86-64-v4's AVX-512 sets, named one by one (older compilers do not know the level names); every
+  // AVX-512 CPU has the x86-64-v3 ones
+  static const bool on = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512dq") &&
+                         __builtin_cpu_supports("avx512vl") &&
                          !(std::getenv("STATTN_NATIVE_V4") && std::getenv("STATTN_NATIVE_V4")[0] == '0');
   return on;
 }
