@@ -11,7 +11,8 @@
 // needed; the products are BLAS calls (the sgemm_/dgemm_ inside libtorch_cpu, with MKL's own
 // runtime CPU dispatch), one per block for all regions, and the row work (softmax, softmax
 // backward) uses the vectorised row helpers of native_common.h. Inputs of any float dtype are
-// packed into fp32 blocks (fp64 stays fp64). The backward's cross-pixel sums (dk, dv,
+// packed into fp32 blocks (fp64 stays fp64) where they are not fp32 rows already (those are read
+// and written in place). The backward's cross-pixel sums (dk, dv,
 // dtheta, dweights) go to per-task partials over a fixed pixel partition and are summed in a
 // fixed order afterwards, so results do not depend on the thread count or scheduling.
 #include <ATen/core/Tensor.h>
@@ -429,8 +430,9 @@ void forward_kernel(const Problem<acc_t>& p, const Tensor& q, Tensor& o, Tensor&
   in_t* o_p = o.data_ptr<in_t>();
   at::parallel_for(0, p.B * p.H * nblk, 1, [&](int64_t begin, int64_t end) {
     SequentialBlas sequential;
-    Scratch<acc_t> qb(kBlockM * D), ob(std::is_same_v<in_t, acc_t> ? 0 : kBlockM * D), z(kBlockM * RN), work(Np + kBlockM * (7 + T)), al(kBlockM), S(kBlockM * T),
-        A(T * p.Ky * p.W), kh(RN * D), vh(RN * D);
+    constexpr bool in_place = std::is_same_v<in_t, acc_t>;  // o written by its product directly
+    Scratch<acc_t> qb(kBlockM * D), ob(in_place ? 0 : kBlockM * D), z(kBlockM * RN), work(Np + kBlockM * (7 + T)),
+        al(kBlockM), S(kBlockM * T), A(T * p.Ky * p.W), kh(RN * D), vh(RN * D);
     int64_t cur_bh = -1;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / nblk, b = bh / p.H, h = bh % p.H;
@@ -453,7 +455,7 @@ void forward_kernel(const Problem<acc_t>& p, const Tensor& q, Tensor& o, Tensor&
         fwd_rows(p, r, rows, z.data() + r * Np, RN, work.data(), al.data(), S.data(), lse_r, lse_0);
       }
       in_t* dst = o_p + ((b * p.H + h) * p.M + m0) * D;
-      if constexpr (std::is_same_v<in_t, acc_t>) {  // o is contiguous: the product writes it directly
+      if constexpr (in_place) {  // o is contiguous: the product writes it directly
         gemm(false, false, D, rows, RN, acc_t(1), vh.data(), D, z.data(), RN, acc_t(0), dst, D);
       } else {
         gemm(false, false, D, rows, RN, acc_t(1), vh.data(), D, z.data(), RN, acc_t(0), ob.data(), D);
@@ -482,7 +484,8 @@ std::tuple<Tensor, Tensor, Tensor> region_attention_fwd(const Tensor& q, const T
     const auto acc = c10::CppTypeToScalarType<acc_t>::value;
     auto p = make_problem<acc_t>(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale);
     lse = output({p.B, p.R + p.has_pin, p.H, p.M}, q.options().dtype(at::kFloat));
-    logits = save_logits ? output({p.B, p.H, p.M, p.R * p.N}, q.options().dtype(acc)) : at::empty({0}, q.options().dtype(acc));
+    logits = save_logits ? output({p.B, p.H, p.M, p.R * p.N}, q.options().dtype(acc))
+                         : at::empty({0}, q.options().dtype(acc));
     forward_kernel<in_t, acc_t>(p, q, o, lse, save_logits ? logits.data_ptr<acc_t>() : nullptr);
   });
   return {o, lse, logits};
@@ -642,9 +645,9 @@ void bwd_rows(const Problem<double>& p, int64_t r, int64_t rows, bool need_v, bo
                                lse_0, dfull_r);
 }
 
-// Per block, as the forward: one product each for the logits and dO . V^T of all regions, the
-// softmax backward per region, one product each for dq and the dk / dv partials of all regions
-// (per task, [R * Np, D] with the pad rows ignored by the final sum).
+// Per block, as the forward: one product each for the logits (or the forward's saved ones) and
+// dO . V^T of all regions, the softmax backward per region, one product each for dq and the dk / dv
+// partials of all regions (per task, [R * Np, D] with the pad rows ignored by the final sum).
 template <typename in_t, typename acc_t>
 void backward_kernel(const Problem<acc_t>& p, const Needs& need, const Tensor& q, const Tensor& dout,
                      const Tensor& lse, bool recompute_lse, const acc_t* logits, Tensor& dq, acc_t* dk_part,
@@ -657,8 +660,9 @@ void backward_kernel(const Problem<acc_t>& p, const Needs& need, const Tensor& q
   in_t* dq_p = need.q ? dq.data_ptr<in_t>() : nullptr;
   at::parallel_for(0, p.B * p.H * nchunk, 1, [&](int64_t begin, int64_t end) {
     SequentialBlas sequential;
-    Scratch<acc_t> qb(kBlockM * D), dob(kBlockM * D), dqb(std::is_same_v<in_t, acc_t> ? 0 : kBlockM * D), z(kBlockM * RN), dpv(kBlockM * RN),
-        pe(Np), p0(Np), al(kBlockM), S(kBlockM * T), dS(kBlockM * T), A(T * p.Ky * p.W),
+    constexpr bool in_place = std::is_same_v<in_t, acc_t>;  // dq written by its product directly
+    Scratch<acc_t> qb(kBlockM * D), dob(kBlockM * D), dqb(in_place ? 0 : kBlockM * D), z(kBlockM * RN),
+        dpv(kBlockM * RN), pe(Np), p0(Np), al(kBlockM), S(kBlockM * T), dS(kBlockM * T), A(T * p.Ky * p.W),
         C(need_th ? T * Hg * p.Kx : 0), kh(RN * D), kt(RN * D), vt(RN * D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / nchunk, b = bh / p.H, h = bh % p.H;
@@ -703,7 +707,7 @@ void backward_kernel(const Problem<acc_t>& p, const Needs& need, const Tensor& q
         }
         if (need.q) {  // dq = scale dz . K
           in_t* dst = dq_p + ((b * p.H + h) * p.M + m0) * D;
-          if constexpr (std::is_same_v<in_t, acc_t>) {  // dq is contiguous: the product writes it directly
+          if constexpr (in_place) {  // dq is contiguous: the product writes it directly
             gemm(false, false, D, rows, RN, p.scale, kh.data(), D, z.data(), RN, acc_t(0), dst, D);
           } else {
             gemm(false, false, D, rows, RN, p.scale, kh.data(), D, z.data(), RN, acc_t(0), dqb.data(), D);
