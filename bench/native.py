@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -47,9 +48,9 @@ TOKENS, PINNED, ITERS = (2, 5), (0, 7), 20
 
 
 def _timed(fns: dict, repeats: int) -> dict:
-    """{name: ms quantiles} of the callables in `fns`, interleaved: each repeat runs every callable
-    once (in a rotating order), so that a slow spell of the shared machine hits all of them alike
-    and their ratios stay fair."""
+    """{name: ms quantiles and "times_ms" in repeat order} of the callables in `fns`, interleaved:
+    each repeat runs every callable once (in a rotating order), so that a slow spell of the shared
+    machine hits all of them alike and their ratios stay fair."""
     for fn in fns.values():
         fn()                                               # warm-up (and the JIT build, if any)
     names = list(fns)
@@ -59,7 +60,13 @@ def _timed(fns: dict, repeats: int) -> dict:
             t0 = time.perf_counter()
             fns[name]()
             times[name].append(time.perf_counter() - t0)
-    return {name: {k: (v * 1e3 if k != "n" else v) for k, v in quantiles(t).items()} for name, t in times.items()}
+    return {name: {**{k: (v * 1e3 if k != "n" else v) for k, v in quantiles(t).items()},
+                   "times_ms": [x * 1e3 for x in t]} for name, t in times.items()}
+
+
+def _paired(slow: dict, fast: dict) -> float:
+    """Median over the repeats of slow / fast within one repeat (the two calls ran back to back)."""
+    return statistics.median(a / b for a, b in zip(slow["times_ms"], fast["times_ms"]))
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -116,6 +123,7 @@ def op_case(h, w, D, R, repeats: int) -> dict:
     row["max_rel_err"] = max(_rel(a, b) for a, b in zip(results["native"], results["reference"]))
     for mode in ("fwd", "fwdbwd"):
         row[f"speedup_{mode}"] = row[f"reference_{mode}_ms"]["median"] / row[f"native_{mode}_ms"]["median"]
+        row[f"speedup_paired_{mode}"] = _paired(row[f"reference_{mode}_ms"], row[f"native_{mode}_ms"])
     return row
 
 
@@ -148,6 +156,7 @@ def loop_case(h, w, D, repeats: int) -> dict:
         row[f"{name}_ms"] = t
     for name in ("closed_form", "eager_autograd"):
         row[f"speedup_vs_{name}"] = row[f"{name}_ms"]["median"] / row["native_ms"]["median"]
+        row[f"speedup_paired_vs_{name}"] = _paired(row[f"{name}_ms"], row["native_ms"])
     return row
 
 
@@ -163,24 +172,29 @@ def markdown(res: dict) -> str:
              "(shared machine: other jobs may have run at the same time). Times in ms: median (p20-p80) "
              f"of {res['repeats']} runs after a warm-up, the compared paths interleaved call by call.", "",
              "## stattn.region_attention (offset on 2 tokens, 2 pinned, affine)", "",
-             "| M | D | R | native fwd | reference fwd | speed-up | fwd's 2 products alone (bmm) | speed-up bound | native fwd+bwd | reference fwd+bwd | speed-up | max rel err |",
+             "| M | D | R | native fwd | reference fwd | speed-up (paired) | fwd's 2 products alone (bmm) | speed-up bound | native fwd+bwd | reference fwd+bwd | speed-up (paired) | max rel err |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["op"]:
         bound = r["reference_fwd_ms"]["median"] / r["products_fwd_ms"]["median"]
         lines.append(f"| {r['M']} | {r['D']} | {r['R']} | {_ms(r['native_fwd_ms'])} | {_ms(r['reference_fwd_ms'])} | "
-                     f"{r['speedup_fwd']:.1f}x | {_ms(r['products_fwd_ms'])} | {bound:.1f}x | "
-                     f"{_ms(r['native_fwdbwd_ms'])} | {_ms(r['reference_fwdbwd_ms'])} | "
-                     f"{r['speedup_fwdbwd']:.1f}x | {r['max_rel_err']:.1e} |")
-    lines += ["", "Speed-up bound: reference forward / its two products alone, the most any implementation "
-              "that computes both products with the same gemm can gain over the reference."]
+                     f"{r['speedup_fwd']:.1f}x ({r['speedup_paired_fwd']:.1f}x) | {_ms(r['products_fwd_ms'])} | "
+                     f"{bound:.1f}x | {_ms(r['native_fwdbwd_ms'])} | {_ms(r['reference_fwdbwd_ms'])} | "
+                     f"{r['speedup_fwdbwd']:.1f}x ({r['speedup_paired_fwdbwd']:.1f}x) | {r['max_rel_err']:.1e} |")
+    lines += ["", "Speed-up: the ratio of the medians; in parentheses the paired speed-up, the median over the "
+              "repeats of the two paths' ratio within one repeat (their calls ran back to back), steadier "
+              "where a slow spell of the shared machine hit some repeats. Speed-up bound: reference forward / "
+              "its two products alone, the most any implementation that computes both products with the "
+              "same gemm can gain over the reference."]
     lines += ["", f"## Attention Regulation inner loop ({ITERS} iterations, T = {len(TOKENS)})", "",
-              "| M | D | native | closed-form PyTorch | speed-up | eager autograd (released) | speed-up | best iter (nat/cf/eager) | rel err losses / theta_best vs closed form | vs eager |",
+              "| M | D | native | closed-form PyTorch | speed-up (paired) | eager autograd (released) | speed-up (paired) | best iter (nat/cf/eager) | rel err losses / theta_best vs closed form | vs eager |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["inner_loop"]:
         b = r["best_iter"]
         lines.append(f"| {r['M']} | {r['D']} | {_ms(r['native_ms'])} | {_ms(r['closed_form_ms'])} | "
-                     f"{r['speedup_vs_closed_form']:.1f}x | {_ms(r['eager_autograd_ms'])} | "
-                     f"{r['speedup_vs_eager_autograd']:.1f}x | {b['native']}/{b['closed_form']}/{b['eager_autograd']} | "
+                     f"{r['speedup_vs_closed_form']:.1f}x ({r['speedup_paired_vs_closed_form']:.1f}x) | "
+                     f"{_ms(r['eager_autograd_ms'])} | {r['speedup_vs_eager_autograd']:.1f}x "
+                     f"({r['speedup_paired_vs_eager_autograd']:.1f}x) | "
+                     f"{b['native']}/{b['closed_form']}/{b['eager_autograd']} | "
                      f"{r['losses_rel_err_vs_closed_form']:.1e} / {r['theta_best_rel_err_vs_closed_form']:.1e} | "
                      f"{r['losses_rel_err_vs_eager']:.1e} / {r['theta_best_rel_err_vs_eager']:.1e} |")
     lines += ["", "In fp32 the loop is ill-conditioned: the quantile's gradient sits on one or two pixels, and "
@@ -209,11 +223,14 @@ def main(argv=None) -> int:
     for h, w, D in shapes:
         for R in REGIONS:
             op_rows.append(op_case(h, w, D, R, args.repeats))
-            print(f"op M={h * w} D={D} R={R}: fwd {op_rows[-1]['speedup_fwd']:.1f}x, "
-                  f"fwd+bwd {op_rows[-1]['speedup_fwdbwd']:.1f}x", flush=True)
+            r = op_rows[-1]
+            print(f"op M={h * w} D={D} R={R}: fwd {r['speedup_fwd']:.1f}x ({r['speedup_paired_fwd']:.1f}x paired), "
+                  f"fwd+bwd {r['speedup_fwdbwd']:.1f}x ({r['speedup_paired_fwdbwd']:.1f}x)", flush=True)
         loop_rows.append(loop_case(h, w, D, args.repeats))
-        print(f"inner loop M={h * w}: {loop_rows[-1]['speedup_vs_eager_autograd']:.1f}x vs eager autograd, "
-              f"{loop_rows[-1]['speedup_vs_closed_form']:.1f}x vs closed form", flush=True)
+        r = loop_rows[-1]
+        print(f"inner loop M={h * w}: {r['speedup_vs_eager_autograd']:.1f}x "
+              f"({r['speedup_paired_vs_eager_autograd']:.1f}x paired) vs eager autograd, "
+              f"{r['speedup_vs_closed_form']:.1f}x vs closed form", flush=True)
     result = {"environment": machine("cpu"), "repeats": args.repeats, "dtype": "float32",
               "load_before": [round(x, 2) for x in load_before],
               "load_after": [round(x, 2) for x in os.getloadavg()],

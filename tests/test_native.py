@@ -395,7 +395,14 @@ def test_bench_timing_interleaves_the_compared_paths():
     calls = []
     timed = _timed({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3)
     assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-ups, then one of each per repeat
-    assert set(timed) == {"a", "b"} and all(t["n"] == 3 for t in timed.values())
+    assert set(timed) == {"a", "b"} and all(t["n"] == 3 and len(t["times_ms"]) == 3 for t in timed.values())
+
+
+def test_bench_paired_speedup_is_the_median_of_per_repeat_ratios():
+    from bench.native import _paired
+
+    # a slow spell in the second repeat slows both paths; the ratio of the medians is 2.2 / 1.6
+    assert _paired({"times_ms": [2.0, 20.0, 2.2]}, {"times_ms": [1.0, 10.0, 1.6]}) == 2.0
 
 
 def test_bench_native_quick_run_writes_checked_results(tmp_path, capsys):
