@@ -391,10 +391,10 @@ void load_logits_block(const Problem<acc_t>& p, const acc_t* src, int64_t rows, 
   set_pad_logits(p, rows, z);
 }
 
-// Keys of head (b, h) transposed: dst [D, R * Np] (zero pad columns). The forward's logits product
-// then runs as N x N, which MKL serves without packing the keys again for every block (measured
-// 5-15 % faster at D = 160 than with the transposed operand); the backward also needs the
-// untransposed keys (dq = dz K) and keeps pack_head.
+// Keys (or values) of head (b, h) transposed: dst [D, R * Np] (zero pad columns). The logits
+// product (and the backward's dO . V^T) then has no transposed operand, which MKL serves without
+// packing it again for every block (measured 5-15 % faster at D = 160); dq = dz K needs the
+// untransposed keys of pack_head.
 template <typename acc_t>
 STATTN_INLINE void pack_head_t_impl(const Problem<acc_t>& p, const Tensor& x, int64_t b, int64_t h, acc_t* dst) {
   const int64_t RN = p.R * p.Np;

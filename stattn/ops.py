@@ -66,13 +66,9 @@ def _ref_offset(theta, tokens, gy, gx, pin):
                            tokens=tuple(tokens.tolist()) if tokens is not None else ())
 
 
-def _logits_dtype(q: Tensor) -> torch.dtype:
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
-
-
 def _logits(q: Tensor, k: Tensor, scale: float) -> Tensor:
     """[B, H, M, R * N]: scale q k_r^T of every region (region r at columns r * N), no offset."""
-    ct = _logits_dtype(q)
+    ct = ref.compute_dtype(q)
     return (torch.einsum("bhmd,brhnd->bhmrn", q.to(ct), k.to(ct)) * scale).flatten(3).contiguous()
 
 
@@ -92,7 +88,7 @@ def _region_attention_op(q: Tensor, k: Tensor, v: Tensor, weights: Tensor, masks
         off = _ref_offset(theta, tokens, gy, gx, pin)
         o = ref.region_attention(q, k, v, masks, weights, affine, off, scale).contiguous()
         lse = ref.region_lse(q, k, scale, off)
-    logits = _logits(q, k, scale) if save_logits else q.new_empty(0, dtype=_logits_dtype(q))
+    logits = _logits(q, k, scale) if save_logits else q.new_empty(0, dtype=ref.compute_dtype(q))
     return o, lse, logits
 
 
@@ -101,7 +97,7 @@ def _(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, save_l
     B, H, M, _ = q.shape
     R, N = k.shape[1], k.shape[3]
     return (q.new_empty(q.shape), q.new_empty((B, R + (pin is not None), H, M), dtype=torch.float32),
-            q.new_empty((B, H, M, R * N) if save_logits else (0,), dtype=_logits_dtype(q)))
+            q.new_empty((B, H, M, R * N) if save_logits else (0,), dtype=ref.compute_dtype(q)))
 
 
 @torch.library.custom_op("stattn::region_attention_backward", mutates_args=())
@@ -220,8 +216,7 @@ def region_attention(q: Tensor, k: Tensor, v: Tensor, *, masks: Optional[Tensor]
         V.check_offset(offset, B, H, M, N, q.device)
         tokens, pin_t = offset.device_tensors(N)
         theta = offset.theta
-        basis_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-        gy, gx = (g.to(basis_dtype).contiguous() for g in (offset.gy, offset.gx))
+        gy, gx = (g.to(ref.compute_dtype(q)).contiguous() for g in (offset.gy, offset.gx))
         if offset.pinned:
             pin = pin_t
     if q.dtype == torch.float64:

@@ -17,7 +17,8 @@ __all__ = ["score_offset", "region_alpha", "alpha_backward", "region_logits", "r
            "region_attention", "region_lse", "region_attention_backward"]
 
 
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype stattn computes logits and softmax in for inputs like ``t``: fp64 for fp64, else fp32."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
@@ -48,7 +49,7 @@ def alpha_backward(d_alpha: torch.Tensor, affine: bool) -> torch.Tensor:
 
 def region_logits(q, k, scale, offset=None):
     """Scaled logits z [B, R, H, M, N] and, with an offset, region 0's edited logits [B, H, M, N]."""
-    ct = _compute_dtype(q)
+    ct = compute_dtype(q)
     z = torch.einsum("bhmd,brhnd->brhmn", q.to(ct), k.to(ct)) * scale
     if offset is None or not offset.tokens:
         return z, None
@@ -75,7 +76,7 @@ def region_probs(q, k, scale, offset=None):
 def region_attention(q, k, v, masks, region_weights, affine=False, offset=None, scale=None):
     """Reference of :func:`stattn.region_attention` on already-normalised arguments:
     masks [B, R, M] float, region_weights [B, R] float (see the module docstring)."""
-    ct = _compute_dtype(q)
+    ct = compute_dtype(q)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     p = region_probs(q, k, scale, offset)
@@ -99,7 +100,7 @@ def region_attention_backward(grad_out, q, k, v, masks, region_weights, affine=F
     d_theta | None), in the compute dtype. The same algebra as the fused backward kernels:
     dp_r = alpha_r * dO . v_r^T, D_r = <dO, O_r>, dz_r = p_r * (dp_r - alpha_r * D_r); region 0's
     pinned columns back-propagate through the un-offset softmax, the others through the edited one."""
-    ct = _compute_dtype(q)
+    ct = compute_dtype(q)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     q, k, v, do = (t.to(ct) for t in (q, k, v, grad_out))

@@ -292,7 +292,7 @@ class AttentionRegulation(Controller):
         q = call.q
         B, H, M, _ = q.shape
         c0 = self._cond_start(call)
-        dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+        dt = ref.compute_dtype(q)
         key = (call.name, tuple(q.shape), q.device, dt, tuple(call.grid))
         st = self._states.get(key)
         if st is None:

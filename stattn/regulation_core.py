@@ -89,10 +89,6 @@ def quantile_position(quantile: float, M: int, dtype: torch.dtype = torch.float3
     return lo, hi, float(pos - f(lo))
 
 
-def _compute_dtype(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def target_logits(z: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
     """(Z_t [B, H, M, T], logZ_rest [B, H, M]) from logits z [B, H, M, N]: the only parts of the
     logits the loop needs, since the offset touches only the T target columns."""
@@ -147,7 +143,7 @@ def regulation_loss(z: Tensor, tokens, theta: Tensor, basis, *, quantile: float 
     gy, gx = _check_basis(basis, M, z.device)
     _check_theta(theta, B, H, tokens_t.numel(), gy, gx, z)
     weights, thr = _check_loss_args(quantile, loss_weights, thr, tokens_t.numel())
-    ct = _compute_dtype(z)
+    ct = ref.compute_dtype(z)
     T = tokens_t.numel()
     zt, rest = target_logits(z.to(ct), tokens_t)
     l_q, l_m, l_th, step = _terms(zt, rest, theta.to(ct), gy.to(ct), gx.to(ct),
@@ -295,7 +291,7 @@ def _loop_reference(q, k, tokens, theta0, gy, gx, scale, iters, lr, quantile, we
                     trajectory: bool = False):
     """The loop in vectorised PyTorch (no host sync). With ``trajectory`` also returns every
     evaluated theta_i [iters, B, H, T, Ky, Kx] (the tests use it)."""
-    ct = _compute_dtype(q)
+    ct = ref.compute_dtype(q)
     B, H, M, _ = q.shape
     T = tokens.numel()
     z = torch.einsum("bhmd,bhnd->bhmn", q.to(ct), k.to(ct)) * scale
@@ -317,10 +313,6 @@ def _loop_reference(q, k, tokens, theta0, gy, gx, scale, iters, lr, quantile, we
     return out + (traj,) if trajectory else out
 
 
-def _out_dtype(q: Tensor) -> torch.dtype:
-    return _compute_dtype(q)
-
-
 def _inner_loop_impl(q: Tensor, k: Tensor, tokens: Tensor, theta0: Tensor, gy: Tensor, gx: Tensor,
                      scale: float, iters: int, lr: float, quantile: float, w0: float, w1: float, w2: float,
                      thr: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -335,11 +327,11 @@ def _inner_loop_impl(q: Tensor, k: Tensor, tokens: Tensor, theta0: Tensor, gy: T
         from . import native
 
         return native.inner_loop(q, k, tokens, theta0, gy, gx, scale, iters, lr,
-                                 quantile_position(quantile, q.shape[2], _compute_dtype(q)), quantile,
+                                 quantile_position(quantile, q.shape[2], ref.compute_dtype(q)), quantile,
                                  thr / tokens.numel(), (w0, w1, w2))
     theta_best, best, losses = _loop_reference(q, k, tokens, theta0, gy, gx, scale, iters, lr, quantile,
                                                (w0, w1, w2), thr)
-    dt = _out_dtype(q)
+    dt = ref.compute_dtype(q)
     return theta_best.to(dt), best, losses.to(dt)
 
 
@@ -358,7 +350,7 @@ def _call(op, impl, q: Tensor, *args):
 
 @_inner_loop_op.register_fake
 def _(q, k, tokens, theta0, gy, gx, scale, iters, lr, quantile, w0, w1, w2, thr):
-    dt = _out_dtype(q)
+    dt = ref.compute_dtype(q)
     return (q.new_empty(theta0.shape, dtype=dt), q.new_empty((), dtype=torch.int64),
             q.new_empty((iters,), dtype=dt))
 
@@ -420,7 +412,7 @@ _inner_loop_blend_op = torch.library.custom_op("stattn::regulation_inner_loop_bl
 @_inner_loop_blend_op.register_fake
 def _(q, k, tokens, theta0, gy, gx, theta_state, step, step_int, decay, w_prev, scale, iters, lr, quantile,
       w0, w1, w2, thr):
-    dt = _out_dtype(q)
+    dt = ref.compute_dtype(q)
     return (q.new_empty(theta0.shape, dtype=dt), q.new_empty(theta0.shape, dtype=dt),
             q.new_empty((), dtype=torch.int64), q.new_empty((iters,), dtype=dt))
 
@@ -453,7 +445,7 @@ _inner_loop_blend_out_op = torch.library.custom_op("stattn::regulation_inner_loo
 @_inner_loop_blend_out_op.register_fake
 def _(q, k, tokens, theta0, gy, gx, theta_state, theta_eff, step, step_int, decay, w_prev, scale, iters, lr,
       quantile, w0, w1, w2, thr):
-    dt = _out_dtype(q)
+    dt = ref.compute_dtype(q)
     return (q.new_empty(theta0.shape, dtype=dt), q.new_empty((), dtype=torch.int64),
             q.new_empty((iters,), dtype=dt))
 
@@ -474,7 +466,7 @@ def inner_loop_blend(q: Tensor, k: Tensor, tokens, theta0: Tensor, basis, theta_
     _, _, M, D = _check_qk(q, k)
     if not isinstance(theta_state, Tensor):
         raise TypeError(f"theta_state must be a tensor, got {type(theta_state).__name__}")
-    dt = _out_dtype(q)
+    dt = ref.compute_dtype(q)
     if theta_state.dtype != dt or tuple(theta_state.shape) != tuple(getattr(theta0, "shape", ())) \
             or not theta_state.is_contiguous() or theta_state.device != q.device:
         raise ValueError(f"theta_state must be a contiguous {dt} tensor of theta0's shape "

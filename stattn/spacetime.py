@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import reference as ref
 from .control import Controller, CrossAttentionCall, cond_start, project_kv
 from .layout import (Layout, LayoutPredictor, Phrase, RuleLayoutPredictor, _locate, as_region, expand_to_phrase,
                      parse_layout_text)
@@ -70,7 +71,7 @@ def combine(q: Tensor, k: Tensor, v: Tensor, k_regions: Tensor, v_regions: Tenso
     out_u = region_attention(q[:c0], k[:c0], v[:c0], scale=scale)
     if mode == "uncond_ref":   # the cross-row term −(Σ_i α_i)·O_u, computed in fp32
         alpha_sum = (c[:, None].to(masks.dtype) * masks).sum(0)
-        ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+        ct = ref.compute_dtype(q)
         out_c = (out_c.to(ct) - alpha_sum.to(ct)[None, None, :, None] * out_u.to(ct)).to(q.dtype)
     return torch.cat([out_u, out_c])
 
