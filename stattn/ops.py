@@ -67,9 +67,10 @@ def _ref_offset(theta, tokens, gy, gx, pin):
 
 
 def _logits(q: Tensor, k: Tensor, scale: float) -> Tensor:
-    """[B, H, M, R * N]: scale q k_r^T of every region (region r at columns r * N), no offset."""
-    ct = ref.compute_dtype(q)
-    return (torch.einsum("bhmd,brhnd->bhmrn", q.to(ct), k.to(ct)) * scale).flatten(3).contiguous()
+    """[B, H, M, R * N]: scale q k_r^T of every region (region r at columns r * N), no offset: the
+    reference's logits [B, R, H, M, N] in the native layout."""
+    z, _ = ref.region_logits(q, k, scale)
+    return z.permute(0, 2, 3, 1, 4).flatten(3).contiguous()
 
 
 @torch.library.custom_op("stattn::region_attention", mutates_args=())
