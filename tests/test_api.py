@@ -80,6 +80,20 @@ def test_nan_theta_is_rejected_and_checks_can_be_turned_off():
         stattn.set_value_checks(previous)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_value_check_finds_one_bad_element_and_passes_extremes(dtype):
+    from stattn import _validate as V
+
+    big = torch.finfo(dtype).max
+    V.check_finite("x", torch.tensor([big, -big, 0.0, torch.finfo(dtype).tiny], dtype=dtype))
+    V.check_finite("x", torch.empty(0, dtype=dtype))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.randn(5, 37).to(dtype)
+        x[3, 29] = bad
+        with pytest.raises(ValueError, match="x contains NaN or inf"):
+            V.check_finite("x", x)
+
+
 @pytest.mark.parametrize("make,exc,words", [
     (lambda gy, gx: stattn.ScoreOffset(torch.zeros(B, H, 3, gy.shape[1], gx.shape[1]), (1, 2), (gy, gx)),
      ValueError, "theta has T = 3 token slots but tokens has 2"),
