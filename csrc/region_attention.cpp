@@ -429,7 +429,7 @@ void forward_kernel(const Problem<acc_t>& p, const Tensor& q, Tensor& o, Tensor&
   float* lse_p = lse.data_ptr<float>();
   in_t* o_p = o.data_ptr<in_t>();
   at::parallel_for(0, p.B * p.H * nblk, 1, [&](int64_t begin, int64_t end) {
-    SequentialBlas sequential;
+    TaskScope<acc_t> scope;
     constexpr bool in_place = std::is_same_v<in_t, acc_t>;  // o written by its product directly
     Scratch<acc_t> qb(kBlockM * D), ob(in_place ? 0 : kBlockM * D), z(kBlockM * RN), work(Np + kBlockM * (7 + T)),
         al(kBlockM), S(kBlockM * T), A(T * p.Ky * p.W), kh(RN * D), vh(RN * D);
@@ -659,7 +659,7 @@ void backward_kernel(const Problem<acc_t>& p, const Needs& need, const Tensor& q
   const float* lse_p = lse.data_ptr<float>();
   in_t* dq_p = need.q ? dq.data_ptr<in_t>() : nullptr;
   at::parallel_for(0, p.B * p.H * nchunk, 1, [&](int64_t begin, int64_t end) {
-    SequentialBlas sequential;
+    TaskScope<acc_t> scope;
     constexpr bool in_place = std::is_same_v<in_t, acc_t>;  // dq written by its product directly
     Scratch<acc_t> qb(kBlockM * D), dob(kBlockM * D), dqb(in_place ? 0 : kBlockM * D), z(kBlockM * RN),
         dpv(kBlockM * RN), pe(Np), p0(Np), al(kBlockM), S(kBlockM * T), dS(kBlockM * T), A(T * p.Ky * p.W),

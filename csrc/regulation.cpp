@@ -373,7 +373,7 @@ std::tuple<Tensor, Tensor, Tensor> regulation_inner_loop(const Tensor& q, const 
     std::vector<acc_t> traj(n * iters * TK), terms(n * iters * 3);
     acc_t* th = theta.data_ptr<acc_t>();
     at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-      SequentialBlas sequential;
+      TaskScope<acc_t> scope;
       constexpr int64_t kRows = 256;  // logits computed in pixel blocks: only Z_t and the rest's lse are kept
       std::vector<acc_t> z(kRows * N), zt(T * M), rest(M), buf(N);
       for (int64_t bh = begin; bh < end; ++bh) {

@@ -93,6 +93,23 @@ def test_native_offset_row_paths(theta_scale, tokens, pinned, dtype, native_back
     _check(case, inp, out, grads)
 
 
+# fp32 native kernels flush subnormals to zero on their worker threads (csrc/native_common.h,
+# TaskScope): a basis with subnormal entries (far from its centres) must still match the fp64
+# reference, and the calling thread's floating-point state must be restored after every op.
+def test_native_subnormal_basis_matches_reference_and_restores_the_callers_state(native_backend):
+    case = Case(D=40, R=2, T=2, pinned=(0,), affine=True, h=20, w=18)
+    inp = make_inputs(case, "cpu")
+    gy32 = inp["basis"][0].float()
+    assert ((gy32 != 0) & (gy32.abs() < torch.finfo(F32).tiny)).any(), "the basis must hold subnormals"
+    tiny = torch.tensor([3e-39], dtype=F32)
+    out, grads = run(case, inp, F32)
+    _check(case, inp, out, grads)
+    q, k, tokens, theta0, gy, gx = _loop_inputs(1, 2, 20, 18, 40, 2, F32)
+    native.inner_loop(q, k, tokens, theta0, gy, gx, 40 ** -0.5, 2, 100.0, (300, 301, 0.5), 0.9, 0.2,
+                      (1.0, 80.0, 0.09))
+    assert (tiny * 2).item() == 2 * tiny.item() != 0  # not flushed to 0 on this thread
+
+
 # The forward keeps its logits for the backward when a gradient will be taken (STATTN_SAVE_LOGITS,
 # default on): the backward then loads them instead of recomputing the product, which gives the same
 # bits (the same product on the same packed operands), so the gradients must be identical.
