@@ -7,7 +7,7 @@
 // is the best iterate, and every head's theta of that iterate is returned. Per iteration and head:
 // S_t = G_y theta_t G_x^T and its adjoint as vectorised separable products, the softmax restricted
 // to the target columns (the other columns enter once, through their log-sum-exp), the quantile by
-// selection (std::nth_element on a sampled window, O(M)) instead of a sort, and the closed-form
+// selection (bisection on the keys of a sampled window, O(M)) instead of a sort, and the closed-form
 // gradient; the row loops are multi-versioned like region_attention.cpp's.
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
@@ -44,6 +44,8 @@ struct LoopArgs {
   const acc_t* gyT;  // [Ky, Hg]
   const acc_t* gx;   // [W, Kx]
   const acc_t* gxT;  // [Kx, W]
+  const int32_t* sample;  // order_stats' pixel sample [S] (quantile_sample)
+  int64_t S;
 };
 
 // Softmax over {target columns + the rest}: P[t, m] from E[t, m] = Z_t + S_t and rest[m].
@@ -89,98 +91,116 @@ STATTN_INLINE void loss_backward_impl(int64_t M, int64_t T, const acc_t* P, cons
   for (const auto& tp : ties) dS[tp.t * M + tp.m] += P[tp.t * M + tp.m] * tp.g;
 }
 
-// fp32 as a signed integer of the same order (for non-NaN values: a < b <=> key(a) < key(b)).
+// fp32 as a signed integer of the same order (for non-NaN values: a < b <=> key(a) < key(b)), and back.
 STATTN_INLINE int32_t order_key(float x) {
   int32_t b;
   std::memcpy(&b, &x, sizeof b);
   return b >= 0 ? b : b ^ 0x7FFFFFFF;
 }
+STATTN_INLINE float key_value(int32_t k) {
+  const int32_t b = k >= 0 ? k : k ^ 0x7FFFFFFF;
+  float x;
+  std::memcpy(&x, &b, sizeof x);
+  return x;
+}
 
-// The r-th smallest (0-based) of x[0..M), exactly, by bisection on the keys: the smallest key u with
-// more than r keys <= u is the key of that element. 32 vectorised counting passes and no branch on
-// the data: std::nth_element mispredicts about every other comparison, and at M = 256 (no sample
-// there) it was the costliest step of the loop. keys: scratch [M].
-STATTN_MULTIVERSION float kth_by_bisection(const float* x, int64_t M, int64_t r, int32_t* keys) {
-  for (int64_t m = 0; m < M; ++m) keys[m] = order_key(x[m]);
-  int64_t lo = std::numeric_limits<int32_t>::min(), hi = std::numeric_limits<int32_t>::max();
-  while (lo < hi) {
-    const int64_t mid = lo + (hi - lo) / 2;
+// The r-th smallest (0-based) of keys[0..n), known to lie in [klo, khi], by bisection on the key
+// range: the smallest u with more than r keys <= u, which is an element's key. log2(khi - klo + 1)
+// vectorised counting passes and no branch on the data: std::nth_element mispredicts about every
+// other comparison and took more time than all the loop's arithmetic.
+STATTN_INLINE int32_t kth_key(const int32_t* keys, int64_t n, int64_t r, int64_t klo, int64_t khi) {
+  while (klo < khi) {
+    const int64_t mid = klo + (khi - klo) / 2;
     const int32_t mid32 = static_cast<int32_t>(mid);
     int32_t count = 0;
-    for (int64_t m = 0; m < M; ++m) count += keys[m] <= mid32;
+    for (int64_t i = 0; i < n; ++i) count += keys[i] <= mid32;
     if (count > r)
-      hi = mid;
+      khi = mid;
     else
-      lo = mid + 1;
+      klo = mid + 1;
   }
-  for (int64_t m = 0; m < M; ++m)
-    if (keys[m] == lo) return x[m];
-  return std::numeric_limits<float>::quiet_NaN();  // unreachable for non-NaN input
+  return static_cast<int32_t>(klo);
 }
 
-// The (r + 1)-th smallest of x[0..M) given the r-th, v: v again if more than r + 1 values are <= v,
-// else the smallest value above v.
-template <typename acc_t>
-acc_t next_order_stat(const acc_t* x, int64_t M, int64_t r, acc_t v) {
-  int64_t at_most = 0;
-  acc_t above = std::numeric_limits<acc_t>::infinity();
-  for (int64_t m = 0; m < M; ++m) {
-    at_most += x[m] <= v;
-    above = x[m] > v && x[m] < above ? x[m] : above;
+// The (r + 1)-th smallest of keys[0..n) given the r-th, k: k again if more than r + 1 keys are <= k,
+// else the smallest key above k.
+STATTN_INLINE int32_t next_key(const int32_t* keys, int64_t n, int64_t r, int32_t k) {
+  int32_t at_most = 0, above = std::numeric_limits<int32_t>::max();
+  for (int64_t i = 0; i < n; ++i) {
+    at_most += keys[i] <= k;
+    above = keys[i] > k && keys[i] < above ? keys[i] : above;
   }
-  return at_most > r + 1 ? v : above;
+  return at_most > r + 1 ? k : above;
 }
 
-// The lo-th and hi-th smallest of x[0..M) (hi is lo or lo + 1), exactly, by selection: a strided
-// sample of S = M / 8 (at most kMaxSample) values gives two pivots bracketing the ranks (selection in
-// the sample), a vectorised pass counts the values below and between them, one more gathers those
-// between (about 10 % of M) and std::nth_element runs on that window only; without a sample (M < 512)
-// or if the pivots miss the ranks (a 4-sigma event), fp32 bisects on the values (kth_by_bisection)
-// and fp64 runs nth_element over all M values. O(M), no sort.
+// The pixel sample of order_stats: S = M / 8 (at most kMaxSample, none below kMinSample) pixels of a
+// fixed xorshift sequence, the same for every call (deterministic, and no grid bias: a strided sample
+// aliases with the Gaussian basis' period).
 constexpr int64_t kMaxSample = 256, kMinSample = 64;
-
-template <typename acc_t>
-void order_stats(const acc_t* x, int64_t M, int64_t lo, int64_t hi, acc_t* buf, acc_t& v_lo, acc_t& v_hi) {
-  auto select = [&](acc_t* first, int64_t n, int64_t r_lo) {  // ranks r_lo, r_lo + (hi - lo) within [first, n)
-    std::nth_element(first, first + r_lo, first + n);
-    v_lo = first[r_lo];
-    v_hi = hi == lo ? v_lo : *std::min_element(first + r_lo + 1, first + n);
-  };
+std::vector<int32_t> quantile_sample(int64_t M) {
   const int64_t S = std::min(kMaxSample, M / 8);
-  if (S >= kMinSample) {
-    acc_t sample[kMaxSample];
-    uint32_t state = 0x9E3779B9u;  // fixed xorshift sequence: deterministic, and no grid bias (a strided
-    for (int64_t s = 0; s < S; ++s) {  // sample aliases with the Gaussian basis' period)
-      state ^= state << 13, state ^= state >> 17, state ^= state << 5;
-      sample[s] = x[(static_cast<uint64_t>(state) * static_cast<uint64_t>(M)) >> 32];
-    }
-    // the sample rank of the target scatters by sqrt(S p (1 - p)): a 4-sigma margin
-    const double p = static_cast<double>(lo) / M;
-    const int64_t margin = 2 + static_cast<int64_t>(4.0 * std::sqrt(S * p * (1.0 - p)));
-    const int64_t at = lo * S / M;
-    const int64_t ra = std::max<int64_t>(at - margin, 0), rb = std::min<int64_t>(at + margin, S - 1);
-    std::nth_element(sample, sample + ra, sample + S);
-    const acc_t a = sample[ra];  // read before the second selection permutes [ra, S)
-    std::nth_element(sample + ra + 1, sample + rb, sample + S);
-    const acc_t b = sample[rb];
-    int64_t below = 0, inside = 0;
-    for (int64_t m = 0; m < M; ++m) {  // vectorised counts first: gather only when the window brackets
-      below += x[m] < a;
-      inside += (x[m] >= a) & (x[m] <= b);
-    }
-    if (below <= lo && below + inside > hi) {
-      int64_t n = 0;
-      for (int64_t m = 0; m < M; ++m)
-        if (x[m] >= a && x[m] <= b) buf[n++] = x[m];  // rarely taken: well predicted
-      return select(buf, n, lo - below);
-    }
+  std::vector<int32_t> idx(S >= kMinSample ? S : 0);
+  uint32_t state = 0x9E3779B9u;
+  for (auto& i : idx) {
+    state ^= state << 13, state ^= state >> 17, state ^= state << 5;
+    i = static_cast<int32_t>((static_cast<uint64_t>(state) * static_cast<uint64_t>(M)) >> 32);
   }
+  return idx;
+}
+
+// The lo-th and hi-th smallest of x[0..M) (hi is lo or lo + 1), exactly, and the pixels holding
+// either value (`at`, ascending: the quantile's gradient goes there, shared among ties). fp32: the
+// sample gives two pivots bracketing the ranks (selection in the sample), one pass counts the values
+// below and between them and gathers those between (about a quarter of M, branch-free), and the
+// ranks are found by bisection on that window's keys within the pivots' range; without a sample
+// (M < 512) or when the pivots miss the ranks (a 4-sigma event) the bisection runs over all M.
+// fp64: std::nth_element over all M. O(M), no sort. keys, idx (fp32), buf (fp64): scratch [M].
+template <typename acc_t>
+STATTN_INLINE void order_stats(const acc_t* x, int64_t M, int64_t lo, int64_t hi, const int32_t* sample, int64_t S,
+                               int32_t* keys, int32_t* idx, acc_t* buf, acc_t& v_lo, acc_t& v_hi,
+                               std::vector<int64_t>& at) {
+  at.clear();
   if constexpr (std::is_same_v<acc_t, float>) {
-    v_lo = kth_by_bisection(x, M, lo, reinterpret_cast<int32_t*>(buf));
-    v_hi = hi == lo ? v_lo : next_order_stat(x, M, lo, v_lo);
+    int64_t n = M, rank = lo, klo = std::numeric_limits<int32_t>::min(), khi = std::numeric_limits<int32_t>::max();
+    bool window = false;
+    if (S > 0) {
+      int32_t skeys[kMaxSample];
+      for (int64_t s = 0; s < S; ++s) skeys[s] = order_key(x[sample[s]]);
+      // the sample rank of the target scatters by sqrt(S p (1 - p)): a 4-sigma margin
+      const double p = static_cast<double>(lo) / M;
+      const int64_t margin = 2 + static_cast<int64_t>(4.0 * std::sqrt(S * p * (1.0 - p)));
+      const int64_t at_s = lo * S / M;
+      const int64_t ra = std::max<int64_t>(at_s - margin, 0), rb = std::min<int64_t>(at_s + margin, S - 1);
+      const int32_t ka = kth_key(skeys, S, ra, klo, khi), kb = kth_key(skeys, S, rb, ka, khi);
+      int64_t below = 0, inside = 0;
+      for (int64_t m = 0; m < M; ++m) {  // compaction without a branch: always store, advance when inside
+        const int32_t k = order_key(x[m]);
+        const bool in = (k >= ka) & (k <= kb);
+        keys[inside] = k;
+        idx[inside] = static_cast<int32_t>(m);
+        inside += in;
+        below += k < ka;
+      }
+      if (below <= lo && below + inside > hi) {
+        window = true;
+        n = inside, rank = lo - below, klo = ka, khi = kb;
+      }
+    }
+    if (!window)
+      for (int64_t m = 0; m < M; ++m) keys[m] = order_key(x[m]), idx[m] = static_cast<int32_t>(m);
+    const int32_t k_lo = kth_key(keys, n, rank, klo, khi);
+    const int32_t k_hi = hi == lo ? k_lo : next_key(keys, n, rank, k_lo);
+    for (int64_t i = 0; i < n; ++i)  // rarely true: well predicted
+      if (keys[i] == k_lo || keys[i] == k_hi) at.push_back(idx[i]);
+    v_lo = key_value(k_lo);
+    v_hi = key_value(k_hi);
   } else {
     std::copy(x, x + M, buf);
-    select(buf, M, lo);
+    std::nth_element(buf, buf + lo, buf + M);
+    v_lo = buf[lo];
+    v_hi = hi == lo ? v_lo : *std::min_element(buf + lo + 1, buf + M);
+    for (int64_t m = 0; m < M; ++m)
+      if (x[m] == v_lo || x[m] == v_hi) at.push_back(m);
   }
 }
 
@@ -234,8 +254,10 @@ template <typename acc_t>
 STATTN_INLINE void head_loop_impl(const LoopArgs<acc_t>& a, const acc_t* zt, const acc_t* rest, acc_t* theta,
                                   acc_t* traj, acc_t* terms) {
   const int64_t M = a.M, T = a.T, K = a.Ky * a.Kx, Hg = a.Hg, W = a.W;
-  std::vector<acc_t> A(a.Ky * W), E(T * M), P(T * M), c(M), den(M), sel(M), dS(T * M), C(a.Kx * Hg), step(T * K),
-      cm(T);
+  std::vector<acc_t> A(a.Ky * W), E(T * M), P(T * M), c(M), den(M), dS(T * M), C(a.Kx * Hg), step(T * K), cm(T),
+      buf(std::is_same_v<acc_t, float> ? 0 : M);
+  std::vector<int32_t> keys(M), idx(M);
+  std::vector<int64_t> at;
   std::vector<TiePoint<acc_t>> ties;
   const acc_t M1 = static_cast<acc_t>(M);
   for (int64_t it = 0; it < a.iters; ++it) {
@@ -254,7 +276,7 @@ STATTN_INLINE void head_loop_impl(const LoopArgs<acc_t>& a, const acc_t* zt, con
     for (int64_t t = 0; t < T; ++t) {
       const acc_t* Pt = P.data() + t * M;
       acc_t v_lo, v_hi;
-      order_stats(Pt, M, a.lo, a.hi, sel.data(), v_lo, v_hi);
+      order_stats(Pt, M, a.lo, a.hi, a.sample, a.S, keys.data(), idx.data(), buf.data(), v_lo, v_hi, at);
       // torch.lerp's formula, so that the value matches torch.quantile's
       const acc_t qv = a.frac < acc_t(0.5) ? v_lo + a.frac * (v_hi - v_lo) : v_hi - (v_hi - v_lo) * (acc_t(1) - a.frac);
       const acc_t mean = row_sum(Pt, M) / M1;
@@ -265,12 +287,10 @@ STATTN_INLINE void head_loop_impl(const LoopArgs<acc_t>& a, const acc_t* zt, con
       // the quantile's weight (1 - frac, frac) on the lo / hi order statistics, shared among ties
       const size_t first = ties.size();
       int64_t n_lo = 0, n_hi = 0;
-      for (int64_t m = 0; m < M; ++m) {
-        if (Pt[m] == v_lo || Pt[m] == v_hi) {
-          n_lo += Pt[m] == v_lo;
-          n_hi += Pt[m] == v_hi;
-          ties.push_back({t, m, acc_t(0)});
-        }
+      for (int64_t m : at) {
+        n_lo += Pt[m] == v_lo;
+        n_hi += Pt[m] == v_hi;
+        ties.push_back({t, m, acc_t(0)});
       }
       const acc_t w_lo = (acc_t(1) - a.frac) / static_cast<acc_t>(std::max<int64_t>(n_lo, 1));
       const acc_t w_hi = a.frac / static_cast<acc_t>(std::max<int64_t>(n_hi, 1));
@@ -306,29 +326,55 @@ void head_loop(const LoopArgs<double>& a, const double* zt, const double* rest, 
   head_loop_impl(a, zt, rest, theta, traj, terms);
 }
 
-// For logit rows z [rows, N] of pixels m0...: Z_t into zt [T, M'] and the log-sum-exp of the non-target
-// columns into rest [M'] (-inf when every column is a target), at the x-major positions xmajor[m].
-template <typename acc_t>
-STATTN_INLINE void split_rows_impl(int64_t rows, int64_t N, int64_t M, int64_t m0, const acc_t* z,
-                                   const std::vector<int64_t>& tok, const std::vector<int64_t>& others,
-                                   const std::vector<int64_t>& xmajor, acc_t* buf, acc_t* zt, acc_t* rest) {
-  const int64_t nr = static_cast<int64_t>(others.size());
+// For logit rows z [rows, Np] of pixels m0... (N real columns): Z_t into zt [T, M'] and the
+// log-sum-exp of the non-target columns into rest [M'] (-inf when every column is a target), at the
+// x-major positions xmajor[m]. The target and pad columns of z are set to -inf (exp gives 0 there;
+// fp32's clamped exp 1.6e-38, nothing next to the row maximum's 1) so that rows are whole vectors, and
+// the block is swept three times (maxima, exps, logs) so that consecutive rows overlap. z is
+// overwritten; mx, sum: scratch [rows].
+template <typename acc_t, typename V>
+STATTN_INLINE void split_rows_impl(int64_t rows, int64_t N, int64_t Np, int64_t M, int64_t m0, acc_t* z,
+                                   const std::vector<int64_t>& tok, bool all_targets, const int64_t* xmajor,
+                                   acc_t* mx, acc_t* sum, acc_t* zt, acc_t* rest) {
+  constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
   for (int64_t i = 0; i < rows; ++i) {
-    const acc_t* zi = z + i * N;
-    for (int64_t c = 0; c < nr; ++c) buf[c] = zi[others[c]];
-    rest[xmajor[m0 + i]] = nr > 0 ? row_lse(buf, nr) : -std::numeric_limits<acc_t>::infinity();
+    acc_t* zi = z + i * Np;
     for (size_t t = 0; t < tok.size(); ++t) zt[t * M + xmajor[m0 + i]] = zi[tok[t]];
+    for (int64_t c : tok) zi[c] = ninf;
+    std::fill(zi + N, zi + Np, ninf);
   }
+  if (all_targets) {
+    for (int64_t i = 0; i < rows; ++i) rest[xmajor[m0 + i]] = ninf;
+    return;
+  }
+  for (int64_t i = 0; i < rows; ++i) mx[i] = row_max<acc_t, V>(z + i * Np, Np);
+  for (int64_t i = 0; i < rows; ++i) sum[i] = exp_shift_sum<acc_t, V>(z + i * Np, mx[i], z + i * Np, Np);
+  log_rows<acc_t, V>(sum, rows, sum);
+  for (int64_t i = 0; i < rows; ++i) rest[xmajor[m0 + i]] = mx[i] + sum[i];
 }
-STATTN_MULTIVERSION void split_rows(int64_t rows, int64_t N, int64_t M, int64_t m0, const float* z,
-                                    const std::vector<int64_t>& tok, const std::vector<int64_t>& others,
-                                    const std::vector<int64_t>& xmajor, float* buf, float* zt, float* rest) {
-  split_rows_impl(rows, N, M, m0, z, tok, others, xmajor, buf, zt, rest);
+// fp32: 16 lanes on AVX-512 machines, else 8 (as region_attention.cpp's fwd_rows); fp64: plain loops
+STATTN_MULTIVERSION void split_rows_w8(int64_t rows, int64_t N, int64_t Np, int64_t M, int64_t m0, float* z,
+                                       const std::vector<int64_t>& tok, bool all_targets, const int64_t* xmajor,
+                                       float* mx, float* sum, float* zt, float* rest) {
+  split_rows_impl<float, f32x8>(rows, N, Np, M, m0, z, tok, all_targets, xmajor, mx, sum, zt, rest);
 }
-void split_rows(int64_t rows, int64_t N, int64_t M, int64_t m0, const double* z, const std::vector<int64_t>& tok,
-                const std::vector<int64_t>& others, const std::vector<int64_t>& xmajor, double* buf, double* zt,
-                double* rest) {
-  split_rows_impl(rows, N, M, m0, z, tok, others, xmajor, buf, zt, rest);
+#if STATTN_HAVE_V4
+STATTN_V4 void split_rows_w16(int64_t rows, int64_t N, int64_t Np, int64_t M, int64_t m0, float* z,
+                              const std::vector<int64_t>& tok, bool all_targets, const int64_t* xmajor, float* mx,
+                              float* sum, float* zt, float* rest) {
+  split_rows_impl<float, f32x16>(rows, N, Np, M, m0, z, tok, all_targets, xmajor, mx, sum, zt, rest);
+}
+#endif
+void split_rows(int64_t rows, int64_t N, int64_t Np, int64_t M, int64_t m0, float* z, const std::vector<int64_t>& tok,
+                bool all_targets, const int64_t* xmajor, float* mx, float* sum, float* zt, float* rest) {
+#if STATTN_HAVE_V4
+  if (has_v4()) return split_rows_w16(rows, N, Np, M, m0, z, tok, all_targets, xmajor, mx, sum, zt, rest);
+#endif
+  split_rows_w8(rows, N, Np, M, m0, z, tok, all_targets, xmajor, mx, sum, zt, rest);
+}
+void split_rows(int64_t rows, int64_t N, int64_t Np, int64_t M, int64_t m0, double* z, const std::vector<int64_t>& tok,
+                bool all_targets, const int64_t* xmajor, double* mx, double* sum, double* zt, double* rest) {
+  split_rows_impl<double, f32x8>(rows, N, Np, M, m0, z, tok, all_targets, xmajor, mx, sum, zt, rest);
 }
 
 std::tuple<Tensor, Tensor, Tensor> regulation_inner_loop(const Tensor& q, const Tensor& k, const Tensor& tokens,
@@ -359,30 +405,33 @@ std::tuple<Tensor, Tensor, Tensor> regulation_inner_loop(const Tensor& q, const 
         TORCH_CHECK(0 <= tok[t] && tok[t] < N, "stattn native: token index out of range");
       }
     }
-    std::vector<int64_t> others;
-    for (int64_t c = 0; c < N; ++c)
-      if (std::find(tok.begin(), tok.end(), c) == tok.end()) others.push_back(c);
+    bool all_targets = true;  // (tokens may repeat: count the columns, not the tokens)
+    for (int64_t c = 0; c < N; ++c) all_targets = all_targets && std::find(tok.begin(), tok.end(), c) != tok.end();
     const Tensor gxT = gxc.t().contiguous(), gyT = gyc.t().contiguous();
     std::vector<int64_t> xmajor(M);  // pixel m = y * W + x -> x * Hg + y
     for (int64_t m = 0; m < M; ++m) xmajor[m] = (m % W) * Hg + m / W;
+    const std::vector<int32_t> sample = std::is_same_v<acc_t, float> ? quantile_sample(M) : std::vector<int32_t>();
     LoopArgs<acc_t> a{M, T, Ky, Kx, Hg, W, iters, static_cast<acc_t>(lr), static_cast<acc_t>(quantile),
                       static_cast<acc_t>(frac), static_cast<acc_t>(m_target), static_cast<acc_t>(w0),
                       static_cast<acc_t>(w1), static_cast<acc_t>(w2), lo, hi, gyT.data_ptr<acc_t>(),
-                      gxc.data_ptr<acc_t>(), gxT.data_ptr<acc_t>()};
+                      gxc.data_ptr<acc_t>(), gxT.data_ptr<acc_t>(), sample.data(),
+                      static_cast<int64_t>(sample.size())};
     const int64_t n = B * H, TK = T * Ky * Kx;
     std::vector<acc_t> traj(n * iters * TK), terms(n * iters * 3);
     acc_t* th = theta.data_ptr<acc_t>();
     at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
       TaskScope<acc_t> scope;
       constexpr int64_t kRows = 256;  // logits computed in pixel blocks: only Z_t and the rest's lse are kept
-      std::vector<acc_t> z(kRows * N), zt(T * M), rest(M), buf(N);
+      const int64_t Np = (N + 15) / 16 * 16;  // rows of whole 16-lane vectors
+      std::vector<acc_t> z(kRows * Np), zt(T * M), rest(M), mx(kRows), sum(kRows);
       for (int64_t bh = begin; bh < end; ++bh) {
         const acc_t* qh = qc.data_ptr<acc_t>() + bh * M * D;
         const acc_t* kh = kc.data_ptr<acc_t>() + bh * N * D;
         for (int64_t m0 = 0; m0 < M; m0 += kRows) {
           const int64_t rows = std::min(kRows, M - m0);
-          mm(false, true, rows, N, D, static_cast<acc_t>(scale), qh + m0 * D, D, kh, D, acc_t(0), z.data(), N);
-          split_rows(rows, N, M, m0, z.data(), tok, others, xmajor, buf.data(), zt.data(), rest.data());
+          mm(false, true, rows, N, D, static_cast<acc_t>(scale), qh + m0 * D, D, kh, D, acc_t(0), z.data(), Np);
+          split_rows(rows, N, Np, M, m0, z.data(), tok, all_targets, xmajor.data(), mx.data(), sum.data(), zt.data(),
+                     rest.data());
         }
         head_loop(a, zt.data(), rest.data(), th + bh * TK, traj.data() + bh * iters * TK,
                   terms.data() + bh * iters * 3);

@@ -366,10 +366,11 @@ def test_native_inner_loop_matches_closed_form(B, H, h, w, D, T, dtype):
     assert rel_err(theta, ref_theta.double()) < tol
 
 
-# fp64 selects with nth_element, fp32 at M = 256 by bisection. In fp32 the tie is exact in the first
+# fp64 selects with nth_element, fp32 by bisection (at M = 256 over all pixels, at M = 576 within the
+# sampled window, here the tie itself). In fp32 the tie is exact in the first
 # iteration, whose step theta_1 shows the shared weight; later steps are ill-conditioned in fp32 (the
 # fp32 reference is 8 % off the fp64 one at theta_2 here, the native loop 4 %), so fp32 stops at 2.
-@pytest.mark.parametrize("h,dtype,iters,tol", [(24, F64, 3, 1e-9), (16, F32, 2, 1e-5)])
+@pytest.mark.parametrize("h,dtype,iters,tol", [(24, F64, 3, 1e-9), (16, F32, 2, 1e-5), (24, F32, 2, 1e-5)])
 def test_native_inner_loop_shares_the_quantile_weight_among_ties(h, dtype, iters, tol):
     from stattn import regulation_core as rc
 
