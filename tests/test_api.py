@@ -94,6 +94,19 @@ def test_value_check_finds_one_bad_element_and_passes_extremes(dtype):
             V.check_finite("x", x)
 
 
+def test_value_checks_of_leaves_that_require_grad_warn_nothing():
+    import warnings
+
+    q, k, v = _inputs()
+    off = _offset()
+    off.theta.requires_grad_(True)
+    weights = torch.ones(R, requires_grad=True)
+    masks = torch.rand(R, M, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stattn.region_attention(q, k, v, masks=masks, region_weights=weights, offset=off).sum().backward()
+
+
 @pytest.mark.parametrize("make,exc,words", [
     (lambda gy, gx: stattn.ScoreOffset(torch.zeros(B, H, 3, gy.shape[1], gx.shape[1]), (1, 2), (gy, gx)),
      ValueError, "theta has T = 3 token slots but tokens has 2"),
