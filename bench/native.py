@@ -1,7 +1,8 @@
 """Native CPU kernels (csrc/) against the eager PyTorch paths, on the CPU, in one run.
 
 Two parts, at SD 1.5's cross-attention shapes for one layer call (B = 2 images, H = 8 heads,
-N = 77 keys; M = 4096 / 1024 / 256 pixels with D = 40 / 80 / 160), fp32:
+N = 77 keys; M = 4096 / 1024 / 256 / 64 pixels with D = 40 / 80 / 160 / 160: every cross-attention
+layer of SD 1.5's UNet at 512 px, the mid block's 8 x 8 included), fp32:
 
 - the op ``stattn.region_attention`` with R = 1, 2, 4 regions, an offset on 2 target tokens and
   2 pinned tokens (affine, float masks): forward, and forward + backward (grads of q, the region
@@ -42,7 +43,7 @@ from stattn import regulation_reference as rr
 from .env import REPO, provenance, machine, publish, quantiles, stattn_backend
 
 B, H, N = 2, 8, 77
-SHAPES = [(64, 64, 40), (32, 32, 80), (16, 16, 160)]      # (h, w, D): SD 1.5 at 512 px
+SHAPES = [(64, 64, 40), (32, 32, 80), (16, 16, 160), (8, 8, 160)]      # (h, w, D): SD 1.5 at 512 px
 REGIONS = (1, 2, 4)
 TOKENS, PINNED, ITERS = (2, 5), (0, 7), 20
 
