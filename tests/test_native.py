@@ -341,11 +341,11 @@ def _loop_inputs(B, H, h, w, D, T, dtype, seed=0, repeat_rows=False):
 
 
 @pytest.mark.parametrize("B,H,h,w,D,T,dtype", [
-    (1, 2, 8, 8, 40, 1, F64),        # small M: selection over all pixels
+    (1, 2, 8, 8, 40, 1, F64),        # fp64: nth_element over all pixels
     (2, 3, 24, 20, 64, 3, F64),      # M = 480
-    (2, 2, 16, 16, 160, 2, F32),     # M = 256 (SD's 16 x 16 layer): fp32 selection by bisection
-    (2, 2, 32, 24, 40, 2, F64),      # M = 768: the sampled-window selection
-    (2, 2, 32, 24, 80, 2, F32),
+    (2, 2, 16, 16, 160, 2, F32),     # M = 256 (SD's 16 x 16 layer): fp32 bisection over all pixels
+    (2, 2, 32, 24, 40, 2, F64),      # M = 768
+    (2, 2, 32, 24, 80, 2, F32),      # M = 768, fp32: bisection within the sampled window
     (1, 2, 24, 24, 40, 3, BF16),
 ])
 def test_native_inner_loop_matches_closed_form(B, H, h, w, D, T, dtype):
