@@ -26,6 +26,8 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
+from .reference import compute_dtype
+
 __all__ = ["released_basis", "to_flat", "from_flat", "initial_theta", "regulation_loss", "LossParts",
            "reference_inner_loop", "ReferenceInner", "edited_attention", "reference_layer_call",
            "ReferenceCall", "default_thr"]
@@ -35,10 +37,6 @@ def default_thr(T: int) -> float:
     """The mean-attention target thr: min(1, 0.2 T), so each target token's mean probability
     should reach thr / T."""
     return min(1.0, 0.2 * T)
-
-
-def _compute_dtype(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 # ------------------------------------------------------------------------------------------ basis
@@ -140,7 +138,7 @@ class ReferenceInner(NamedTuple):
 
 def _cond_logits(q: Tensor, k: Tensor, scale: float) -> Tensor:
     """z [B*H, M, N] = scale * q k^T in the compute dtype (fp32, fp64 for fp64 input)."""
-    ct = _compute_dtype(q)
+    ct = compute_dtype(q)
     B, H, M, _ = q.shape
     z = torch.einsum("bhmd,bhnd->bhmn", q.to(ct), k.to(ct)) * scale
     return z.reshape(B * H, M, k.shape[2])
@@ -159,7 +157,7 @@ def reference_inner_loop(q: Tensor, k: Tensor, tokens: Sequence[int], theta0: Te
     B, H, M, _ = q.shape
     h, w = grid
     Ky, Kx = theta0.shape[-2:]
-    ct = _compute_dtype(q)
+    ct = compute_dtype(q)
     z = _cond_logits(q, k, scale)
     G = released_basis(h, w, dtype=ct, device=q.device)
     n = B * H
@@ -192,7 +190,7 @@ def edited_attention(q: Tensor, k: Tensor, v: Tensor, tokens: Sequence[int], the
     then (released behaviour) the ``pinned`` columns overwritten with their unedited
     probabilities, then P V. ``renormalize=True`` keeps the plain softmax of the edited logits.
     ``theta`` None (or all-zero) is plain attention."""
-    ct = _compute_dtype(q)
+    ct = compute_dtype(q)
     B, H, M, _ = q.shape
     z = _cond_logits(q, k, scale)                                             # [n, M, N]
     P = torch.softmax(z, dim=-1)
