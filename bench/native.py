@@ -17,16 +17,18 @@ MKL gemm both paths use) are timed too: reference / products bounds what any imp
 computes both products can gain.
 
 Every timed pair is checked first (native vs reference relative error, recorded). Times are
-wall-clock medians (p20/p80 kept) of a few repeats after a warm-up, the compared paths interleaved
+wall-clock medians (p20/p80 kept) of --repeats repeats after a warm-up (more, up to MAX_REPEATS,
+where they would take under --min-time seconds: cheap cells get many), the compared paths interleaved
 call by call (so that the shared machine's slow spells hit them alike), with --threads torch threads
 (default 1, the steadier comparison on a shared machine; --threads 2 uses both cores of the
 development machine). The load average before and after is recorded.
 
-    python -m bench.native [--quick] [--threads 1] [--repeats 3] [--out bench/results]
+    python -m bench.native [--quick] [--threads 1] [--repeats 3] [--min-time 0] [--out bench/results]
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -46,14 +48,20 @@ B, H, N = 2, 8, 77
 SHAPES = [(64, 64, 40), (32, 32, 80), (16, 16, 160), (8, 8, 160)]      # (h, w, D): SD 1.5 at 512 px
 REGIONS = (1, 2, 4)
 TOKENS, PINNED, ITERS = (2, 5), (0, 7), 20
+MAX_REPEATS = 400
 
 
-def _timed(fns: dict, repeats: int) -> dict:
+def _timed(fns: dict, repeats: int, min_s: float = 0.0) -> dict:
     """{name: ms quantiles and "times_ms" in repeat order} of the callables in `fns`, interleaved:
     each repeat runs every callable once (in a rotating order), so that a slow spell of the shared
-    machine hits all of them alike and their ratios stay fair."""
+    machine hits all of them alike and their ratios stay fair. At least `repeats` repeats, more
+    (up to MAX_REPEATS) until the repeats take about `min_s` seconds: the cheap cells, where one
+    slow spell would move a median of a few samples, get many."""
+    t0 = time.perf_counter()
     for fn in fns.values():
         fn()                                               # warm-up (and the JIT build, if any)
+    one = time.perf_counter() - t0                         # about one repeat (a JIT build: more)
+    repeats = max(repeats, min(MAX_REPEATS, math.ceil(min_s / max(one, 1e-6))))
     names = list(fns)
     times = {name: [] for name in names}
     for i in range(repeats):
@@ -88,7 +96,7 @@ def op_inputs(h, w, D, R, seed=0):
     return q, k, v, masks, weights, theta, (gy, gx)
 
 
-def op_case(h, w, D, R, repeats: int) -> dict:
+def op_case(h, w, D, R, repeats: int, min_s: float = 0.0) -> dict:
     q, k, v, masks, weights, theta, basis = op_inputs(h, w, D, R)
 
     def call(backward: bool):
@@ -119,7 +127,7 @@ def op_case(h, w, D, R, repeats: int) -> dict:
         fns = {backend: on(backend, backward) for backend in ("native", "reference")}
         if not backward:
             fns["products"] = products
-        for name, t in _timed(fns, repeats).items():
+        for name, t in _timed(fns, repeats, min_s).items():
             row[f"{name}_{mode}_ms"] = t
     row["max_rel_err"] = max(_rel(a, b) for a, b in zip(results["native"], results["reference"]))
     for mode in ("fwd", "fwdbwd"):
@@ -128,7 +136,7 @@ def op_case(h, w, D, R, repeats: int) -> dict:
     return row
 
 
-def loop_case(h, w, D, repeats: int) -> dict:
+def loop_case(h, w, D, repeats: int, min_s: float = 0.0) -> dict:
     g = torch.Generator().manual_seed(1)
     M, T = h * w, len(TOKENS)
     q = 1.5 * torch.randn(B, H, M, D, generator=g)
@@ -153,7 +161,7 @@ def loop_case(h, w, D, repeats: int) -> dict:
     row["theta_best_rel_err_vs_closed_form"] = _rel(outs["native"][0], outs["closed_form"][0])
     row["losses_rel_err_vs_eager"] = _rel(outs["native"][2], outs["eager_autograd"][2])
     row["theta_best_rel_err_vs_eager"] = _rel(outs["native"][0], outs["eager_autograd"][0])
-    for name, t in _timed(runs, repeats).items():
+    for name, t in _timed(runs, repeats, min_s).items():
         row[f"{name}_ms"] = t
     for name in ("closed_form", "eager_autograd"):
         row[f"speedup_vs_{name}"] = row[f"{name}_ms"]["median"] / row["native_ms"]["median"]
@@ -171,24 +179,26 @@ def markdown(res: dict) -> str:
              f"{provenance(e)}; {e['torch_threads']} threads, fp32, B={B} H={H} N={N}; "
              f"load average before/after {res['load_before']} / {res['load_after']} "
              "(shared machine: other jobs may have run at the same time). Times in ms: median (p20-p80) "
-             f"of {res['repeats']} runs after a warm-up, the compared paths interleaved call by call.", "",
+             f"of at least {res['repeats']} runs after a warm-up (more where they took under "
+             f"{res.get('min_time_s', 0):g} s: see the repeats columns), the compared paths interleaved call by call.", "",
              "## stattn.region_attention (offset on 2 tokens, 2 pinned, affine)", "",
-             "| M | D | R | native fwd | reference fwd | speed-up (paired) | fwd's 2 products alone (bmm) | speed-up bound | native fwd+bwd | reference fwd+bwd | speed-up (paired) | max rel err |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| M | D | R | native fwd | reference fwd | speed-up (paired) | fwd's 2 products alone (bmm) | speed-up bound | native fwd+bwd | reference fwd+bwd | speed-up (paired) | max rel err | repeats fwd / fwd+bwd |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["op"]:
         bound = r["reference_fwd_ms"]["median"] / r["products_fwd_ms"]["median"]
         lines.append(f"| {r['M']} | {r['D']} | {r['R']} | {_ms(r['native_fwd_ms'])} | {_ms(r['reference_fwd_ms'])} | "
                      f"{r['speedup_fwd']:.1f}x ({r['speedup_paired_fwd']:.1f}x) | {_ms(r['products_fwd_ms'])} | "
                      f"{bound:.1f}x | {_ms(r['native_fwdbwd_ms'])} | {_ms(r['reference_fwdbwd_ms'])} | "
-                     f"{r['speedup_fwdbwd']:.1f}x ({r['speedup_paired_fwdbwd']:.1f}x) | {r['max_rel_err']:.1e} |")
+                     f"{r['speedup_fwdbwd']:.1f}x ({r['speedup_paired_fwdbwd']:.1f}x) | {r['max_rel_err']:.1e} | "
+                     f"{r['native_fwd_ms']['n']} / {r['native_fwdbwd_ms']['n']} |")
     lines += ["", "Speed-up: the ratio of the medians; in parentheses the paired speed-up, the median over the "
               "repeats of the two paths' ratio within one repeat (their calls ran back to back), steadier "
               "where a slow spell of the shared machine hit some repeats. Speed-up bound: reference forward / "
               "its two products alone, the most any implementation that computes both products with the "
               "same gemm can gain over the reference."]
     lines += ["", f"## Attention Regulation inner loop ({ITERS} iterations, T = {len(TOKENS)})", "",
-              "| M | D | native | closed-form PyTorch | speed-up (paired) | eager autograd (released) | speed-up (paired) | best iter (nat/cf/eager) | rel err losses / theta_best vs closed form | vs eager |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| M | D | native | closed-form PyTorch | speed-up (paired) | eager autograd (released) | speed-up (paired) | best iter (nat/cf/eager) | rel err losses / theta_best vs closed form | vs eager | repeats |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["inner_loop"]:
         b = r["best_iter"]
         lines.append(f"| {r['M']} | {r['D']} | {_ms(r['native_ms'])} | {_ms(r['closed_form_ms'])} | "
@@ -197,7 +207,7 @@ def markdown(res: dict) -> str:
                      f"({r['speedup_paired_vs_eager_autograd']:.1f}x) | "
                      f"{b['native']}/{b['closed_form']}/{b['eager_autograd']} | "
                      f"{r['losses_rel_err_vs_closed_form']:.1e} / {r['theta_best_rel_err_vs_closed_form']:.1e} | "
-                     f"{r['losses_rel_err_vs_eager']:.1e} / {r['theta_best_rel_err_vs_eager']:.1e} |")
+                     f"{r['losses_rel_err_vs_eager']:.1e} / {r['theta_best_rel_err_vs_eager']:.1e} | {r['native_ms']['n']} |")
     lines += ["", "In fp32 the loop is ill-conditioned: the quantile's gradient sits on one or two pixels, and "
               "where two pixels' probabilities are a few ulp apart, rounding decides which one gets it (a 5-ulp "
               "near-tie flipped by different logit rounding changed one head's step by half at M = 1024), so "
@@ -211,6 +221,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.native", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="the M = 1024 shape only")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--min-time", type=float, default=0.0, metavar="S",
+                   help="more repeats (up to %d) where fewer would take under S seconds per timed group" % MAX_REPEATS)
     p.add_argument("--threads", type=int, default=1, help="torch threads for every timed call")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = p.parse_args(argv)
@@ -223,16 +235,16 @@ def main(argv=None) -> int:
     op_rows, loop_rows = [], []
     for h, w, D in shapes:
         for R in REGIONS:
-            op_rows.append(op_case(h, w, D, R, args.repeats))
+            op_rows.append(op_case(h, w, D, R, args.repeats, args.min_time))
             r = op_rows[-1]
             print(f"op M={h * w} D={D} R={R}: fwd {r['speedup_fwd']:.1f}x ({r['speedup_paired_fwd']:.1f}x paired), "
                   f"fwd+bwd {r['speedup_fwdbwd']:.1f}x ({r['speedup_paired_fwdbwd']:.1f}x)", flush=True)
-        loop_rows.append(loop_case(h, w, D, args.repeats))
+        loop_rows.append(loop_case(h, w, D, args.repeats, args.min_time))
         r = loop_rows[-1]
         print(f"inner loop M={h * w}: {r['speedup_vs_eager_autograd']:.1f}x "
               f"({r['speedup_paired_vs_eager_autograd']:.1f}x paired) vs eager autograd, "
               f"{r['speedup_vs_closed_form']:.1f}x vs closed form", flush=True)
-    result = {"environment": machine("cpu"), "repeats": args.repeats, "dtype": "float32",
+    result = {"environment": machine("cpu"), "repeats": args.repeats, "min_time_s": args.min_time, "dtype": "float32",
               "load_before": [round(x, 2) for x in load_before],
               "load_after": [round(x, 2) for x in os.getloadavg()],
               "op": op_rows, "inner_loop": loop_rows}
