@@ -254,9 +254,10 @@ template <typename acc_t>
 STATTN_INLINE void head_loop_impl(const LoopArgs<acc_t>& a, const acc_t* zt, const acc_t* rest, acc_t* theta,
                                   acc_t* traj, acc_t* terms) {
   const int64_t M = a.M, T = a.T, K = a.Ky * a.Kx, Hg = a.Hg, W = a.W;
+  constexpr bool f32 = std::is_same_v<acc_t, float>;  // order_stats' scratch: keys, idx for fp32, buf for fp64
   std::vector<acc_t> A(a.Ky * W), E(T * M), P(T * M), c(M), den(M), dS(T * M), C(a.Kx * Hg), step(T * K), cm(T),
-      buf(std::is_same_v<acc_t, float> ? 0 : M);
-  std::vector<int32_t> keys(M), idx(M);
+      buf(f32 ? 0 : M);
+  std::vector<int32_t> keys(f32 ? M : 0), idx(f32 ? M : 0);
   std::vector<int64_t> at;
   std::vector<TiePoint<acc_t>> ties;
   const acc_t M1 = static_cast<acc_t>(M);
