@@ -8,8 +8,9 @@ forward pre-hook (:class:`StepTracker`), so the same controller works with any p
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Hashable, Optional
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Hashable, Optional
 
 import torch
 
@@ -29,6 +30,12 @@ class CrossAttentionCall:
     timestep: Optional[torch.Tensor]
     scale: float                  # the layer's logit scale (attn.scale)
     step_tensor: Optional[torch.Tensor] = None  # 0-d int64 on q's device holding `step`
+    generation: Optional["Generation"] = None   # what is known of the generation under way
+
+    @property
+    def cfg(self) -> Optional[bool]:
+        """Classifier-free guidance of this generation as the pipeline runs it (None: unknown)."""
+        return self.generation.cfg if self.generation is not None else None
 
     # Under CUDA-graph replay (stattn.Runner(cuda_graphs=True)) Python runs only at capture, so
     # `step` is the step the graph was captured at. Per-step arithmetic must read `step_tensor`
@@ -47,6 +54,11 @@ class Controller:
     def reset(self) -> None:
         """A new generation starts (the first UNet call of a run)."""
 
+    def begin_generation(self, generation: "Generation") -> None:
+        """Called right after :meth:`reset` with what is known of the new generation: guidance,
+        the prompts of the conditional rows, the number of UNet evaluations (see
+        :class:`Generation`). Resolve per-prompt state here."""
+
     def begin_step(self, step: int, timestep) -> None:
         """Called before every UNet evaluation with its index in the run."""
 
@@ -60,11 +72,98 @@ class Controller:
         return None
 
 
-def cond_start(call: CrossAttentionCall, cfg: bool) -> int:
+@dataclass
+class Generation:
+    """What is known of one generation when it starts (a pipeline call, a Runner call, or the
+    first UNet evaluation of a run on a bare UNet). None means unknown."""
+
+    cfg: Optional[bool] = None        # the batch is [uncond; cond] (classifier-free guidance)
+    prompts: Optional[list] = None    # the prompt of every conditional row (images), in batch order
+    prompt_embeds: Optional[torch.Tensor] = None  # the call's conditional prompt_embeds, if given instead
+    prompt_2: Optional[list] = None   # SDXL's second prompts per row, when given
+    steps: Optional[int] = None       # UNet evaluations (denoising-loop turns) this generation runs
+    timesteps: Optional[torch.Tensor] = None  # the loop's timesteps, one per evaluation, when known
+    batch: Optional[int] = None       # rows of the UNet batch
+    source: str = "unet"              # "pipeline", "runner" or "unet"
+    pipeline: Any = field(default=None, repr=False)
+
+    @property
+    def images(self) -> Optional[int]:
+        return len(self.prompts) if self.prompts is not None else None
+
+    @classmethod
+    def from_pipeline(cls, pipe, arguments: dict, batch: int) -> "Generation":
+        """Read at the call's first UNet evaluation, when the pipeline has set up its loop:
+        guidance from ``pipe.do_classifier_free_guidance`` (the property every SD-family pipeline
+        defines: guidance_scale > 1 and no guidance embedding), else from the call's guidance_scale;
+        loop turns from ``pipe._num_timesteps`` (set before the loop, after img2img's strength cut),
+        else from the scheduler; prompts from the call's arguments."""
+        cfg = None
+        try:
+            cfg = bool(pipe.do_classifier_free_guidance)
+        except (AttributeError, TypeError):
+            scale = arguments.get("guidance_scale")
+            cfg = None if scale is None else float(scale) > 1.0
+        scheduler = getattr(pipe, "scheduler", None)
+        timesteps = getattr(scheduler, "timesteps", None)
+        begin = getattr(scheduler, "begin_index", None) if scheduler is not None else None
+        if timesteps is not None and isinstance(begin, int):
+            timesteps = timesteps[begin:]
+        steps = getattr(pipe, "_num_timesteps", None)
+        if not isinstance(steps, int) and timesteps is not None:
+            steps = len(timesteps)
+        if isinstance(steps, int) and timesteps is not None and len(timesteps) != steps:
+            timesteps = None        # the pipeline cut its schedule where we cannot see (e.g. denoising_end)
+        per = arguments.get("num_images_per_prompt") or 1
+        prompts = prompt_rows(arguments.get("prompt"), per)
+        embeds = arguments.get("prompt_embeds") if prompts is None else None
+        return cls(cfg=cfg, prompts=prompts, prompt_embeds=embeds, prompt_2=prompt_rows(arguments.get("prompt_2"), per),
+                   steps=steps if isinstance(steps, int) else None, timesteps=timesteps, batch=batch,
+                   source="pipeline", pipeline=pipe)
+
+
+def prompt_rows(prompt, per_prompt: int) -> Optional[list]:
+    """Prompts of the conditional rows: each prompt repeated num_images_per_prompt times in a row,
+    as diffusers' encode_prompt orders them."""
+    if prompt is None:
+        return None
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    return [p for p in prompts for _ in range(int(per_prompt))]
+
+
+def bind_call(fn, args: tuple, kwargs: dict) -> dict:
+    """The arguments of a pipeline call by name, defaults filled in (``self`` left out)."""
+    try:
+        bound = inspect.signature(fn).bind(None, *args, **kwargs)
+    except TypeError:
+        return dict(kwargs)
+    bound.apply_defaults()
+    out = dict(bound.arguments)
+    out.pop(next(iter(out)), None)          # self
+    extra = out.pop("kwargs", None)
+    if isinstance(extra, dict):
+        out.update(extra)
+    return out
+
+
+def cond_start(call: CrossAttentionCall, cfg: Optional[bool]) -> int:
     """First conditional row of the batch: B/2 under classifier-free guidance (diffusers orders the
-    batch [uncond; cond]), else 0. A method cannot tell the two apart from an even batch, hence `cfg`."""
+    batch [uncond; cond]), else 0. Guidance is taken from the generation (the pipeline call) when
+    known; a controller's own ``cfg`` (for bare UNets) must agree with it."""
     B = call.q.shape[0]
-    if not cfg:
+    gen = call.generation
+    known = gen.cfg if gen is not None else None
+    if cfg is not None and known is not None and cfg != known:
+        how = "with" if known else "without"
+        raise ValueError(f"cfg: the controller was given cfg={cfg}, but this {gen.source} call runs {how} "
+                         "classifier-free guidance (guidance_scale); leave cfg=None to take it from the pipeline")
+    use = known if known is not None else (True if cfg is None else cfg)
+    rows = gen.images if gen is not None else None
+    if rows is not None and known is not None and B != rows * (2 if use else 1):
+        raise ValueError(f"layer {call.name}: the {gen.source} call has {rows} conditional rows "
+                         f"({'[uncond; cond]' if use else 'no guidance'}), but the UNet batch has {B} rows; this "
+                         "pipeline orders its batch in a way stattn's controllers do not know")
+    if not use:
         return 0
     if B % 2:
         raise ValueError(f"cfg: with classifier-free guidance the batch is [uncond; cond], an even number of "
@@ -99,10 +198,20 @@ def layer_grid(latent_hw: Optional[tuple], M: int) -> Optional[tuple]:
 
 
 class StepTracker:
-    """UNet forward pre-hook: counts evaluations per generation and records the latent size.
+    """UNet forward pre-hook: counts the UNet evaluations of a generation and records the latent size.
 
-    A generation starts when the timestep does not decrease (samplers walk timesteps downwards),
-    or when `reset()` is called (the runner does so explicitly)."""
+    A controller's step is the index of the denoising loop's turn (one UNet evaluation per turn: the
+    ``i`` diffusers' ``callback_on_step_end`` reports), for every scheduler. Where a generation starts:
+
+    - a pipeline call, when stattn was given the pipeline (:func:`stattn.accelerate(pipe)`,
+      ``controller.apply(pipe)``): :mod:`stattn.pipeline_calls` hooks its ``__call__``; the call's
+      guidance, prompts and number of loop turns are read from the pipeline (:class:`Generation`);
+    - :class:`stattn.Runner`: it drives the steps itself (``driven``) and says what it runs;
+    - a bare UNet: the first evaluation after ``accelerate`` / :meth:`reset`, and every evaluation
+      whose timestep is *larger* than the previous one (samplers walk timesteps downwards and may
+      repeat one: PNDM's warm-up, Heun's second evaluation). Two runs whose first timestep equals the
+      previous run's last one need an explicit :meth:`reset` between them.
+    """
 
     def __init__(self, controller: Optional[Controller] = None):
         self.controller = controller
@@ -110,13 +219,32 @@ class StepTracker:
         self.timestep = None
         self.latent_hw = None
         self.step_tensor = None  # 0-d int64 on the UNet's device, = step
+        self.generation: Optional[Generation] = None
         self._last_t = None
+        self._call = None        # the pipeline call under way: (pipeline, bound arguments)
+        self._pending = True     # the next evaluation starts a generation (bare-UNet rule)
         self.driven = False      # set by the runner, which then calls `set_step` itself
 
     def reset(self) -> None:
-        self.step, self._last_t = -1, None
+        """Make the next UNet evaluation step 0 of a new generation."""
+        self.step, self._last_t, self._pending = -1, None, True
+        self.generation = None
+
+    def begin_generation(self, generation: "Generation") -> None:
+        """A generation starts now with what is known of it: step -1, the controller told."""
+        self.step, self._last_t, self._pending = -1, None, False
+        self.generation = generation
         if self.controller is not None:
             self.controller.reset()
+            self.controller.begin_generation(generation)
+
+    # the pipeline-call hook (stattn.pipeline_calls) brackets every call of a hooked pipeline
+    def begin_pipeline_call(self, pipe, arguments: dict) -> None:
+        self._call = (pipe, arguments)
+        self.reset()
+
+    def end_pipeline_call(self) -> None:
+        self._call = None
 
     def set_step(self, step: int, timestep, device) -> None:
         """Make `step` current: outside any graph capture (fill_ of a Python scalar is baked in)."""
@@ -133,11 +261,18 @@ class StepTracker:
         self.latent_hw = tuple(sample.shape[-2:])
         if self.driven:
             return
-        t_val = float(t.flatten()[0]) if isinstance(t, torch.Tensor) and not _capturing(t) else t
-        if isinstance(t_val, (int, float)):
-            if self._last_t is not None and t_val >= self._last_t:
-                self.reset()
-            self._last_t = t_val
+        if self._call is None:      # bare UNet: a larger timestep starts a new generation
+            t_val = float(t.flatten()[0]) if isinstance(t, torch.Tensor) and not _capturing(t) else t
+            if isinstance(t_val, (int, float)):
+                if self._last_t is not None and t_val > self._last_t:
+                    self._pending = True
+                self._last_t = t_val
+        if self._pending:
+            pipe, arguments = self._call if self._call is not None else (None, None)
+            last_t = self._last_t
+            self.begin_generation(Generation.from_pipeline(pipe, arguments, sample.shape[0])
+                                  if pipe is not None else Generation(batch=sample.shape[0]))
+            self._last_t = last_t
         self.set_step(self.step + 1, t, sample.device)
 
 

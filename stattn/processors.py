@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from . import pipeline_calls
 from .control import Controller, CrossAttentionCall, StepTracker, layer_grid, project_kv
 from .ops import region_attention
 
@@ -93,7 +94,7 @@ class StattnAttnProcessor:
             grid = layer_grid(t.latent_hw if t else None, M) if input_ndim == 3 else (height, width)
             call = CrossAttentionCall(self.name, attn, q, k, v, encoder_hidden_states, grid,
                                       t.step if t else -1, t.timestep if t else None, attn.scale,
-                                      t.step_tensor if t else None)
+                                      t.step_tensor if t else None, t.generation if t else None)
             out = self.controller.attention(call)
         if out is None:
             out = region_attention(q, k, v, scale=attn.scale)
@@ -114,12 +115,22 @@ def unet_of(pipe_or_unet) -> torch.nn.Module:
     return unet
 
 
+def _pipeline_of(x):
+    """The diffusers pipeline to hook for generation boundaries: ``x`` itself, a Runner's pipe, or
+    None for a bare UNet."""
+    pipe = getattr(x, "pipe", x)              # stattn.Runner keeps its pipeline as .pipe
+    if pipe is unet_of(x) or not hasattr(pipe, "unet"):
+        return None
+    return pipe
+
+
 def accelerate(pipe_or_unet, controller: Optional[Controller] = None):
     """Install the fused cross-attention processor on every ``attn2`` (cross-attention) module.
 
     With a controller, a UNet pre-hook tracks the step and latent size and the controller sees
-    every call. Calling again replaces the controller; :func:`restore` undoes everything.
-    Returns the pipeline or UNet it was given."""
+    every call; given a pipeline (or a Runner), its calls are hooked so that every call starts a
+    new generation (:mod:`stattn.pipeline_calls`). Calling again replaces the controller;
+    :func:`restore` undoes everything. Returns the pipeline or UNet it was given."""
     unet = unet_of(pipe_or_unet)
     restore(unet)
     tracker = StepTracker(controller) if controller is not None else None
@@ -131,7 +142,10 @@ def accelerate(pipe_or_unet, controller: Optional[Controller] = None):
     if not originals:
         raise ValueError("accelerate: this UNet has no cross-attention module to accelerate")
     handle = unet.register_forward_pre_hook(tracker, with_kwargs=True) if tracker is not None else None
-    unet._stattn = (originals, handle, tracker)
+    pipe = _pipeline_of(pipe_or_unet) if tracker is not None else None
+    if pipe is not None:
+        pipeline_calls.attach(pipe, tracker)
+    unet._stattn = (originals, handle, tracker, pipe)
     return pipe_or_unet
 
 
@@ -141,12 +155,14 @@ def restore(pipe_or_unet):
     state = getattr(unet, "_stattn", None)
     if state is None:
         return pipe_or_unet
-    originals, handle, _ = state
+    originals, handle, tracker, pipe = state
     modules = dict(unet.named_modules())
     for name, proc in originals.items():
         modules[name].set_processor(proc)
     if handle is not None:
         handle.remove()
+    if pipe is not None:
+        pipeline_calls.detach(pipe, tracker)
     del unet._stattn
     return pipe_or_unet
 

@@ -25,6 +25,7 @@ from typing import Any, Optional, Union
 
 import torch
 
+from .control import Generation, prompt_rows as _prompt_rows
 from .processors import accelerate as _accelerate, tracker_of
 
 __all__ = ["Runner", "RunResult"]
@@ -211,8 +212,10 @@ class Runner:
         extra = pipe.prepare_extra_step_kwargs(generator, eta)
         tracker = tracker_of(unet)
         if tracker is not None:
-            tracker.reset()
             tracker.driven = True
+            tracker.begin_generation(Generation(
+                cfg=cfg, prompts=_prompt_rows(prompt, num_images), steps=len(timesteps), timesteps=timesteps,
+                batch=cond.context.shape[0], source="runner", pipeline=pipe))
         step_fn = self._graphs.step if self.cuda_graphs else _eager_unet
         timer = _StepTimer(device)
         bar = pipe.progress_bar(total=len(timesteps)) if progress else contextlib.nullcontext()
