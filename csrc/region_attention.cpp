@@ -4,7 +4,9 @@
 // pixel m and region r: z_r = scale * q k_r^T (+ S = G_y theta G_x^T on region 0's target
 // columns, built per pixel from theta), p_r = softmax(z_r) (region 0's pinned columns take the
 // un-offset probability), alpha_r = weights * masks (affine: alpha_0 = 1 - sum_{r>=1} alpha_r),
-// o = sum_r alpha_r p_r v_r.
+// o = sum_r alpha_r p_r v_r. The target tokens and pinned columns are shared by the batch rows or
+// given per row; with lengths, region r attends to its first lengths[r] keys only (the others are
+// padding: logits -inf, keys and values never read, dk and dv 0).
 //
 // Work is split over (b, h, pixel block) with at::parallel_for. A block of kBlockM pixels holds
 // the full rows of logits of every region (N is small: 77 text tokens), so no online softmax is
@@ -26,6 +28,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <limits>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -40,33 +43,74 @@ constexpr int64_t kChunkM = 1024;  // pixels per backward task (a fixed partitio
 
 // ---------------------------------------------------------------------------------------------
 // Problem description: sizes, flags and the inputs converted once to the compute type acc_t.
+
+// Region 0's target and pinned columns for one batch row (Problem::cols), with the masks derived
+// from them. Shared by every row (tokens [T], pin [N]) or one set per row (tokens [B, T] or pin
+// [B, N]): the row kernels index them by b, so the shared form costs one lookup per call.
+template <typename acc_t>
+struct Cols {
+  const int64_t* tokens;   // [T]
+  const int64_t* pinned;   // [P]
+  int64_t P;
+  const acc_t *nt_one, *nt_neg;  // [Np] over region 0's non-target real columns: 1 / 0, else 0 / -inf
+  bool pin_is_target;
+};
+
 template <typename acc_t>
 struct Problem {
   int64_t B, H, M, D, R, N, T = 0, Ky = 0, Kx = 0, W = 1;
-  bool affine = false, has_pin = false, pin_is_target = false;
+  bool affine = false, has_pin = false;
   acc_t scale;
   Tensor k, v, weights, masks, theta, gy, gx;  // contiguous, acc_t
-  std::vector<int64_t> tokens, pinned;          // target columns, pinned columns of region 0
   // Block layout (forward and backward): every region's keys padded to Np (a multiple of 16: the
   // row loops run without scalar tails) and all regions of a head side by side, so that one
   // product per block serves every region (see pack_head).
   int64_t Np = 0;
-  std::vector<acc_t> nt_one, nt_neg;  // [Np] over non-target real columns: 1 / 0, else 0 / -inf
+  // Keys region r attends to: its first len[r] (N without lengths); the rest of its Np columns are
+  // padding (logits -inf, zero keys and values in the packed heads).
+  std::vector<int64_t> len;
+  bool has_len = false;
+  // Column sets of Cols, one per row when tokens or pin is per row, else one (col_rows = B or 1):
+  // tokens [col_rows, T]; row i's pinned columns pinned[pin_start[i] .. pin_start[i + 1]);
+  // nt_one, nt_neg [col_rows, Np]; pin_is_target [col_rows].
+  int64_t col_rows = 1;
+  std::vector<int64_t> tokens, pinned, pin_start;
+  std::vector<acc_t> nt_one, nt_neg;
+  std::vector<char> pin_is_target;
 
   // keys or values x (k or v) of region r, head (b, h): [N, D]
   const acc_t* head(const Tensor& x, int64_t b, int64_t r, int64_t h) const {
     return x.data_ptr<acc_t>() + ((b * R + r) * H + h) * N * D;
   }
+  Cols<acc_t> cols(int64_t b) const {
+    const int64_t i = col_rows == 1 ? 0 : b;
+    return {tokens.data() + i * T, pinned.data() + pin_start[i], pin_start[i + 1] - pin_start[i],
+            nt_one.data() + i * Np, nt_neg.data() + i * Np, pin_is_target[i] != 0};
+  }
   bool offset_on(int64_t r) const { return r == 0 && T > 0; }
   bool pin_on(int64_t r) const { return r == 0 && has_pin; }
 };
+
+// The integer tensor `what` (int32 by the op's convention; pin flags may be bool) as int64 values
+// in out, shaped [n] (shared by the batch rows) or [B, n] (one row each); returns its rows (1 or B).
+inline int64_t index_rows(const Tensor& x, int64_t B, int64_t n, const char* what, const char* shape,
+                          std::vector<int64_t>& out, bool flags = false) {
+  TORCH_CHECK_TYPE(at::isIntegralType(x.scalar_type(), /*includeBool=*/flags),
+                   "stattn native: ", what, " must be an integer tensor, got ", x.scalar_type());
+  TORCH_CHECK_VALUE((x.dim() == 1 && x.size(0) == n) || (x.dim() == 2 && x.size(0) == B && x.size(1) == n),
+                    "stattn native: ", what, " must have shape [", shape, "] or [B, ", shape, "] = [", n,
+                    "] or [", B, ", ", n, "], got ", x.sizes());
+  auto c = x.to(at::kLong).contiguous();
+  out.assign(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
+  return x.dim() == 1 ? 1 : B;
+}
 
 template <typename acc_t>
 Problem<acc_t> make_problem(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& weights,
                             const Tensor& masks, bool affine, const c10::optional<Tensor>& theta,
                             const c10::optional<Tensor>& tokens, const c10::optional<Tensor>& gy,
                             const c10::optional<Tensor>& gx, const c10::optional<Tensor>& pin,
-                            double scale) {
+                            double scale, const c10::optional<Tensor>& lengths) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 5 && v.sizes() == k.sizes(),
               "stattn native: q [B, H, M, D], k and v [B, R, H, N, D] expected");
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
@@ -82,14 +126,26 @@ Problem<acc_t> make_problem(const Tensor& q, const Tensor& k, const Tensor& v, c
   p.v = v.to(acc).contiguous();
   p.weights = weights.to(acc).expand({p.B, p.R}).contiguous();
   p.masks = masks.to(acc).expand({p.B, p.R, p.M}).contiguous();
+  p.len.assign(p.R, p.N);
+  if (lengths.has_value() && lengths->defined()) {
+    std::vector<int64_t> len;
+    TORCH_CHECK_VALUE(lengths->dim() == 1 && lengths->size(0) == p.R, "stattn native: lengths must have shape [R] = [",
+                      p.R, "], got ", lengths->sizes());
+    index_rows(*lengths, 1, p.R, "lengths", "R", len);  // (the integer check and the values)
+    for (int64_t r = 0; r < p.R; ++r)
+      TORCH_CHECK_VALUE(len[r] >= 1 && len[r] <= p.N, "stattn native: lengths[", r, "] = ", len[r],
+                        " must be in [1, N = ", p.N, "]");
+    p.len = len;
+    p.has_len = true;
+  }
+  const int64_t len0 = p.len[0];  // region 0's real columns: its targets and pins lie below
+  std::vector<int64_t> pin_flags;
+  int64_t pin_rows = 1;
   if (pin.has_value() && pin->defined()) {
-    TORCH_CHECK(pin->numel() == p.N, "stattn native: pin must hold N flags");
-    auto pc = pin->to(at::kInt).contiguous();
-    const int32_t* pp = pc.data_ptr<int32_t>();
-    for (int64_t n = 0; n < p.N; ++n)
-      if (pp[n] != 0) p.pinned.push_back(n);
+    pin_rows = index_rows(*pin, p.B, p.N, "pin", "N", pin_flags, /*flags=*/true);
     p.has_pin = true;  // the lse layout has slot R whenever pin is given, even with no flag set
   }
+  int64_t tok_rows = 1;
   if (theta.has_value() && theta->defined() && theta->size(2) > 0) {
     TORCH_CHECK(tokens.has_value() && gy.has_value() && gx.has_value(),
                 "stattn native: theta needs tokens, gy and gx");
@@ -101,21 +157,45 @@ Problem<acc_t> make_problem(const Tensor& q, const Tensor& k, const Tensor& v, c
     TORCH_CHECK(p.theta.size(0) == p.B && p.theta.size(1) == p.H, "stattn native: theta [B, H, T, Ky, Kx]");
     TORCH_CHECK(p.gy.size(0) * p.W == p.M && p.gy.size(1) == p.Ky && p.gx.size(1) == p.Kx,
                 "stattn native: basis does not match theta / M");
-    auto tc = tokens->to(at::kLong).contiguous();
-    TORCH_CHECK(tc.numel() == p.T, "stattn native: tokens must hold T entries");
-    for (int64_t t = 0; t < p.T; ++t) {
-      int64_t tok = tc.data_ptr<int64_t>()[t];
-      TORCH_CHECK(tok >= 0 && tok < p.N, "stattn native: token index out of range");
-      p.tokens.push_back(tok);
-    }
+    tok_rows = index_rows(*tokens, p.B, p.T, "tokens", "T", p.tokens);
   }
   p.Np = (p.N + 15) / 16 * 16;
+  p.col_rows = std::max(tok_rows, pin_rows);
+  if (tok_rows < p.col_rows) {  // shared tokens with per-row pins: one copy per row
+    std::vector<int64_t> shared = p.tokens;
+    p.tokens.clear();
+    for (int64_t b = 0; b < p.B; ++b) p.tokens.insert(p.tokens.end(), shared.begin(), shared.end());
+  }
   const acc_t inf = std::numeric_limits<acc_t>::infinity();
-  p.nt_one.assign(p.Np, acc_t(0));
-  p.nt_neg.assign(p.Np, -inf);
-  for (int64_t n = 0; n < p.N; ++n) p.nt_one[n] = 1, p.nt_neg[n] = 0;
-  for (int64_t tok : p.tokens) p.nt_one[tok] = 0, p.nt_neg[tok] = -inf;  // (distinct: ScoreOffset checks)
-  for (int64_t n : p.pinned) p.pin_is_target = p.pin_is_target || p.nt_one[n] == 0;
+  p.nt_one.assign(p.col_rows * p.Np, acc_t(0));
+  p.nt_neg.assign(p.col_rows * p.Np, -inf);
+  p.pin_start.assign(1, 0);
+  p.pin_is_target.assign(p.col_rows, 0);
+  for (int64_t i = 0; i < p.col_rows; ++i) {
+    acc_t *one = p.nt_one.data() + i * p.Np, *neg = p.nt_neg.data() + i * p.Np;
+    for (int64_t n = 0; n < len0; ++n) one[n] = 1, neg[n] = 0;
+    for (int64_t t = 0; t < p.T; ++t) {
+      const int64_t tok = p.tokens[i * p.T + t];
+      TORCH_CHECK_VALUE(tok >= 0 && tok < len0, "stattn native: tokens", tok_rows > 1 ? " of row " : "",
+                        tok_rows > 1 ? std::to_string(i) : std::string(), ": index ", tok, " out of range [0, ",
+                        len0, p.has_len ? ") (lengths[0])" : ") (N)");
+      TORCH_CHECK_VALUE(one[tok] == 1, "stattn native: tokens", tok_rows > 1 ? " of row " : "",
+                        tok_rows > 1 ? std::to_string(i) : std::string(), ": index ", tok, " repeated");
+      one[tok] = 0, neg[tok] = -inf;
+    }
+    if (p.has_pin) {
+      const int64_t* flags = pin_flags.data() + (pin_rows == 1 ? 0 : i) * p.N;
+      for (int64_t n = 0; n < p.N; ++n) {
+        if (flags[n] == 0) continue;
+        TORCH_CHECK_VALUE(n < len0, "stattn native: pin", pin_rows > 1 ? " of row " : "",
+                          pin_rows > 1 ? std::to_string(i) : std::string(), " flags column ", n,
+                          ", a padding key (lengths[0] = ", len0, ")");
+        p.pinned.push_back(n);
+        if (one[n] == 0) p.pin_is_target[i] = 1;
+      }
+    }
+    p.pin_start.push_back(static_cast<int64_t>(p.pinned.size()));
+  }
   return p;
 }
 
@@ -237,11 +317,11 @@ void block_offset(const Problem<acc_t>& p, const acc_t* A, int64_t m0, int64_t r
 // Region 0 with an offset, one row, exactly as copy + add + softmax + a second softmax for the pinned
 // columns: the fallback of fwd_rows when the two softmaxes' shifts are too far apart to share exps.
 template <typename acc_t, typename V>
-STATTN_INLINE void fwd_row_offset_twopass(const Problem<acc_t>& p, acc_t* zi, acc_t* tmp, acc_t a, const acc_t* Si,
-                                          float* lse_r, float* lse_0) {
+STATTN_INLINE void fwd_row_offset_twopass(const Problem<acc_t>& p, const Cols<acc_t>& cs, acc_t* zi, acc_t* tmp,
+                                          acc_t a, const acc_t* Si, float* lse_r, float* lse_0) {
   const int64_t Np = p.Np;
   std::copy(zi, zi + Np, tmp);  // un-offset logits
-  for (int64_t t = 0; t < p.T; ++t) zi[p.tokens[t]] += Si[t];
+  for (int64_t t = 0; t < p.T; ++t) zi[cs.tokens[t]] += Si[t];
   const acc_t mx = row_max<acc_t, V>(zi, Np);
   const acc_t sum = exp_shift_sum<acc_t, V>(zi, mx, zi, Np);
   *lse_r = static_cast<float>(mx + std::log(sum));
@@ -250,22 +330,24 @@ STATTN_INLINE void fwd_row_offset_twopass(const Problem<acc_t>& p, acc_t* zi, ac
     const acc_t mx0 = row_max<acc_t, V>(tmp, Np);
     const acc_t sum0 = exp_shift_sum<acc_t, V>(tmp, mx0, tmp, Np);
     *lse_0 = static_cast<float>(mx0 + std::log(sum0));
-    for (int64_t n : p.pinned) zi[n] = a * tmp[n] / sum0;
+    for (int64_t k = 0; k < cs.P; ++k) zi[cs.pinned[k]] = a * tmp[cs.pinned[k]] / sum0;
   }
 }
 
-// Softmax of one region for a block of rows, in place: z [rows, ldz] holds this region's Np logit
-// columns (pads -inf) and becomes alpha * p_r; writes the log-sum-exps (region 0 with pins: also
-// that of the un-offset logits). Region 0 with an offset shares one exp pass between the edited
-// and the un-offset softmax: both differ only on the few target columns, so with e = exp(z - mx0)
-// (mx0 the un-offset maximum) the edited row is e * exp(mx0 - mxe) off the targets, renormalised
-// by the sum over the non-target columns; target and pinned columns are then set directly.
+// Softmax of one region for a block of rows of batch row b, in place: z [rows, ldz] holds this
+// region's Np logit columns (pads, and keys beyond its length, -inf) and becomes alpha * p_r;
+// writes the log-sum-exps (region 0 with pins: also that of the un-offset logits). Region 0 with
+// an offset shares one exp pass between the edited and the un-offset softmax: both differ only on
+// the few target columns, so with e = exp(z - mx0) (mx0 the un-offset maximum) the edited row is
+// e * exp(mx0 - mxe) off the targets, renormalised by the sum over the non-target columns; target
+// and pinned columns are then set directly.
 // The rows are swept three times (maxima, exps, then logs and scaling): within a row each step
 // waits on the previous one's horizontal reduction, across rows they are independent, and the
 // sweeps let the CPU overlap consecutive rows. work: [Np + rows * (7 + T)].
 template <typename acc_t, typename V>
-STATTN_INLINE void fwd_rows_impl(const Problem<acc_t>& p, int64_t r, int64_t rows, acc_t* z, int64_t ldz,
-                                 acc_t* work, const acc_t* al, const acc_t* S, float* lse_r, float* lse_0) {
+STATTN_INLINE void fwd_rows_impl(const Problem<acc_t>& p, int64_t b, int64_t r, int64_t rows, acc_t* z,
+                                 int64_t ldz, acc_t* work, const acc_t* al, const acc_t* S, float* lse_r,
+                                 float* lse_0) {
   const int64_t Np = p.Np, T = p.T;
   constexpr int64_t kMaxT = 16;      // targets on the shared-exp path (more: the two-pass fallback)
   constexpr acc_t kMaxShift = 60;    // beyond this gap between the two maxima the shared exps would
@@ -285,12 +367,13 @@ STATTN_INLINE void fwd_rows_impl(const Problem<acc_t>& p, int64_t r, int64_t row
     }
     return;
   }
+  const Cols<acc_t> cs = p.cols(b);
   for (int64_t i = 0; i < rows; ++i) {
     const acc_t* zi = z + i * ldz;
-    mx0[i] = mxe[i] = row_max_plus<acc_t, V>(zi, p.nt_neg.data(), Np);
+    mx0[i] = mxe[i] = row_max_plus<acc_t, V>(zi, cs.nt_neg, Np);
     for (int64_t t = 0; t < T; ++t) {
-      ze[i * T + t] = zi[p.tokens[t]] + S[i * T + t];
-      mx0[i] = std::max(mx0[i], zi[p.tokens[t]]);
+      ze[i * T + t] = zi[cs.tokens[t]] + S[i * T + t];
+      mx0[i] = std::max(mx0[i], zi[cs.tokens[t]]);
       mxe[i] = std::max(mxe[i], ze[i * T + t]);
     }
   }
@@ -298,12 +381,12 @@ STATTN_INLINE void fwd_rows_impl(const Problem<acc_t>& p, int64_t r, int64_t row
   for (int64_t i = 0; i < rows; ++i) {
     acc_t* zi = z + i * ldz;
     if (!shared(i)) {
-      fwd_row_offset_twopass<acc_t, V>(p, zi, tmp, al[i], S + i * T, lse_r + i, lse_0 + i);
+      fwd_row_offset_twopass<acc_t, V>(p, cs, zi, tmp, al[i], S + i * T, lse_r + i, lse_0 + i);
       sum0[i] = sum_e[i] = 1;  // (placeholders for the logs below)
       continue;
     }
     acc_t sum_nt;
-    exp_shift_sum2<acc_t, V>(zi, mx0[i], p.nt_one.data(), zi, Np, sum0[i], sum_nt);
+    exp_shift_sum2<acc_t, V>(zi, mx0[i], cs.nt_one, zi, Np, sum0[i], sum_nt);
     c[i] = exp_t(mx0[i] - mxe[i]);
     sum_e[i] = c[i] * sum_nt;
     for (int64_t t = 0; t < T; ++t) {
@@ -319,65 +402,68 @@ STATTN_INLINE void fwd_rows_impl(const Problem<acc_t>& p, int64_t r, int64_t row
     lse_r[i] = static_cast<float>(mxe[i] + loge[i]);
     if (p.has_pin) {
       lse_0[i] = static_cast<float>(mx0[i] + log0[i]);
-      for (size_t k = 0; k < p.pinned.size(); ++k) tmp[k] = zi[p.pinned[k]];
+      for (int64_t k = 0; k < cs.P; ++k) tmp[k] = zi[cs.pinned[k]];
     }
     const acc_t a = al[i];
     scale_row<acc_t, V>(zi, a * c[i] / sum_e[i], Np);
-    for (int64_t t = 0; t < T; ++t) zi[p.tokens[t]] = a * ze[i * T + t] / sum_e[i];
-    for (size_t k = 0; k < p.pinned.size(); ++k) zi[p.pinned[k]] = a * tmp[k] / sum0[i];
+    for (int64_t t = 0; t < T; ++t) zi[cs.tokens[t]] = a * ze[i * T + t] / sum_e[i];
+    for (int64_t k = 0; k < cs.P; ++k) zi[cs.pinned[k]] = a * tmp[k] / sum0[i];
   }
 }
 
 // fp32: 16 lanes on AVX-512 machines, else 8 (the x86-64-v3 clone or the baseline); fp64: plain loops
-STATTN_MULTIVERSION void fwd_rows_w8(const Problem<float>& p, int64_t r, int64_t rows, float* z, int64_t ldz,
-                                     float* work, const float* al, const float* S, float* lse_r, float* lse_0) {
-  fwd_rows_impl<float, f32x8>(p, r, rows, z, ldz, work, al, S, lse_r, lse_0);
+STATTN_MULTIVERSION void fwd_rows_w8(const Problem<float>& p, int64_t b, int64_t r, int64_t rows, float* z,
+                                     int64_t ldz, float* work, const float* al, const float* S, float* lse_r,
+                                     float* lse_0) {
+  fwd_rows_impl<float, f32x8>(p, b, r, rows, z, ldz, work, al, S, lse_r, lse_0);
 }
 #if STATTN_HAVE_V4
-STATTN_V4 void fwd_rows_w16(const Problem<float>& p, int64_t r, int64_t rows, float* z, int64_t ldz, float* work,
-                            const float* al, const float* S, float* lse_r, float* lse_0) {
-  fwd_rows_impl<float, f32x16>(p, r, rows, z, ldz, work, al, S, lse_r, lse_0);
+STATTN_V4 void fwd_rows_w16(const Problem<float>& p, int64_t b, int64_t r, int64_t rows, float* z, int64_t ldz,
+                            float* work, const float* al, const float* S, float* lse_r, float* lse_0) {
+  fwd_rows_impl<float, f32x16>(p, b, r, rows, z, ldz, work, al, S, lse_r, lse_0);
 }
 #endif
-void fwd_rows(const Problem<float>& p, int64_t r, int64_t rows, float* z, int64_t ldz, float* work,
+void fwd_rows(const Problem<float>& p, int64_t b, int64_t r, int64_t rows, float* z, int64_t ldz, float* work,
               const float* al, const float* S, float* lse_r, float* lse_0) {
 #if STATTN_HAVE_V4
-  if (has_v4()) return fwd_rows_w16(p, r, rows, z, ldz, work, al, S, lse_r, lse_0);
+  if (has_v4()) return fwd_rows_w16(p, b, r, rows, z, ldz, work, al, S, lse_r, lse_0);
 #endif
-  fwd_rows_w8(p, r, rows, z, ldz, work, al, S, lse_r, lse_0);
+  fwd_rows_w8(p, b, r, rows, z, ldz, work, al, S, lse_r, lse_0);
 }
-void fwd_rows(const Problem<double>& p, int64_t r, int64_t rows, double* z, int64_t ldz, double* work,
+void fwd_rows(const Problem<double>& p, int64_t b, int64_t r, int64_t rows, double* z, int64_t ldz, double* work,
               const double* al, const double* S, float* lse_r, float* lse_0) {
-  fwd_rows_impl<double, f32x8>(p, r, rows, z, ldz, work, al, S, lse_r, lse_0);
+  fwd_rows_impl<double, f32x8>(p, b, r, rows, z, ldz, work, al, S, lse_r, lse_0);
 }
 
-// Keys of head (b, h) for the backward's dq = dz K, all regions side by side with zero pad rows:
-// dst [R * Np, D]. Packed per task into thread-local scratch (whenever the head changes), not per
-// call into a new tensor: at small M a fresh B * H * R * Np * D tensor cost more in page faults
-// than the products.
+// Keys of head (b, h) for the backward's dq = dz K, all regions side by side with zero pad rows
+// (from each region's length on): dst [R * Np, D]. Packed per task into thread-local scratch
+// (whenever the head changes), not per call into a new tensor: at small M a fresh
+// B * H * R * Np * D tensor cost more in page faults than the products.
 template <typename acc_t>
 void pack_head(const Problem<acc_t>& p, const Tensor& x, int64_t b, int64_t h, acc_t* dst) {
-  const int64_t ND = p.N * p.D;
   for (int64_t r = 0; r < p.R; ++r) {
     const acc_t* src = p.head(x, b, r, h);
     acc_t* out = dst + r * p.Np * p.D;
+    const int64_t ND = p.len[r] * p.D;
     std::copy(src, src + ND, out);
     std::fill(out + ND, out + p.Np * p.D, acc_t(0));
   }
 }
 
-// The pad columns of every region's logits (z [rows, R * Np]) to -inf: probability exactly 0.
+// The pad columns of every region's logits (z [rows, R * Np]), from its length on, to -inf:
+// probability exactly 0.
 template <typename acc_t>
 void set_pad_logits(const Problem<acc_t>& p, int64_t rows, acc_t* z) {
-  if (p.Np == p.N) return;
+  if (p.Np == p.N && !p.has_len) return;
   for (int64_t i = 0; i < rows; ++i)
     for (int64_t r = 0; r < p.R; ++r)
-      std::fill(z + i * p.R * p.Np + r * p.Np + p.N, z + i * p.R * p.Np + (r + 1) * p.Np,
+      std::fill(z + i * p.R * p.Np + r * p.Np + p.len[r], z + i * p.R * p.Np + (r + 1) * p.Np,
                 -std::numeric_limits<acc_t>::infinity());
 }
 
-// A block's logits z [rows, R * Np] (their real columns) to / from saved logits [rows, R * N]: the
-// forward keeps them for the backward when asked (save_logits), which then skips its first product.
+// A block's logits z [rows, R * Np] (their first N columns; -inf from a region's length on) to /
+// from saved logits [rows, R * N]: the forward keeps them for the backward when asked (save_logits),
+// which then skips its first product.
 template <typename acc_t>
 void save_logits_block(const Problem<acc_t>& p, const acc_t* z, int64_t rows, acc_t* dst) {
   for (int64_t i = 0; i < rows; ++i)
@@ -392,7 +478,8 @@ void load_logits_block(const Problem<acc_t>& p, const acc_t* src, int64_t rows, 
   set_pad_logits(p, rows, z);
 }
 
-// Keys (or values) of head (b, h) transposed: dst [D, R * Np] (zero pad columns). The logits
+// Keys (or values) of head (b, h) transposed: dst [D, R * Np] (zero pad columns, from each region's
+// length on: keys and values beyond it are never read, whatever they hold). The logits
 // product (and the backward's dO . V^T) then has no transposed operand, which MKL serves without
 // packing it again for every block (measured 5-15 % faster at D = 160); dq = dz K needs the
 // untransposed keys of pack_head.
@@ -400,17 +487,19 @@ template <typename acc_t>
 STATTN_INLINE void pack_head_t_impl(const Problem<acc_t>& p, const Tensor& x, int64_t b, int64_t h, acc_t* dst) {
   const int64_t RN = p.R * p.Np;
   for (int64_t d = 0; d < p.D; ++d)  // the pad columns
-    for (int64_t r = 0; r < p.R; ++r) std::fill(dst + d * RN + r * p.Np + p.N, dst + d * RN + (r + 1) * p.Np, acc_t(0));
+    for (int64_t r = 0; r < p.R; ++r)
+      std::fill(dst + d * RN + r * p.Np + p.len[r], dst + d * RN + (r + 1) * p.Np, acc_t(0));
   for (int64_t r = 0; r < p.R; ++r) {
     const acc_t* src = p.head(x, b, r, h);
     acc_t* out = dst + r * p.Np;
+    const int64_t len = p.len[r];
     int64_t n0 = 0, d0 = 0;
     if constexpr (std::is_same_v<acc_t, float>) {  // 8 x 8 tiles in registers
-      for (; n0 + 8 <= p.N; n0 += 8)
+      for (; n0 + 8 <= len; n0 += 8)
         for (d0 = 0; d0 + 8 <= p.D; d0 += 8) transpose8x8(src + n0 * p.D + d0, p.D, out + d0 * RN + n0, RN);
       d0 = p.D - p.D % 8;
     }
-    for (int64_t n = 0; n < p.N; ++n)  // what the tiles left: the last N % 8 keys, the last D % 8 dims
+    for (int64_t n = 0; n < len; ++n)  // what the tiles left: the last len % 8 keys, the last D % 8 dims
       for (int64_t d = n < n0 ? d0 : 0; d < p.D; ++d) out[d * RN + n] = src[n * p.D + d];
   }
 }
@@ -453,12 +542,12 @@ void forward_kernel(const Problem<acc_t>& p, const Tensor& q, Tensor& o, Tensor&
         block_alpha(p, b, r, m0, rows, al.data());
         float* lse_r = lse_p + ((b * L + r) * p.H + h) * p.M + m0;
         float* lse_0 = lse_p + ((b * L + p.R) * p.H + h) * p.M + m0;
-        fwd_rows(p, r, rows, z.data() + r * Np, RN, work.data(), al.data(), S.data(), lse_r, lse_0);
+        fwd_rows(p, b, r, rows, z.data() + r * Np, RN, work.data(), al.data(), S.data(), lse_r, lse_0);
       }
       in_t* dst = o_p + ((b * p.H + h) * p.M + m0) * D;
       acc_t* out = in_place ? reinterpret_cast<acc_t*>(dst) : ob.data();
-      for (int64_t r = 0; r < p.R; ++r)
-        gemm(false, false, D, rows, p.N, acc_t(1), p.head(p.v, b, r, h), D, z.data() + r * Np, RN,
+      for (int64_t r = 0; r < p.R; ++r)  // (over the region's own keys: values beyond are never read)
+        gemm(false, false, D, rows, p.len[r], acc_t(1), p.head(p.v, b, r, h), D, z.data() + r * Np, RN,
              acc_t(r == 0 ? 0 : 1), out, D);
       if constexpr (!in_place)
         for (int64_t i = 0; i < rows * D; ++i) dst[i] = static_cast<in_t>(ob[i]);
@@ -466,8 +555,9 @@ void forward_kernel(const Problem<acc_t>& p, const Tensor& q, Tensor& o, Tensor&
   });
 }
 
-// (o, lse, logits): logits [B, H, M, R * N] (scale q k_r^T, region r at columns r * N, float32;
-// float64 for float64 inputs) when save_logits, else empty.
+// (o, lse, logits): logits [B, H, M, R * N] (scale q k_r^T, region r at columns r * N, -inf from
+// lengths[r] on; float32, float64 for float64 inputs) when save_logits, else empty. tokens [T] or
+// [B, T], pin [N] or [B, N] (per batch row), lengths [R] or none (every region uses its N keys).
 std::tuple<Tensor, Tensor, Tensor> region_attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
                                                         const Tensor& weights, const Tensor& masks, bool affine,
                                                         const c10::optional<Tensor>& theta,
@@ -475,7 +565,8 @@ std::tuple<Tensor, Tensor, Tensor> region_attention_fwd(const Tensor& q, const T
                                                         const c10::optional<Tensor>& gy,
                                                         const c10::optional<Tensor>& gx,
                                                         const c10::optional<Tensor>& pin, double scale,
-                                                        bool save_logits) {
+                                                        bool save_logits,
+                                                        const c10::optional<Tensor>& lengths) {
   TORCH_CHECK(q.device().is_cpu(), "stattn native: CPU tensors only");
   Tensor o = output(q.sizes(), q.options());
   Tensor lse, logits;
@@ -483,7 +574,7 @@ std::tuple<Tensor, Tensor, Tensor> region_attention_fwd(const Tensor& q, const T
     using in_t = scalar_t;
     using acc_t = std::conditional_t<std::is_same_v<in_t, double>, double, float>;
     const auto acc = c10::CppTypeToScalarType<acc_t>::value;
-    auto p = make_problem<acc_t>(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale);
+    auto p = make_problem<acc_t>(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, lengths);
     lse = output({p.B, p.R + p.has_pin, p.H, p.M}, q.options().dtype(at::kFloat));
     logits = save_logits ? output({p.B, p.H, p.M, p.R * p.N}, q.options().dtype(acc))
                          : at::empty({0}, q.options().dtype(acc));
@@ -504,45 +595,47 @@ struct Needs {
 // not take (fp64's recomputed log-sum-exps, > kMaxT targets or pins, a pinned target, log-sum-exps
 // more than kMaxShift apart). In: zi = logits, dpi = dO . V^T; out as bwd_rows.
 template <typename acc_t, typename V>
-STATTN_INLINE void bwd_row_general(const Problem<acc_t>& p, bool off, bool pinr, bool need_v, bool need_th,
-                                   bool recompute_lse, acc_t* zi, acc_t* dpi, acc_t* pe, acc_t* p0, acc_t a,
-                                   const acc_t* Si, acc_t* dSi, float lse_r, float lse_0, acc_t* dfull) {
+STATTN_INLINE void bwd_row_general(const Problem<acc_t>& p, const Cols<acc_t>& cs, bool off, bool pinr,
+                                   bool need_v, bool need_th, bool recompute_lse, acc_t* zi, acc_t* dpi, acc_t* pe,
+                                   acc_t* p0, acc_t a, const acc_t* Si, acc_t* dSi, float lse_r, float lse_0,
+                                   acc_t* dfull) {
   const int64_t Np = p.Np, T = p.T;
   std::copy(zi, zi + Np, pe);
   if (off)
-    for (int64_t t = 0; t < T; ++t) pe[p.tokens[t]] += Si[t];
+    for (int64_t t = 0; t < T; ++t) pe[cs.tokens[t]] += Si[t];
   const acc_t lse_e = recompute_lse ? row_lse<acc_t, V>(pe, Np) : static_cast<acc_t>(lse_r);
   exp_shift_sum<acc_t, V>(pe, lse_e, pe, Np);
   acc_t D0 = 0;
   if (pinr) {
     const acc_t l0 = recompute_lse ? row_lse<acc_t, V>(zi, Np) : static_cast<acc_t>(lse_0);
     exp_shift_sum<acc_t, V>(zi, l0, p0, Np);
-    for (int64_t n : p.pinned) D0 += p0[n] * dpi[n];
+    for (int64_t k = 0; k < cs.P; ++k) D0 += p0[cs.pinned[k]] * dpi[cs.pinned[k]];
   }
   // De = <pe, dpv> over the non-pinned columns
   acc_t De = row_dot<acc_t, V>(pe, dpi, Np);
   if (pinr)
-    for (int64_t n : p.pinned) De -= pe[n] * dpi[n];
+    for (int64_t k = 0; k < cs.P; ++k) De -= pe[cs.pinned[k]] * dpi[cs.pinned[k]];
   *dfull = De + D0;
   // dze = a pe (dpv [not pinned] - De) -> z; dtheta reads it at the target columns
   softmax_bwd_row<acc_t, V>(pe, dpi, a, De, zi, Np);
   if (pinr)
-    for (int64_t n : p.pinned) zi[n] = -a * pe[n] * De;
+    for (int64_t k = 0; k < cs.P; ++k) zi[cs.pinned[k]] = -a * pe[cs.pinned[k]] * De;
   if (need_th)
-    for (int64_t t = 0; t < T; ++t) dSi[t] = zi[p.tokens[t]];
+    for (int64_t t = 0; t < T; ++t) dSi[t] = zi[cs.tokens[t]];
   if (pinr) {  // + a p0 (dpv [pinned] - D0): pinned columns go through the un-offset softmax
     axpy_row<acc_t, V>(zi, -a * D0, p0, Np);
-    for (int64_t n : p.pinned) zi[n] += a * p0[n] * dpi[n];
+    for (int64_t k = 0; k < cs.P; ++k) zi[cs.pinned[k]] += a * p0[cs.pinned[k]] * dpi[cs.pinned[k]];
   }
   if (need_v) {  // dv uses alpha * p_used: overwrite dpv (no longer needed for this row)
     for (int64_t n = 0; n < Np; ++n) dpi[n] = a * pe[n];
     if (pinr)
-      for (int64_t n : p.pinned) dpi[n] = a * p0[n];
+      for (int64_t k = 0; k < cs.P; ++k) dpi[cs.pinned[k]] = a * p0[cs.pinned[k]];
   }
 }
 
-// Softmax backward of one region for a block of rows, on the padded layout of the forward (rows of
-// stride ld, this region's Np columns; pad logits -inf, so pad probabilities and gradients are 0).
+// Softmax backward of one region for a block of rows of batch row b, on the padded layout of the
+// forward (rows of stride ld, this region's Np columns; pad logits, and those from the region's
+// length on, -inf, so their probabilities and gradients are 0).
 // In: z = logits, dpv = dO . V^T. Out: z = dz (pinned columns through the un-offset softmax), dS =
 // dz_edited at the target columns, dpv = alpha * p_used (for dv), dfull = <dO, O_r>.
 // Two passes per row, as the forward: pe = exp(z - lse) in place with <pe, dpv>, then dz and dv.
@@ -550,15 +643,16 @@ STATTN_INLINE void bwd_row_general(const Problem<acc_t>& p, bool off, bool pinr,
 // fixed up, and the un-offset probabilities the pins need are p0 = pe * exp(lse_e - lse_0) off the
 // targets (the forward's shared-exp argument: no second exp pass).
 template <typename acc_t, typename V>
-STATTN_INLINE void bwd_rows_impl(const Problem<acc_t>& p, int64_t r, int64_t rows, bool need_v, bool need_th,
-                                 bool recompute_lse, acc_t* z, acc_t* dpv, int64_t ld, acc_t* pe, acc_t* p0,
-                                 const acc_t* al, const acc_t* S, acc_t* dS, const float* lse_r,
+STATTN_INLINE void bwd_rows_impl(const Problem<acc_t>& p, int64_t b, int64_t r, int64_t rows, bool need_v,
+                                 bool need_th, bool recompute_lse, acc_t* z, acc_t* dpv, int64_t ld, acc_t* pe,
+                                 acc_t* p0, const acc_t* al, const acc_t* S, acc_t* dS, const float* lse_r,
                                  const float* lse_0, acc_t* dfull_r) {
-  const int64_t Np = p.Np, T = p.T, P = static_cast<int64_t>(p.pinned.size());
+  const Cols<acc_t> cs = p.cols(b);
+  const int64_t Np = p.Np, T = p.T, P = cs.P;
   constexpr int64_t kMax = 16;       // targets and pins held in registers on the shared-exp path
   constexpr acc_t kMaxShift = 60;    // as the forward's
   const bool off = p.offset_on(r), pinr = p.pin_on(r);
-  const bool general = recompute_lse || (off && (T > kMax || P > kMax || p.pin_is_target));
+  const bool general = recompute_lse || (off && (T > kMax || P > kMax || cs.pin_is_target));
   for (int64_t i = 0; i < rows; ++i) {
     acc_t* zi = z + i * ld;
     acc_t* dpi = dpv + i * ld;
@@ -566,8 +660,8 @@ STATTN_INLINE void bwd_rows_impl(const Problem<acc_t>& p, int64_t r, int64_t row
     const acc_t le = static_cast<acc_t>(lse_r[i]);
     const acc_t l0 = pinr ? static_cast<acc_t>(lse_0[i]) : le;
     if (general || (off && pinr && !(std::abs(le - l0) <= kMaxShift))) {
-      bwd_row_general<acc_t, V>(p, off, pinr, need_v, need_th, recompute_lse, zi, dpi, pe, p0, a, S + i * T, dS + i * T,
-                      lse_r[i], pinr ? lse_0[i] : 0.0f, dfull_r + i);
+      bwd_row_general<acc_t, V>(p, cs, off, pinr, need_v, need_th, recompute_lse, zi, dpi, pe, p0, a, S + i * T,
+                                dS + i * T, lse_r[i], pinr ? lse_0[i] : 0.0f, dfull_r + i);
       continue;
     }
     if (!off) {  // plain softmax (pins without an offset see the same probabilities)
@@ -578,20 +672,20 @@ STATTN_INLINE void bwd_rows_impl(const Problem<acc_t>& p, int64_t r, int64_t row
     }
     acc_t pt[kMax], gt[kMax], p0t[kMax], pp[kMax], gp[kMax], p0p[kMax];  // at the targets / the pins
     for (int64_t t = 0; t < T; ++t) {
-      const int64_t n = p.tokens[t];
+      const int64_t n = cs.tokens[t];
       pt[t] = exp_t(zi[n] + S[i * T + t] - le);
       p0t[t] = exp_t(zi[n] - l0);
       gt[t] = dpi[n];
     }
     for (int64_t k = 0; k < P; ++k) {
-      const int64_t n = p.pinned[k];
+      const int64_t n = cs.pinned[k];
       p0p[k] = exp_t(zi[n] - l0);
       gp[k] = dpi[n];
     }
-    acc_t De = exp_shift_dot<acc_t, V>(zi, le, p.nt_one.data(), dpi, zi, Np), D0 = 0;  // over the non-targets
+    acc_t De = exp_shift_dot<acc_t, V>(zi, le, cs.nt_one, dpi, zi, Np), D0 = 0;  // over the non-targets
     for (int64_t t = 0; t < T; ++t) De += pt[t] * gt[t];
     for (int64_t k = 0; k < P; ++k) {
-      pp[k] = zi[p.pinned[k]];
+      pp[k] = zi[cs.pinned[k]];
       De -= pp[k] * gp[k];
       D0 += p0p[k] * gp[k];
     }
@@ -599,50 +693,50 @@ STATTN_INLINE void bwd_rows_impl(const Problem<acc_t>& p, int64_t r, int64_t row
     // off the targets and pins: a pe (dpv - De) - a D0 p0 = a pe (dpv - De - D0 exp(le - l0))
     softmax_bwd_inplace<acc_t, V>(zi, dpi, a, De + (pinr ? D0 * exp_t(le - l0) : acc_t(0)), need_v, Np);
     for (int64_t t = 0; t < T; ++t) {
-      const int64_t n = p.tokens[t];
+      const int64_t n = cs.tokens[t];
       const acc_t dze = a * pt[t] * (gt[t] - De);
       if (need_th) dS[i * T + t] = dze;
       zi[n] = dze - a * D0 * p0t[t];
       if (need_v) dpi[n] = a * pt[t];
     }
     for (int64_t k = 0; k < P; ++k) {
-      const int64_t n = p.pinned[k];
+      const int64_t n = cs.pinned[k];
       zi[n] = -a * pp[k] * De + a * p0p[k] * (gp[k] - D0);
       if (need_v) dpi[n] = a * p0p[k];
     }
   }
 }
 
-STATTN_MULTIVERSION void bwd_rows_w8(const Problem<float>& p, int64_t r, int64_t rows, bool need_v, bool need_th,
-                                     bool recompute_lse, float* z, float* dpv, int64_t ld, float* pe, float* p0,
-                                     const float* al, const float* S, float* dS, const float* lse_r,
+STATTN_MULTIVERSION void bwd_rows_w8(const Problem<float>& p, int64_t b, int64_t r, int64_t rows, bool need_v,
+                                     bool need_th, bool recompute_lse, float* z, float* dpv, int64_t ld, float* pe,
+                                     float* p0, const float* al, const float* S, float* dS, const float* lse_r,
                                      const float* lse_0, float* dfull_r) {
-  bwd_rows_impl<float, f32x8>(p, r, rows, need_v, need_th, recompute_lse, z, dpv, ld, pe, p0, al, S, dS, lse_r,
+  bwd_rows_impl<float, f32x8>(p, b, r, rows, need_v, need_th, recompute_lse, z, dpv, ld, pe, p0, al, S, dS, lse_r,
                               lse_0, dfull_r);
 }
 #if STATTN_HAVE_V4
-STATTN_V4 void bwd_rows_w16(const Problem<float>& p, int64_t r, int64_t rows, bool need_v, bool need_th,
+STATTN_V4 void bwd_rows_w16(const Problem<float>& p, int64_t b, int64_t r, int64_t rows, bool need_v, bool need_th,
                             bool recompute_lse, float* z, float* dpv, int64_t ld, float* pe, float* p0,
                             const float* al, const float* S, float* dS, const float* lse_r, const float* lse_0,
                             float* dfull_r) {
-  bwd_rows_impl<float, f32x16>(p, r, rows, need_v, need_th, recompute_lse, z, dpv, ld, pe, p0, al, S, dS, lse_r,
+  bwd_rows_impl<float, f32x16>(p, b, r, rows, need_v, need_th, recompute_lse, z, dpv, ld, pe, p0, al, S, dS, lse_r,
                                lse_0, dfull_r);
 }
 #endif
-void bwd_rows(const Problem<float>& p, int64_t r, int64_t rows, bool need_v, bool need_th, bool recompute_lse,
-              float* z, float* dpv, int64_t ld, float* pe, float* p0, const float* al, const float* S, float* dS,
-              const float* lse_r, const float* lse_0, float* dfull_r) {
+void bwd_rows(const Problem<float>& p, int64_t b, int64_t r, int64_t rows, bool need_v, bool need_th,
+              bool recompute_lse, float* z, float* dpv, int64_t ld, float* pe, float* p0, const float* al,
+              const float* S, float* dS, const float* lse_r, const float* lse_0, float* dfull_r) {
 #if STATTN_HAVE_V4
   if (has_v4())
-    return bwd_rows_w16(p, r, rows, need_v, need_th, recompute_lse, z, dpv, ld, pe, p0, al, S, dS, lse_r, lse_0,
+    return bwd_rows_w16(p, b, r, rows, need_v, need_th, recompute_lse, z, dpv, ld, pe, p0, al, S, dS, lse_r, lse_0,
                         dfull_r);
 #endif
-  bwd_rows_w8(p, r, rows, need_v, need_th, recompute_lse, z, dpv, ld, pe, p0, al, S, dS, lse_r, lse_0, dfull_r);
+  bwd_rows_w8(p, b, r, rows, need_v, need_th, recompute_lse, z, dpv, ld, pe, p0, al, S, dS, lse_r, lse_0, dfull_r);
 }
-void bwd_rows(const Problem<double>& p, int64_t r, int64_t rows, bool need_v, bool need_th, bool recompute_lse,
-              double* z, double* dpv, int64_t ld, double* pe, double* p0, const double* al, const double* S,
-              double* dS, const float* lse_r, const float* lse_0, double* dfull_r) {
-  bwd_rows_impl<double, f32x8>(p, r, rows, need_v, need_th, recompute_lse, z, dpv, ld, pe, p0, al, S, dS, lse_r,
+void bwd_rows(const Problem<double>& p, int64_t b, int64_t r, int64_t rows, bool need_v, bool need_th,
+              bool recompute_lse, double* z, double* dpv, int64_t ld, double* pe, double* p0, const double* al,
+              const double* S, double* dS, const float* lse_r, const float* lse_0, double* dfull_r) {
+  bwd_rows_impl<double, f32x8>(p, b, r, rows, need_v, need_th, recompute_lse, z, dpv, ld, pe, p0, al, S, dS, lse_r,
                                lse_0, dfull_r);
 }
 
@@ -696,7 +790,7 @@ void backward_kernel(const Problem<acc_t>& p, const Needs& need, const Tensor& q
           const float* lse_r = lse_p + ((b * L + r) * p.H + h) * p.M + m0;
           const float* lse_0 = lse_p + ((b * L + p.R) * p.H + h) * p.M + m0;
           acc_t* dfull_r = dfull + ((b * p.H + h) * p.R + r) * p.M + m0;
-          bwd_rows(p, r, rows, need.v, need_th, recompute_lse, z.data() + r * Np, dpv.data() + r * Np, RN, pe.data(),
+          bwd_rows(p, b, r, rows, need.v, need_th, recompute_lse, z.data() + r * Np, dpv.data() + r * Np, RN, pe.data(),
                    p0.data(), al.data(), S.data(), dS.data(), lse_r, lse_0, dfull_r);
           if (need_th && p.offset_on(r)) {  // C[t, y] += dS[m, t] gx[x]: the x-half of dtheta, per image row y
             for (int64_t i = 0, y = m0 / p.W, x = m0 % p.W; i < rows; ++i) {
@@ -745,7 +839,8 @@ std::vector<Tensor> region_attention_bwd(const Tensor& grad_out, const Tensor& q
                                          const c10::optional<Tensor>& theta, const c10::optional<Tensor>& tokens,
                                          const c10::optional<Tensor>& gy, const c10::optional<Tensor>& gx,
                                          const c10::optional<Tensor>& pin, double scale, const Tensor& lse,
-                                         const c10::List<bool>& needs, const c10::optional<Tensor>& logits) {
+                                         const c10::List<bool>& needs, const c10::optional<Tensor>& logits,
+                                         const c10::optional<Tensor>& lengths) {
   TORCH_CHECK(q.device().is_cpu(), "stattn native: CPU tensors only");
   TORCH_CHECK(needs.size() == 6, "stattn native: needs must hold 6 flags");
   TORCH_CHECK(grad_out.sizes() == q.sizes(), "stattn native: grad_out must have q's shape");
@@ -756,7 +851,7 @@ std::vector<Tensor> region_attention_bwd(const Tensor& grad_out, const Tensor& q
     using in_t = scalar_t;
     using acc_t = std::conditional_t<std::is_same_v<in_t, double>, double, float>;
     const auto acc = c10::CppTypeToScalarType<acc_t>::value;
-    auto p = make_problem<acc_t>(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale);
+    auto p = make_problem<acc_t>(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, lengths);
     TORCH_CHECK(lse.sizes() == at::IntArrayRef({p.B, p.R + p.has_pin, p.H, p.M}) && lse.scalar_type() == at::kFloat,
                 "stattn native: lse must be float32 [B, R + has_pin, H, M]");
     const int64_t nchunk = (p.M + kChunkM - 1) / kChunkM, tasks = p.B * p.H * nchunk;
@@ -872,11 +967,11 @@ std::vector<Tensor> region_attention_bwd(const Tensor& grad_out, const Tensor& q
 
 TORCH_LIBRARY(stattn_native, m) {
   m.def("region_attention(Tensor q, Tensor k, Tensor v, Tensor weights, Tensor masks, bool affine, "
-        "Tensor? theta, Tensor? tokens, Tensor? gy, Tensor? gx, Tensor? pin, float scale, bool save_logits=False) "
-        "-> (Tensor, Tensor, Tensor)");
+        "Tensor? theta, Tensor? tokens, Tensor? gy, Tensor? gx, Tensor? pin, float scale, bool save_logits=False, "
+        "Tensor? lengths=None) -> (Tensor, Tensor, Tensor)");
   m.def("region_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor weights, "
         "Tensor masks, bool affine, Tensor? theta, Tensor? tokens, Tensor? gy, Tensor? gx, Tensor? pin, "
-        "float scale, Tensor lse, bool[] needs, Tensor? logits=None) -> Tensor[]");
+        "float scale, Tensor lse, bool[] needs, Tensor? logits=None, Tensor? lengths=None) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(stattn_native, CPU, m) {
