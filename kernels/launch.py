@@ -1,7 +1,9 @@
 """Host-side launchers of the Triton kernels: block sizes, output allocation, grids.
 
 Arguments are already validated and normalised by stattn.ops: weights [B, R] and masks [B, R, M]
-float32 (any strides), theta/tokens/gy/gx/pin present only with an offset, k/v [B, R, H, N, D].
+float32 (any strides), theta/tokens/gy/gx/pin present only with an offset, k/v [B, R, H, N, D];
+tokens int32 [T] or [B, T] and pin int32 [N] or [B, N] (shared by the batch rows, or per row);
+lengths None or int32 [R] (region r's valid keys).
 """
 import torch
 import triton
@@ -58,8 +60,14 @@ def block_config(M: int, N: int, D: int, Ky: int = 0, Kx: int = 0, plain: bool =
                 num_warps=8, num_stages=1)
 
 
-def _common(q, k, v, weights, masks, theta, gy, gx, has_pin):
+def _row_stride(t) -> int:
+    """Batch-row stride of per-row tokens / pin flags ([B, X]); 0 for the shared form ([X] or None)."""
+    return t.stride(0) if t is not None and t.dim() == 2 else 0
+
+
+def _common(q, k, v, weights, masks, theta, tokens, gy, gx, pin):
     """Block config, the strides shared by all kernels, and the problem sizes (k, v contiguous)."""
+    has_pin = pin is not None
     B, H, M, D = q.shape
     R, N = k.shape[1], k.shape[3]
     T = theta.shape[2] if theta is not None else 0
@@ -69,16 +77,23 @@ def _common(q, k, v, weights, masks, theta, gy, gx, has_pin):
     th_strides = theta.stride() if T else (0,) * 5
     cfg = block_config(M, N, D, Ky, Kx, plain=T == 0 and not has_pin)
     strides = (*k.stride(), *v.stride(), *weights.stride(), *masks.stride(), *th_strides,
-               gy.stride(0) if T else 0, gx.stride(0) if T else 0)
+               gy.stride(0) if T else 0, gx.stride(0) if T else 0,
+               _row_stride(tokens) if T else 0, _row_stride(pin))
     dims = (B, H, R, M, N, D, T, W, Ky, Kx)
     return cfg, strides, dims
 
 
-def forward(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale):
+def _indices(tokens, pin, lengths):
+    """The index tensors with unit stride along their last dim (what the kernels assume)."""
+    return tuple(None if t is None else t.contiguous() for t in (tokens, pin, lengths))
+
+
+def forward(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, lengths=None):
     """Returns (o [B, H, M, D] in q's dtype, lse [B, R + has_pin, H, M] float32); the extra slot
     holds region 0's un-offset log-sum-exp used by its pinned columns."""
     k, v = k.contiguous(), v.contiguous()
-    cfg, strides, (B, H, R, M, N, D, T, W, Ky, Kx) = _common(q, k, v, weights, masks, theta, gy, gx, pin is not None)
+    tokens, pin, lengths = _indices(tokens, pin, lengths)
+    cfg, strides, (B, H, R, M, N, D, T, W, Ky, Kx) = _common(q, k, v, weights, masks, theta, tokens, gy, gx, pin)
     has_pin = pin is not None
     o = _empty_like(q)
     lse = _empty(B, R + has_pin, H, M, device=q.device, dtype=torch.float32)
@@ -89,21 +104,23 @@ def forward(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale):
     _launch(_fwd_kernel, grid, (
         q, k, v, o, lse, weights, masks,
         tokens if T else dummy, theta if T else dummy, gy if T else dummy, gx if T else dummy,
-        pin if has_pin else dummy,
+        pin if has_pin else dummy, lengths if lengths is not None else dummy,
         *q.stride(), *k_s, *v_s, *o.stride(), *lse.stride(), *rest,
         H, R, M, N, D, T, W, Ky, Kx, float(scale)),
-        dict(AFFINE=bool(affine), HAS_OFFSET=T > 0, HAS_PIN=has_pin, **cfg))
+        dict(AFFINE=bool(affine), HAS_OFFSET=T > 0, HAS_PIN=has_pin, HAS_LENGTHS=lengths is not None, **cfg))
     return o, lse
 
 
 def backward(do, q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, lse,
-             need_dq, need_dkv, need_dalpha, need_dtheta):
+             need_dq, need_dkv, need_dalpha, need_dtheta, lengths=None):
     """Returns (dq | None, dk | None, dv | None, D [B, R + has_pin, H, M] | None, dtheta | None).
 
     D[:, r] = <dO, O_r> per head and pixel (region 0: its non-pinned part, slot R its pinned
-    part); dalpha follows from it on the host side without another kernel over Q."""
+    part); dalpha follows from it on the host side without another kernel over Q. dk / dv are
+    exact zeros on the keys past each region's length."""
     k, v = k.contiguous(), v.contiguous()
-    cfg, strides, (B, H, R, M, N, D, T, W, Ky, Kx) = _common(q, k, v, weights, masks, theta, gy, gx, pin is not None)
+    tokens, pin, lengths = _indices(tokens, pin, lengths)
+    cfg, strides, (B, H, R, M, N, D, T, W, Ky, Kx) = _common(q, k, v, weights, masks, theta, tokens, gy, gx, pin)
     has_pin = pin is not None
     need_dtheta = need_dtheta and T > 0
     store_d = need_dalpha or need_dkv
@@ -116,14 +133,15 @@ def backward(do, q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, sc
     k_s, v_s = strides[:5], strides[5:10]
     rest = strides[10:]
     ptrs = (tokens if T else dummy, theta if T else dummy, gy if T else dummy, gx if T else dummy,
-            pin if has_pin else dummy)
+            pin if has_pin else dummy, lengths if lengths is not None else dummy)
+    has_len = lengths is not None
     common = (*q.stride(), *k_s, *v_s, *do.stride(), *lse.stride(), *rest)
     if need_dq or store_d or need_dtheta:
         _launch(_bwd_dq_kernel, grid, (
             q, k, v, do, dq if need_dq else dummy, lse, dbuf if store_d else dummy, weights, masks,
             *ptrs, dth_part if need_dtheta else dummy, *common, *(dq.stride() if need_dq else (0,) * 4),
             H, R, M, N, D, T, W, Ky, Kx, float(scale)),
-            dict(AFFINE=bool(affine), HAS_OFFSET=T > 0, HAS_PIN=has_pin,
+            dict(AFFINE=bool(affine), HAS_OFFSET=T > 0, HAS_PIN=has_pin, HAS_LENGTHS=has_len,
                  NEED_DQ=need_dq, STORE_D=store_d, NEED_DTHETA=need_dtheta, **cfg))
     dk = dv = None
     if need_dkv:
@@ -137,6 +155,6 @@ def backward(do, q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, sc
             _launch(_bwd_dkdv_kernel, (n_blocks, B * n_r * H), (
                 q, k, v, do, dk, dv, lse, dbuf, weights, masks, *ptrs, *common,
                 H, R, r_first, n_r, M, N, D, T, W, Ky, Kx, float(scale)),
-                dict(AFFINE=bool(affine), HAS_OFFSET=offset, HAS_PIN=pinned, **cfg))
+                dict(AFFINE=bool(affine), HAS_OFFSET=offset, HAS_PIN=pinned, HAS_LENGTHS=has_len, **cfg))
     dtheta = dth_part.sum(2) if need_dtheta else None
     return dq, dk, dv, dbuf, dtheta

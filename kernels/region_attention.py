@@ -10,6 +10,10 @@ Backward: `_bwd_dq_kernel` recomputes the probabilities from the saved log-sum-e
 produces dQ, the per-(head, pixel) inner products D_r = <dO, O_r> (from which dalpha follows)
 and per-pixel-block partials of dTheta (summed deterministically afterwards);
 `_bwd_dkdv_kernel` (only when dK/dV are wanted) walks all pixels for a block of keys.
+
+Per-row targets and pins: TOK / PIN advance by s_tokb / s_pinb per batch row (0 when shared).
+Key lengths (HAS_LENGTHS): region r's columns >= LEN[r] are masked like those >= N (never loaded,
+-inf logits, zero dK/dV) and its key loop stops at LEN[r].
 Semantics: stattn/reference.py.
 """
 import triton
@@ -58,6 +62,15 @@ def _logits(q, K, s_kn, s_kd, cols, c_mask, offs_d, d_mask, scale,
 
 
 @triton.jit
+def _keys_of(LEN, r, N, HAS_LENGTHS: tl.constexpr):
+    """Region r's number of valid keys: LEN[r] with key lengths, else all N."""
+    n = N
+    if HAS_LENGTHS:
+        n = tl.load(LEN + r)
+    return n
+
+
+@triton.jit
 def _alpha(Wt, Mk, b, r, s_wb, s_wr, s_mb, s_mr, s_mm, offs_m, m_mask):
     w = tl.load(Wt + b * s_wb + r * s_wr)
     return w * tl.load(Mk + b * s_mb + r * s_mr + offs_m * s_mm, mask=m_mask, other=0.0)
@@ -85,7 +98,8 @@ def _region_fwd(q, K, V, s_kn, s_kd, s_vn, s_vd, N, scale, offs_d, d_mask,
                 HAS_OFFSET: tl.constexpr, HAS_PIN: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 KYP: tl.constexpr, KXP: tl.constexpr):
-    """One region's attention output [BM, BD] (fp32) and log-sum-exps (edited, un-offset)."""
+    """One region's attention output [BM, BD] (fp32) and log-sum-exps (edited, un-offset) over
+    its first N keys (the region's own count); PIN and TOK already point at the batch row."""
     m_e = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_e = tl.zeros([BLOCK_M], tl.float32)
     acc_e = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -126,17 +140,17 @@ def _region_fwd(q, K, V, s_kn, s_kd, s_vn, s_vd, N, scale, offs_d, d_mask,
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, Wt, Mk, TOK, TH, GY, GX, PIN,
+def _fwd_kernel(Q, K, V, O, LSE, Wt, Mk, TOK, TH, GY, GX, PIN, LEN,
                 s_qb, s_qh, s_qm, s_qd,
                 s_kb, s_kr, s_kh, s_kn, s_kd,
                 s_vb, s_vr, s_vh, s_vn, s_vd,
                 s_ob, s_oh, s_om, s_od,
                 s_lb, s_lr, s_lh, s_lm,
                 s_wb, s_wr, s_mb, s_mr, s_mm,
-                s_tb, s_th, s_tt, s_ti, s_tj, s_gy, s_gx,
+                s_tb, s_th, s_tt, s_ti, s_tj, s_gy, s_gx, s_tokb, s_pinb,
                 H, R, M, N, D, T, W, KY, KX, scale,
                 AFFINE: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_PIN: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                HAS_LENGTHS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 KYP: tl.constexpr, KXP: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -153,21 +167,24 @@ def _fwd_kernel(Q, K, V, O, LSE, Wt, Mk, TOK, TH, GY, GX, PIN,
     if HAS_OFFSET:
         gyr, gxr = _basis_rows(offs_m, m_mask, W, GY, s_gy, GX, s_gx, KY, KX, KYP, KXP)
     TH_bh = TH + b * s_tb + h * s_th
+    TOK_b = TOK + b * s_tokb
+    PIN_b = PIN + b * s_pinb
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     lse_ptr = LSE + b * s_lb + h * s_lh + offs_m * s_lm
     for r in range(0, R):
         Kr = K + b * s_kb + r * s_kr + h * s_kh
         Vr = V + b * s_vb + r * s_vr + h * s_vh
+        n_r = _keys_of(LEN, r, N, HAS_LENGTHS)
         a = _alpha_of(Wt, Mk, b, r, R, s_wb, s_wr, s_mb, s_mr, s_mm, offs_m, m_mask, AFFINE, BLOCK_M)
         if r == 0:
-            o_r, lse_e, lse_0 = _region_fwd(q, Kr, Vr, s_kn, s_kd, s_vn, s_vd, N, scale, offs_d, d_mask,
-                                            gyr, gxr, TOK, T, TH_bh, s_tt, s_ti, s_tj, KY, KX, PIN,
+            o_r, lse_e, lse_0 = _region_fwd(q, Kr, Vr, s_kn, s_kd, s_vn, s_vd, n_r, scale, offs_d, d_mask,
+                                            gyr, gxr, TOK_b, T, TH_bh, s_tt, s_ti, s_tj, KY, KX, PIN_b,
                                             HAS_OFFSET, HAS_PIN, BLOCK_M, BLOCK_N, BLOCK_D, KYP, KXP)
             if HAS_PIN:
                 tl.store(lse_ptr + R * s_lr, lse_0, mask=m_mask)
         else:
-            o_r, lse_e, lse_0 = _region_fwd(q, Kr, Vr, s_kn, s_kd, s_vn, s_vd, N, scale, offs_d, d_mask,
-                                            gyr, gxr, TOK, T, TH_bh, s_tt, s_ti, s_tj, KY, KX, PIN,
+            o_r, lse_e, lse_0 = _region_fwd(q, Kr, Vr, s_kn, s_kd, s_vn, s_vd, n_r, scale, offs_d, d_mask,
+                                            gyr, gxr, TOK_b, T, TH_bh, s_tt, s_ti, s_tj, KY, KX, PIN_b,
                                             False, False, BLOCK_M, BLOCK_N, BLOCK_D, KYP, KXP)
         tl.store(lse_ptr + r * s_lr, lse_e, mask=m_mask)
         acc += a[:, None] * o_r
@@ -258,18 +275,18 @@ def _region_bwd_dq(q, do, a, K, V, s_kn, s_kd, s_vn, s_vd, N, scale, offs_d, d_m
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DB, Wt, Mk, TOK, TH, GY, GX, PIN, DTH,
+def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DB, Wt, Mk, TOK, TH, GY, GX, PIN, LEN, DTH,
                    s_qb, s_qh, s_qm, s_qd,
                    s_kb, s_kr, s_kh, s_kn, s_kd,
                    s_vb, s_vr, s_vh, s_vn, s_vd,
                    s_ob, s_oh, s_om, s_od,
                    s_lb, s_lr, s_lh, s_lm,
                    s_wb, s_wr, s_mb, s_mr, s_mm,
-                   s_tb, s_th, s_tt, s_ti, s_tj, s_gy, s_gx,
+                   s_tb, s_th, s_tt, s_ti, s_tj, s_gy, s_gx, s_tokb, s_pinb,
                    s_dqb, s_dqh, s_dqm, s_dqd,
                    H, R, M, N, D, T, W, KY, KX, scale,
                    AFFINE: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_PIN: tl.constexpr,
-                   NEED_DQ: tl.constexpr, STORE_D: tl.constexpr, NEED_DTHETA: tl.constexpr,
+                   HAS_LENGTHS: tl.constexpr, NEED_DQ: tl.constexpr, STORE_D: tl.constexpr, NEED_DTHETA: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    KYP: tl.constexpr, KXP: tl.constexpr):
     """DO has the O strides, DQ its own ([B, H, M, D]); DB [B, R + HAS_PIN, H, M] like LSE;
@@ -290,6 +307,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DB, Wt, Mk, TOK, TH, GY, GX, PIN, DTH,
     if HAS_OFFSET:
         gyr, gxr = _basis_rows(offs_m, m_mask, W, GY, s_gy, GX, s_gx, KY, KX, KYP, KXP)
     TH_bh = TH + b * s_tb + h * s_th
+    TOK_b = TOK + b * s_tokb
+    PIN_b = PIN + b * s_pinb
     DTH_blk = DTH + ((b * H + h) * tl.num_programs(0) + pid_m) * T * KY * KX
     lse_ptr = LSE + b * s_lb + h * s_lh + offs_m * s_lm
     db_ptr = DB + b * s_lb + h * s_lh + offs_m * s_lm
@@ -297,22 +316,23 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DB, Wt, Mk, TOK, TH, GY, GX, PIN, DTH,
     for r in range(0, R):
         Kr = K + b * s_kb + r * s_kr + h * s_kh
         Vr = V + b * s_vb + r * s_vr + h * s_vh
+        n_r = _keys_of(LEN, r, N, HAS_LENGTHS)
         a = _alpha_of(Wt, Mk, b, r, R, s_wb, s_wr, s_mb, s_mr, s_mm, offs_m, m_mask, AFFINE, BLOCK_M)
         lse_e = tl.load(lse_ptr + r * s_lr, mask=m_mask, other=0.0)
         if r == 0:
             lse_0 = lse_e
             if HAS_PIN:
                 lse_0 = tl.load(lse_ptr + R * s_lr, mask=m_mask, other=0.0)
-            dq_r, De, D0 = _region_bwd_dq(q, do, a, Kr, Vr, s_kn, s_kd, s_vn, s_vd, N, scale, offs_d, d_mask,
-                                          lse_e, lse_0, gyr, gxr, TOK, T, TH_bh, s_tt, s_ti, s_tj, KY, KX,
-                                          PIN, DTH_blk, KY * KX, HAS_OFFSET, HAS_PIN, NEED_DTHETA,
+            dq_r, De, D0 = _region_bwd_dq(q, do, a, Kr, Vr, s_kn, s_kd, s_vn, s_vd, n_r, scale, offs_d, d_mask,
+                                          lse_e, lse_0, gyr, gxr, TOK_b, T, TH_bh, s_tt, s_ti, s_tj, KY, KX,
+                                          PIN_b, DTH_blk, KY * KX, HAS_OFFSET, HAS_PIN, NEED_DTHETA,
                                           BLOCK_M, BLOCK_N, BLOCK_D, KYP, KXP)
             if STORE_D and HAS_PIN:
                 tl.store(db_ptr + R * s_lr, D0, mask=m_mask)
         else:
-            dq_r, De, D0 = _region_bwd_dq(q, do, a, Kr, Vr, s_kn, s_kd, s_vn, s_vd, N, scale, offs_d, d_mask,
-                                          lse_e, lse_e, gyr, gxr, TOK, T, TH_bh, s_tt, s_ti, s_tj, KY, KX,
-                                          PIN, DTH_blk, KY * KX, False, False, False,
+            dq_r, De, D0 = _region_bwd_dq(q, do, a, Kr, Vr, s_kn, s_kd, s_vn, s_vd, n_r, scale, offs_d, d_mask,
+                                          lse_e, lse_e, gyr, gxr, TOK_b, T, TH_bh, s_tt, s_ti, s_tj, KY, KX,
+                                          PIN_b, DTH_blk, KY * KX, False, False, False,
                                           BLOCK_M, BLOCK_N, BLOCK_D, KYP, KXP)
         if STORE_D:
             tl.store(db_ptr + r * s_lr, De, mask=m_mask)
@@ -323,41 +343,49 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DB, Wt, Mk, TOK, TH, GY, GX, PIN, DTH,
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DB, Wt, Mk, TOK, TH, GY, GX, PIN,
+def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DB, Wt, Mk, TOK, TH, GY, GX, PIN, LEN,
                      s_qb, s_qh, s_qm, s_qd,
                      s_kb, s_kr, s_kh, s_kn, s_kd,
                      s_vb, s_vr, s_vh, s_vn, s_vd,
                      s_ob, s_oh, s_om, s_od,
                      s_lb, s_lr, s_lh, s_lm,
                      s_wb, s_wr, s_mb, s_mr, s_mm,
-                     s_tb, s_th, s_tt, s_ti, s_tj, s_gy, s_gx,
+                     s_tb, s_th, s_tt, s_ti, s_tj, s_gy, s_gx, s_tokb, s_pinb,
                      H, R, R_FIRST, R_COUNT, M, N, D, T, W, KY, KX, scale,
                      AFFINE: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_PIN: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     HAS_LENGTHS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      KYP: tl.constexpr, KXP: tl.constexpr):
     """dK, dV of one key block of region r for (b, h); DK/DV share strides with K/V.
     Launched once for region 0 (with its offset / pins) and once for the R_COUNT regions from
-    R_FIRST = 1 on."""
+    R_FIRST = 1 on. Keys past the region's length (HAS_LENGTHS) get exact zeros; a block of
+    them only (m_end = 0) skips the pixel loop."""
     pid_n = tl.program_id(0)
     brh = tl.program_id(1)
     b = brh // (R_COUNT * H)
     r = R_FIRST + (brh // H) % R_COUNT
     h = brh % H
+    n_r = _keys_of(LEN, r, N, HAS_LENGTHS)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    c_mask = cols < N
+    c_mask = cols < n_r
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
     kv_mask = c_mask[:, None] & d_mask[None, :]
+    store_mask = kv_mask
+    m_end = M
+    if HAS_LENGTHS:
+        store_mask = (cols < N)[:, None] & d_mask[None, :]
+        m_end = tl.where(pid_n * BLOCK_N < n_r, M, 0)
     Kr = K + b * s_kb + r * s_kr + h * s_kh
     Vr = V + b * s_vb + r * s_vr + h * s_vh
     v = tl.load(Vr + cols[:, None] * s_vn + offs_d[None, :] * s_vd, mask=kv_mask, other=0.0)
     pin = tl.zeros([BLOCK_N], tl.int32) != 0
     if HAS_PIN:
-        pin = tl.load(PIN + cols, mask=c_mask, other=0) != 0
+        pin = tl.load(PIN + b * s_pinb + cols, mask=c_mask, other=0) != 0
     TH_bh = TH + b * s_tb + h * s_th
+    TOK_b = TOK + b * s_tokb
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for m0 in range(0, M, BLOCK_M):
+    for m0 in range(0, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_mask = offs_m < M
         io_mask = m_mask[:, None] & d_mask[None, :]
@@ -378,7 +406,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DB, Wt, Mk, TOK, TH, GY, GX, PIN,
             lse_0 = tl.load(lse_ptr + R * s_lr, mask=m_mask, other=0.0)
             D0 = tl.load(db_ptr + R * s_lr, mask=m_mask, other=0.0)
         k, z, ze = _logits(q, Kr, s_kn, s_kd, cols, c_mask, offs_d, d_mask, scale,
-                           gyr, gxr, TOK, T, TH_bh, s_tt, s_ti, s_tj, KY, KX, HAS_OFFSET, KYP, KXP)
+                           gyr, gxr, TOK_b, T, TH_bh, s_tt, s_ti, s_tj, KY, KX, HAS_OFFSET, KYP, KXP)
         pe, p0 = _probs(z, ze, lse_e, lse_0, pin, HAS_PIN)
         p = pe
         if HAS_PIN:
@@ -388,6 +416,6 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DB, Wt, Mk, TOK, TH, GY, GX, PIN,
         dz, dze = _dlogits(pe, p0, dpv, a, De, D0, pin, HAS_PIN)
         dk += tl.dot(tl.trans(dz.to(q.dtype)), q)
     tl.store(DK + b * s_kb + r * s_kr + h * s_kh + cols[:, None] * s_kn + offs_d[None, :] * s_kd,
-             (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+             (dk * scale).to(DK.dtype.element_ty), mask=store_mask)
     tl.store(DV + b * s_vb + r * s_vr + h * s_vh + cols[:, None] * s_vn + offs_d[None, :] * s_vd,
-             dv.to(DV.dtype.element_ty), mask=kv_mask)
+             dv.to(DV.dtype.element_ty), mask=store_mask)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import os
 
 import torch
@@ -122,7 +123,50 @@ def scale_of(scale, D: int) -> float:
     return float(scale)
 
 
-def check_offset(offset, B: int, H: int, M: int, N: int, device) -> None:
+def _is_int(v) -> bool:
+    if isinstance(v, torch.Tensor):
+        return v.dim() == 0 and not v.dtype.is_floating_point and not v.dtype.is_complex and v.dtype != torch.bool
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def key_lengths(lengths, R: int, N: int, device):
+    """key_lengths: None, or R ints (a sequence or a 1-D integer tensor) with 1 <= L_r <= N.
+
+    Returns None when every region uses all N keys (the plain path), else the lengths as a tuple of
+    ints, or, for a tensor on q's device whose values cannot be read now (CUDA-graph capture,
+    torch.compile), that tensor as int32 (then unchecked)."""
+    if lengths is None:
+        return None
+    if isinstance(lengths, torch.Tensor):
+        if lengths.dim() != 1 or lengths.dtype.is_floating_point or lengths.dtype.is_complex \
+                or lengths.dtype == torch.bool:
+            raise TypeError(f"key_lengths must be a 1-D integer tensor or a sequence of R ints, got a "
+                            f"{lengths.dtype} tensor of shape {_shape(lengths)}")
+        if lengths.numel() != R:
+            raise ValueError(f"key_lengths must hold R = {R} lengths (one per region), got {lengths.numel()}")
+        if lengths.device != device and lengths.device.type != "cpu":
+            raise ValueError(f"key_lengths must be on q's device {device} (or the CPU), got {lengths.device}")
+        if lengths.device == device and _capturing(lengths):  # its values cannot be read now
+            return lengths.to(torch.int32).contiguous()
+        values = lengths.tolist()
+    else:
+        if isinstance(lengths, (str, bytes)) or not hasattr(lengths, "__len__"):
+            raise TypeError(f"key_lengths must be a sequence of R ints or a 1-D integer tensor, got "
+                            f"{type(lengths).__name__}")
+        values = list(lengths)
+        if not all(_is_int(v) for v in values):
+            raise TypeError(f"key_lengths must hold ints, got {values!r}")
+        values = [int(v) for v in values]
+        if len(values) != R:
+            raise ValueError(f"key_lengths must hold R = {R} lengths (one per region), got {len(values)}")
+    bad = [v for v in values if not 1 <= v <= N]
+    if bad:
+        raise ValueError(f"key_lengths must lie in [1, N = {N}] (each region keeps at least one key), got {values}")
+    return None if all(v == N for v in values) else tuple(values)
+
+
+def check_offset(offset, B: int, H: int, M: int, N: int, device, n_first=None) -> None:
+    """n_first: region 0's key length (key_lengths[0]) when known, which offset indices must stay below."""
     from .basis import ScoreOffset
 
     if not isinstance(offset, ScoreOffset):
@@ -135,8 +179,26 @@ def check_offset(offset, B: int, H: int, M: int, N: int, device) -> None:
     h, w = offset.grid
     if h * w != M:
         raise ValueError(f"offset basis grid {h}x{w} = {h * w} pixels does not match M = {M} query pixels")
-    for name, idx in (("tokens", offset.tokens), ("pinned", offset.pinned)):
-        bad = [i for i in idx if i >= N]
-        if bad:
-            raise ValueError(f"offset.{name} {bad} out of range: region 0 has N = {N} keys")
+    for name, rows in (("tokens", offset.row_tokens), ("pinned", offset.row_pinned)):
+        per_row = getattr(offset, f"{name}_per_row")
+        for b in range(B if per_row else 1):
+            label = f"offset.{name}[{b}]" if per_row else f"offset.{name}"
+            for bound, what in ((N, f"N = {N}"), (n_first, f"key_lengths[0] = {n_first}")):
+                bad = [i for i in rows(b) if bound is not None and i >= bound]
+                if bad:
+                    raise ValueError(f"{label} {bad} out of range: region 0 has {what} keys")
     check_finite("offset.theta", theta)
+
+
+def check_op_indices(tokens, pin, lengths, B: int, R: int, T: int, N: int) -> None:
+    """Shapes of the custom ops' index arguments (no value reads): tokens int32 [T] or [B, T], pin
+    int32 flags [N] or [B, N], lengths int32 [R]: what the kernels index by (b, t), (b, n) and r."""
+    for name, t, (dim, size), per_row in (("tokens", tokens, ("T", T), True), ("pin", pin, ("N", N), True),
+                                          ("lengths", lengths, ("R", R), False)):
+        if t is None:
+            continue
+        if t.dtype != torch.int32:
+            raise TypeError(f"{name} must be int32, got {t.dtype}")
+        if _shape(t) not in [(size,)] + ([(B, size)] if per_row else []):
+            want = f"[{dim}={size}]" + (f" or [B={B}, {dim}={size}]" if per_row else "")
+            raise ValueError(f"{name} must have shape {want}, got {_shape(t)}")

@@ -59,15 +59,62 @@ def _int_tuple(name: str, values) -> tuple[int, ...]:
     return out
 
 
+def _is_row(v) -> bool:
+    """Whether an element of ``tokens`` / ``pinned`` is a whole row (per-row form) rather than an index."""
+    if isinstance(v, torch.Tensor):
+        return v.dim() >= 1
+    return hasattr(v, "__len__") and not isinstance(v, (str, bytes))
+
+
+def collapse_rows(rows: tuple[tuple[int, ...], ...]):
+    """Per-row index tuples -> the shared tuple when every row is equal (or there are none)."""
+    if not rows or all(r == rows[0] for r in rows):
+        return rows[0] if rows else ()
+    return rows
+
+
+def _index_rows(name: str, values, B: int):
+    """``tokens`` / ``pinned`` -> a tuple of ints (shared by all rows) or a tuple of B tuples
+    (per row), collapsed to the shared form when every row is equal."""
+    if isinstance(values, torch.Tensor) and values.dim() == 2:
+        if values.dtype.is_floating_point or values.dtype == torch.bool:
+            raise TypeError(f"ScoreOffset: {name} must be an integer tensor, got {values.dtype}")
+        values = values.tolist()
+    elif isinstance(values, torch.Tensor) or not _is_row(values):
+        return _int_tuple(name, values)
+    values = list(values)
+    kinds = {_is_row(v) for v in values}
+    if kinds != {True}:
+        if True in kinds:
+            raise TypeError(f"ScoreOffset: {name} must be a sequence of ints (shared by all rows) or a "
+                            f"sequence of B sequences of ints (one per batch row), not a mix: got {values!r}")
+        return _int_tuple(name, values)
+    if len(values) != B:
+        raise ValueError(f"ScoreOffset: {name} given per batch row has {len(values)} rows but theta has "
+                         f"B = {B} batch rows")
+    return collapse_rows(tuple(_int_tuple(f"{name}[{b}]", row) for b, row in enumerate(values)))
+
+
+def _per_row(idx) -> bool:
+    return bool(idx) and isinstance(idx[0], tuple)
+
+
 class ScoreOffset:
     """Gaussian-basis offset on region 0's logits for target tokens.
 
     theta  [B, H, T, Ky, Kx] float32 (float64 on the reference path): one coefficient set per image,
            head and target token.
-    tokens T indices into region 0's keys (the target columns).
+    tokens T indices into region 0's keys (the target columns), shared by every batch row; or per
+           row: B sequences of T indices, or an int tensor [B, T] (prompts of different lengths).
     basis  (gy [h, Ky], gx [w, Kx]) as from :func:`gaussian_basis`; h * w must equal M.
     pinned token indices of region 0 whose probability is taken from the un-offset logits
-           (the released Attention Regulation pins SOS and the first EOS).
+           (the released Attention Regulation pins SOS and the first EOS); shared, or per row
+           as B sequences (a row may pin any number of columns, none included).
+
+    Read back: ``tokens`` / ``pinned`` are a tuple of ints when shared and a tuple of B tuples when
+    given per row with rows that differ (equal rows collapse to the shared form);
+    ``tokens_per_row`` / ``pinned_per_row`` say which, and ``row_tokens(b)`` / ``row_pinned(b)``
+    give batch row b's indices in either form.
     """
 
     def __init__(self, theta: torch.Tensor, tokens: Sequence[int], basis, pinned: Sequence[int] = ()):
@@ -87,11 +134,14 @@ class ScoreOffset:
                                 f"{getattr(g, 'shape', type(g).__name__)}")
             if g.device != theta.device:
                 raise ValueError(f"ScoreOffset: {name} is on {g.device} but theta is on {theta.device}")
-        self.tokens = _int_tuple("tokens", tokens)
-        self.pinned = _int_tuple("pinned", pinned)
         B, H, T, Ky, Kx = theta.shape
-        if T != len(self.tokens):
-            raise ValueError(f"ScoreOffset: theta has T = {T} token slots but tokens has {len(self.tokens)} entries")
+        self.tokens = _index_rows("tokens", tokens, B)
+        self.pinned = _index_rows("pinned", pinned, B)
+        for b in range(B if self.tokens_per_row else 1):
+            n = len(self.row_tokens(b))
+            if T != n:
+                row = f"tokens[{b}]" if self.tokens_per_row else "tokens"
+                raise ValueError(f"ScoreOffset: theta has T = {T} token slots but {row} has {n} entries")
         if (Ky, Kx) != (gy.shape[1], gx.shape[1]):
             raise ValueError(f"ScoreOffset: theta's basis dims (Ky, Kx) = {(Ky, Kx)} do not match the basis "
                              f"(gy [{gy.shape[0]}, {gy.shape[1]}], gx [{gx.shape[0]}, {gx.shape[1]}])")
@@ -101,23 +151,49 @@ class ScoreOffset:
         self._device_cache: dict = {}
 
     @property
+    def tokens_per_row(self) -> bool:
+        return _per_row(self.tokens)
+
+    @property
+    def pinned_per_row(self) -> bool:
+        return _per_row(self.pinned)
+
+    @property
+    def per_row(self) -> bool:
+        """Whether the target tokens or the pinned columns differ between batch rows."""
+        return self.tokens_per_row or self.pinned_per_row
+
+    def row_tokens(self, b: int) -> tuple[int, ...]:
+        """Batch row b's target columns."""
+        return self.tokens[b] if self.tokens_per_row else self.tokens
+
+    def row_pinned(self, b: int) -> tuple[int, ...]:
+        """Batch row b's pinned columns."""
+        return self.pinned[b] if self.pinned_per_row else self.pinned
+
+    @property
     def grid(self) -> tuple[int, int]:
         return self.gy.shape[0], self.gx.shape[0]
 
     def device_tensors(self, n_keys: int):
-        """Token indices int32 [T] and pinned flags int32 [n_keys] on theta's device, built once
-        per ScoreOffset by scalar fills, not host-to-device copies, so that building them is
-        legal inside CUDA-graph capture too."""
+        """Token indices int32 [T] (shared) or [B, T] (per row) and pinned flags int32 [n_keys] or
+        [B, n_keys] on theta's device, built once per ScoreOffset by scalar fills, not host-to-device
+        copies, so that building them is legal inside CUDA-graph capture too."""
         key = (n_keys, self.theta.device)
         if key not in self._device_cache:
             dev = self.theta.device
-            tokens = torch.empty(len(self.tokens), dtype=torch.int32, device=dev)
-            for i, tok in enumerate(self.tokens):
-                tokens[i] = tok
-            pin = torch.zeros(n_keys, dtype=torch.int32, device=dev)
-            for i in self.pinned:
-                pin[i] = 1
-            self._device_cache[key] = (tokens, pin)
+            rows = self.tokens if self.tokens_per_row else (self.tokens,)
+            tokens = torch.empty(len(rows), self.theta.shape[2], dtype=torch.int32, device=dev)
+            for b, row in enumerate(rows):
+                for i, tok in enumerate(row):
+                    tokens[b, i] = tok
+            rows = self.pinned if self.pinned_per_row else (self.pinned,)
+            pin = torch.zeros(len(rows), n_keys, dtype=torch.int32, device=dev)
+            for b, row in enumerate(rows):
+                for i in row:
+                    pin[b, i] = 1
+            self._device_cache[key] = (tokens if self.tokens_per_row else tokens[0],
+                                       pin if self.pinned_per_row else pin[0])
         return self._device_cache[key]
 
     def __repr__(self) -> str:

@@ -19,6 +19,7 @@ from torch import Tensor
 from . import _validate as V
 from . import native
 from . import reference as ref
+from .basis import collapse_rows
 
 __all__ = ["region_attention", "backend_for"]
 
@@ -57,13 +58,32 @@ def _kernels():
     return kernels
 
 
+def _index_rows(t: Optional[Tensor], flags: bool):
+    """Op-level tokens [T] / [B, T] (indices) or pin [N] / [B, N] (flags) -> ScoreOffset's form:
+    a tuple of ints, or a tuple of per-row tuples."""
+    if t is None:
+        return ()
+    rows = t.reshape(-1, t.shape[-1])
+    rows = tuple(tuple((row.nonzero().flatten() if flags else row).tolist()) for row in rows)
+    return collapse_rows(rows) if t.dim() == 2 else rows[0]
+
+
 def _ref_offset(theta, tokens, gy, gx, pin):
     """A ScoreOffset-like view of the raw op arguments for the reference."""
     if theta is None and pin is None:
         return None
-    pinned = tuple(pin.nonzero().flatten().tolist()) if pin is not None else ()
-    return SimpleNamespace(theta=theta, gy=gy, gx=gx, pinned=pinned,
-                           tokens=tuple(tokens.tolist()) if tokens is not None else ())
+    return SimpleNamespace(theta=theta, gy=gy, gx=gx, pinned=_index_rows(pin, True),
+                           tokens=_index_rows(tokens, False))
+
+
+def _check_indices(q, k, theta, tokens, pin, lengths):
+    V.check_op_indices(tokens, pin, lengths, q.shape[0], k.shape[1], theta.shape[2] if theta is not None else 0,
+                       k.shape[3])
+
+
+def _native_lengths(lengths):
+    """The native ops' trailing ``lengths`` argument, passed only when given (None: the call as before)."""
+    return () if lengths is None else (lengths,)
 
 
 def _logits(q: Tensor, k: Tensor, scale: float) -> Tensor:
@@ -77,24 +97,28 @@ def _logits(q: Tensor, k: Tensor, scale: float) -> Tensor:
 def _region_attention_op(q: Tensor, k: Tensor, v: Tensor, weights: Tensor, masks: Tensor, affine: bool,
                          theta: Optional[Tensor], tokens: Optional[Tensor], gy: Optional[Tensor],
                          gx: Optional[Tensor], pin: Optional[Tensor], scale: float,
-                         save_logits: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+                         save_logits: bool = False, lengths: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     """(o, lse, logits): logits (see _logits) when save_logits, for the native backward to skip its
-    first product; else empty. Only the native CPU backend is asked for them (see _save_logits)."""
+    first product; else empty. Only the native CPU backend is asked for them (see _save_logits).
+    tokens int32 [T] or [B, T] (per batch row), pin int32 flags [N] or [B, N], lengths int32 [R]
+    (region r's valid keys; None: all N)."""
+    _check_indices(q, k, theta, tokens, pin, lengths)
     backend = backend_for(q)
     if backend == "native":
-        return native.forward(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, save_logits)
+        return native.forward(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, save_logits,
+                              *_native_lengths(lengths))
     if backend == "triton":
-        o, lse = _kernels().forward(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale)
+        o, lse = _kernels().forward(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, lengths)
     else:
         off = _ref_offset(theta, tokens, gy, gx, pin)
-        o = ref.region_attention(q, k, v, masks, weights, affine, off, scale).contiguous()
-        lse = ref.region_lse(q, k, scale, off)
+        o = ref.region_attention(q, k, v, masks, weights, affine, off, scale, lengths).contiguous()
+        lse = ref.region_lse(q, k, scale, off, lengths)
     logits = _logits(q, k, scale) if save_logits else q.new_empty(0, dtype=ref.compute_dtype(q))
     return o, lse, logits
 
 
 @_region_attention_op.register_fake
-def _(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, save_logits=False):
+def _(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, save_logits=False, lengths=None):
     B, H, M, _ = q.shape
     R, N = k.shape[1], k.shape[3]
     return (q.new_empty(q.shape), q.new_empty((B, R + (pin is not None), H, M), dtype=torch.float32),
@@ -106,19 +130,22 @@ def _region_attention_backward_op(
         grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, weights: Tensor, masks: Tensor, affine: bool,
         theta: Optional[Tensor], tokens: Optional[Tensor], gy: Optional[Tensor], gx: Optional[Tensor],
         pin: Optional[Tensor], scale: float, lse: Tensor, needs: list[bool],
-        logits: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        logits: Optional[Tensor] = None,
+        lengths: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv, dweights, dmasks, dtheta); ``needs`` flags them in that order
     (dk and dv share one flag slot each); an unneeded one comes back as an empty tensor. ``logits``:
-    the forward's saved logits (used by the native backend; the others recompute)."""
+    the forward's saved logits (used by the native backend; the others recompute). dk/dv are
+    exactly zero on the padded keys (index >= lengths[r])."""
     need_q, need_k, need_v, need_w, need_m, need_t = needs
+    _check_indices(q, k, theta, tokens, pin, lengths)
     backend = backend_for(q)
     if backend == "native":
         grads = native.backward(grad_out, q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale,
-                                lse, needs, logits)
+                                lse, needs, logits, *_native_lengths(lengths))
     elif backend == "triton":
         dq, dk, dv, dbuf, dtheta = _kernels().backward(
             grad_out, q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, lse,
-            need_q, need_k or need_v, need_w or need_m, need_t and theta is not None)
+            need_q, need_k or need_v, need_w or need_m, need_t and theta is not None, lengths)
         dweights = dmasks = None
         if need_w or need_m:
             dalpha = _dalpha(dbuf, pin is not None, affine)
@@ -127,7 +154,7 @@ def _region_attention_backward_op(
         grads = (dq, dk, dv, dweights, dmasks, dtheta)
     else:
         grads = _reference_backward(grad_out, q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin,
-                                    scale, needs)
+                                    scale, needs, lengths)
     out = []
     for g, t, n in zip(grads, (q, k, v, weights, masks, theta), needs):
         if not n or t is None:
@@ -146,38 +173,40 @@ def _dalpha(dbuf: Tensor, has_pin: bool, affine: bool) -> Tensor:
     return ref.alpha_backward(d, affine)
 
 
-def _reference_backward(grad_out, q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, needs):
+def _reference_backward(grad_out, q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, needs,
+                        lengths):
     """The reference's closed-form gradients, cast to the inputs' dtypes; unneeded ones None."""
     off = _ref_offset(theta, tokens, gy, gx, pin)
-    grads = ref.region_attention_backward(grad_out, q, k, v, masks, weights, affine, off, scale)
+    grads = ref.region_attention_backward(grad_out, q, k, v, masks, weights, affine, off, scale, lengths)
     like = (q, k, v, weights, masks, theta)
     return [g.to(t.dtype) if (n and t is not None and g is not None) else None
             for g, t, n in zip(grads, like, needs)]
 
 
 @_region_attention_backward_op.register_fake
-def _(grad_out, q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, lse, needs, logits=None):
+def _(grad_out, q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, lse, needs, logits=None,
+      lengths=None):
     like = (q, k, v, weights, masks, theta)
     return tuple(q.new_empty(t.shape, dtype=t.dtype) if (n and t is not None) else q.new_empty(0)
                  for t, n in zip(like, needs))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale = inputs[:12]
-    ctx.save_for_backward(q, k, v, weights, masks, theta, tokens, gy, gx, pin, output[1], output[2])
+    q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, _save, lengths = inputs
+    ctx.save_for_backward(q, k, v, weights, masks, theta, tokens, gy, gx, pin, output[1], output[2], lengths)
     ctx.affine, ctx.scale = affine, scale
     ctx.mark_non_differentiable(output[1], output[2])
 
 
 def _backward(ctx, grad_out, _grad_lse, _grad_logits):
-    q, k, v, weights, masks, theta, tokens, gy, gx, pin, lse, logits = ctx.saved_tensors
+    q, k, v, weights, masks, theta, tokens, gy, gx, pin, lse, logits, lengths = ctx.saved_tensors
     ng = ctx.needs_input_grad
     needs = [ng[0], ng[1], ng[2], ng[3], ng[4], ng[6] and theta is not None]
     grads = _region_attention_backward_op(grad_out.contiguous(), q, k, v, weights, masks, ctx.affine, theta,
                                           tokens, gy, gx, pin, ctx.scale, lse, needs,
-                                          logits if logits.numel() else None)
+                                          logits if logits.numel() else None, lengths)
     dq, dk, dv, dw, dm, dt = (g if n else None for g, n in zip(grads, needs))
-    return dq, dk, dv, dw, dm, None, dt, None, None, None, None, None, None
+    return dq, dk, dv, dw, dm, None, dt, None, None, None, None, None, None, None
 
 
 def _save_logits(q: Tensor, *inputs: Optional[Tensor]) -> bool:
@@ -194,15 +223,43 @@ def _save_logits(q: Tensor, *inputs: Optional[Tensor]) -> bool:
 torch.library.register_autograd("stattn::region_attention", _backward, setup_context=_setup_context)
 
 
+# int32 [R] key lengths per (lengths, device), built by scalar fills (legal inside CUDA-graph
+# capture) and kept only when built outside capture / compilation, where the fills ran at once.
+_LENGTHS_CACHE: dict = {}
+
+
+def _lengths_tensor(lengths, device) -> Optional[Tensor]:
+    """key_lengths as checked by V.key_lengths (None, a tuple of ints, or a device tensor) -> the
+    op's ``lengths`` argument."""
+    if lengths is None or isinstance(lengths, Tensor):
+        return lengths
+    key = (lengths, device)
+    t = _LENGTHS_CACHE.get(key) if not torch.compiler.is_compiling() else None
+    if t is None:
+        t = torch.empty(len(lengths), dtype=torch.int32, device=device)
+        for r, n in enumerate(lengths):
+            t[r] = n
+        if not V._capturing(t):
+            if len(_LENGTHS_CACHE) >= 64:
+                _LENGTHS_CACHE.clear()
+            _LENGTHS_CACHE[key] = t
+    return t
+
+
 def region_attention(q: Tensor, k: Tensor, v: Tensor, *, masks: Optional[Tensor] = None,
                      region_weights: Optional[Tensor] = None, affine: bool = False, offset=None,
-                     scale: Optional[float] = None) -> Tensor:
+                     scale: Optional[float] = None, key_lengths=None) -> Tensor:
     """Masked multi-region cross-attention with per-region weights and a Gaussian-basis offset.
 
     q [B, H, M, D]; k, v [B, R, H, N, D] (region r's keys/values); masks [R, M] or [B, R, M]
     (bool or float, default all ones); region_weights [R] or [B, R] (default ones);
     affine=True gives region 0 alpha = 1 - sum_{r>=1} alpha_r (its own mask/weight are then
-    unused); offset: a :class:`stattn.ScoreOffset` acting on region 0; scale defaults to D^-1/2.
+    unused); offset: a :class:`stattn.ScoreOffset` acting on region 0 (its target tokens and
+    pinned columns shared by all batch rows or per row); scale defaults to D^-1/2;
+    key_lengths: None or R ints (a sequence or 1-D int tensor), 1 <= L_r <= N: region r attends
+    to its first L_r keys only (a softmax of its own; e.g. IP-Adapter's text and image-prompt
+    branches in one call), the rest are padding (probability 0, zero dk/dv, contents ignored);
+    offset indices must be < L_0.
     Returns o [B, H, M, D] = sum_r alpha_r * softmax(z_r) @ v_r (see stattn/reference.py).
     Differentiable w.r.t. q, k, v, region_weights, float masks and offset.theta.
     """
@@ -212,9 +269,10 @@ def region_attention(q: Tensor, k: Tensor, v: Tensor, *, masks: Optional[Tensor]
     if not isinstance(affine, bool):
         raise TypeError(f"affine must be a bool, got {type(affine).__name__}")
     scale = V.scale_of(scale, D)
+    lengths = V.key_lengths(key_lengths, R, N, q.device)
     theta = tokens = gy = gx = pin = None
     if offset is not None:
-        V.check_offset(offset, B, H, M, N, q.device)
+        V.check_offset(offset, B, H, M, N, q.device, n_first=lengths[0] if isinstance(lengths, tuple) else None)
         tokens, pin_t = offset.device_tensors(N)
         theta = offset.theta
         gy, gx = (g.to(ref.compute_dtype(q)).contiguous() for g in (offset.gy, offset.gx))
@@ -225,5 +283,6 @@ def region_attention(q: Tensor, k: Tensor, v: Tensor, *, masks: Optional[Tensor]
     elif theta is not None and theta.dtype == torch.float64:
         raise TypeError(f"offset.theta must be float32 for {q.dtype} inputs (float64 only with float64 q)")
     save = _save_logits(q, k, v, weights_f, masks_f, theta)
-    o, _, _ = _region_attention_op(q, k, v, weights_f, masks_f, affine, theta, tokens, gy, gx, pin, scale, save)
+    o, _, _ = _region_attention_op(q, k, v, weights_f, masks_f, affine, theta, tokens, gy, gx, pin, scale, save,
+                                   _lengths_tensor(lengths, q.device))
     return o

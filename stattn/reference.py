@@ -2,19 +2,22 @@
 
 Everything is computed in float32 (float64 when the inputs are float64) and returned in q's dtype.
 Semantics (issue 2, spec/attention-regulation.md, spec/spatial-temporal.md), per batch row b,
-head h, pixel m (row-major, m = y*w + x) and region r:
-    z_r[n]  = scale * <q[b,h,m], k[b,r,h,n]>            (+ S[b,h,m,t] on column tokens[t], region 0 only)
+head h, pixel m (row-major, m = y*w + x) and region r with L_r valid keys (key_lengths, default N):
+    z_r[n]  = scale * <q[b,h,m], k[b,r,h,n]>  for n < L_r, -inf for the padding n >= L_r
+              (+ S[b,h,m,t] on column tokens[b][t], region 0 only)
     p_r     = softmax_n(z_r)                            (each region its own softmax over its own keys)
-    p_0[n]  = softmax_n(z_0 without S)[n]  for pinned n (their probability ignores the offset)
+    p_0[n]  = softmax_n(z_0 without S)[n]  for pinned n (pinned[b]; their probability ignores the offset)
     alpha_r = region_weights[b,r] * masks[b,r,m];  affine: alpha_0 = 1 - sum_{r>=1} alpha_r
     o       = sum_r alpha_r * sum_n p_r[n] * v[b,r,h,n]
+tokens / pinned are shared by all batch rows or given per row (ScoreOffset); padded keys and values
+are ignored whatever they hold (their gradients are zero).
 """
 from __future__ import annotations
 
 import torch
 
-__all__ = ["score_offset", "region_alpha", "alpha_backward", "region_logits", "region_probs",
-           "region_attention", "region_lse", "region_attention_backward"]
+__all__ = ["score_offset", "region_alpha", "alpha_backward", "index_rows", "key_valid", "pinned_mask",
+           "region_logits", "region_probs", "region_attention", "region_lse", "region_attention_backward"]
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -47,55 +50,90 @@ def alpha_backward(d_alpha: torch.Tensor, affine: bool) -> torch.Tensor:
     return torch.cat([torch.zeros_like(d_alpha[:, :1]), d_alpha[:, 1:] - d_alpha[:, :1]], dim=1)
 
 
-def region_logits(q, k, scale, offset=None):
-    """Scaled logits z [B, R, H, M, N] and, with an offset, region 0's edited logits [B, H, M, N]."""
+def index_rows(idx) -> tuple:
+    """The rows of a ScoreOffset's ``tokens`` / ``pinned``: B tuples when per row, one when shared."""
+    return tuple(idx) if idx and isinstance(idx[0], tuple) else (tuple(idx),)
+
+
+def key_valid(lengths, n_keys: int, device):
+    """[R, N] bool, True on region r's first lengths[r] keys; None when every key is valid."""
+    if lengths is None:
+        return None
+    lengths = torch.as_tensor(lengths, device=device).long()
+    return torch.arange(n_keys, device=device) < lengths[:, None]
+
+
+def pinned_mask(offset, n_keys: int, device):
+    """[B or 1, N] bool, True on each row's pinned columns; None without pins."""
+    if offset is None or not offset.pinned:
+        return None
+    rows = index_rows(offset.pinned)
+    pin = torch.zeros(len(rows), n_keys, dtype=torch.bool, device=device)
+    for b, row in enumerate(rows):
+        pin[b, list(row)] = True
+    return pin
+
+
+def _drop_padding(kv, valid):
+    """k or v [B, R, H, N, D] with the padded keys zeroed: ignored whatever they hold."""
+    return kv if valid is None else kv.masked_fill(~valid[None, :, None, :, None], 0)
+
+
+def region_logits(q, k, scale, offset=None, lengths=None):
+    """Scaled logits z [B, R, H, M, N] (padded keys -inf) and, with an offset, region 0's edited
+    logits [B, H, M, N]."""
     ct = compute_dtype(q)
-    z = torch.einsum("bhmd,brhnd->brhmn", q.to(ct), k.to(ct)) * scale
+    valid = key_valid(lengths, k.shape[3], q.device)
+    z = torch.einsum("bhmd,brhnd->brhmn", q.to(ct), _drop_padding(k, valid).to(ct)) * scale
+    if valid is not None:
+        z = z.masked_fill(~valid[None, :, None, None, :], float("-inf"))
     if offset is None or not offset.tokens:
         return z, None
     S = score_offset(offset.theta.to(ct), offset.gy, offset.gx)            # [B, H, M, T]
-    tokens = torch.tensor(offset.tokens, device=q.device)
-    onehot = torch.nn.functional.one_hot(tokens, z.shape[-1]).to(ct)     # [T, N]
-    return z, z[:, 0] + S @ onehot
+    tokens = torch.tensor(index_rows(offset.tokens), device=q.device)      # [B or 1, T]
+    onehot = torch.nn.functional.one_hot(tokens, z.shape[-1]).to(ct)     # [B or 1, T, N]
+    return z, z[:, 0] + S @ onehot[:, None]
 
 
-def region_probs(q, k, scale, offset=None):
+def region_probs(q, k, scale, offset=None, lengths=None):
     """Attention probabilities p [B, R, H, M, N] with region 0 edited and pinned columns restored."""
-    z, z0_edited = region_logits(q, k, scale, offset)
+    z, z0_edited = region_logits(q, k, scale, offset, lengths)
     p = z.softmax(-1)
-    if z0_edited is not None or (offset is not None and offset.pinned):
+    pin = pinned_mask(offset, z.shape[-1], q.device)
+    if z0_edited is not None or pin is not None:
         p0 = p[:, 0] if z0_edited is None else z0_edited.softmax(-1)
-        if offset.pinned:
-            pin = torch.zeros(z.shape[-1], dtype=torch.bool, device=q.device)
-            pin[list(offset.pinned)] = True
-            p0 = torch.where(pin, p[:, 0], p0)
+        if pin is not None:
+            p0 = torch.where(pin[:, None, None, :], p[:, 0], p0)
         p = torch.cat([p0[:, None], p[:, 1:]], dim=1)
     return p
 
 
-def region_attention(q, k, v, masks, region_weights, affine=False, offset=None, scale=None):
+def region_attention(q, k, v, masks, region_weights, affine=False, offset=None, scale=None, lengths=None):
     """Reference of :func:`stattn.region_attention` on already-normalised arguments:
-    masks [B, R, M] float, region_weights [B, R] float (see the module docstring)."""
+    masks [B, R, M] float, region_weights [B, R] float, lengths R ints or None (see the module
+    docstring)."""
     ct = compute_dtype(q)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    p = region_probs(q, k, scale, offset)
+    p = region_probs(q, k, scale, offset, lengths)
+    v = _drop_padding(v, key_valid(lengths, v.shape[3], q.device))
     o_r = torch.einsum("brhmn,brhnd->brhmd", p, v.to(ct))
     alpha = region_alpha(region_weights.to(ct), masks.to(ct), affine)
     return torch.einsum("brm,brhmd->bhmd", alpha, o_r).to(q.dtype)
 
 
-def region_lse(q, k, scale, offset=None):
-    """Log-sum-exp of each region's logits [B, R, H, M], plus slot R (region 0 without the
-    offset) when region 0 has pinned columns: the statistics the fused backward re-uses."""
-    z, z0_edited = region_logits(q, k, scale, offset)
+def region_lse(q, k, scale, offset=None, lengths=None):
+    """Log-sum-exp of each region's logits over its own keys [B, R, H, M], plus slot R (region 0
+    without the offset) when region 0 has pinned columns: the statistics the fused backward re-uses."""
+    z, z0_edited = region_logits(q, k, scale, offset, lengths)
     lse = z.logsumexp(-1)
     first = lse[:, :1] if z0_edited is None else z0_edited.logsumexp(-1)[:, None]
     extra = [lse[:, :1]] if offset is not None and offset.pinned else []
     return torch.cat([first, lse[:, 1:], *extra], dim=1).float()
 
 
-def region_attention_backward(grad_out, q, k, v, masks, region_weights, affine=False, offset=None, scale=None):
+def region_attention_backward(grad_out, q, k, v, masks, region_weights, affine=False, offset=None, scale=None,
+                              lengths=None):
     """Closed-form gradients of :func:`region_attention`: (dq, dk, dv, d_region_weights, d_masks,
     d_theta | None), in the compute dtype. The same algebra as the fused backward kernels:
     dp_r = alpha_r * dO . v_r^T, D_r = <dO, O_r>, dz_r = p_r * (dp_r - alpha_r * D_r); region 0's
@@ -103,16 +141,17 @@ def region_attention_backward(grad_out, q, k, v, masks, region_weights, affine=F
     ct = compute_dtype(q)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    q, k, v, do = (t.to(ct) for t in (q, k, v, grad_out))
+    valid = key_valid(lengths, k.shape[3], q.device)
+    q, do = q.to(ct), grad_out.to(ct)
+    k, v = (_drop_padding(t, valid).to(ct) for t in (k, v))
     weights, masks = region_weights.to(ct), masks.to(ct)
     alpha = region_alpha(weights, masks, affine)                              # [B, R, M]
     a = alpha[:, :, None, :, None]                                            # [B, R, 1, M, 1]
-    z, z0_edited = region_logits(q, k, scale, offset)
+    z, z0_edited = region_logits(q, k, scale, offset, lengths)
     p = z.softmax(-1)                                                         # un-offset probabilities
     dpv = torch.einsum("bhmd,brhnd->brhmn", do, v)                            # <dO, v_n>
-    pinned = offset.pinned if offset is not None else ()
-    pin = torch.zeros(z.shape[-1], dtype=torch.bool, device=q.device)
-    pin[list(pinned)] = True
+    pin = pinned_mask(offset, z.shape[-1], q.device)
+    pin = (torch.zeros(1, z.shape[-1], dtype=torch.bool, device=q.device) if pin is None else pin)[:, None, None]
     pe0 = p[:, 0] if z0_edited is None else z0_edited.softmax(-1)             # region 0, edited softmax
     p_used = torch.cat([torch.where(pin, p[:, 0], pe0)[:, None], p[:, 1:]], 1)
     D = (p_used * dpv).sum(-1)                                                # <dO, O_r>  [B, R, H, M]
@@ -131,7 +170,9 @@ def region_attention_backward(grad_out, q, k, v, masks, region_weights, affine=F
     dmasks = dalpha * weights[..., None]
     dtheta = None
     if z0_edited is not None:
-        dS = dze0[..., list(offset.tokens)] * alpha[:, 0, None, :, None]      # [B, H, M, T]
+        tokens = torch.tensor(index_rows(offset.tokens), device=q.device)  # [B or 1, T]
+        dS = dze0.gather(-1, tokens[:, None, None].expand(*dze0.shape[:3], -1))  # [B, H, M, T]
+        dS = dS * alpha[:, 0, None, :, None]
         h, w = offset.gy.shape[0], offset.gx.shape[0]
         dS = dS.reshape(*dS.shape[:2], h, w, dS.shape[-1])
         dtheta = torch.einsum("yi,bhyxt,xj->bhtij", offset.gy.to(ct), dS, offset.gx.to(ct))

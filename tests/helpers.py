@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -34,14 +35,21 @@ class Case:
     R: int = 2
     N: int = 77
     T: int = 1
-    pinned: tuple = ()
+    pinned: tuple = ()              # shared indices, or B tuples (per batch row)
     affine: bool = False
     dtype: torch.dtype = torch.float32
     float_masks: bool = True
+    row_tokens: bool = False        # draw each batch row's T target tokens separately
+    key_lengths: Optional[tuple] = None   # R valid-key counts (None: all N)
 
     @property
     def M(self):
         return self.h * self.w
+
+    @property
+    def keys0(self) -> int:
+        """Region 0's valid keys: where target tokens are drawn from."""
+        return self.key_lengths[0] if self.key_lengths else self.N
 
 
 def make_inputs(case: Case, device, seed: int = 0):
@@ -59,7 +67,10 @@ def make_inputs(case: Case, device, seed: int = 0):
     weights = 0.25 + torch.rand(c.B, c.R, generator=g, **dd)
     gy, gx = stattn.gaussian_basis(c.h, c.w, sigma=1, dtype=torch.float64)
     theta = torch.randn(c.B, c.H, c.T, gy.shape[1], gx.shape[1], generator=g, **dd) if (c.T or c.pinned) else None
-    tokens = tuple(int(i) for i in torch.randperm(c.N, generator=g)[:c.T]) if c.T else ()
+    tokens = tuple(int(i) for i in torch.randperm(c.keys0, generator=g)[:c.T]) if c.T else ()
+    if c.row_tokens:  # row 0 as the shared draw, the others drawn after it
+        tokens = (tokens, *(tuple(int(i) for i in torch.randperm(c.keys0, generator=g)[:c.T])
+                            for _ in range(c.B - 1)))
     to = lambda t: None if t is None else t.to(device)  # noqa: E731
     return dict(q=to(q), k=to(k), v=to(v), masks=to(masks), weights=to(weights), theta=to(theta),
                 tokens=tokens, basis=(to(gy), to(gx)))
@@ -85,7 +96,8 @@ def run(case: Case, inp: dict, dtype, wrt=("q", "k", "v", "weights", "masks", "t
         offset = stattn.ScoreOffset(leaves["theta"], inp["tokens"], (gy.to(tdtype), gx.to(tdtype)),
                                     pinned=case.pinned)
     out = stattn.region_attention(leaves["q"], leaves["k"], leaves["v"], masks=leaves["masks"],
-                                  region_weights=leaves["weights"], affine=case.affine, offset=offset)
+                                  region_weights=leaves["weights"], affine=case.affine, offset=offset,
+                                  key_lengths=case.key_lengths)
     grads = {}
     wanted = [n for n in wrt if leaves[n] is not None and leaves[n].requires_grad]
     if wanted:
@@ -113,7 +125,7 @@ def reference_run(case: Case, inp: dict, wrt=("q", "k", "v", "weights", "masks",
         offset = stattn.ScoreOffset(leaves["theta"], inp["tokens"], tuple(b.double() for b in inp["basis"]),
                                     pinned=case.pinned)
     out = ref.region_attention(leaves["q"], leaves["k"], leaves["v"], masks, leaves["weights"],
-                               case.affine, offset)
+                               case.affine, offset, lengths=case.key_lengths)
     g = torch.Generator().manual_seed(grad_seed)
     do = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.device)
     wanted = [n for n in wrt if leaves[n] is not None]
