@@ -146,6 +146,34 @@ def bind_call(fn, args: tuple, kwargs: dict) -> dict:
     return out
 
 
+class PromptEmbedsCheck:
+    """For calls that give ``prompt_embeds`` instead of prompts: are they the embeddings of the
+    prompt a controller was applied for? (Encoded once with the pipeline's own ``encode_prompt``;
+    equal within 1e-3 relative per row: the same encoder gives the same values, another prompt
+    differs by O(1).)"""
+
+    def __init__(self, pipe, prompt: Optional[str]):
+        self.pipe, self.prompt, self._embeds = pipe, prompt, None
+
+    def __call__(self, embeds: torch.Tensor, what: str) -> None:
+        if self.prompt is None or self.pipe is None:
+            raise ValueError(f"prompt_embeds: {what} need the prompt, but neither this call nor apply() gave it; "
+                             "apply(pipe, prompt=...) the prompt these embeddings encode")
+        if self._embeds is None:
+            with torch.no_grad():
+                pe = self.pipe.encode_prompt(prompt=self.prompt, device=embeds.device, num_images_per_prompt=1,
+                                             do_classifier_free_guidance=False)[0]
+            self._embeds = pe.detach().float()
+        ref = self._embeds.to(embeds.device)
+        e = embeds.detach().float()
+        same = e.shape[1:] == ref.shape[1:] and bool(
+            ((e - ref).flatten(1).norm(dim=1) <= 1e-3 * ref.flatten(1).norm(dim=1).clamp_min(1e-12)).all())
+        if not same:
+            raise ValueError(f"prompt_embeds: these embeddings are not those of the prompt the controller was applied "
+                             f"for ({self.prompt!r}), so {what} would be another prompt's; pass the prompt itself, "
+                             "or apply(pipe, prompt=...) the prompt these embeddings encode")
+
+
 def cond_start(call: CrossAttentionCall, cfg: Optional[bool]) -> int:
     """First conditional row of the batch: B/2 under classifier-free guidance (diffusers orders the
     batch [uncond; cond]), else 0. Guidance is taken from the generation (the pipeline call) when

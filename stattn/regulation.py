@@ -38,7 +38,7 @@ from ._validate import set_value_checks
 from . import regulation_reference as rr
 from .regulation_core import check_loss_weights
 from .basis import ScoreOffset, gaussian_basis
-from .control import Controller, CrossAttentionCall, cond_start
+from .control import Controller, CrossAttentionCall, PromptEmbedsCheck, cond_start
 from .ops import region_attention
 from .processors import accelerate, restore, unet_of
 
@@ -53,7 +53,8 @@ class _LayerState:
     """Device-resident state of one edited layer for one batch shape (allocated at the first,
     eager call; later calls, captured or not, only update it in place)."""
     basis: tuple                 # (gy [h, Ky], gx [w, Kx])
-    tokens: Tensor               # int64 [T] target columns, on the device
+    tokens: Tensor               # int64 [T] target columns (row 0's when rows differ), on the device
+    key_order: Optional[Tensor]  # int64 [Bc, N]: per-row key orders putting every row's targets at `tokens`
     theta_prev: Tensor           # [Bc, H, T, Ky, Kx]: the best θ of the previous step (carried raw)
     theta_full: Tensor           # [B, H, T, Ky, Kx]: applied θ_eff; zeros on the unconditional rows
     offset: ScoreOffset          # over theta_full, pinned SOS and first EOS
@@ -85,12 +86,16 @@ class AttentionRegulation(Controller):
                    rows no longer sum to 1; True: the plain softmax of the edited logits.
     fused          False runs the eager autograd reference (slow; the oracle).
     record_maps    keep the target tokens' attention maps of every step (see :attr:`maps`).
-    cfg            True (default): the batch is [uncond; cond] (classifier-free guidance, as
-                   diffusers orders it) and only its second half is edited. Pass False when
-                   generating with guidance_scale <= 1: every row is then conditional. (The
-                   controller cannot tell the two apart from a batch of even size.)
-    eos_index      the first end-of-text column, needed with ``token_indices`` when ``apply`` is
-                   given no prompt (and renormalize is False).
+    cfg            None (default): classifier-free guidance as the pipeline / Runner call runs it
+                   (the batch is then [uncond; cond] and only its second half is edited); on a bare
+                   UNet, True. A bool is for bare UNets; it must agree with a pipeline's guidance.
+    eos_index      the first end-of-text column, needed with ``token_indices`` when the prompt is
+                   never seen (a bare UNet; renormalize False).
+
+    Prompts: the targets are resolved in the prompts of every pipeline / Runner call (each row of a
+    list of prompts gets its own key columns and EOS); ``apply(x, prompt=...)`` checks them up front
+    and serves calls that give only ``prompt_embeds`` (which must be that prompt's) and bare UNets.
+    Steps count UNet evaluations of the call (the denoising loop's ``i``, any scheduler).
     subtokens      ``"all"`` or ``"first"`` token of a target split into several tokens.
     """
 
@@ -100,7 +105,7 @@ class AttentionRegulation(Controller):
                  lr: float = 100.0, quantile: float = 0.9, loss_weights=(1.0, 80.0, 0.09),
                  thr: Optional[float] = None, beta: float = 0.0, init: str = "uniform",
                  generator: Optional[torch.Generator] = None, prev_weight: float = 0.25, decay: float = 0.99,
-                 renormalize: bool = False, fused: bool = True, record_maps: bool = False, cfg: bool = True,
+                 renormalize: bool = False, fused: bool = True, record_maps: bool = False, cfg: Optional[bool] = None,
                  eos_index: Optional[int] = None, subtokens: str = "all"):
         if (targets is None) == (token_indices is None):
             raise ValueError("targets / token_indices: give exactly one of them (target words of the prompt, "
@@ -135,9 +140,9 @@ class AttentionRegulation(Controller):
         self.prev_weight = _float("prev_weight", prev_weight)
         self.decay = _float("decay", decay, positive=True)
         for name, val in (("renormalize", renormalize), ("fused", fused), ("record_maps", record_maps),
-                          ("cfg", cfg)):
+                          ("cfg", True if cfg is None else cfg)):
             if not isinstance(val, bool):
-                raise TypeError(f"{name}: expected a bool, got {val!r}")
+                raise TypeError(f"{name}: expected a bool{' or None' if name == 'cfg' else ''}, got {val!r}")
         self.renormalize, self.fused, self.record_maps, self.cfg = renormalize, fused, record_maps, cfg
         if self.beta and fused:
             raise ValueError("beta: the ||A' - A|| term exists only on the reference path; pass fused=False "
@@ -149,10 +154,14 @@ class AttentionRegulation(Controller):
         self.tokens: Optional[list] = self.token_indices   # resolved key columns
         self.eos: Optional[int] = self.eos_index
         self.layer_names: Optional[list] = None   # the selected layers, known at apply()
-        self._scheduler = None
         self._states: dict = {}
         self._selected: dict = {}
         self._maps: dict = {}        # step -> {(h, w): [sum [Bc, T, h, w], count]}
+        self._tokenizer = None
+        self._prompt: Optional[str] = None      # the prompt given to apply()
+        self._embeds_check = PromptEmbedsCheck(None, None)
+        self._resolved: dict = {}    # prompt -> (tokens, eos)
+        self.rows: Optional[list] = None   # this generation's (tokens, eos) per conditional row; None: apply's
         self._check_tokens()
 
     # ------------------------------------------------------------------ apply / remove
@@ -191,7 +200,10 @@ class AttentionRegulation(Controller):
             raise ValueError(f"layers: {self.layers!r} matches none of this UNet's cross-attention layers "
                              f"({', '.join(names[:6])}{', ...' if len(names) > 6 else ''})")
         self.layer_names = chosen
-        self._scheduler = getattr(pipe_or_runner, "scheduler", None)
+        self._tokenizer, self._prompt = tokenizer, prompt
+        self._embeds_check = PromptEmbedsCheck(getattr(pipe_or_runner, "pipe", pipe_or_runner), prompt)
+        self._resolved = {} if prompt is None else {prompt: (list(self.tokens), self.eos)}
+        self.rows = None
         self._states, self._selected = {}, {}
         accelerate(pipe_or_runner, controller=self)
         return pipe_or_runner
@@ -204,13 +216,53 @@ class AttentionRegulation(Controller):
     def reset(self) -> None:
         self._maps = {}
 
-    def begin_step(self, step: int, timestep) -> None:
-        timesteps = getattr(self._scheduler, "timesteps", None)
-        if step == 0 and timesteps is not None:
-            n = len(timesteps)   # pipelines evaluate the UNet once per entry (Heun's are repeated)
-            if self.edit_steps > n:
-                raise ValueError(f"edit_steps: {self.edit_steps} edited steps but this run has only {n} "
-                                 "denoising steps; lower edit_steps or raise the number of steps")
+    def begin_generation(self, generation) -> None:
+        n = generation.steps
+        if n is not None and self.edit_steps > n:
+            raise ValueError(f"edit_steps: {self.edit_steps} edited steps but this run has only {n} UNet "
+                             "evaluations (denoising-loop turns, after img2img's strength cut); lower edit_steps "
+                             "or raise the number of steps")
+        rows = self._rows_for(generation)
+        if rows != self.rows:
+            self._states = {}    # per-layer state belongs to one token layout
+        self.rows = rows
+
+    def _rows_for(self, gen) -> Optional[list]:
+        """(tokens, eos) of every conditional row of this generation; None: apply()'s for all rows."""
+        if gen.prompts is not None and self._tokenizer is not None:
+            if gen.prompt_2 is not None and gen.prompt_2 != gen.prompts:
+                raise ValueError("prompt_2: the targets are resolved in `prompt`; a different `prompt_2` puts other "
+                                 "words at those key columns for the second text encoder. Give prompt_2=None")
+            rows = [self._resolve(p) for p in gen.prompts]
+            return None if all(r == rows[0] for r in rows) and rows[0] == (self.tokens, self.eos) else rows
+        if gen.prompt_embeds is not None:
+            self._check_embeds(gen.prompt_embeds)
+        return None
+
+    def _resolve(self, prompt) -> tuple:
+        hit = self._resolved.get(prompt)
+        if hit is None:
+            from .tokens import eos_index, token_indices
+
+            if not isinstance(prompt, str):
+                raise TypeError(f"prompt: expected strings, got {type(prompt).__name__}")
+            tokens = (token_indices(self._tokenizer, prompt, self.targets, subtokens=self.subtokens)
+                      if self.targets is not None else list(self.token_indices))
+            eos = eos_index(self._tokenizer, prompt)
+            pinned = set() if self.renormalize else {0, eos}
+            if set(tokens) & pinned:
+                raise ValueError(f"token_indices: {sorted(set(tokens) & pinned)} are pinned columns (SOS 0, first "
+                                 f"EOS {eos}) of the prompt {prompt!r}; target prompt words, or use renormalize=True")
+            hit = self._resolved[prompt] = (tokens, eos)
+            if len(self._resolved) > 256:       # prompts of a long batch job: keep the table small
+                self._resolved.pop(next(iter(self._resolved)))
+        return hit
+
+    def _check_embeds(self, embeds) -> None:
+        """A call that gives prompt_embeds instead of prompts: they must be apply()'s prompt's."""
+        if self._prompt is None and self.targets is None:
+            return                   # key indices given directly: nothing to resolve
+        self._embeds_check(embeds, f"the target columns of {self.targets}")
 
     def graph_key(self, step: int):
         # step 0 seeds the carried θ_best with θ0 (one extra copy): its own Python path
@@ -219,7 +271,7 @@ class AttentionRegulation(Controller):
     def attention(self, call: CrossAttentionCall) -> Optional[Tensor]:
         if not self._is_selected(call.name):
             return None
-        if self.tokens is None or (self.eos is None and not self.renormalize):
+        if self.rows is None and (self.tokens is None or (self.eos is None and not self.renormalize)):
             raise ValueError("targets: not resolved to key indices yet; install the controller with "
                              "ctrl.apply(pipe, prompt=...) (or construct it with token_indices= and eos_index=)")
         if self.record_maps and call.q.is_cuda and torch.cuda.is_current_stream_capturing():
@@ -248,7 +300,12 @@ class AttentionRegulation(Controller):
         theta0 = self._theta0(st, q.shape[0] - c0, q.device)
         if call.step == 0:  # the release's "S_best(−1)" at step 0 is this call's S(θ0)
             st.theta_prev.copy_(theta0)
-        inner_loop_blend(q[c0:], k[c0:, 0], st.tokens, theta0, st.basis, st.theta_prev, _step_tensor(call),
+        kc = k[c0:, 0]
+        if st.key_order is not None:   # rows of different prompts: every row's targets at row 0's columns
+            from .regulation_core import permute_keys
+
+            kc = permute_keys(kc, st.key_order)
+        inner_loop_blend(q[c0:], kc, st.tokens, theta0, st.basis, st.theta_prev, _step_tensor(call),
                          scale=call.scale, iters=self.iters, lr=self.lr, quantile=self.quantile,
                          loss_weights=self.loss_weights, thr=self.thr, decay=self.decay,
                          w_prev=self.prev_weight, out=st.theta_full[c0:])
@@ -269,25 +326,37 @@ class AttentionRegulation(Controller):
     def _reference_call(self, call: CrossAttentionCall) -> Tensor:
         st, c0 = self._state(call)
         q = call.q
-        Bc, H, T = q.shape[0] - c0, q.shape[1], len(self.tokens)
+        Bc, H, T = q.shape[0] - c0, q.shape[1], st.tokens.numel()
         Ky, Kx = st.theta_prev.shape[-2:]
+        tokens, eos = self._layout(Bc)
         theta0 = None
         if call.step < self.edit_steps:
             theta0 = rr.initial_theta(Bc, H, T, Ky, Kx, init=self.init, generator=self.generator,
                                       device=q.device, dtype=st.theta_prev.dtype)
         res = rr.reference_layer_call(
             q, call.k[:, 0], call.v[:, 0], step=call.step, theta0=theta0,
-            theta_prev=st.ref_prev if call.step > 0 else None, tokens=self.tokens, eos=self.eos,
-            grid=call.grid, scale=call.scale, cfg=self.cfg, edit_steps=self.edit_steps, iters=self.iters,
+            theta_prev=st.ref_prev if call.step > 0 else None, tokens=tokens, eos=eos,
+            grid=call.grid, scale=call.scale, cfg=c0 > 0, edit_steps=self.edit_steps, iters=self.iters,
             lr=self.lr, quantile=self.quantile, loss_weights=self.loss_weights, thr=self.thr, beta=self.beta,
             prev_weight=self.prev_weight, decay=self.decay, renormalize=self.renormalize)
         st.ref_prev = res.theta_best
         if self.record_maps:
-            P = res.cond_probs[..., self.tokens]                       # [Bc, H, M, T]
-            self._add_map(call, P.float().mean(1))
+            self._add_map(call, _take_columns(res.cond_probs, tokens).float().mean(1))
         return res.out
 
     # ------------------------------------------------------------------ state
+    def _layout(self, Bc: int) -> tuple:
+        """(tokens, eos) for ``Bc`` conditional rows: shared (T ints, an int) when every row has the
+        same columns, else per row (Bc lists, Bc ints) — a batch of different prompts."""
+        if self.rows is None:
+            return list(self.tokens), self.eos
+        if len(self.rows) != Bc:
+            raise ValueError(f"prompt: the call has {len(self.rows)} conditional rows of prompts, but the layer got "
+                             f"{Bc} conditional rows")
+        if all(r == self.rows[0] for r in self.rows):
+            return list(self.rows[0][0]), self.rows[0][1]
+        return [list(t) for t, _ in self.rows], [e for _, e in self.rows]
+
     def _state(self, call: CrossAttentionCall) -> tuple[_LayerState, int]:
         q = call.q
         B, H, M, _ = q.shape
@@ -303,17 +372,31 @@ class AttentionRegulation(Controller):
                 raise ValueError(f"layers: layer {call.name} works on a {h}x{w} grid, too small for the "
                                  f"Gaussian basis ({e}); select other layers") from None
             N = call.k.shape[3]
-            bad = [t for t in self.tokens + ([self.eos] if self.eos is not None else []) if t >= N]
+            tokens, eos = self._layout(B - c0)
+            per_row = isinstance(eos, list)
+            rows_t, rows_e = (tokens, eos) if per_row else ([tokens] * (B - c0), [eos] * (B - c0))
+            bad = sorted({t for r, e in zip(rows_t, rows_e) for t in r + ([e] if e is not None else []) if t >= N})
             if bad:
                 raise ValueError(f"token_indices: {bad} out of range for the {N} text keys of layer {call.name}")
-            tokens = torch.zeros(len(self.tokens), dtype=torch.int64, device=q.device)
-            for i, t in enumerate(self.tokens):   # scalar fills, not a host-to-device copy
-                tokens[i] = t
-            T, Ky, Kx = len(self.tokens), gy.shape[1], gx.shape[1]
+            from .regulation_core import key_order
+
+            order = key_order(rows_t, N) if per_row else None
+            shared = rows_t[0]
+            tokens_t = torch.zeros(len(shared), dtype=torch.int64, device=q.device)
+            for i, t in enumerate(shared):   # scalar fills, not a host-to-device copy
+                tokens_t[i] = t
+            order_t = None
+            if order is not None:
+                order_t = torch.tensor(order, dtype=torch.int64).to(q.device)
+            T, Ky, Kx = len(shared), gy.shape[1], gx.shape[1]
             theta_full = torch.zeros(B, H, T, Ky, Kx, dtype=dt, device=q.device)
-            pinned = () if self.renormalize else (0, self.eos)
-            st = _LayerState((gy, gx), tokens, torch.zeros(B - c0, H, T, Ky, Kx, dtype=dt, device=q.device),
-                             theta_full, ScoreOffset(theta_full, self.tokens, (gy, gx), pinned=pinned))
+            # the uncond rows (θ = 0: plain attention whatever their columns) take the first cond row's
+            full_t = [rows_t[0]] * c0 + rows_t
+            pins = [() if self.renormalize else (0, e) for e in [rows_e[0]] * c0 + rows_e]
+            offset = (ScoreOffset(theta_full, full_t, (gy, gx), pinned=pins) if per_row else
+                      ScoreOffset(theta_full, shared, (gy, gx), pinned=pins[0]))
+            st = _LayerState((gy, gx), tokens_t, order_t,
+                             torch.zeros(B - c0, H, T, Ky, Kx, dtype=dt, device=q.device), theta_full, offset)
             self._states[key] = st
         return st, c0
 
@@ -344,11 +427,12 @@ class AttentionRegulation(Controller):
         columns; pinning touches only SOS and EOS), averaged over heads."""
         c0 = self._cond_start(call)
         q, k = call.q[c0:], call.k[c0:]
+        tokens, _ = self._layout(q.shape[0])
         offset = None
         if theta is not None:
-            offset = ScoreOffset(theta, self.tokens, basis)
+            offset = ScoreOffset(theta, tokens, basis)
         P = ref.region_probs(q, k, call.scale, offset)[:, 0]          # [Bc, H, M, N]
-        self._add_map(call, P[..., self.tokens].float().mean(1))
+        self._add_map(call, _take_columns(P, tokens).float().mean(1))
 
     def _add_map(self, call: CrossAttentionCall, P: Tensor) -> None:
         h, w = call.grid
@@ -389,6 +473,14 @@ def _no_value_checks():
         yield
     finally:
         set_value_checks(previous)
+
+
+def _take_columns(P: Tensor, tokens) -> Tensor:
+    """P [B, H, M, N] at the target columns: shared (T ints) or per row (B lists) -> [B, H, M, T]."""
+    if tokens and isinstance(tokens[0], int):
+        return P[..., list(tokens)]
+    idx = torch.tensor(tokens, dtype=torch.int64, device=P.device)          # [B, T]
+    return torch.take_along_dim(P, idx[:, None, None, :], dim=-1)
 
 
 def _step_tensor(call: CrossAttentionCall) -> Tensor:

@@ -50,7 +50,7 @@ from . import reference as ref
 from .ops import backend_for
 
 __all__ = ["InnerResult", "BlendResult", "RegulationLoss", "inner_loop", "inner_loop_blend", "regulation_loss",
-           "quantile_position", "target_logits", "default_thr"]
+           "quantile_position", "target_logits", "default_thr", "key_order", "permute_keys"]
 
 
 class InnerResult(NamedTuple):
@@ -185,6 +185,57 @@ def _check_tokens(tokens, N: int, device) -> Tensor:
     if tokens.device != device:
         tokens = tokens.to(device)   # a host-to-device copy: pass device tokens under graph capture
     return tokens
+
+
+def key_order(rows: Sequence[Sequence[int]], N: int) -> Optional[list]:
+    """Per-row target columns -> per-row key orders (None when every row has row 0's columns).
+
+    The loss of one layer call depends on a row's keys only through the logits of its target
+    columns and the log-sum-exp of the others, so permuting a row's key columns changes nothing but
+    the order of a sum. Row b's order puts its targets at row 0's target columns (the other columns
+    fill the remaining places in their own order), so one shared ``tokens`` serves a batch of
+    different prompts. Use with :func:`permute_keys`."""
+    rows = [list(r) for r in rows]
+    shared = rows[0]
+    if len({len(r) for r in rows}) != 1:
+        raise ValueError(f"tokens: every row needs the same number of target columns, got {[len(r) for r in rows]}")
+    for r in rows:
+        if len(set(r)) != len(r) or not all(0 <= c < N for c in r):
+            raise ValueError(f"tokens: a row's target columns must be distinct and in [0, {N}), got {r}")
+    if all(r == shared for r in rows):
+        return None
+    orders = []
+    for r in rows:
+        order = [-1] * N
+        for c0, c in zip(shared, r):
+            order[c0] = c
+        rest = iter(c for c in range(N) if c not in set(r))
+        orders.append([c if c >= 0 else next(rest) for c in order])
+    return orders
+
+
+def permute_keys(k: Tensor, order: Tensor) -> Tensor:
+    """k [B, H, N, D] with row b's key columns taken in ``order[b]`` (int64 [B, N] on k's device)."""
+    return torch.take_along_dim(k, order[:, None, :, None], dim=2)
+
+
+def _per_row(k: Tensor, tokens):
+    """(k, tokens) with per-row tokens ([B, T] tensor or B sequences) turned into shared ones."""
+    if isinstance(tokens, Tensor):
+        if tokens.dim() != 2:
+            return k, tokens
+        rows = tokens.tolist()      # a host read: the controller passes shared tokens and permuted keys
+    elif len(tokens) and not isinstance(tokens[0], (int, np.integer)) and hasattr(tokens[0], "__len__"):
+        rows = [list(r) for r in tokens]
+    else:
+        return k, tokens
+    if len(rows) != k.shape[0]:
+        raise ValueError(f"tokens: per-row target columns need one row per batch row of q/k ({k.shape[0]}), "
+                         f"got {len(rows)}")
+    order = key_order(rows, k.shape[2])
+    if order is None:
+        return k, rows[0]
+    return permute_keys(k, torch.tensor(order, dtype=torch.int64, device=k.device)), rows[0]
 
 
 def _check_basis(basis, M: int, device) -> tuple[Tensor, Tensor]:
@@ -369,8 +420,10 @@ def inner_loop(q: Tensor, k: Tensor, tokens, theta0: Tensor, basis, *, scale, it
     STATTN_BACKEND=reference or when the extension is unavailable; the kernels under the interpreter
     with STATTN_BACKEND=triton, as stattn.ops.backend_for).
     Values of device-resident tokens are not read: an out-of-range or repeated index there gives
-    NaN losses (and best_iter 0); CPU tokens are checked and raise.
+    NaN losses (and best_iter 0); CPU tokens are checked and raise. Per-row tokens (an int tensor
+    [B, T] or B sequences: a batch of different prompts) are served by :func:`key_order`.
     """
+    k, tokens = _per_row(k, tokens)
     tokens_t, gy, gx, scale, weights, thr = _check_loop_args(q, k, tokens, theta0, basis, scale, iters, lr,
                                                              quantile, loss_weights, thr)
     theta_best, best, losses = _call(_inner_loop_op, _inner_loop_impl, q, k, tokens_t, theta0, gy, gx, scale,
@@ -484,6 +537,7 @@ def inner_loop_blend(q: Tensor, k: Tensor, tokens, theta0: Tensor, basis, theta_
         step_int = step
     decay = _finite_float("decay", decay, positive=True)
     w_prev = _finite_float("w_prev", w_prev)
+    k, tokens = _per_row(k, tokens)
     tokens_t, gy, gx, scale, weights, thr = _check_loop_args(q, k, tokens, theta0, basis, scale, iters, lr,
                                                              quantile, loss_weights, thr)
     rest = (step_t, step_int, decay, w_prev, scale, iters, float(lr), float(quantile), *weights, float(thr))

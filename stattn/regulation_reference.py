@@ -97,25 +97,37 @@ class LossParts(NamedTuple):
     probs: Tensor    # P [n, M, T] at the target columns
 
 
-def _edited_logits(z: Tensor, tokens: Sequence[int], theta_flat: Tensor, G: Tensor) -> Tensor:
-    """z [n, M, N] with S = sum_k theta[n, k, t] G_k added to column tokens[t]."""
+def row_columns(tokens, n: int, device) -> Tensor:
+    """Target columns per flattened row [n, T] from ``tokens``: T ints shared by every row, or one
+    list of T ints per image (B lists; row b*H + h belongs to image b, H = n / B)."""
+    t = torch.as_tensor([list(r) for r in tokens] if _per_image(tokens) else [list(tokens)], device=device)
+    return t.repeat_interleave(n // t.shape[0], dim=0)
+
+
+def _per_image(tokens) -> bool:
+    return len(tokens) > 0 and not isinstance(tokens[0], int)
+
+
+def _edited_logits(z: Tensor, tokens, theta_flat: Tensor, G: Tensor) -> Tensor:
+    """z [n, M, N] with S = sum_k theta[n, k, t] G_k added to column tokens[t] (of the row's image)."""
     S = torch.einsum("km,nkt->nmt", G.to(z.dtype), theta_flat.to(z.dtype))
-    onehot = torch.nn.functional.one_hot(torch.as_tensor(list(tokens), device=z.device), z.shape[-1])
-    return z + S @ onehot.to(z.dtype)
+    onehot = torch.nn.functional.one_hot(row_columns(tokens, z.shape[0], z.device), z.shape[-1])  # [n, T, N]
+    return z + torch.bmm(S, onehot.to(z.dtype))
 
 
-def regulation_loss(z: Tensor, tokens: Sequence[int], theta_flat: Tensor, G: Tensor, *,
+def regulation_loss(z: Tensor, tokens, theta_flat: Tensor, G: Tensor, *,
                     quantile: float = 0.9, loss_weights=(1.0, 80.0, 0.09), thr: Optional[float] = None,
                     beta: float = 0.0) -> LossParts:
     """The loss of the released code for conditional logits z [n, M, N] (already scaled, fp32 or
     fp64), flat theta (n, K, T) and basis G [K, M]; differentiable in theta by autograd.
-    P = softmax over all N keys (SOS, EOS, padding included) of the edited logits."""
-    tokens = list(tokens)
-    T = len(tokens)
+    P = softmax over all N keys (SOS, EOS, padding included) of the edited logits. ``tokens``: T
+    target columns, or one list of T per image (a batch of different prompts)."""
+    cols = row_columns(tokens, z.shape[0], z.device)               # [n, T]
+    T = cols.shape[1]
     thr = default_thr(T) if thr is None else thr
     w0, w1, w2 = loss_weights
     P = torch.softmax(_edited_logits(z, tokens, theta_flat, G), dim=-1)
-    Pt = P[..., tokens]                                            # [n, M, T]
+    Pt = P.gather(-1, cols[:, None, :].expand(-1, P.shape[1], -1))  # [n, M, T]
     qv = torch.quantile(Pt, quantile, dim=1)                       # linear interpolation, as released
     l_q = ((qv - quantile) ** 2).mean()
     l_m = ((Pt.mean(dim=1) - thr / T) ** 2).mean()
@@ -188,7 +200,7 @@ def edited_attention(q: Tensor, k: Tensor, v: Tensor, tokens: Sequence[int], the
                      scale: float, pinned: Sequence[int] = (), renormalize: bool = False) -> tuple[Tensor, Tensor]:
     """(o [B, H, M, D] in q's dtype, P [B, H, M, N]): softmax of the edited logits over all N keys,
     then (released behaviour) the ``pinned`` columns overwritten with their unedited
-    probabilities, then P V. ``renormalize=True`` keeps the plain softmax of the edited logits.
+    probabilities, then P V. ``tokens`` / ``pinned``: shared columns, or one list per image. ``renormalize=True`` keeps the plain softmax of the edited logits.
     ``theta`` None (or all-zero) is plain attention."""
     ct = compute_dtype(q)
     B, H, M, _ = q.shape
@@ -198,7 +210,11 @@ def edited_attention(q: Tensor, k: Tensor, v: Tensor, tokens: Sequence[int], the
         G = released_basis(*grid, dtype=ct, device=q.device)
         Pe = torch.softmax(_edited_logits(z, tokens, to_flat(theta), G), dim=-1)
         if not renormalize and pinned:
-            Pe[..., list(pinned)] = P[..., list(pinned)]
+            pin = torch.zeros(B, z.shape[-1], dtype=torch.bool, device=q.device)
+            for b in range(B):
+                pin[b, list(pinned[b] if _per_image(pinned) else pinned)] = True
+            pin = pin.repeat_interleave(H, dim=0)[:, None, :]                 # [n, 1, N]
+            Pe = torch.where(pin, P, Pe)
         P = Pe
     P = P.reshape(B, H, M, -1)
     o = torch.einsum("bhmn,bhnd->bhmd", P, v.to(ct))
@@ -213,7 +229,7 @@ class ReferenceCall(NamedTuple):
 
 
 def reference_layer_call(q: Tensor, k: Tensor, v: Tensor, *, step: int, theta0: Tensor,
-                         theta_prev: Optional[Tensor], tokens: Sequence[int], eos: Optional[int], grid,
+                         theta_prev: Optional[Tensor], tokens, eos, grid,
                          scale: float, cfg: bool = True, edit_steps: int = 25, iters: int = 20,
                          lr: float = 100.0, quantile: float = 0.9, loss_weights=(1.0, 80.0, 0.09),
                          thr: Optional[float] = None, beta: float = 0.0, prev_weight: float = 0.25,
@@ -224,6 +240,8 @@ def reference_layer_call(q: Tensor, k: Tensor, v: Tensor, *, step: int, theta0: 
     theta0 [Bc, H, T, Ky, Kx] is this call's initial theta; theta_prev the best theta this layer
     found at the previous step (None at step 0, where the release carries S(theta0)). Returns the
     output and the new carried state. Steps >= edit_steps and unconditional rows are plain attention.
+    ``tokens`` (T columns) and ``eos`` (the first end-of-text column) may instead be given per
+    conditional image (lists of Bc), for a batch of different prompts.
     """
     B = q.shape[0]
     if not renormalize and eos is None:
@@ -240,7 +258,7 @@ def reference_layer_call(q: Tensor, k: Tensor, v: Tensor, *, step: int, theta0: 
     prev = theta0.to(inner.theta_best.dtype) if theta_prev is None else theta_prev
     # S_eff(t) = decay^t (0.25 S_best(t-1) + 0.75 S_best(t)); S is linear in theta
     theta_eff = decay ** step * (prev_weight * prev + (1.0 - prev_weight) * inner.theta_best)
-    pinned = () if renormalize else (0, eos)
+    pinned = () if renormalize else ([(0, e) for e in eos] if isinstance(eos, (list, tuple)) else (0, eos))
     out_c, Pc = edited_attention(qc, kc, vc, tokens, theta_eff, grid, scale=scale, pinned=pinned,
                                  renormalize=renormalize)
     if c0:

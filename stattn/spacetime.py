@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import reference as ref
-from .control import Controller, CrossAttentionCall, cond_start, project_kv
+from .control import Controller, CrossAttentionCall, Generation, PromptEmbedsCheck, cond_start, project_kv
 from .layout import (Layout, LayoutPredictor, Phrase, RuleLayoutPredictor, _locate, as_region, expand_to_phrase,
                      parse_layout_text)
 from .ops import region_attention
@@ -98,8 +98,9 @@ class SpatialTemporal(Controller):
     weights   None (5 / n, as released), a float, a tensor [n] (per object) or [n, steps] (per
               object and step: one column per denoising step, evaluations at the same timestep
               sharing one, or one per UNet evaluation).
-    cfg       True (default): the batch is [uncond; cond] (classifier-free guidance); False when
-              generating with guidance_scale <= 1 (same_branch only).
+    cfg       None (default): classifier-free guidance as the pipeline / Runner call runs it (on a
+              bare UNet: True, the batch [uncond; cond]); a bool is for bare UNets and must agree
+              with a pipeline's guidance. uncond_ref needs guidance.
     predictor the :class:`~stattn.layout.LayoutPredictor` used for ``layout="auto"`` (default
               :class:`~stattn.layout.RuleLayoutPredictor`).
     template  the local description ("a photo of {}").
@@ -108,7 +109,7 @@ class SpatialTemporal(Controller):
     """
 
     def __init__(self, objects: Union[str, Sequence[str]] = "auto", layout=None, *, mode: str = "same_branch",
-                 weights: Union[None, float, Tensor] = None, cfg: bool = True,
+                 weights: Union[None, float, Tensor] = None, cfg: Optional[bool] = None,
                  predictor: Optional[LayoutPredictor] = None, template: str = TEMPLATE):
         if isinstance(objects, str) and objects != "auto":
             objects = [objects]
@@ -122,9 +123,9 @@ class SpatialTemporal(Controller):
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
         self.mode = mode
-        if not isinstance(cfg, bool):
-            raise TypeError(f"cfg: expected a bool, got {cfg!r}")
-        if mode == "uncond_ref" and not cfg:
+        if cfg is not None and not isinstance(cfg, bool):
+            raise TypeError(f"cfg: expected None or a bool, got {cfg!r}")
+        if mode == "uncond_ref" and cfg is False:
             raise ValueError("mode: 'uncond_ref' needs classifier-free guidance (cfg=True)")
         self.cfg = cfg
         if predictor is not None and not isinstance(predictor, LayoutPredictor):
@@ -145,7 +146,10 @@ class SpatialTemporal(Controller):
         self._cols: Optional[Tensor] = None   # int64 [MAX_EVALUATIONS]: UNet evaluation -> column of W
         self._context: Optional[Tensor] = None  # [n, N, C] the local descriptions' encoder states
         self._owner = None
+        self._pipe = None
         self._prompt: Optional[str] = None
+        self._optimized_for: Optional[str] = None   # the prompt W was optimised for
+        self._embeds_check = PromptEmbedsCheck(None, None)
         self._kv: dict = {}
 
     # ------------------------------------------------------------------ apply / remove
@@ -161,23 +165,48 @@ class SpatialTemporal(Controller):
         if not hasattr(pipe, "encode_prompt"):
             raise TypeError(f"pipe_or_runner: expected a diffusers SD / SDXL pipeline or stattn.Runner (the local "
                             f"descriptions are encoded with its text encoder), got {type(pipe_or_runner).__name__}")
+        self._owner, self._pipe = pipe_or_runner, pipe
+        self._optimized_for = None
+        self._setup(prompt, unet.device)
+        accelerate(pipe_or_runner, controller=self)
+        return pipe_or_runner
+
+    def _setup(self, prompt: str, device) -> None:
+        """Objects, layout, local descriptions (encoded) and weights for ``prompt``."""
         phrases, layout = self._resolve(prompt)
         n = len(phrases)
         weights = _check_weights(self.weights, n)
-        device = unet.device
         self.phrases, self.layout_used = phrases, layout
         self.descriptions = [self.template.format(p.text) for p in phrases]
-        self._context = _encode(pipe, self.descriptions, device)
+        self._context = _encode(self._pipe, self.descriptions, device)
         W = weights if isinstance(weights, Tensor) else torch.full((n,), float(weights))
         W = W.detach().to(device=device, dtype=torch.float32)
         self.W = (W[:, None] if W.dim() == 1 else W).contiguous()
         # evaluation index -> column of W, refilled in place per run (see _map_columns)
         self._cols = torch.arange(MAX_EVALUATIONS, dtype=torch.int64, device=device)
-        self._owner = pipe_or_runner
         self._prompt = prompt
+        self._embeds_check = PromptEmbedsCheck(self._pipe, prompt)
         self._kv = {}
-        accelerate(pipe_or_runner, controller=self)
-        return pipe_or_runner
+
+    def begin_generation(self, generation) -> None:
+        """The call's own prompt: objects, layout and descriptions are re-resolved when it is not
+        the one applied for (one prompt per call: a list of different prompts has no shared layout)."""
+        if generation.prompts is not None:
+            distinct = list(dict.fromkeys(generation.prompts))
+            if len(distinct) > 1:
+                raise ValueError(f"prompt: SpatialTemporal lays out one prompt per call, got {len(distinct)} different "
+                                 f"prompts {distinct}; generate them in separate calls (num_images_per_prompt for "
+                                 "several images of one prompt)")
+            prompt = distinct[0]
+            if prompt != self._prompt:
+                if self._optimized_for is not None:
+                    raise ValueError(f"prompt: the weights W were optimised for {self._optimized_for!r}, not for "
+                                     f"{prompt!r}; optimize() this prompt, or apply(pipe, prompt=...) it afresh")
+                self._setup(prompt, self.W.device)
+        elif generation.prompt_embeds is not None:
+            self._embeds_check(generation.prompt_embeds, "the objects and layout")
+        if self.W is not None and self.W.shape[1] > 1:
+            self._map_columns(generation)
 
     def remove(self, pipe_or_runner):
         """Put the original attention processors back (:func:`stattn.restore`)."""
@@ -232,35 +261,31 @@ class SpatialTemporal(Controller):
                         f"regions or a dict object -> region, got {type(layout).__name__}")
 
     # ------------------------------------------------------------------ Controller interface
-    def begin_step(self, step: int, timestep) -> None:
-        if step == 0 and self.W is not None and self.W.shape[1] > 1:
-            self._map_columns()
-
-    def _map_columns(self) -> None:
+    def _map_columns(self, generation) -> None:
         """Fill the evaluation -> column table for this run (in place: a captured graph keeps reading
-        it). W may have one column per UNet evaluation (len(scheduler.timesteps)) or one per
-        denoising step (scheduler.num_inference_steps); in the second case evaluations at the same
-        timestep share a column (PNDM's repeated warm-up timestep, Heun's two evaluations)."""
+        it). W may have one column per UNet evaluation (the loop's turns) or one per denoising step
+        (scheduler.num_inference_steps); in the second case evaluations at the same timestep share a
+        column (PNDM's repeated warm-up timestep, Heun's two evaluations)."""
         S = self.W.shape[1]
-        scheduler = getattr(self._owner, "scheduler", None)
-        timesteps = getattr(scheduler, "timesteps", None)
-        if timesteps is None:
+        scheduler = getattr(self._pipe, "scheduler", None)
+        timesteps = generation.timesteps
+        E = generation.steps if generation.steps is not None else (None if timesteps is None else len(timesteps))
+        if E is None:
             return                      # no schedule known: column = evaluation index
-        E = len(timesteps)
         if E > self._cols.numel():
             raise ValueError(f"weights: this run has {E} UNet evaluations, more than the {self._cols.numel()} "
                              "per-step weights supported")
+        steps = getattr(scheduler, "num_inference_steps", None)
         if E == S:
             self._cols[:E].copy_(torch.arange(E, device=self._cols.device))
-        elif S == getattr(scheduler, "num_inference_steps", None):
+        elif S == steps and timesteps is not None and len(timesteps) == E:
             t = torch.as_tensor(timesteps).to(self._cols.device)
             new = torch.ones(E, dtype=torch.int64, device=t.device)
             new[1:] = (t[1:] != t[:-1]).to(torch.int64)
             self._cols[:E].copy_(new.cumsum(0) - 1)          # on the device: no host read
         else:
-            raise ValueError(f"weights: per-step weights for {S} steps, but this run has "
-                             f"{getattr(scheduler, 'num_inference_steps', '?')} denoising steps ({E} UNet "
-                             "evaluations); give W one column per step or per evaluation")
+            raise ValueError(f"weights: per-step weights for {S} steps, but this run has {steps} denoising steps "
+                             f"({E} UNet evaluations); give W one column per step or per evaluation")
 
     def attention(self, call: CrossAttentionCall) -> Optional[Tensor]:
         if self._context is None:
@@ -380,9 +405,8 @@ class SpatialTemporal(Controller):
             _unfreeze(frozen)
         peak = torch.cuda.max_memory_allocated(device) if cuda else None
         # W has new values (and maybe a new shape): re-install so CUDA graphs captured before are dropped
-        from .processors import tracker_of
-
-        accelerate(runner.unet, controller=tracker_of(runner.unet).controller)
+        self._optimized_for = prompt
+        accelerate(pipe_or_runner, controller=self)
         return OptimizationResult(losses, history, times, peak, latents)
 
     def __repr__(self) -> str:
@@ -546,7 +570,9 @@ def sample_images(runner, prompt: str, latents: Tensor, *, steps: int, guidance_
     tracker = tracker_of(unet)
     if tracker is None or tracker.controller is None:
         raise ValueError("SpatialTemporal.optimize: the controller is not installed; call apply(x, prompt=...) first")
-    tracker.reset()
+    tracker.begin_generation(Generation(cfg=cfg, prompts=[prompt] * cond.batch, steps=len(timesteps),
+                                        timesteps=timesteps, batch=cond.context.shape[0], source="runner",
+                                        pipeline=pipe))
     first_grad = 0 if grad_steps is None else max(0, len(timesteps) - grad_steps)
 
     def unet_eval(model_in, i, t):

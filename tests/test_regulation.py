@@ -430,8 +430,9 @@ def test_bad_use_gives_clear_errors(sd):
         AttentionRegulation(token_indices=[5]).apply(sd)
     with pytest.raises(ValueError, match="edit_steps: 25 edited steps but this run has only 4"):
         _generate(sd, AttentionRegulation(["cat"]))
-    with pytest.raises(ValueError, match="cfg"):                           # no guidance: odd batch
-        _generate(sd, AttentionRegulation(["cat"], edit_steps=2), seeds=(1,), guidance_scale=1.0)
+    with pytest.raises(ValueError, match="cfg: the controller was given cfg=True, but this pipeline call runs "
+                                         "without"):                    # a contradiction is an error, not a guess
+        _generate(sd, AttentionRegulation(["cat"], edit_steps=2, cfg=True), seeds=(1,), guidance_scale=1.0)
     with pytest.raises(ValueError, match="too small for the Gaussian basis"):
         _generate(sd, AttentionRegulation(["cat"], layers="all", edit_steps=2), size=32)
     ctrl = AttentionRegulation(["cat"], edit_steps=2)

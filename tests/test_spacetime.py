@@ -8,7 +8,7 @@ import torch
 import stattn
 from stattn import models
 from stattn import reference as ref
-from stattn.control import CrossAttentionCall
+from stattn.control import CrossAttentionCall, Generation
 from stattn.layout import Box, Centre, Layout
 from stattn.spacetime import SpatialTemporal, combine, region_kv
 
@@ -192,7 +192,7 @@ def test_step_weights_read_on_the_device_from_step_tensor(pipe):
     cols = st._cols
     pipe.scheduler.set_timesteps(6)                         # PNDM: 7 evaluations, the 2nd timestep twice
     assert len(pipe.scheduler.timesteps) == 7
-    st.begin_step(0, None)
+    st.begin_generation(Generation(steps=7, timesteps=pipe.scheduler.timesteps))
     assert st._cols is cols                                 # refilled in place (CUDA-graph safe)
     assert [picked(e) for e in range(7)] == [W[:, s].tolist() for s in (0, 1, 1, 2, 3, 4, 5)]
     st.remove(pipe)
@@ -301,9 +301,14 @@ def test_guidance_one_with_cfg_false(pipe):
     out = images(pipe, guidance_scale=1.0)
     assert out.shape == (1, 64, 64, 3)
     st.remove(pipe)
-    st = SpatialTemporal()
+    st = SpatialTemporal()                      # guidance taken from the pipeline call: the same image
     st.apply(pipe, prompt=PROMPT)
-    with pytest.raises(ValueError, match="cfg=False"):
+    torch.testing.assert_close(images(pipe, guidance_scale=1.0), out, rtol=0, atol=1e-5)
+    st.remove(pipe)
+    st = SpatialTemporal(cfg=True)              # a contradiction is an error, not a guess
+    st.apply(pipe, prompt=PROMPT)
+    with pytest.raises(ValueError, match="cfg: the controller was given cfg=True, but this pipeline call runs "
+                                         "without classifier-free guidance"):
         images(pipe, guidance_scale=1.0, steps=1)
     st.remove(pipe)
 
