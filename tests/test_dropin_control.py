@@ -184,26 +184,25 @@ def test_regulation_per_row_columns_for_a_list_of_prompts(fused):
     pipe = models.tiny(0, scheduler="DDIMScheduler")
     kw = dict(layers="all", edit_steps=2, init="zeros")
 
-    def run(prompt, n=1, **extra):
-        ctrl = stattn.AttentionRegulation(["cat", "frog"], **kw, **extra)
+    def run(prompt, n=1, fused=fused, **call):
+        ctrl = stattn.AttentionRegulation(["cat", "frog"], fused=fused, **kw)
         ctrl.apply(pipe, prompt=PROMPT)
         try:
-            return _latents(pipe, prompt, n=n), ctrl.rows
+            return _latents(pipe, prompt, n=n, **call), ctrl.rows
         finally:
             ctrl.remove(pipe)
 
-    got, rows = run([PROMPT, OTHER], n=2, fused=fused)
+    def close(a, b):   # the fp32 inner loop (lr 100) amplifies rounding: the fused-vs-reference bound
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+    got, rows = run([PROMPT, OTHER], n=2)
     assert rows[0] != rows[1] and [r[0] for r in rows] == [
         stattn.token_indices(pipe.tokenizer, p, ["cat", "frog"]) for p in (PROMPT, OTHER)]
     if fused:
-        expected, _ = run([PROMPT, OTHER], n=2, fused=False)
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
-    twice, _ = run([PROMPT, PROMPT], n=2, fused=fused)
-    per_prompt, _ = run(PROMPT, n=1, fused=fused)
-    assert twice.shape[0] == 2
-    one = pipe(PROMPT, num_inference_steps=3, num_images_per_prompt=2,
-               generator=[torch.Generator().manual_seed(s) for s in range(2)], output_type="latent")
-    del one, per_prompt
+        close(got, run([PROMPT, OTHER], n=2, fused=False)[0])
+    twice, rows = run([PROMPT, PROMPT], n=2)
+    assert rows is None                                   # every row apply()'s columns: the shared form
+    close(twice, run(PROMPT, n=2, num_images_per_prompt=2)[0])
 
 
 def test_prompt_embeds_must_be_the_applied_prompt():
