@@ -44,5 +44,7 @@ setup(
     install_requires=[
         "torch>=2.4", "triton>=3.0", "numpy", "diffusers>=0.30", "transformers>=4.40", "pillow",
     ],
-    extras_require={"test": ["pytest", "pytest-benchmark", "numpy<2.4"]},
+    # the test extra: peft for the LoRA drop-in tests, torchsde for DPMSolverSDEScheduler (every diffusers
+    # scheduler is tested), numpy < 2.4 for the Triton 3.6 interpreter
+    extras_require={"test": ["pytest", "pytest-benchmark", "numpy<2.4", "peft", "torchsde"]},
 )
