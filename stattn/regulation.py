@@ -4,7 +4,7 @@ At every edited cross-attention layer call of the first ``edit_steps`` denoising
 conditional rows' attention scores of the target tokens get an additive Gaussian-basis offset
 S = G_y θ G_xᵀ whose coefficients θ are optimised on the spot (``iters`` gradient steps on a
 quantile + mean + ‖θ‖² loss), blended with the previous step's best and decayed by 0.99^t. The
-defaults reproduce the released code (spec: /work/shared/spec/attention-regulation.md); every
+defaults reproduce the released code; every
 deviation the paper or good sense suggests is an option.
 
 Two paths compute the same thing:

@@ -2,8 +2,7 @@
 
 This is the oracle the fused path (:func:`stattn.regulation_core.inner_loop` + the offset in
 :func:`stattn.region_attention`) is tested against, and the path ``AttentionRegulation(fused=False)``
-runs. It follows the released code's own layout and order of operations
-(spec: /work/shared/spec/attention-regulation.md):
+runs. It follows the released code's own layout and order of operations:
 
 - theta is flat, ``(n, K, T)`` with n = image * heads + head and the basis index k running over
   the column centre x in the outer loop and the row centre y in the inner loop; the basis is the

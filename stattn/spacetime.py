@@ -3,7 +3,7 @@
 Every object i of the prompt gets a region m_i (a :class:`stattn.layout.Layout`: centres, boxes,
 masks, LLM-style text, or the rule-based predictor) and a local description "a photo of <phrase>",
 encoded separately by the pipeline's own text encoder(s) into its own context E_i. In every
-cross-attention layer the conditional rows compute, per pixel p (spec/spatial-temporal.md),
+cross-attention layer the conditional rows compute, per pixel p (as the released code does),
 
     same_branch (paper, first release):  out_c = O_D + Σ_i c_i[t]·m_i(p)·(O_i − O_D)
     uncond_ref  (current release):       out_c = O_D + Σ_i c_i[t]·m_i(p)·(O_i − O_u(p))
