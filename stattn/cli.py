@@ -163,7 +163,7 @@ def _generate(runner, args, profile_dir=None, maps=True):
     tokens, labels = _targets(runner, args)
     method = _controller(runner, args, tokens)
     inner = method if method is not None else None
-    recorder = AttentionMaps(tokens, cfg=args.guidance > 1.0, inner=inner) if maps else None
+    recorder = AttentionMaps(tokens, inner=inner) if maps else None
     if recorder is not None:
         accelerate(runner, controller=recorder)
     elif method is None:

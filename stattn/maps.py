@@ -16,19 +16,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .control import Controller, CrossAttentionCall
+from .control import Controller, CrossAttentionCall, cond_start
 
 __all__ = ["AttentionMaps", "heatmap_figure"]
 
 
 class AttentionMaps(Controller):
-    def __init__(self, tokens: Sequence[int], *, cfg: bool = True, inner: Optional[Controller] = None,
+    def __init__(self, tokens: Sequence[int], *, cfg: Optional[bool] = None, inner: Optional[Controller] = None,
                  max_pixels: int = 32 * 32):
         tokens = [int(t) for t in tokens]
         if not tokens or min(tokens) < 0:
             raise ValueError(f"tokens: expected a non-empty list of key indices >= 0, got {tokens}")
         self.tokens = tokens
-        self.cfg = cfg              # batch rows are [uncond, cond]: record the second half
+        self.cfg = cfg              # None: the call's guidance (rows [uncond, cond]: record the second half)
         self.inner = inner
         self.max_pixels = max_pixels  # layers with more pixels are skipped (cost; P2P uses 16x16)
         self.reset()
@@ -39,6 +39,10 @@ class AttentionMaps(Controller):
         self._counts: dict = {}
         if self.inner is not None:
             self.inner.reset()
+
+    def begin_generation(self, generation) -> None:
+        if self.inner is not None:
+            self.inner.begin_generation(generation)
 
     def begin_step(self, step, timestep) -> None:
         if self.inner is not None:
@@ -58,10 +62,8 @@ class AttentionMaps(Controller):
         N = k.shape[-2]
         if max(self.tokens) >= N:
             raise ValueError(f"tokens: index {max(self.tokens)} is out of range for {N} prompt keys")
-        if self.cfg:
-            if q.shape[0] % 2:
-                raise ValueError(f"AttentionMaps(cfg=True) needs an even batch [uncond, cond], got {q.shape[0]}")
-            q, k = q[q.shape[0] // 2:], k[k.shape[0] // 2:]
+        c0 = cond_start(call, self.cfg)
+        q, k = q[c0:], k[c0:]
         logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * call.scale
         p = logits.softmax(-1)[..., self.tokens].mean(1)          # [b, M, T]
         h, w = call.grid
