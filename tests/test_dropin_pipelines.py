@@ -1,0 +1,89 @@
+"""`stattn.accelerate(pipe)` on every pipeline class it meets: the images equal the same pipeline's
+without stattn (fp32 tolerance), the fused path really runs (never zero fused calls where stattn
+says it accelerates), what it leaves is reported, and `restore` leaves the stock processors."""
+import inspect
+import warnings
+
+import pytest
+import torch
+import diffusers
+
+import stattn
+from stattn import models
+from stattn.processors import NotAcceleratedWarning, status
+
+PROMPT = "a photo of a cat and a frog"
+# fp32 images from two summation orders of the same attention: |difference| ~ 1e-6 on [0, 1] pixels
+ATOL = 1e-4
+
+
+def _as(cls, base, **extra):
+    names = inspect.signature(cls.__init__).parameters
+    comps = {k: v for k, v in base.components.items() if k in names}
+    comps.update(extra)
+    return cls(**comps)
+
+
+def _gligen():
+    base = models.tiny(0)
+    config = {k: v for k, v in base.unet.config.items() if not k.startswith("_")}
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(**{**config, "attention_type": "gated"})
+    return _as(diffusers.StableDiffusionGLIGENPipeline, base, unet=unet)
+
+
+def _image(size=64):
+    return torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(3))
+
+
+# name -> (build pipeline, call kwargs, stattn accelerates its cross-attention)
+CASES = {
+    "sd": (lambda: models.tiny(0), {}, True),
+    "sd2": (lambda: models.tiny(0, "sd2"), {}, True),
+    "sdxl": (lambda: models.tiny(0, "sdxl"), {}, True),
+    "img2img": (lambda: _as(diffusers.StableDiffusionImg2ImgPipeline, models.tiny(0, scheduler="DDIMScheduler")),
+                dict(image=_image(), strength=0.6, num_inference_steps=4), True),
+    "inpaint": (lambda: _as(diffusers.StableDiffusionInpaintPipeline, models.tiny(0, scheduler="DDIMScheduler")),
+                dict(image=_image(), mask_image=(_image()[:, :1] > 0.5).float()), True),
+    "controlnet": (lambda: _as(diffusers.StableDiffusionControlNetPipeline, base := models.tiny(0),
+                               controlnet=diffusers.ControlNetModel.from_unet(base.unet)),
+                   dict(image=_image()), True),
+    "gligen": (_gligen, dict(gligen_phrases=["a cat", "a frog"], gligen_boxes=[[0.1, 0.1, 0.5, 0.5],
+                                                                             [0.5, 0.5, 0.9, 0.9]],
+                             gligen_scheduled_sampling_beta=1.0), True),
+    # installs its own processors (AttendExciteAttnProcessor) at every call: stattn notices and leaves them
+    "attend_and_excite": (lambda: _as(diffusers.StableDiffusionAttendAndExcitePipeline, models.tiny(0)),
+                          dict(token_indices=[5, 8], max_iter_to_alter=1, attn_res=(8, 8),
+                               num_inference_steps=1), False),
+}
+
+
+def _run(pipe, kw):
+    kw = {"num_inference_steps": 2, **kw}
+    return pipe(PROMPT, generator=torch.Generator().manual_seed(0), output_type="np", **kw).images
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_accelerate_equals_the_stock_pipeline(name):
+    build, kw, fused = CASES[name]
+    pipe = build()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        stock = _run(pipe, kw)
+        before = dict(pipe.unet.attn_processors)
+        stattn.accelerate(pipe)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", NotAcceleratedWarning)
+            got = _run(pipe, kw)
+        st = status(pipe)
+    assert abs(got - stock).max() <= ATOL, name
+    if fused:
+        assert st.fused_calls > 0 and st.accelerated and not st.left, (name, st)
+    else:                                # visibly aside: nothing fused, every layer reported, a warning
+        assert st.fused_calls == 0 and st.left and not st.accelerated, (name, st)
+        assert any(issubclass(w.category, NotAcceleratedWarning) for w in caught)
+    stattn.restore(pipe)
+    if fused:                            # stattn's processors gone, the stock ones back
+        after = pipe.unet.attn_processors
+        assert after.keys() == before.keys()
+        assert all(after[k] is before[k] for k in before)
