@@ -424,3 +424,43 @@ def test_kernels_compile_for_sm90_without_spills():
     for r in rows:
         assert r["STACK"] == 0 and r["LOCAL"] == 0, r
         assert r["SHARED"] <= 232448, r
+
+
+# ---- per-row target columns (a batch of different prompts) ---------------------------------------
+
+def test_key_order_puts_every_row_targets_at_row_0_columns():
+    rows = [[2, 5], [3, 9], [5, 2]]
+    orders = rc.key_order(rows, 12)
+    assert rc.key_order([[2, 5], [2, 5]], 12) is None                 # equal rows: the shared form
+    for r, o in zip(rows, orders):
+        assert sorted(o) == list(range(12))                            # a permutation of the keys
+        assert [o[c] for c in rows[0]] == r                            # row b's targets at row 0's places
+    with pytest.raises(ValueError, match="same number of target columns"):
+        rc.key_order([[2, 5], [3]], 12)
+    with pytest.raises(ValueError, match="distinct and in"):
+        rc.key_order([[2, 5], [3, 3]], 12)
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_per_row_tokens_match_per_row_loops_fp64(backend, monkeypatch):
+    """inner_loop with tokens [B, T] against an oracle built from one-row loops: L is a mean over
+    (image, head, token) with T tokens per row, so L = mean_b L_b and row b's step lr*n*dL/dtheta_b
+    is the one-row loop's own (n = B*H there, H alone); only the best iteration, argmin of mean_b
+    L_b, couples the rows. fp64: losses to rounding, theta_best to rounding."""
+    if backend == "native" and not stattn.native.available():
+        pytest.skip("native extension unavailable")
+    monkeypatch.setenv("STATTN_BACKEND", backend)
+    q, k, _, theta0, basis = loop_inputs(3, 2, 8, 8, 16, 2, F64, seed=11)
+    theta0 = theta0.double()
+    rows = [[3, 7], [7, 12], [40, 2]]
+    res = rc.inner_loop(q, k, torch.tensor(rows), theta0, basis, scale=0.25, iters=6)
+    per_row = [fp64_loop(q[b:b + 1], k[b:b + 1], torch.tensor(r), theta0[b:b + 1], basis, 6)
+               for b, r in enumerate(rows)]
+    losses = torch.stack([p[2] for p in per_row]).mean(0)
+    best = min(range(6), key=lambda i: (float(losses[i]), i))
+    torch.testing.assert_close(res.losses, losses, rtol=1e-12, atol=0)
+    assert int(res.best_iter) == best
+    expected = torch.cat([p[3][best] for p in per_row])
+    torch.testing.assert_close(res.theta_best, expected, rtol=1e-10, atol=1e-12)
+    shared = rc.inner_loop(q, k, [3, 7], theta0, basis, scale=0.25, iters=6)
+    assert not torch.allclose(shared.losses, res.losses)               # the rows' own columns matter
