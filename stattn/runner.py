@@ -1,9 +1,14 @@
 """A minimal Stable Diffusion runner: the denoising loop and nothing else, measured.
 
-:class:`Runner` wraps the components of a diffusers SD 1.x / 2.x / SDXL pipeline (UNet, VAE, text
-encoder(s), tokenizer(s), scheduler) and reuses the pipeline's own code for everything that is not
-the loop (prompt encoding, latent preparation, SDXL time ids, image post-processing), so its
-images equal the stock pipeline's. What it adds:
+:class:`Runner` wraps a diffusers txt2img pipeline — ``StableDiffusionPipeline`` (SD 1.x / 2.x),
+``StableDiffusionXLPipeline``, ``StableDiffusionControlNetPipeline`` or
+``StableDiffusionXLControlNetPipeline`` — and reuses the pipeline's own code for everything that is
+not the loop (prompt encoding, IP-Adapter image embeds, ControlNet image preparation, latent
+preparation, SDXL time ids, VAE decode, safety checker / watermark, post-processing), so its images
+equal the stock pipeline's. Any other pipeline (img2img, inpainting, instruct-pix2pix, upscalers,
+depth2img, GLIGEN, Attend-and-Excite, SAG, panorama, a subclass with its own ``__call__`` ...) runs
+another loop: ``Runner(pipe)`` rejects it, and ``stattn.accelerate(pipe)`` accelerates it instead.
+What the Runner adds:
 
 - prompts are encoded once (cached per prompt and settings), and the fused cross-attention processor
   (:func:`stattn.accelerate`) projects the constant text K/V once per layer instead of every step;
@@ -17,8 +22,13 @@ images equal the stock pipeline's. What it adds:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import inspect
 import json
+import math
+import numbers
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -40,6 +50,7 @@ class RunResult:
     trace: Optional[str] = None       # Chrome trace path when profiled
     table: Optional[str] = None       # per-op profiler table when profiled
     settings: dict = field(default_factory=dict)
+    nsfw: Optional[list] = None       # the SD safety checker's verdict per image (None: no checker run)
 
     def report(self) -> dict:
         """Timings and settings as a JSON-able dict."""
@@ -49,32 +60,151 @@ class RunResult:
                 "trace": self.trace, "settings": self.settings}
 
 
-@dataclass
+@dataclass(eq=False)
 class _Conditioning:
     context: torch.Tensor             # encoder_hidden_states, [uncond; cond] under CFG
-    added: Optional[dict]             # SDXL added_cond_kwargs
+    added: Optional[dict]             # added_cond_kwargs: SDXL text_embeds / time_ids, IP-Adapter image_embeds
     batch: int                        # images (rows of one CFG half)
+    timestep_cond: Optional[torch.Tensor] = None   # guidance-scale embedding of UNets with time_cond_proj_dim
+    attention_kwargs: Optional[dict] = None        # the call's cross_attention_kwargs, passed to the UNet
+
+
+# ---------------------------------------------------------------------- supported pipelines
+@dataclass(frozen=True)
+class _Family:
+    """A diffusers pipeline class whose ``__call__`` loop the Runner reproduces, and how it differs."""
+
+    stock: type
+    xl: bool
+    controlnet: bool
+
+    @property
+    def rescale(self) -> bool:        # the ControlNet pipelines take no guidance_rescale
+        return not self.controlnet
+
+    @property
+    def begin_index(self) -> bool:    # only SDXL txt2img calls scheduler.set_begin_index(0)
+        return self.xl and not self.controlnet
+
+
+def _families() -> dict:
+    from diffusers import (StableDiffusionControlNetPipeline, StableDiffusionPipeline,
+                           StableDiffusionXLControlNetPipeline, StableDiffusionXLPipeline)
+
+    return {cls: _Family(cls, xl, cn) for cls, xl, cn in (
+        (StableDiffusionPipeline, False, False), (StableDiffusionXLPipeline, True, False),
+        (StableDiffusionControlNetPipeline, False, True), (StableDiffusionXLControlNetPipeline, True, True))}
+
+
+def _unsupported(cls: type, why: str, pipeline: bool = True) -> TypeError:
+    names = ", ".join(c.__name__ for c in _families())
+    hint = (". Accelerate that pipeline with stattn.accelerate(pipe) (controllers: stattn.accelerate(pipe, "
+            "controller=...)) and call it as usual" if pipeline else "")
+    return TypeError(f"pipe: stattn.Runner reproduces the denoising loop of {names} only (txt2img SD 1.x / 2.x / "
+                     f"SDXL, with ControlNet and IP-Adapter inputs); {cls.__name__} {why}{hint}")
+
+
+def _family_of(pipe) -> _Family:
+    """The supported class ``pipe`` is, decided by its class alone: a subclass counts only when its
+    ``__call__`` is the stock one (stattn.pipeline_calls' hook is seen through: it wraps the stock loop)."""
+    families = _families()
+    cls = type(pipe)
+    cls = cls.__dict__.get("_stattn_stock_class", cls)
+    for base in cls.__mro__:
+        family = families.get(base)
+        if family is not None:
+            if cls.__call__ is not base.__call__:
+                raise _unsupported(cls, f"subclasses {base.__name__} but overrides __call__, so its loop may differ")
+            return family
+    from diffusers import DiffusionPipeline
+
+    if not issubclass(cls, DiffusionPipeline):
+        raise _unsupported(cls, "is not a diffusers pipeline", pipeline=False)
+    raise _unsupported(cls, "runs another loop (img2img strength, inpainting masks, extra guidance or latent "
+                            "updates, other conditioning) that the Runner does not reproduce")
+
+
+def _controlnet_of(pipe):
+    net = pipe.controlnet
+    return getattr(net, "_orig_mod", net)   # torch.compile'd: check the wrapped module, as diffusers does
+
+
+# ---------------------------------------------------------------------- the call's arguments
+@dataclass
+class _Control:
+    image: Any                        # as given; prepared by the pipeline's prepare_image
+    scale: Any                        # controlnet_conditioning_scale (float, or a list per ControlNet)
+    guess: bool
+    start: list
+    end: list
+
+
+@dataclass
+class _Call:
+    prompt: Union[str, list]
+    negative_prompt: Any
+    steps: Optional[int]
+    timesteps: Optional[list]
+    sigmas: Optional[list]
+    guidance_scale: float
+    guidance_rescale: float
+    height: Optional[int]             # None: from the ControlNet image
+    width: Optional[int]
+    num_images: int
+    generator: Any
+    seed: Optional[int]
+    latents: Optional[torch.Tensor]
+    eta: float
+    clip_skip: Optional[int]
+    attention_kwargs: Optional[dict]
+    ip_image: Any
+    ip_embeds: Optional[list]
+    control: Optional[_Control]
+    output_type: str
+    progress: bool
+    callback: Any
+
+    @property
+    def batch(self) -> int:
+        return (1 if isinstance(self.prompt, str) else len(self.prompt)) * self.num_images
+
+    @property
+    def lora_scale(self):             # the stock pipelines' text-encoder LoRA scale
+        return self.attention_kwargs.get("scale", None) if self.attention_kwargs is not None else None
 
 
 class Runner:
-    """The denoising loop of a diffusers SD / SDXL pipeline, lean and measured.
+    """The denoising loop of a diffusers SD / SDXL txt2img pipeline (ControlNet and IP-Adapter
+    inputs included), lean and measured.
 
-    ``Runner(pipe)`` takes any loaded ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline``
-    (or compatible); :meth:`from_pretrained` loads a model directory (or ``"tiny"``)."""
+    ``Runner(pipe)`` takes a loaded ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``,
+    ``StableDiffusionControlNetPipeline`` or ``StableDiffusionXLControlNetPipeline`` (or a subclass
+    that keeps the stock ``__call__``) and raises TypeError for any other pipeline;
+    :meth:`from_pretrained` loads a model directory (or ``"tiny"``)."""
 
     def __init__(self, pipe, *, cuda_graphs: bool = False, accelerate: bool = True):
-        for part in ("unet", "vae", "scheduler", "text_encoder", "tokenizer"):
-            if getattr(pipe, part, None) is None and not (part == "text_encoder" and _is_xl(pipe)):
-                raise ValueError(f"pipe: expected a Stable Diffusion pipeline with a {part}, "
+        family = _family_of(pipe)
+        parts = ("unet", "vae", "scheduler", "text_encoder", "tokenizer") + (("controlnet",) if family.controlnet else ())
+        for part in parts:
+            if getattr(pipe, part, None) is None and not (part == "text_encoder" and family.xl):
+                raise ValueError(f"pipe: expected a {family.stock.__name__} with a {part}, "
                                  f"got {type(pipe).__name__} without one")
+        if cuda_graphs and family.controlnet:
+            raise ValueError("cuda_graphs=True captures the UNet evaluation alone, and the ControlNet residuals it "
+                             f"adds change at every step: not supported for {type(pipe).__name__}; use "
+                             "cuda_graphs=False")
         self.pipe = pipe
+        self.family = family
         self.unet = pipe.unet
         self.scheduler = pipe.scheduler
         self.cuda_graphs = bool(cuda_graphs)
         self._cond_cache: dict = {}
         self._graphs = _GraphCache()
         if accelerate:
-            _accelerate(self.unet)
+            try:
+                _accelerate(self.unet)
+            except ValueError as e:   # no layer stattn reproduces (e.g. IP-Adapter attention): the stock path
+                warnings.warn(f"stattn.Runner: the UNet keeps its stock attention processors ({e})", stacklevel=2)
 
     @classmethod
     def from_pretrained(cls, model: Union[str, Path], *, dtype=None, torch_dtype=None, device=None,
@@ -102,7 +232,7 @@ class Runner:
 
     @property
     def is_xl(self) -> bool:
-        return _is_xl(self.pipe)
+        return self.family.xl
 
     @property
     def controller(self):
@@ -112,174 +242,451 @@ class Runner:
     def default_size(self) -> int:
         return self.unet.config.sample_size * self.pipe.vae_scale_factor
 
+    def guided(self, guidance_scale: float) -> bool:
+        """Classifier-free guidance as the stock pipelines decide it (``do_classifier_free_guidance``):
+        a scale above 1, unless the UNet embeds the guidance scale itself (``time_cond_proj_dim``)."""
+        return guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None
+
     # ------------------------------------------------------------------ conditioning
     def encode(self, prompt, negative_prompt=None, num_images: int = 1, cfg: bool = True,
-               height: Optional[int] = None, width: Optional[int] = None) -> _Conditioning:
+               height: Optional[int] = None, width: Optional[int] = None, *, clip_skip: Optional[int] = None,
+               lora_scale: Optional[float] = None) -> _Conditioning:
         """Text conditioning through the pipeline's own ``encode_prompt``, cached per arguments
         (the same tensors are returned again, so the processors' K/V cache hits)."""
-        key = (_hashable(prompt), _hashable(negative_prompt), num_images, cfg, height, width)
+        key = (_hashable(prompt), _hashable(negative_prompt), num_images, cfg, height, width, clip_skip, lora_scale)
         hit = self._cond_cache.get(key)
         if hit is not None:
             return hit
         batch = (1 if isinstance(prompt, str) else len(prompt)) * num_images
         with torch.no_grad():
             if self.is_xl:
-                cond = self._encode_xl(prompt, negative_prompt, num_images, cfg, height, width)
+                cond = self._encode_xl(prompt, negative_prompt, num_images, cfg, height, width, clip_skip, lora_scale)
             else:
-                pe, ne = self.pipe.encode_prompt(prompt, self.device, num_images, cfg, negative_prompt)
+                pe, ne = self.pipe.encode_prompt(prompt, self.device, num_images, cfg, negative_prompt,
+                                                 lora_scale=lora_scale, clip_skip=clip_skip)
                 cond = _Conditioning(torch.cat([ne, pe]) if cfg else pe, None, batch)
         self._cond_cache = {key: cond}  # keep one: a new prompt frees the old tensors
         return cond
 
-    def _encode_xl(self, prompt, negative_prompt, num_images, cfg, height, width) -> _Conditioning:
+    def _encode_xl(self, prompt, negative_prompt, num_images, cfg, height, width, clip_skip, lora_scale) -> _Conditioning:
         pe, ne, ppe, npe = self.pipe.encode_prompt(
             prompt=prompt, device=self.device, num_images_per_prompt=num_images,
-            do_classifier_free_guidance=cfg, negative_prompt=negative_prompt)
+            do_classifier_free_guidance=cfg, negative_prompt=negative_prompt, lora_scale=lora_scale,
+            clip_skip=clip_skip)
         proj = (int(ppe.shape[-1]) if self.pipe.text_encoder_2 is None
                 else self.pipe.text_encoder_2.config.projection_dim)
-        size = (height, width)
+        size = (height, width)   # original and target size; the ControlNet pipeline's come from its image: the same
         time_ids = self.pipe._get_add_time_ids(size, (0, 0), size, dtype=pe.dtype,
                                                text_encoder_projection_dim=proj)
         if cfg:
             pe, ppe, time_ids = torch.cat([ne, pe]), torch.cat([npe, ppe]), torch.cat([time_ids, time_ids])
         batch = pe.shape[0] // (2 if cfg else 1)
         time_ids = time_ids.to(self.device).repeat(batch, 1)
-        return _Conditioning(pe, {"text_embeds": ppe.to(self.device), "time_ids": time_ids}, batch)
+        return _Conditioning(pe.to(self.device), {"text_embeds": ppe.to(self.device), "time_ids": time_ids}, batch)
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
-    def __call__(self, prompt: Union[str, list], *, negative_prompt=None, steps: int = 50,
+    def __call__(self, prompt: Union[str, list], *, negative_prompt=None, steps: Optional[int] = None,
+                 timesteps: Optional[list] = None, sigmas: Optional[list] = None,
                  guidance_scale: Optional[float] = None, guidance_rescale: float = 0.0, height: Optional[int] = None,
                  width: Optional[int] = None, num_images: int = 1, generator=None, seed: Optional[int] = None,
-                 latents: Optional[torch.Tensor] = None, eta: float = 0.0, output_type: str = "pil",
-                 progress: bool = False, profile: Union[None, str, Path] = None, callback=None) -> RunResult:
-        """Generate images. ``seed`` builds a generator on the runner's device when no ``generator``
-        (a ``torch.Generator`` or a list, one per image) is given. ``profile=DIR`` writes a Chrome
-        trace (``DIR/trace.json``) and a per-op table (``DIR/ops.txt``). ``callback(i, t, latents)``
-        runs after every step. ``guidance_scale`` defaults as in the stock pipelines: 7.5 (SD), 5 (SDXL)."""
+                 latents: Optional[torch.Tensor] = None, eta: float = 0.0, clip_skip: Optional[int] = None,
+                 cross_attention_kwargs: Optional[dict] = None, ip_adapter_image=None,
+                 ip_adapter_image_embeds: Optional[list] = None, image=None, controlnet_conditioning_scale=None,
+                 guess_mode: Optional[bool] = None, control_guidance_start=None, control_guidance_end=None,
+                 output_type: str = "pil", progress: bool = False, profile: Union[None, str, Path] = None,
+                 callback=None) -> RunResult:
+        """Generate images; the arguments mean what the stock pipeline's of the same name do
+        (``steps`` is its ``num_inference_steps``, 50 unless ``timesteps`` / ``sigmas`` are given;
+        ``num_images`` its ``num_images_per_prompt``). ``seed`` builds a generator on the runner's
+        device when no ``generator`` (a ``torch.Generator`` or a list, one per image) is given.
+        ``guidance_scale`` defaults as in the stock pipelines: 7.5 (SD), 5 (SDXL).
+
+        ControlNet pipelines take ``image`` (required), ``controlnet_conditioning_scale`` (1.0),
+        ``guess_mode``, ``control_guidance_start`` / ``_end`` (0 / 1) and no ``guidance_rescale``;
+        the others take none of these. IP-Adapter inputs (``ip_adapter_image`` or precomputed
+        ``ip_adapter_image_embeds``) need an IP-Adapter loaded in the UNet. ``cross_attention_kwargs``
+        go to the UNet (its ``"scale"`` also to the text encoder's LoRA layers, as in the stock call).
+        Stock arguments not listed here (``prompt_embeds``, ``callback_on_step_end``, SDXL's
+        ``prompt_2`` / micro-conditioning sizes / ``denoising_end`` ...) are not supported and
+        Python rejects them.
+
+        ``profile=DIR`` writes a Chrome trace (``DIR/trace.json``) and a per-op table (``DIR/ops.txt``).
+        ``callback(i, t, latents)`` runs after every step."""
         if guidance_scale is None:
             guidance_scale = 5.0 if self.is_xl else 7.5
-        height, width = self._check_call(prompt, steps, height, width, num_images, output_type,
-                                         guidance_scale, generator, seed)
-        if generator is None and seed is not None:
-            generator = torch.Generator(self.device).manual_seed(int(seed))
+        control = None
+        given = {"image": image, "controlnet_conditioning_scale": controlnet_conditioning_scale,
+                 "guess_mode": guess_mode, "control_guidance_start": control_guidance_start,
+                 "control_guidance_end": control_guidance_end}
+        if self.family.controlnet:
+            control = self._check_control(image, controlnet_conditioning_scale, guess_mode,
+                                          control_guidance_start, control_guidance_end)
+        else:
+            for name, value in given.items():
+                if value is not None:
+                    raise TypeError(f"{name}: a ControlNet argument, but {type(self.pipe).__name__} has no ControlNet "
+                                    "(the Runner runs txt2img; for img2img / inpainting use the stock pipeline with "
+                                    "stattn.accelerate(pipe))")
+        call = _Call(prompt, negative_prompt, steps, timesteps, sigmas, guidance_scale, guidance_rescale, height,
+                     width, num_images, generator, seed, latents, eta, clip_skip, cross_attention_kwargs,
+                     ip_adapter_image, ip_adapter_image_embeds, control, output_type, progress, callback)
+        self._check_call(call)
+        if call.generator is None and call.seed is not None:
+            call.generator = torch.Generator(self.device).manual_seed(int(call.seed))
         t_start = time.perf_counter()
         with _profiling(profile, self.unet) as prof:
-            result = self._generate(prompt, negative_prompt, steps, guidance_scale, guidance_rescale,
-                                    height, width, num_images, generator, latents, eta, output_type,
-                                    progress, callback)
+            result = self._generate(call)
         result.total_ms = (time.perf_counter() - t_start) * 1e3
         if prof is not None:
             result.trace, result.table = prof.trace, prof.table
-        result.settings = self._settings(prompt, negative_prompt, steps, guidance_scale, height, width,
-                                         num_images, seed, output_type)
+        result.settings = self._settings(call)
         return result
 
-    def _check_call(self, prompt, steps, height, width, num_images, output_type, guidance_scale,
-                    generator, seed):
+    # ------------------------------------------------------------------ argument checks
+    def _check_control(self, image, scale, guess, start, end) -> _Control:
+        from diffusers.models import MultiControlNetModel
+
+        name = type(self.pipe).__name__
+        if image is None:
+            raise TypeError(f"image: {name} needs its ControlNet conditioning image (PIL image, array, tensor or "
+                            "a list of them)")
+        if guess is not None and not isinstance(guess, bool):
+            raise TypeError(f"guess_mode: expected a bool, got {guess!r}")
+        start = 0.0 if start is None else start
+        end = 1.0 if end is None else end
+        # the stock call's alignment of control_guidance_start / end into lists
+        if not isinstance(start, list) and isinstance(end, list):
+            start = len(end) * [start]
+        elif not isinstance(end, list) and isinstance(start, list):
+            end = len(start) * [end]
+        elif not isinstance(start, list) and not isinstance(end, list):
+            net = _controlnet_of(self.pipe)
+            mult = len(net.nets) if isinstance(net, MultiControlNetModel) else 1
+            start, end = mult * [start], mult * [end]
+        return _Control(image, 1.0 if scale is None else scale, bool(guess), start, end)
+
+    def _check_call(self, call: _Call) -> None:
+        prompt = call.prompt
         if not isinstance(prompt, str) and not (isinstance(prompt, (list, tuple)) and prompt
                                                 and all(isinstance(p, str) for p in prompt)):
             raise TypeError(f"prompt: expected a string or a non-empty list of strings, got {prompt!r}")
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps: expected a positive integer, got {steps!r}")
-        if not isinstance(num_images, int) or num_images < 1:
-            raise ValueError(f"num_images: expected a positive integer, got {num_images!r}")
-        if output_type not in ("pil", "np", "pt", "latent"):
-            raise ValueError(f"output_type: expected 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
-        if generator is not None and seed is not None:
+        if isinstance(prompt, tuple):
+            call.prompt = list(prompt)
+        self._check_schedule(call)
+        if not _is_int(call.num_images) or call.num_images < 1:
+            raise ValueError(f"num_images: expected a positive integer, got {call.num_images!r}")
+        if call.output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type: expected 'pil', 'np', 'pt' or 'latent', got {call.output_type!r}")
+        if call.generator is not None and call.seed is not None:
             raise ValueError("give either generator or seed, not both")
-        multiple = self.pipe.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
-        size = self.default_size()
-        height = size if height is None else height
-        width = size if width is None else width
-        for name, v in (("height", height), ("width", width)):
-            if not isinstance(v, int) or v <= 0 or v % multiple:
-                raise ValueError(f"{name}: expected a positive multiple of {multiple} for this model "
-                                 f"(VAE factor x UNet downsampling), got {v!r}")
-        return height, width
+        if call.seed is not None:
+            if not _is_int(call.seed):
+                raise TypeError(f"seed: expected an integer in [0, 2**64), got {call.seed!r}")
+            if not 0 <= call.seed < 2 ** 64:
+                raise ValueError(f"seed: expected an integer in [0, 2**64) (torch.Generator.manual_seed), got {call.seed}")
+        for name in ("guidance_scale", "guidance_rescale", "eta"):
+            _check_finite(name, getattr(call, name))
+        if call.guidance_rescale != 0 and not self.family.rescale:
+            raise TypeError(f"guidance_rescale: {type(self.pipe).__name__} has no guidance rescale; leave it 0")
+        if self.family.controlnet:
+            call.height, call.width = self._check_size("height", call.height), self._check_size("width", call.width)
+        else:   # the ControlNet pipelines take their default size from the image
+            size = self.default_size()
+            call.height = size if call.height is None else self._check_size("height", call.height)
+            call.width = size if call.width is None else self._check_size("width", call.width)
+        if call.latents is not None and not isinstance(call.latents, torch.Tensor):
+            raise TypeError(f"latents: expected a torch.Tensor or None, got {type(call.latents).__name__}")
+        self._check_clip_skip(call.clip_skip)
+        if call.attention_kwargs is not None and not isinstance(call.attention_kwargs, dict):
+            raise TypeError(f"cross_attention_kwargs: expected a dict or None, got {type(call.attention_kwargs).__name__}")
+        self._check_ip_adapter(call)
+        self._stock_check(call)
 
-    def _generate(self, prompt, negative_prompt, steps, guidance_scale, guidance_rescale, height, width,
-                  num_images, generator, latents, eta, output_type, progress, callback) -> RunResult:
+    def _check_schedule(self, call: _Call) -> None:
+        if call.steps is not None and (not _is_int(call.steps) or call.steps < 1):
+            raise ValueError(f"steps: expected a positive integer, got {call.steps!r}")
+        for name in ("timesteps", "sigmas"):
+            value = getattr(call, name)
+            if value is None:
+                continue
+            if not isinstance(value, (list, tuple)) or not value or not all(
+                    isinstance(v, numbers.Real) and not isinstance(v, bool) for v in value):
+                raise TypeError(f"{name}: expected a non-empty list of numbers, got {value!r}")
+            if call.steps is not None:
+                raise ValueError(f"give steps or {name}, not both: the schedule {name} gives sets the number of steps")
+            setattr(call, name, list(value))
+        if call.timesteps is not None and call.sigmas is not None:
+            raise ValueError("give timesteps or sigmas, not both")
+        if call.steps is None and call.timesteps is None and call.sigmas is None:
+            call.steps = 50   # the stock num_inference_steps default
+
+    def _size_multiple(self) -> int:
+        return self.pipe.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    def _check_size(self, name: str, v, source: str = "") -> Optional[int]:
+        if v is None:
+            return None
+        multiple = self._size_multiple()
+        if not _is_int(v) or v <= 0 or v % multiple:
+            raise ValueError(f"{name}: expected a positive multiple of {multiple} for this model "
+                             f"(VAE factor x UNet downsampling){source}, got {v!r}")
+        return int(v)
+
+    def _check_clip_skip(self, clip_skip) -> None:
+        if clip_skip is None:
+            return
+        # hidden_states[-(clip_skip + 1)] in SD, [-(clip_skip + 2)] in SDXL: num_hidden_layers + 1 states
+        encoders = [e for e in (getattr(self.pipe, "text_encoder", None), getattr(self.pipe, "text_encoder_2", None))
+                    if e is not None]
+        limit = min(e.config.num_hidden_layers for e in encoders) - (1 if self.is_xl else 0)
+        if not _is_int(clip_skip) or not 0 <= clip_skip <= limit:
+            raise ValueError(f"clip_skip: expected None or an integer in [0, {limit}] (layers of this text encoder "
+                             f"to skip), got {clip_skip!r}")
+        if not self.is_xl and not hasattr(self.pipe.text_encoder, "text_model"):
+            # SD's encode_prompt applies text_encoder.text_model.final_layer_norm, which transformers 5's
+            # CLIPTextModel no longer has: the stock call fails there too
+            raise TypeError(f"clip_skip: {type(self.pipe).__name__}.encode_prompt cannot apply it to this "
+                            f"{type(self.pipe.text_encoder).__name__} (no .text_model, as in transformers >= 5; the "
+                            "stock pipeline fails the same way); leave clip_skip None")
+
+    def _check_ip_adapter(self, call: _Call) -> None:
+        image, embeds = call.ip_image, call.ip_embeds
+        if image is None and embeds is None:
+            return
+        if image is not None and embeds is not None:
+            raise ValueError("give ip_adapter_image or ip_adapter_image_embeds, not both")
+        name = "ip_adapter_image" if image is not None else "ip_adapter_image_embeds"
+        proj = getattr(self.unet, "encoder_hid_proj", None)
+        layers = getattr(proj, "image_projection_layers", None)
+        if self.unet.config.encoder_hid_dim_type != "ip_image_proj" or layers is None:
+            raise ValueError(f"{name}: the UNet has no IP-Adapter loaded (pipe.load_ip_adapter(...)), so the stock "
+                             "pipeline would ignore it")
+        if image is not None:
+            if getattr(self.pipe, "image_encoder", None) is None:
+                raise ValueError("ip_adapter_image: the pipeline has no image_encoder to embed it; load one or pass "
+                                 "precomputed ip_adapter_image_embeds")
+            return
+        if not isinstance(embeds, list) or not all(isinstance(e, torch.Tensor) and e.dim() in (3, 4) for e in embeds):
+            raise TypeError("ip_adapter_image_embeds: expected a list of 3-D or 4-D tensors, one per IP-Adapter, "
+                            f"got {embeds!r}")
+        if len(embeds) != len(layers):
+            raise ValueError(f"ip_adapter_image_embeds: {len(embeds)} tensors for {len(layers)} IP-Adapters")
+        if self.guided(call.guidance_scale):
+            for i, e in enumerate(embeds):
+                if e.shape[0] % 2:
+                    raise ValueError(f"ip_adapter_image_embeds[{i}]: with classifier-free guidance each tensor is "
+                                     f"[negative; positive] along dim 0 (an even size), got shape {tuple(e.shape)}")
+
+    def _stock_check(self, call: _Call) -> None:
+        """The pipeline's own ``check_inputs`` on what the Runner passes it (ControlNet image and
+        guidance checks included), called by keyword as each family names its parameters."""
+        c = call.control
+        given = {"prompt": call.prompt, "prompt_2": None, "height": call.height, "width": call.width,
+                 "callback_steps": None, "negative_prompt": call.negative_prompt,
+                 "ip_adapter_image": call.ip_image, "ip_adapter_image_embeds": call.ip_embeds}
+        if c is not None:
+            given.update(image=c.image, controlnet_conditioning_scale=c.scale, control_guidance_start=c.start,
+                         control_guidance_end=c.end)
+        params = inspect.signature(self.pipe.check_inputs).parameters
+        self.pipe.check_inputs(**{k: v for k, v in given.items() if k in params})
+
+    def _check_latents(self, latents, batch, height, width) -> None:
+        f = self.pipe.vae_scale_factor
+        shape = (batch, self.unet.config.in_channels, height // f, width // f)
+        if tuple(latents.shape) != shape:
+            raise ValueError(f"latents: expected shape {shape} ({batch} images of {height}x{width} px, latent = "
+                             f"image / {f}), got {tuple(latents.shape)}")
+
+    # ------------------------------------------------------------------ the loop
+    def _generate(self, call: _Call) -> RunResult:
         from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
             rescale_noise_cfg, retrieve_timesteps)
 
         pipe, unet, device = self.pipe, self.unet, self.device
-        cfg = guidance_scale > 1.0
-        cond = self.encode(prompt, negative_prompt, num_images, cfg, height, width)
-        timesteps, steps = retrieve_timesteps(self.scheduler, steps, device)
-        latents = pipe.prepare_latents(cond.batch, unet.config.in_channels, height, width,
-                                       cond.context.dtype, device, generator, latents)
-        extra = pipe.prepare_extra_step_kwargs(generator, eta)
+        cfg = self.guided(call.guidance_scale)
+        control = self._prepare_control(call, cfg) if call.control is not None else None
+        text = self.encode(call.prompt, call.negative_prompt, call.num_images, cfg, call.height, call.width,
+                           clip_skip=call.clip_skip, lora_scale=call.lora_scale)
+        image_embeds = None
+        if call.ip_image is not None or call.ip_embeds is not None:
+            image_embeds = pipe.prepare_ip_adapter_image_embeds(call.ip_image, call.ip_embeds, device, text.batch, cfg)
+        timesteps, call.steps = retrieve_timesteps(self.scheduler, call.steps, device, call.timesteps, call.sigmas)
+        if call.latents is not None:
+            self._check_latents(call.latents, text.batch, call.height, call.width)
+        latents = pipe.prepare_latents(text.batch, unet.config.in_channels, call.height, call.width,
+                                       text.context.dtype, device, call.generator, call.latents)
+        cond = self._unet_conditioning(text, image_embeds, call, latents.dtype)
+        extra = pipe.prepare_extra_step_kwargs(call.generator, call.eta)
+        if control is not None:
+            control.keep = _controlnet_keep(control, len(timesteps))
+        if self.family.begin_index and hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(0)
         tracker = tracker_of(unet)
         if tracker is not None:
             tracker.driven = True
             tracker.begin_generation(Generation(
-                cfg=cfg, prompts=_prompt_rows(prompt, num_images), steps=len(timesteps), timesteps=timesteps,
-                batch=cond.context.shape[0], source="runner", pipeline=pipe))
+                cfg=cfg, prompts=_prompt_rows(call.prompt, call.num_images), steps=len(timesteps),
+                timesteps=timesteps, batch=cond.context.shape[0], source="runner", pipeline=pipe))
         step_fn = self._graphs.step if self.cuda_graphs else _eager_unet
         timer = _StepTimer(device)
-        bar = pipe.progress_bar(total=len(timesteps)) if progress else contextlib.nullcontext()
+        scale = call.guidance_scale
+        bar = pipe.progress_bar(total=len(timesteps)) if call.progress else contextlib.nullcontext()
         try:
             with bar:
                 for i, t in enumerate(timesteps):
                     timer.start()
                     model_in = torch.cat([latents] * 2) if cfg else latents
                     model_in = self.scheduler.scale_model_input(model_in, t)
+                    residuals = (self._residuals(control, i, t, latents, model_in, text, cfg)
+                                 if control is not None else None)
                     if tracker is not None:
                         tracker.latent_hw = tuple(model_in.shape[-2:])
                         tracker.set_step(i, t, device)
                     key = tracker.controller.graph_key(i) if tracker is not None and tracker.controller else None
-                    noise = step_fn(unet, model_in, t, cond, key)
+                    noise = step_fn(unet, model_in, t, cond, key, residuals)
                     if cfg:
-                        uncond, text = noise.chunk(2)
-                        noise = uncond + guidance_scale * (text - uncond)
-                        if guidance_rescale > 0:
-                            noise = rescale_noise_cfg(noise, text, guidance_rescale=guidance_rescale)
+                        uncond, text_noise = noise.chunk(2)
+                        noise = uncond + scale * (text_noise - uncond)
+                        if call.guidance_rescale > 0:
+                            noise = rescale_noise_cfg(noise, text_noise, guidance_rescale=call.guidance_rescale)
                     latents = self.scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
                     timer.stop()
-                    if callback is not None:
-                        callback(i, t, latents)
-                    if progress:
+                    if call.callback is not None:
+                        call.callback(i, t, latents)
+                    if call.progress:
                         bar.update()
         finally:
             if tracker is not None:
                 tracker.driven = False
-        images = self._decode(latents, output_type)
-        return RunResult(images=images, latents=latents, step_ms=timer.elapsed_ms(), total_ms=0.0)
+        images, nsfw = self._finish(latents, call, cond.context.dtype)
+        return RunResult(images=images, latents=latents, step_ms=timer.elapsed_ms(), total_ms=0.0, nsfw=nsfw)
 
-    def _decode(self, latents, output_type):
-        if output_type == "latent":
-            return latents
-        vae = self.pipe.vae
-        upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
-        dtype = torch.float32 if upcast else vae.dtype
-        cfg = vae.config
-        if getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "latents_std", None) is not None:
-            mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1).to(latents)
-            std = torch.tensor(cfg.latents_std).view(1, -1, 1, 1).to(latents)
-            z = latents * std / cfg.scaling_factor + mean
+    def _unet_conditioning(self, text: _Conditioning, image_embeds, call: _Call, dtype) -> _Conditioning:
+        """The cached text conditioning, with this call's IP-Adapter embeds, guidance-scale embedding
+        and cross_attention_kwargs when it has any (a new object: CUDA graphs bake these in)."""
+        timestep_cond = None
+        dim = self.unet.config.time_cond_proj_dim
+        if dim is not None:   # as the stock call: w - 1 per image, embedded, in the latents' dtype
+            w = torch.tensor(call.guidance_scale - 1).repeat(text.batch)
+            timestep_cond = self.pipe.get_guidance_scale_embedding(w, embedding_dim=dim).to(device=self.device,
+                                                                                             dtype=dtype)
+        if image_embeds is None and timestep_cond is None and call.attention_kwargs is None:
+            return text
+        added = text.added
+        if image_embeds is not None:
+            added = {**(added or {}), "image_embeds": image_embeds}
+        return dataclasses.replace(text, added=added, timestep_cond=timestep_cond,
+                                   attention_kwargs=call.attention_kwargs)
+
+    # ------------------------------------------------------------------ ControlNet
+    def _prepare_control(self, call: _Call, cfg: bool) -> "_PreparedControl":
+        """The ControlNet image(s) through the pipeline's own ``prepare_image``; the image sets the
+        size when height / width are not given (as in the stock call)."""
+        from diffusers.models import MultiControlNetModel
+
+        pipe, c = self.pipe, call.control
+        net = _controlnet_of(pipe)
+        multi = isinstance(net, MultiControlNetModel)
+        scale = c.scale
+        if multi and isinstance(scale, float):
+            scale = [scale] * len(net.nets)
+        guess = c.guess or (net.nets[0] if multi else net).config.global_pool_conditions
+        kw = dict(width=call.width, height=call.height, batch_size=call.batch, num_images_per_prompt=call.num_images,
+                  device=self.device, dtype=net.dtype, do_classifier_free_guidance=cfg, guess_mode=guess)
+        if multi:
+            images = c.image
+            if not self.is_xl and isinstance(images[0], list):   # SD's ControlNet call transposes nested lists
+                images = [list(t) for t in zip(*images)]
+            image = [pipe.prepare_image(image=im, **kw) for im in images]
+            height, width = image[0].shape[-2:]
         else:
-            z = latents / cfg.scaling_factor
-        if upcast:  # the fp16 SDXL VAE overflows: decode in fp32 as the stock pipeline does
+            image = pipe.prepare_image(image=c.image, **kw)
+            height, width = image.shape[-2:]
+        source = " (the ControlNet image's size when height / width are not given)"
+        call.height, call.width = self._check_size("height", int(height), source), self._check_size("width", int(width), source)
+        return _PreparedControl(image, scale, bool(guess), multi, c.start, c.end)
+
+    def _residuals(self, control: "_PreparedControl", i, t, latents, model_in, text: _Conditioning, cfg) -> dict:
+        """One ControlNet evaluation, as the stock loop runs it (guess mode: the conditional half only,
+        zeros added to the unconditional half)."""
+        half = control.guess and cfg
+        if half:
+            c_in = self.scheduler.scale_model_input(latents, t)
+            c_ctx = text.context.chunk(2)[1]
+        else:
+            c_in, c_ctx = model_in, text.context
+        kw = {}
+        if self.is_xl:   # the text added conditioning only (the stock call adds image_embeds after the ControlNet)
+            added = {"text_embeds": text.added["text_embeds"], "time_ids": text.added["time_ids"]}
+            kw["added_cond_kwargs"] = {k: v.chunk(2)[1] for k, v in added.items()} if half else added
+        down, mid = self.pipe.controlnet(c_in, t, encoder_hidden_states=c_ctx, controlnet_cond=control.image,
+                                         conditioning_scale=control.scale_at(i), guess_mode=control.guess,
+                                         return_dict=False, **kw)
+        if half:
+            down = [torch.cat([torch.zeros_like(d), d]) for d in down]
+            mid = torch.cat([torch.zeros_like(mid), mid])
+        return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+
+    # ------------------------------------------------------------------ decode
+    def _vae_decode(self, latents, generator=None):
+        """The VAE decode of the pipeline's ``__call__``: SD divides by the scaling factor (the VAE in
+        its own dtype); SDXL upcasts an fp16 VAE marked force_upcast and denormalises with the
+        VAE's latents_mean / latents_std when it has them."""
+        vae = self.pipe.vae
+        cfg = vae.config
+        if not self.is_xl:
+            return vae.decode(latents / cfg.scaling_factor, return_dict=False, generator=generator)[0]
+        upcast = vae.dtype == torch.float16 and getattr(cfg, "force_upcast", False)
+        if upcast:   # the fp16 SDXL VAE overflows: decode in fp32 as the stock pipeline does
             vae.to(torch.float32)
         try:
-            image = vae.decode(z.to(dtype), return_dict=False)[0]
+            latents = latents.to(next(iter(vae.post_quant_conv.parameters())).dtype if upcast else vae.dtype)
+            if getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "latents_std", None) is not None:
+                mean = torch.tensor(cfg.latents_mean).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+                std = torch.tensor(cfg.latents_std).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+                latents = latents * std / cfg.scaling_factor + mean
+            else:
+                latents = latents / cfg.scaling_factor
+            return vae.decode(latents, return_dict=False)[0]
         finally:
             if upcast:
                 vae.to(torch.float16)
-        return self.pipe.image_processor.postprocess(image, output_type=output_type)
 
-    def _settings(self, prompt, negative_prompt, steps, guidance_scale, height, width, num_images, seed,
-                  output_type) -> dict:
+    def _decode(self, latents, output_type):
+        """Latents to images (VAE decode and post-processing), without the safety checker or watermark."""
+        if output_type == "latent":
+            return latents
+        return self.pipe.image_processor.postprocess(self._vae_decode(latents), output_type=output_type)
+
+    def _finish(self, latents, call: _Call, dtype):
+        """Decode, then the stock call's safety checker (SD) or watermark (SDXL), and post-process."""
+        if call.output_type == "latent":
+            return latents, None
+        image = self._vae_decode(latents, call.generator)
+        if self.is_xl:
+            watermark = getattr(self.pipe, "watermark", None)
+            if watermark is not None:
+                image = watermark.apply_watermark(image)
+            return self.pipe.image_processor.postprocess(image, output_type=call.output_type), None
+        image, nsfw = self.pipe.run_safety_checker(image, self.device, dtype)
+        denormalize = [True] * image.shape[0] if nsfw is None else [not n for n in nsfw]
+        return self.pipe.image_processor.postprocess(image, output_type=call.output_type,
+                                                     do_denormalize=denormalize), nsfw
+
+    def _settings(self, call: _Call) -> dict:
         import diffusers
 
         from . import __version__
 
         ctrl = self.controller
         return {
-            "prompt": prompt, "negative_prompt": negative_prompt, "steps": steps,
-            "guidance_scale": guidance_scale, "height": height, "width": width,
-            "num_images": num_images, "seed": seed, "output_type": output_type,
+            "prompt": call.prompt, "negative_prompt": call.negative_prompt, "steps": call.steps,
+            "custom_schedule": "timesteps" if call.timesteps is not None else "sigmas" if call.sigmas is not None else None,
+            "guidance_scale": call.guidance_scale, "height": call.height, "width": call.width,
+            "num_images": call.num_images, "seed": call.seed, "output_type": call.output_type,
+            "clip_skip": call.clip_skip, "ip_adapter": call.ip_image is not None or call.ip_embeds is not None,
+            "controlnet": type(_controlnet_of(self.pipe)).__name__ if self.family.controlnet else None,
             "scheduler": type(self.scheduler).__name__, "model": type(self.pipe).__name__,
             "dtype": str(self.dtype).replace("torch.", ""), "device": _device_name(self.device),
             "cuda_graphs": self.cuda_graphs, "controller": type(ctrl).__name__ if ctrl else None,
@@ -289,10 +696,49 @@ class Runner:
         }
 
 
+@dataclass
+class _PreparedControl:
+    image: Any                        # prepared tensor, or a list of them (MultiControlNet)
+    scale: Any                        # float, or a list per ControlNet
+    guess: bool
+    multi: bool
+    start: list
+    end: list
+    keep: Optional[list] = None       # per step: 1.0 / 0.0 (a list per ControlNet when multi)
+
+    def scale_at(self, i: int):
+        if self.multi:
+            return [c * s for c, s in zip(self.scale, self.keep[i])]
+        scale = self.scale[0] if isinstance(self.scale, list) else self.scale
+        return scale * self.keep[i]
+
+
+def _controlnet_keep(control: _PreparedControl, n: int) -> list:
+    """Which ControlNets act at each of the n steps (control_guidance_start / end), as the stock call."""
+    keep = []
+    for i in range(n):
+        keeps = [1.0 - float(i / n < s or (i + 1) / n > e) for s, e in zip(control.start, control.end)]
+        keep.append(keeps if control.multi else keeps[0])
+    return keep
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _check_finite(name: str, x) -> None:
+    if not isinstance(x, numbers.Real) or isinstance(x, bool):
+        raise TypeError(f"{name}: expected a real number, got {x!r}")
+    if not math.isfinite(x):
+        raise ValueError(f"{name}: expected a finite number, got {x!r}")
+
+
 # ---------------------------------------------------------------------- UNet evaluation
-def _eager_unet(unet, model_in, t, cond: _Conditioning, key=None):
-    return unet(model_in, t, encoder_hidden_states=cond.context, added_cond_kwargs=cond.added,
-                return_dict=False)[0]
+def _eager_unet(unet, model_in, t, cond: _Conditioning, key=None, residuals=None):
+    """One UNet evaluation with the arguments the stock loop passes (``residuals``: the ControlNet's)."""
+    return unet(model_in, t, encoder_hidden_states=cond.context, timestep_cond=cond.timestep_cond,
+                cross_attention_kwargs=cond.attention_kwargs, added_cond_kwargs=cond.added,
+                return_dict=False, **(residuals or {}))[0]
 
 
 class _GraphCache:
@@ -311,7 +757,9 @@ class _GraphCache:
         self.warm: set = set()
         self.pool = None
 
-    def step(self, unet, model_in, t, cond: _Conditioning, key):
+    def step(self, unet, model_in, t, cond: _Conditioning, key, residuals=None):
+        if residuals is not None:   # Runner refuses cuda_graphs with a ControlNet: its residuals are per-step inputs
+            raise RuntimeError("cuda_graphs: ControlNet residuals are not captured")
         if not model_in.is_cuda:
             raise RuntimeError("cuda_graphs=True needs the model on a CUDA device")
         owner = (cond, getattr(unet, "_stattn", None))
@@ -443,10 +891,6 @@ def _block_ranges(unet) -> list:
 
 
 # ---------------------------------------------------------------------- helpers
-def _is_xl(pipe) -> bool:
-    return hasattr(pipe, "text_encoder_2")
-
-
 def _hashable(x):
     return tuple(x) if isinstance(x, list) else x
 

@@ -65,20 +65,28 @@ def test_several_images_generators_and_latents(sd):
     stattn.restore(sd)
 
 
-def test_prompt_encoded_once_and_kv_projected_once_per_layer(sd):
+def test_prompt_encoded_once_and_kv_projected_once_per_layer(sd, monkeypatch):
+    from stattn import processors
+
     runner = Runner(sd)
-    calls = {"text": 0, "to_k": 0}
-    h1 = sd.text_encoder.register_forward_hook(lambda *a: calls.__setitem__("text", calls["text"] + 1))
+    calls = {"text": 0, "kv": 0}
     attn2 = next(m for n, m in sd.unet.named_modules() if n.endswith("attn2"))
-    h2 = attn2.to_k.register_forward_hook(lambda *a: calls.__setitem__("to_k", calls["to_k"] + 1))
+    project = processors.project_kv
+
+    def counting(attn, context):  # (a hook on to_k itself would switch the K/V cache off)
+        calls["kv"] += attn is attn2
+        return project(attn, context)
+
+    monkeypatch.setattr(processors, "project_kv", counting)
+    h1 = sd.text_encoder.register_forward_hook(lambda *a: calls.__setitem__("text", calls["text"] + 1))
     try:
         runner(PROMPT, steps=STEPS, seed=0, output_type="latent")
         runner(PROMPT, steps=STEPS, seed=1, output_type="latent")
     finally:
-        h1.remove(), h2.remove()
+        h1.remove()
         stattn.restore(sd)
     assert calls["text"] == 2  # uncond + cond, once for both generations
-    assert calls["to_k"] == 1  # one projection of the CFG context for 2 x STEPS evaluations
+    assert calls["kv"] == 1  # one projection of the CFG context for 2 x STEPS evaluations
 
 
 class _Spy(Controller):
@@ -156,10 +164,35 @@ def test_bad_arguments(sd, kwargs, match):
         Runner(sd, accelerate=False)(PROMPT, **kwargs)
 
 
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"seed": 2 ** 64}, ValueError, r"seed: expected an integer in \[0, 2\*\*64\)"),
+    ({"seed": -1}, ValueError, "seed"),
+    ({"seed": 1.7}, TypeError, "seed"),          # ran as seed 1
+    ({"seed": True}, TypeError, "seed"),
+    ({"guidance_scale": float("nan")}, ValueError, "guidance_scale: expected a finite number"),
+    ({"guidance_scale": "7"}, TypeError, "guidance_scale"),
+    ({"guidance_rescale": float("inf")}, ValueError, "guidance_rescale"),
+    ({"latents": torch.zeros(1, 4, 4, 4)}, ValueError, r"latents: expected shape \(1, 4, 8, 8\)"),
+    ({"latents": torch.zeros(1, 4, 8, 8), "width": 128}, ValueError, r"latents: expected shape \(1, 4, 8, 16\)"),
+    ({"latents": torch.zeros(1, 4, 8, 8), "num_images": 2}, ValueError, r"latents: expected shape \(2, 4, 8, 8\)"),
+    ({"latents": [[0.0]]}, TypeError, "latents"),
+    ({"steps": True}, ValueError, "steps"),
+    ({"steps": 3, "timesteps": [999, 500]}, ValueError, "give steps or timesteps"),
+    ({"timesteps": []}, TypeError, "timesteps"),
+    ({"clip_skip": -1}, ValueError, "clip_skip"),
+    ({"clip_skip": 3}, ValueError, r"clip_skip: expected None or an integer in \[0, 2\]"),
+    ({"cross_attention_kwargs": 0.5}, TypeError, "cross_attention_kwargs"),
+])
+def test_bad_values_name_the_argument(sd, kwargs, error, match):
+    kwargs = dict(kwargs)
+    with pytest.raises(error, match=match):
+        Runner(sd, accelerate=False)(PROMPT, steps=kwargs.pop("steps", 1), output_type="latent", **kwargs)
+
+
 def test_bad_prompt_and_pipe(sd):
     with pytest.raises(TypeError, match="prompt"):
         Runner(sd, accelerate=False)(42)
-    with pytest.raises(ValueError, match="pipe"):
+    with pytest.raises(TypeError, match="pipe: .*object is not a diffusers pipeline"):
         Runner(object())
 
 
