@@ -86,10 +86,10 @@ def _native_lengths(lengths):
     return () if lengths is None else (lengths,)
 
 
-def _logits(q: Tensor, k: Tensor, scale: float) -> Tensor:
-    """[B, H, M, R * N]: scale q k_r^T of every region (region r at columns r * N), no offset: the
-    reference's logits [B, R, H, M, N] in the native layout."""
-    z, _ = ref.region_logits(q, k, scale)
+def _logits(q: Tensor, k: Tensor, scale: float, lengths: Optional[Tensor]) -> Tensor:
+    """[B, H, M, R * N]: scale q k_r^T of every region (region r at columns r * N; -inf on the
+    padded keys), no offset: the reference's logits [B, R, H, M, N] in the native layout."""
+    z, _ = ref.region_logits(q, k, scale, lengths=lengths)
     return z.permute(0, 2, 3, 1, 4).flatten(3).contiguous()
 
 
@@ -113,7 +113,7 @@ def _region_attention_op(q: Tensor, k: Tensor, v: Tensor, weights: Tensor, masks
         off = _ref_offset(theta, tokens, gy, gx, pin)
         o = ref.region_attention(q, k, v, masks, weights, affine, off, scale, lengths).contiguous()
         lse = ref.region_lse(q, k, scale, off, lengths)
-    logits = _logits(q, k, scale) if save_logits else q.new_empty(0, dtype=ref.compute_dtype(q))
+    logits = _logits(q, k, scale, lengths) if save_logits else q.new_empty(0, dtype=ref.compute_dtype(q))
     return o, lse, logits
 
 
