@@ -47,6 +47,7 @@ class _Exact(NamedTuple):
     scale: Callable         # (attn, head_dim) -> the logit scale this processor uses
     qk_norm: bool           # whether it applies attn.norm_q / attn.norm_k
     why: str
+    wrapper: Callable       # (name, original, controller, tracker) -> stattn's processor
 
 
 _EXACT: Optional[dict] = None
@@ -57,17 +58,28 @@ def exact_processors() -> dict:
     ``__call__``), with why the fused path equals each."""
     global _EXACT
     if _EXACT is None:
-        from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+        from diffusers.models.attention_processor import (
+            AttnProcessor, AttnProcessor2_0, IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0)
 
+        from .processors_ip import wrapper_class
+
+        sdpa, classic = (lambda attn, d: d ** -0.5), (lambda attn, d: attn.scale)
         _EXACT = {
             AttnProcessor2_0: _Exact(
-                lambda attn, d: d ** -0.5, True,
-                "F.scaled_dot_product_attention with its default scale head_dim ** -0.5 (attn.scale and the "
-                "upcast flags unused), norm_q / norm_k applied; a mask goes to the stock processor"),
+                sdpa, True, "F.scaled_dot_product_attention with its default scale head_dim ** -0.5 (attn.scale "
+                "and the upcast flags unused), norm_q / norm_k applied; a mask goes to the stock processor",
+                StattnAttnProcessor),
             AttnProcessor: _Exact(
-                lambda attn, d: attn.scale, False,
-                "baddbmm(alpha=attn.scale), softmax, bmm: the same sum; upcast_attention / upcast_softmax change "
-                "only fp16/bf16 rounding, which stattn's fp32 accumulation bounds; no norm_q / norm_k"),
+                classic, False, "baddbmm(alpha=attn.scale), softmax, bmm: the same sum; upcast_attention / "
+                "upcast_softmax change only fp16/bf16 rounding, which stattn's fp32 accumulation bounds; no "
+                "norm_q / norm_k", StattnAttnProcessor),
+            IPAdapterAttnProcessor2_0: _Exact(
+                sdpa, False, "text SDPA plus each image-prompt branch's SDPA times its scale (and mask): one "
+                "multi-region call with per-region key lengths (stattn.processors_ip); no norm_q / norm_k",
+                wrapper_class(IPAdapterAttnProcessor2_0)),
+            IPAdapterAttnProcessor: _Exact(
+                classic, False, "the same sum with attn.scale and get_attention_scores' softmax "
+                "(stattn.processors_ip); no norm_q / norm_k", wrapper_class(IPAdapterAttnProcessor)),
         }
     return _EXACT
 
@@ -83,8 +95,6 @@ _LEFT_REASONS = {
     "CustomDiffusionAttnProcessor": "Custom Diffusion (its own K/V weights)",
     "CustomDiffusionAttnProcessor2_0": "Custom Diffusion (its own K/V weights)",
     "CustomDiffusionXFormersAttnProcessor": "Custom Diffusion (its own K/V weights)",
-    "IPAdapterAttnProcessor": "IP-Adapter image-prompt attention (not reproduced by stattn yet)",
-    "IPAdapterAttnProcessor2_0": "IP-Adapter image-prompt attention (not reproduced by stattn yet)",
     "IPAdapterXFormersAttnProcessor": "IP-Adapter with xformers",
     "AttnAddedKVProcessor": "added K/V projections",
     "AttnAddedKVProcessor2_0": "added K/V projections",
@@ -97,6 +107,12 @@ def _class_reason(proc) -> str:
     if cls.__module__.startswith("diffusers.") and cls.__name__ in _LEFT_REASONS:
         return _LEFT_REASONS[cls.__name__]
     return "a processor stattn does not reproduce (its own __call__)"
+
+
+def _exact_for(proc, original) -> Optional[_Exact]:
+    """The registry entry by which ``proc`` reproduces ``original`` (None: it only delegates)."""
+    exact = exact_processors().get(type(original))
+    return exact if exact is not None and isinstance(proc, exact.wrapper) else None
 
 
 def _why_not(attn, proc) -> Optional[str]:
@@ -254,7 +270,7 @@ class StattnAttnProcessor:
         self.cache = _KVCache()
         self.counts = _Counts()
         self.owner = None          # (accelerate state, layer index) when installed by accelerate
-        self._exact = exact_processors().get(type(original))
+        self._exact = _exact_for(self, original)
 
     def _stock_reason(self, hidden_states, context, attention_mask) -> Optional[str]:
         if self._exact is None:
@@ -283,41 +299,61 @@ class StattnAttnProcessor:
         return self._fused(attn, hidden_states, encoder_hidden_states, temb)
 
     def _fused(self, attn, hidden_states, context, temb):
+        q, frame = self._query(attn, hidden_states, temb)
+        k, v = self.cache.get(attn, context)              # norm_cross and norm_k applied
+        q = _heads(q, attn.heads, k.shape[-1])
+        if attn.norm_q is not None:                       # _why_not: only with processors that apply it
+            q = attn.norm_q(q)
+        scale = self._exact.scale(attn, q.shape[-1])
+        out = self._controlled(attn, q, k, v, context, frame, scale)
+        if out is None:
+            out = region_attention(q, k, v, scale=scale)
+        return self._output(attn, out.to(q.dtype), frame)
+
+    def _query(self, attn, hidden_states, temb):
+        """to_q of the normalised hidden states [B, M, H * D], and what _output needs to undo."""
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch, channel, height, width = hidden_states.shape
+        shape4 = None
+        if hidden_states.ndim == 4:
+            shape4 = hidden_states.shape
+            batch, channel, height, width = shape4
             hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        B, M, _ = hidden_states.shape
-        q = attn.to_q(hidden_states)
-        k, v = self.cache.get(attn, context)              # norm_cross and norm_k applied
-        D = k.shape[-1]
-        q = q.view(B, M, attn.heads, D).transpose(1, 2)   # a view: the kernel takes strides
-        if attn.norm_q is not None:                       # _why_not: only with processors that apply it
-            q = attn.norm_q(q)
-        scale = self._exact.scale(attn, D)
-        out = None
-        if self.controller is not None:
-            t = self.tracker
-            grid = layer_grid(t.latent_hw if t else None, M) if input_ndim == 3 else (height, width)
-            call = CrossAttentionCall(self.name, attn, q, k, v, context, grid,
-                                      t.step if t else -1, t.timestep if t else None, scale,
-                                      t.step_tensor if t else None, t.generation if t else None)
-            out = self.controller.attention(call)
-        if out is None:
-            out = region_attention(q, k, v, scale=scale)
-        hidden_states = out.transpose(1, 2).reshape(B, M, attn.heads * D).to(q.dtype)
+        return attn.to_q(hidden_states), (residual, shape4)
+
+    def _controlled(self, attn, q, k, v, context, frame, scale):
+        """The controller's output for this call (None: plain attention, or no controller)."""
+        if self.controller is None:
+            return None
+        t, shape4, M = self.tracker, frame[1], q.shape[2]
+        grid = layer_grid(t.latent_hw if t else None, M) if shape4 is None else tuple(shape4[2:])
+        call = CrossAttentionCall(self.name, attn, q, k, v, context, grid,
+                                  t.step if t else -1, t.timestep if t else None, scale,
+                                  t.step_tensor if t else None, t.generation if t else None)
+        return self.controller.attention(call)
+
+    @staticmethod
+    def _output(attn, out, frame):
+        """out [B, H, M, D] -> to_out, back to 4-D, residual, rescale: the stock processors' tail."""
+        residual, shape4 = frame
+        B, H, M, D = out.shape
+        hidden_states = out.transpose(1, 2).reshape(B, M, H * D)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
+        if shape4 is not None:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(shape4)
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+
+def _heads(x: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+    """[B, M, H * D] -> [B, H, M, D], a view: the kernel takes strides."""
+    B, M, _ = x.shape
+    return x.view(B, M, heads, head_dim).transpose(1, 2)
 
 
 # ---------------------------------------------------------------------- accelerate state
@@ -386,7 +422,8 @@ class _State:
             self._warn_left()
 
     def _wrap(self, index: int, stock) -> StattnAttnProcessor:
-        proc = StattnAttnProcessor(self.names[index], stock, self.controller, self.tracker)
+        make = exact_processors()[type(stock)].wrapper
+        proc = make(self.names[index], stock, self.controller, self.tracker)
         proc.counts, proc.owner = self.counts, (self, index)
         return proc
 

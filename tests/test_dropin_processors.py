@@ -1,5 +1,6 @@
 """stattn.accelerate as a drop-in on a UNet whose processors change: only the processors stattn
-reproduces exactly are replaced (registry), the others stay and are reported; later changes
+reproduces exactly are replaced (registry; IP-Adapter as one multi-region call), the others stay
+and are reported; later changes
 (slicing, QKV fusion, set_attn_processor, set_default_attn_processor, a pipeline installing its own
 processors) are noticed at the next UNet call; restore puts back only what stattn still runs, also
 through torch.compile. Every case is compared with the same UNet without stattn under the same
@@ -11,8 +12,8 @@ import warnings
 import pytest
 import torch
 from diffusers.models.attention_processor import (
-    Attention, AttnProcessor, AttnProcessor2_0, CustomDiffusionAttnProcessor2_0, FusedAttnProcessor2_0,
-    SlicedAttnProcessor)
+    Attention, AttnProcessor, AttnProcessor2_0, CustomDiffusionAttnProcessor2_0, IPAdapterAttnProcessor,
+    IPAdapterAttnProcessor2_0, SlicedAttnProcessor)
 
 import stattn
 from stattn import models
@@ -60,7 +61,7 @@ def quiet_accelerate(x, **kw):
 
 
 def test_registry_names_the_exactly_reproduced_classes():
-    assert set(exact_processors()) == {AttnProcessor2_0, AttnProcessor}
+    assert set(exact_processors()) == {AttnProcessor2_0, AttnProcessor, IPAdapterAttnProcessor2_0, IPAdapterAttnProcessor}
     assert all(e.why for e in exact_processors().values())
 
 
@@ -339,3 +340,110 @@ def test_pipeline_accelerated_equals_stock():
     assert s.left == {} and s.fused_calls == len(evals) * len(s.accelerated)   # PNDM: 3 UNet calls
     stattn.restore(pipe)
     assert classes(pipe.unet) == classes(stock.unet)
+
+
+# ---------------------------------------------------------------------- IP-Adapter
+IMAGE_DIM = 24
+
+
+def _ip_state_dict(unet, seed):
+    """A random IP-Adapter (base: 4 image tokens) in the checkpoint layout diffusers loads."""
+    g = torch.Generator().manual_seed(seed)
+    c = unet.config.cross_attention_dim
+    sd = {"image_proj": {"proj.weight": 0.2 * torch.randn(4 * c, IMAGE_DIM, generator=g),
+                         "proj.bias": 0.1 * torch.randn(4 * c, generator=g),
+                         "norm.weight": torch.ones(c), "norm.bias": torch.zeros(c)}, "ip_adapter": {}}
+    for i, (name, m) in enumerate((n, m) for n, m in unet.named_modules() if n.endswith("attn2")):
+        for proj in ("to_k_ip", "to_v_ip"):
+            sd["ip_adapter"][f"{2 * i + 1}.{proj}.weight"] = 0.3 * torch.randn(m.inner_dim, c, generator=g)
+    return sd
+
+
+def _with_ip_adapters(pipe, n=2):
+    pipe.unet._load_ip_adapter_weights([_ip_state_dict(pipe.unet, s) for s in range(1, n + 1)])
+    return pipe
+
+
+g = torch.Generator().manual_seed(1)
+IMAGE_EMBEDS = [torch.randn(2, 2, IMAGE_DIM, generator=g), torch.randn(2, 1, IMAGE_DIM, generator=g)]  # [neg; pos]
+
+
+def run_ip(pipe, **kw):
+    return run(pipe.unet, added_cond_kwargs={"image_embeds": IMAGE_EMBEDS}, **kw)
+
+
+@pytest.fixture
+def ip_pair():
+    return _with_ip_adapters(models.tiny(0)), _with_ip_adapters(models.tiny(0))
+
+
+def test_ip_adapter_scales_per_adapter_and_block_in_one_call(ip_pair, monkeypatch):
+    stock, pipe = ip_pair
+    stattn.accelerate(pipe)
+    calls = []
+    op = stattn.processors_ip.region_attention
+    monkeypatch.setattr(stattn.processors_ip, "region_attention", lambda *a, **k: (calls.append(1), op(*a, **k))[1])
+    torch.testing.assert_close(run_ip(pipe), run_ip(stock), **TOL)
+    for p in (stock, pipe):            # set on stattn's processors: diffusers finds them by isinstance
+        p.set_ip_adapter_scale([0.6, {"up": {"block_0": [0.0, 1.0, 0.0]}, "down": 0.3}])
+    torch.testing.assert_close(run_ip(pipe), run_ip(stock), **TOL)
+    n = len(cross_names(pipe.unet))
+    s = status(pipe)
+    assert s.left == {} and s.fused_calls == 2 * n and s.stock_calls == 0 and len(calls) == 2 * n
+    assert set(pipe.unet.state_dict()) == set(stock.unet.state_dict())     # IP weights under their names
+    stattn.restore(pipe)
+    assert classes(pipe.unet) == classes(stock.unet)
+
+
+def test_ip_adapter_masks_with_per_image_scales(ip_pair):
+    stock, pipe = ip_pair
+    stattn.accelerate(pipe)
+    masks = [(torch.rand(1, 2, 64, 64, generator=torch.Generator().manual_seed(2)) > 0.5).float(), None]
+    for scales in ([[0.7, 0.4], 0.5], [[0.0, 0.9], 0.0], [[0.0, 0.0], 1.2]):   # zero scales skipped
+        for p in (stock, pipe):
+            p.set_ip_adapter_scale(scales)
+        kw = dict(cross_attention_kwargs={"ip_adapter_masks": masks})
+        torch.testing.assert_close(run_ip(pipe, **kw), run_ip(stock, **kw), **TOL)
+    s = status(pipe)
+    assert s.fused_calls == 3 * len(cross_names(pipe.unet)) and s.stock_calls == 0
+
+
+def test_ip_adapter_calls_stock_rejects_go_to_stock(ip_pair):
+    stock, pipe = ip_pair
+    stattn.accelerate(pipe)
+    for p in (stock, pipe):
+        p.set_ip_adapter_scale([[0.7, 0.4], 0.5])       # per-image scales without masks: stock's TypeError
+    for p in (stock, pipe):
+        with pytest.raises(TypeError):
+            run_ip(p)
+    with pytest.raises(ValueError, match="Number of masks"):
+        with pytest.warns(NotAcceleratedWarning, match="ip_adapter_masks"):
+            run_ip(pipe, cross_attention_kwargs={"ip_adapter_masks": [torch.ones(1, 3, 8, 8), None]})
+    assert status(pipe).fused_calls == 0 and status(pipe).stock_calls == 2
+
+
+def test_ip_adapter_loaded_and_unloaded_after_accelerate():
+    stock, pipe = models.tiny(0), models.tiny(0)
+    stattn.accelerate(pipe)
+    for p in (stock, pipe):
+        _with_ip_adapters(p)
+    torch.testing.assert_close(run_ip(pipe), run_ip(stock), **TOL)
+    assert status(pipe).left == {} and status(pipe).fused_calls == len(cross_names(pipe.unet))
+    for p in (stock, pipe):
+        p.unload_ip_adapter()
+    torch.testing.assert_close(run(pipe.unet), run(stock.unet), **TOL)
+    assert status(pipe).left == {} and status(pipe).fused_calls == 2 * len(cross_names(pipe.unet))
+    stattn.restore(pipe)
+    assert classes(pipe.unet) == classes(stock.unet)
+
+
+def test_ip_adapter_with_a_controller(ip_pair):
+    stock, pipe = ip_pair
+
+    class Plain(stattn.Controller):      # its own text attention: the image prompts are added to it
+        def attention(self, call):
+            return stattn.region_attention(call.q, call.k, call.v, scale=call.scale)
+
+    stattn.accelerate(pipe, controller=Plain())
+    torch.testing.assert_close(run_ip(pipe), run_ip(stock), **TOL)
+    stattn.restore(pipe)
