@@ -42,10 +42,13 @@ class Problem:
     dtype: torch.dtype = torch.float16
     B: int = 2
     H: int = 8
+    per_row: bool = False     # tokens [B, T] and pin [B, N] (a batch of different prompts)
+    lengths: bool = False     # per-region key lengths (IP-Adapter's image-token regions)
 
     def __str__(self):
+        extra = (" rows" if self.per_row else "") + (" lengths" if self.lengths else "")
         return (f"M={self.M} D={self.D} N={self.N} R={self.R} T={self.T} pin={int(self.pinned)} "
-                f"{str(self.dtype).split('.')[-1]}")
+                f"{str(self.dtype).split('.')[-1]}{extra}")
 
 
 @contextlib.contextmanager
@@ -68,13 +71,15 @@ def capture(p: Problem):
     w = torch.empty(p.B, p.R, dtype=torch.float32, **meta)
     masks = torch.empty(p.B, p.R, p.M, dtype=torch.float32, **meta)
     theta = torch.empty(p.B, p.H, p.T, 7, 7, dtype=torch.float32, **meta) if p.T else None
-    tokens = torch.empty(p.T, dtype=torch.int32, **meta) if p.T else None
+    rows = (p.B,) if p.per_row else ()
+    tokens = torch.empty(*rows, p.T, dtype=torch.int32, **meta) if p.T else None
     gy = torch.empty(side, 7, dtype=torch.float32, **meta)
-    pin = torch.empty(p.N, dtype=torch.int32, **meta) if p.pinned else None
+    pin = torch.empty(*rows, p.N, dtype=torch.int32, **meta) if p.pinned else None
+    lengths = torch.empty(p.R, dtype=torch.int32, **meta) if p.lengths else None
     with _captured() as launches:
-        o, lse = launch.forward(q, k, k, w, masks, p.affine, theta, tokens, gy, gy, pin, p.D ** -0.5)
+        o, lse = launch.forward(q, k, k, w, masks, p.affine, theta, tokens, gy, gy, pin, p.D ** -0.5, lengths)
         launch.backward(o, q, k, k, w, masks, p.affine, theta, tokens, gy, gy, pin, p.D ** -0.5, lse,
-                        True, True, True, True)
+                        True, True, True, True, lengths)
     return launches
 
 
@@ -123,8 +128,9 @@ def resource_usage(cubin: bytes) -> dict:
 PROBLEMS = [Problem(M=4096, D=40), Problem(M=1024, D=80), Problem(M=256, D=160), Problem(M=4096, D=64),
             Problem(M=4096, D=40, R=1, T=0, pinned=False, affine=False),
             Problem(M=256, D=64, N=154), Problem(M=1024, D=64, dtype=torch.bfloat16),
-            Problem(M=256, D=40, dtype=torch.float32)]
-QUICK = [PROBLEMS[0], PROBLEMS[2], PROBLEMS[5]]
+            Problem(M=256, D=40, dtype=torch.float32),
+            Problem(M=4096, D=40, R=3, per_row=True, lengths=True), Problem(M=256, D=160, R=3, lengths=True)]
+QUICK = [PROBLEMS[0], PROBLEMS[2], PROBLEMS[5], PROBLEMS[8]]
 
 
 def report(problems, arch: int):
