@@ -51,9 +51,9 @@ CASES = {
     "gligen": (_gligen, dict(gligen_phrases=["a cat", "a frog"], gligen_boxes=[[0.1, 0.1, 0.5, 0.5],
                                                                              [0.5, 0.5, 0.9, 0.9]],
                              gligen_scheduled_sampling_beta=1.0), True),
-    # installs its own processors (AttendExciteAttnProcessor) at every call: stattn notices and leaves them
+    # installs its own processors (AttendExciteAttnProcessor) for each call: stattn notices, leaves and reports them
     "attend_and_excite": (lambda: _as(diffusers.StableDiffusionAttendAndExcitePipeline, models.tiny(0)),
-                          dict(token_indices=[5, 8], max_iter_to_alter=1, attn_res=(8, 8),
+                          dict(token_indices=[5, 8], max_iter_to_alter=0, attn_res=(8, 8),
                                num_inference_steps=1), False),
 }
 
@@ -79,9 +79,11 @@ def test_accelerate_equals_the_stock_pipeline(name):
     assert abs(got - stock).max() <= ATOL, name
     if fused:
         assert st.fused_calls > 0 and st.accelerated and not st.left, (name, st)
-    else:                                # visibly aside: nothing fused, every layer reported, a warning
-        assert st.fused_calls == 0 and st.left and not st.accelerated, (name, st)
-        assert any(issubclass(w.category, NotAcceleratedWarning) for w in caught)
+    else:    # visibly aside: the pipeline's own processors ran (nothing fused) and stattn said so; the
+        # pipeline puts its saved processors - stattn's - back at the end of its call
+        assert st.fused_calls == 0, (name, st)
+        assert any(issubclass(w.category, NotAcceleratedWarning) and "AttendExciteAttnProcessor" in str(w.message)
+                   for w in caught), [str(w.message) for w in caught]
     stattn.restore(pipe)
     if fused:                            # stattn's processors gone, the stock ones back
         after = pipe.unet.attn_processors
