@@ -61,7 +61,8 @@ def quiet_accelerate(x, **kw):
 
 
 def test_registry_names_the_exactly_reproduced_classes():
-    assert set(exact_processors()) == {AttnProcessor2_0, AttnProcessor, IPAdapterAttnProcessor2_0, IPAdapterAttnProcessor}
+    assert set(exact_processors()) == {AttnProcessor2_0, AttnProcessor, IPAdapterAttnProcessor2_0,
+                                       IPAdapterAttnProcessor}
     assert all(e.why for e in exact_processors().values())
 
 
@@ -377,8 +378,22 @@ def ip_pair():
     return _with_ip_adapters(models.tiny(0)), _with_ip_adapters(models.tiny(0))
 
 
-def test_ip_adapter_scales_per_adapter_and_block_in_one_call(ip_pair, monkeypatch):
-    stock, pipe = ip_pair
+def _classic(pipe):
+    """The same adapters on the non-SDPA IPAdapterAttnProcessor (attn.scale, get_attention_scores)."""
+    procs = {}
+    for name, p in pipe.unet.attn_processors.items():
+        if isinstance(p, IPAdapterAttnProcessor2_0):
+            classic = IPAdapterAttnProcessor(p.hidden_size, p.cross_attention_dim, p.num_tokens, p.scale)
+            classic.load_state_dict(p.state_dict())
+            p = classic
+        procs[name] = p
+    pipe.unet.set_attn_processor(procs)
+    return pipe
+
+
+@pytest.mark.parametrize("kind", ["sdpa", "classic"])
+def test_ip_adapter_scales_per_adapter_and_block_in_one_call(ip_pair, monkeypatch, kind):
+    stock, pipe = ip_pair if kind == "sdpa" else map(_classic, ip_pair)
     stattn.accelerate(pipe)
     calls = []
     op = stattn.processors_ip.region_attention
