@@ -3,7 +3,7 @@ from ._validate import set_value_checks
 from .basis import ScoreOffset, gaussian_basis
 from .control import Controller, CrossAttentionCall
 from .ops import backend_for, region_attention
-from .processors import accelerate, restore
+from .processors import NotAcceleratedWarning, Status, accelerate, restore, status
 
 __version__ = "0.1.0"
 
@@ -23,7 +23,8 @@ _LAZY = {
 }
 
 __all__ = ["region_attention", "ScoreOffset", "gaussian_basis", "set_value_checks", "backend_for",
-           "Controller", "CrossAttentionCall", "accelerate", "restore", *_LAZY]
+           "Controller", "CrossAttentionCall", "accelerate", "restore", "status", "Status", "NotAcceleratedWarning",
+           *_LAZY]
 
 
 def __getattr__(name):

@@ -251,10 +251,13 @@ class Runner:
     def encode(self, prompt, negative_prompt=None, num_images: int = 1, cfg: bool = True,
                height: Optional[int] = None, width: Optional[int] = None, *, clip_skip: Optional[int] = None,
                lora_scale: Optional[float] = None) -> _Conditioning:
-        """Text conditioning through the pipeline's own ``encode_prompt``, cached per arguments
-        (the same tensors are returned again, so the processors' K/V cache hits)."""
-        key = (_hashable(prompt), _hashable(negative_prompt), num_images, cfg, height, width, clip_skip, lora_scale)
-        hit = self._cond_cache.get(key)
+        """Text conditioning through the pipeline's own ``encode_prompt``, cached per arguments and
+        text-encoder weights (the same tensors are returned again, so the processors' K/V cache
+        hits); never cached while a text encoder holds PEFT (LoRA) layers."""
+        encoders = _encoder_key(self.pipe)
+        key = (_hashable(prompt), _hashable(negative_prompt), num_images, cfg, height, width, clip_skip, lora_scale,
+               encoders)
+        hit = self._cond_cache.get(key) if encoders is not None else None
         if hit is not None:
             return hit
         batch = (1 if isinstance(prompt, str) else len(prompt)) * num_images
@@ -528,6 +531,8 @@ class Runner:
             tracker.begin_generation(Generation(
                 cfg=cfg, prompts=_prompt_rows(call.prompt, call.num_images), steps=len(timesteps),
                 timesteps=timesteps, batch=cond.context.shape[0], source="runner", pipeline=pipe))
+        if self.cuda_graphs:
+            self._graphs.begin(unet, cond)
         step_fn = self._graphs.step if self.cuda_graphs else _eager_unet
         timer = _StepTimer(device)
         scale = call.guidance_scale
@@ -752,19 +757,31 @@ class _GraphCache:
     the graphs (the objects are held, so their ids cannot be reused meanwhile)."""
 
     def __init__(self):
-        self.owner = None     # (conditioning, accelerate state) the graphs belong to
+        self.owner = None     # (conditioning, accelerate state, its processor revision, weights) of the graphs
         self.entries: dict = {}
         self.warm: set = set()
         self.pool = None
+
+    def begin(self, unet, cond: _Conditioning) -> None:
+        """Once per run: drop the graphs when what they baked in changed — the conditioning, the
+        accelerate state, a processor installed since (the state's revision; the pre-hook that
+        notices it does not run under replay, so it is checked here), or any UNet weight (the
+        processors' cached text K/V are baked into the graphs)."""
+        state = getattr(unet, "_stattn", None)
+        if state is not None:
+            state.check()
+        owner = (cond, state, getattr(state, "revision", None), _weights_key(unet))
+        if self.owner is None or owner[0] is not self.owner[0] or owner[1] is not self.owner[1] \
+                or owner[2:] != self.owner[2:]:
+            self.owner, self.entries, self.warm = owner, {}, set()
 
     def step(self, unet, model_in, t, cond: _Conditioning, key, residuals=None):
         if residuals is not None:   # Runner refuses cuda_graphs with a ControlNet: its residuals are per-step inputs
             raise RuntimeError("cuda_graphs: ControlNet residuals are not captured")
         if not model_in.is_cuda:
             raise RuntimeError("cuda_graphs=True needs the model on a CUDA device")
-        owner = (cond, getattr(unet, "_stattn", None))
-        if self.owner is None or any(a is not b for a, b in zip(owner, self.owner)):
-            self.owner, self.entries, self.warm = owner, {}, set()
+        if self.owner is None or self.owner[0] is not cond:
+            self.begin(unet, cond)
         full_key = (tuple(model_in.shape), model_in.dtype, key)
         entry = self.entries.get(full_key)
         if entry is None:
@@ -788,6 +805,27 @@ class _GraphCache:
         with torch.cuda.graph(graph, pool=self.pool):
             static_out = _eager_unet(unet, static_in, static_t, cond)
         return graph, static_in, static_t, static_out
+
+
+def _weights_key(module) -> tuple:
+    """Identity, storage and version of every parameter and buffer: changes with an in-place edit,
+    a dtype/device move or a replaced tensor (not with writes through ``.data``)."""
+    return tuple((id(p), p.data_ptr(), p._version) for p in (*module.parameters(), *module.buffers()))
+
+
+def _encoder_key(pipe) -> Optional[tuple]:
+    """What the prompt embeddings depend on besides the prompt: the text encoders' weights; None
+    (do not cache) when an encoder holds PEFT layers, whose scales and adapters change its output
+    without touching a tensor."""
+    key = []
+    for name in ("text_encoder", "text_encoder_2"):
+        enc = getattr(pipe, name, None)
+        if enc is None:
+            continue
+        if any(hasattr(m, "active_adapters") and hasattr(m, "scaling") for m in enc.modules()):
+            return None
+        key.append(_weights_key(enc))
+    return tuple(key)
 
 
 def _as_tensor(t, like):
