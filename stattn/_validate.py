@@ -9,14 +9,16 @@ import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-# Value checks (NaN/inf in theta, weights, masks) read tensor values, which costs a host sync on a
-# GPU; they are skipped inside CUDA-graph capture and torch.compile, and can be turned off for hot
-# loops with STATTN_CHECK_VALUES=0 or stattn.set_value_checks(False).
+# Value checks (NaN/inf in theta, the basis, weights, masks) read tensor values, which costs a host
+# sync on a GPU; they are skipped inside CUDA-graph capture and torch.compile, and can be turned off
+# for hot loops with STATTN_CHECK_VALUES=0 or stattn.set_value_checks(False).
 _value_checks = os.environ.get("STATTN_CHECK_VALUES", "1") != "0"
 
 
 def set_value_checks(enabled: bool) -> bool:
-    """Enable/disable the NaN/inf checks of theta, weights and masks; returns the previous state."""
+    """Enable/disable the NaN/inf checks of theta, the basis, weights and masks (q, k, v are never
+    read: NaN/inf there reach the output as through torch's softmax(q k^T) v); returns the
+    previous state."""
     global _value_checks
     previous, _value_checks = _value_checks, bool(enabled)
     return previous
@@ -188,6 +190,8 @@ def check_offset(offset, B: int, H: int, M: int, N: int, device, n_first=None) -
                 if bad:
                     raise ValueError(f"{label} {bad} out of range: region 0 has {what} keys")
     check_finite("offset.theta", theta)
+    check_finite("offset.gy (basis)", offset.gy)
+    check_finite("offset.gx (basis)", offset.gx)
 
 
 def check_op_indices(tokens, pin, lengths, B: int, R: int, T: int, N: int) -> None:

@@ -109,7 +109,9 @@ class ScoreOffset:
     basis  (gy [h, Ky], gx [w, Kx]) as from :func:`gaussian_basis`; h * w must equal M.
     pinned token indices of region 0 whose probability is taken from the un-offset logits
            (the released Attention Regulation pins SOS and the first EOS); shared, or per row
-           as B sequences (a row may pin any number of columns, none included).
+           as B sequences (a row may pin any number of columns, none included). A column may
+           not be both a target and pinned in the same row (its own attention would never be
+           edited).
 
     Read back: ``tokens`` / ``pinned`` are a tuple of ints when shared and a tuple of B tuples when
     given per row with rows that differ (equal rows collapse to the shared form);
@@ -142,6 +144,7 @@ class ScoreOffset:
             if T != n:
                 row = f"tokens[{b}]" if self.tokens_per_row else "tokens"
                 raise ValueError(f"ScoreOffset: theta has T = {T} token slots but {row} has {n} entries")
+        self._check_pinned_targets(B)
         if (Ky, Kx) != (gy.shape[1], gx.shape[1]):
             raise ValueError(f"ScoreOffset: theta's basis dims (Ky, Kx) = {(Ky, Kx)} do not match the basis "
                              f"(gy [{gy.shape[0]}, {gy.shape[1]}], gx [{gx.shape[0]}, {gx.shape[1]}])")
@@ -149,6 +152,18 @@ class ScoreOffset:
         self.gy = gy
         self.gx = gx
         self._device_cache: dict = {}
+
+    def _check_pinned_targets(self, B: int) -> None:
+        """A pinned column keeps its un-offset probability, so a target that is also pinned would
+        never get its own attention edited (its offset would only rescale the other columns, through
+        the edited softmax's sum): rejected, per row, as AttentionRegulation rejects it."""
+        for b in range(B if self.per_row else 1):
+            clash = sorted(set(self.row_tokens(b)) & set(self.row_pinned(b)))
+            if clash:
+                where = f" in batch row {b}" if self.per_row else ""
+                raise ValueError(f"ScoreOffset: token indices {clash} are both targets (tokens) and pinned{where}; "
+                                 "a pinned column keeps its un-offset probability, so its own attention would "
+                                 "never be edited: drop them from tokens or from pinned")
 
     @property
     def tokens_per_row(self) -> bool:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -334,7 +335,6 @@ _COPULAS = frozenset("is are was were be been being looks look appears seems".sp
 _ING_NOUNS = frozenset("building painting ceiling ring king wing string thing evening morning clothing swing "
                        "spring wedding pudding stocking sibling ping railing awning icing frosting "
                        "sing bing".split())
-_WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9'\-]*")
 
 
 @dataclass(frozen=True)
@@ -351,8 +351,27 @@ class Phrase:
         return n[4:] if n.startswith("the ") else n
 
 
+def _word_char(c: str) -> bool:
+    """A letter or digit of any script, or a combining mark (the accent of a decomposed "é", an
+    Indic vowel sign): a word never ends inside a letter's marks, so a phrase cut at word ends
+    tokenises as the same run of tokens inside the prompt."""
+    return c.isalnum() or unicodedata.category(c).startswith("M")
+
+
 def _words(prompt: str) -> list:
-    return [(m.group(0).lower(), m.start(), m.end()) for m in _WORD.finditer(prompt)]
+    """(lower-cased word, start, end) of each word: a letter or digit (any script) followed by
+    letters, digits, combining marks, apostrophes and hyphens."""
+    words, i, n = [], 0, len(prompt)
+    while i < n:
+        if not prompt[i].isalnum():
+            i += 1
+            continue
+        j = i + 1
+        while j < n and (_word_char(prompt[j]) or prompt[j] in "'-"):
+            j += 1
+        words.append((prompt[i:j].lower(), i, j))
+        i = j
+    return words
 
 
 def _match_phrase(words, i, phrases):
@@ -430,15 +449,82 @@ def _locate(prompt: str, objects: Sequence[str]) -> list:
     for obj in objects:
         if not isinstance(obj, str) or not obj.strip():
             raise ValueError(f"objects: expected non-empty strings, got {obj!r}")
-        pat = re.compile(r"(?<![A-Za-z0-9])" + r"\s+".join(map(re.escape, obj.split())) + r"(?![A-Za-z0-9])",
-                         re.IGNORECASE)
-        hit = next((m for m in pat.finditer(prompt) if (m.start(), m.end()) not in taken), None)
+        hits = _whole_word_matches(prompt, obj)
+        hit = next((m for m in hits if (m.start(), m.end()) not in taken), None)
         if hit is None:
             raise ValueError(f"objects: {obj!r} is not in the prompt {prompt!r}"
-                             + (" (or occurs fewer times than asked)" if pat.search(prompt) else ""))
+                             + (" (or occurs fewer times than asked)" if hits else ""))
         taken.append((hit.start(), hit.end()))
         spans.append(Phrase(prompt[hit.start():hit.end()], hit.start(), hit.end()))
     return spans
+
+
+def _name_key(text: str) -> tuple:
+    """An object name's words, lower-cased, without leading determiners: "A black cat" ->
+    ("black", "cat")."""
+    words = [w for w, _, _ in _words(text)]
+    i = 0
+    while i < len(words) - 1 and words[i] in _DETERMINERS:
+        i += 1
+    return tuple(words[i:])
+
+
+def _contains(words: tuple, part: tuple) -> bool:
+    n = len(part)
+    return n > 0 and any(words[i:i + n] == part for i in range(len(words) - n + 1))
+
+
+def check_layout_names(prompt: str, names: Sequence[str]) -> None:
+    """Every name of a layout that supplies the objects must name an object of the prompt: its
+    last word (the noun of an English noun phrase) is a word of the prompt ("a red cat" names the
+    cat of "a cat and a frog"; "zebra" names nothing there). Raises naming the others."""
+    words = {w for w, _, _ in _words(prompt)}
+    missing = [n for n in names if not _name_key(n) or _name_key(n)[-1] not in words]
+    if missing:
+        raise ValueError(f"layout: objects {missing} are not in the prompt {prompt!r} (a layout name's last word, "
+                         "its noun, must be a word of the prompt); name the prompt's objects")
+
+
+def match_layout_names(names: Sequence[str], objects: Sequence[str], phrases: Sequence[str]) -> list:
+    """For each object (as the user gave it, and the prompt phrase it widened to), the index of
+    the layout name that names it: a name equal to the object or to its phrase (ignoring case and
+    leading determiners: "a cat" names "cat") before a name that contains the object's words
+    ("a black cat" names "cat"); ties go to the earlier name, so repeated objects take successive
+    names. Regions are thus assigned by name, whatever the order of the layout's lines. Raises
+    naming an object that no remaining name matches."""
+    keys = [_name_key(n) for n in names]
+    free, order = list(range(len(names))), []
+    for obj, phrase in zip(objects, phrases):
+        own = _name_key(obj)
+        exact = {own, _name_key(phrase)}
+
+        def score(j: int) -> int:
+            return 2 if keys[j] in exact else 1 if _contains(keys[j], own) else 0
+
+        best = max(free, key=score, default=None)
+        if best is None or score(best) == 0:
+            raise ValueError(f"layout: no region is named for object {obj!r} (the phrase {phrase!r}) among the "
+                             f"layout's names {[names[j] for j in free]}; name each region after its object "
+                             f"(e.g. {obj!r} or {phrase!r}), or pass a list of regions in object order")
+        order.append(best)
+        free.remove(best)
+    return order
+
+
+def _whole_word_matches(prompt: str, text: str) -> list:
+    """Matches of ``text`` (its words separated by any whitespace, case-insensitive) in the
+    prompt that start and end at word boundaries (letters of any script)."""
+    pat = re.compile(r"\s+".join(map(re.escape, text.split())), re.IGNORECASE)
+    hits, pos = [], 0
+    while (m := pat.search(prompt, pos)) is not None:
+        inside = (m.start() > 0 and _word_char(prompt[m.start() - 1])) or \
+                 (m.end() < len(prompt) and _word_char(prompt[m.end()]))
+        if inside:
+            pos = m.start() + 1
+        else:
+            hits.append(m)
+            pos = m.end()
+    return hits
 
 
 def expand_to_phrase(prompt: str, span: Phrase) -> Phrase:

@@ -258,12 +258,34 @@ def _pipeline_class(path: Path) -> type:
     if not index.is_file():
         raise ValueError(f"model directory {path} has no model_index.json; expected {expected}")
     try:
-        name = _read_json(index).get("_class_name")
-    except (json.JSONDecodeError, AttributeError) as e:
+        config = _read_json(index)
+    except OSError as e:
+        raise ValueError(f"{index} cannot be read ({e.strerror or e}); expected {expected}") from None
+    except ValueError as e:     # not UTF-8 (UnicodeDecodeError) or not JSON (JSONDecodeError)
         raise ValueError(f"{index} is not a valid model_index.json ({e}); expected {expected}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{index} is not a valid model_index.json (a JSON {type(config).__name__}, not an object); "
+                         f"expected {expected}")
+    name = config.get("_class_name")
+    if name is None:
+        raise ValueError(f"{index} names no pipeline class (no \"_class_name\"); expected {expected}")
     if name not in PIPELINES:
         raise ValueError(f"model directory {path} holds an unsupported pipeline {name!r}; expected {expected}")
+    _check_components(path, config)
     return PIPELINES[name]
+
+
+def _check_components(path: Path, config: dict) -> None:
+    """Every component model_index.json lists with a class (``"unet": ["diffusers",
+    "UNet2DConditionModel"]``; ``[null, null]`` means absent) must have its folder: diffusers
+    would otherwise report a config.json missing from the root directory, or load a pipeline
+    with the part silently None."""
+    missing = [f"{key}/ ({spec[1]})" for key, spec in config.items()
+               if not key.startswith("_") and isinstance(spec, (list, tuple)) and len(spec) == 2
+               and spec[0] is not None and spec[1] is not None and not (path / key).is_dir()]
+    if missing:
+        raise ValueError(f"model directory {path} lacks {', '.join(missing)}, listed in its model_index.json; "
+                         "copy the missing component folder(s) into it")
 
 
 def load(path: Union[str, os.PathLike], *, dtype: Optional[torch.dtype] = None, device=None,

@@ -122,7 +122,7 @@ class AttentionRegulation(Controller):
         self.layers = _layers(layers)
         self.edit_steps = _int("edit_steps", edit_steps, 0)
         self.iters = _int("iters", iters, 1)
-        self.lr = _float("lr", lr)
+        self.lr = _float("lr", lr, positive=True)      # lr <= 0 would not descend the loss
         self.quantile = _float("quantile", quantile)
         if not 0.0 < self.quantile < 1.0:
             raise ValueError(f"quantile: expected a float in (0, 1), got {quantile!r}")
@@ -138,7 +138,12 @@ class AttentionRegulation(Controller):
             raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
         self.generator = generator
         self.prev_weight = _float("prev_weight", prev_weight)
-        self.decay = _float("decay", decay, positive=True)
+        if not 0.0 <= self.prev_weight <= 1.0:     # the weight of a convex blend of two θ
+            raise ValueError(f"prev_weight: expected a float in [0, 1] (the previous step's share of θ_eff), "
+                             f"got {prev_weight!r}")
+        self.decay = _float("decay", decay)
+        if not 0.0 < self.decay <= 1.0:             # decay^t: > 1 grows the offset with every step
+            raise ValueError(f"decay: expected a float in (0, 1] (θ_eff is scaled by decay^step), got {decay!r}")
         for name, val in (("renormalize", renormalize), ("fused", fused), ("record_maps", record_maps),
                           ("cfg", True if cfg is None else cfg)):
             if not isinstance(val, bool):

@@ -23,6 +23,7 @@ scheduler and batch size work (the released code: PLMS and one image).
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
@@ -33,13 +34,13 @@ from torch import Tensor
 
 from . import reference as ref
 from .control import Controller, CrossAttentionCall, Generation, PromptEmbedsCheck, cond_start, project_kv
-from .layout import (Layout, LayoutPredictor, Phrase, RuleLayoutPredictor, _locate, as_region, expand_to_phrase,
-                     parse_layout_text)
+from .layout import (Layout, LayoutPredictor, Phrase, RuleLayoutPredictor, _locate, as_region, check_layout_names,
+                     expand_to_phrase, match_layout_names, parse_layout_text)
 from .ops import region_attention
 from .processors import accelerate, restore, unet_of
 
 __all__ = ["SpatialTemporal", "combine", "region_kv", "ClipLoss", "OptimizationResult", "clip_resize",
-           "sample_images", "MODES", "TEMPLATE"]
+           "sample_images", "max_weight_sum", "MODES", "TEMPLATE"]
 
 MODES = ("same_branch", "uncond_ref")
 TEMPLATE = "a photo of {}"          # the released local description
@@ -93,11 +94,14 @@ class SpatialTemporal(Controller):
     layout    None / ``"auto"`` (the predictor), a :class:`~stattn.layout.LayoutPredictor`, a
               :class:`~stattn.layout.Layout`, LLM-style text ("name [x, y, w, h]" lines on a 512
               canvas), a list of regions in object order — centres (x, y), boxes (x0, y0, x1, y1)
-              in [0, 1], mask tensors [H, W] — or a dict object -> region.
+              in [0, 1], mask tensors [H, W] — or a dict object -> region. A named layout's regions
+              go to the objects by name, in any order ("a cat [...]" to object "cat"); its names
+              must name objects of the prompt.
     mode      ``"same_branch"`` (paper) or ``"uncond_ref"`` (the current release's cross-row term).
     weights   None (5 / n, as released), a float, a tensor [n] (per object) or [n, steps] (per
               object and step: one column per denoising step, evaluations at the same timestep
-              sharing one, or one per UNet evaluation).
+              sharing one, or one per UNet evaluation). Σ_i |c_i| of every step is bounded by
+              :func:`max_weight_sum` of the model's dtype (fp16 ≈ 127.5, fp32 / bf16 ≈ 9.2e18).
     cfg       None (default): classifier-free guidance as the pipeline / Runner call runs it (on a
               bare UNet: True, the batch [uncond; cond]); a bool is for bare UNets and must agree
               with a pipeline's guidance. uncond_ref needs guidance.
@@ -147,6 +151,7 @@ class SpatialTemporal(Controller):
         self._context: Optional[Tensor] = None  # [n, N, C] the local descriptions' encoder states
         self._owner = None
         self._pipe = None
+        self._dtype = torch.float32          # the UNet's, known at apply()
         self._prompt: Optional[str] = None
         self._optimized_for: Optional[str] = None   # the prompt W was optimised for
         self._embeds_check = PromptEmbedsCheck(None, None)
@@ -167,6 +172,7 @@ class SpatialTemporal(Controller):
                             f"descriptions are encoded with its text encoder), got {type(pipe_or_runner).__name__}")
         self._owner, self._pipe = pipe_or_runner, pipe
         self._optimized_for = None
+        self._dtype = unet.dtype
         self._setup(prompt, unet.device)
         accelerate(pipe_or_runner, controller=self)
         return pipe_or_runner
@@ -175,7 +181,7 @@ class SpatialTemporal(Controller):
         """Objects, layout, local descriptions (encoded) and weights for ``prompt``."""
         phrases, layout = self._resolve(prompt)
         n = len(phrases)
-        weights = _check_weights(self.weights, n)
+        weights = _check_weights(self.weights, n, self._dtype)
         self.phrases, self.layout_used = phrases, layout
         self.descriptions = [self.template.format(p.text) for p in phrases]
         self._context = _encode(self._pipe, self.descriptions, device)
@@ -214,9 +220,13 @@ class SpatialTemporal(Controller):
         return restore(pipe_or_runner)
 
     def _resolve(self, prompt: str) -> tuple[list, Layout]:
-        """(object phrases, layout) for the prompt; user objects must be in the prompt."""
+        """(object phrases, layout) for the prompt. User objects must be in the prompt; a named
+        layout (a Layout, layout text, a dict) gives each object the region named after it, in
+        whatever order the names come (:func:`~stattn.layout.match_layout_names`); a list of
+        regions goes in object order. With objects="auto" a named layout's names are the objects
+        and must name objects of the prompt."""
         layout = self.layout
-        named = None
+        named, by_key = None, False
         if isinstance(layout, Layout):                # given as a Layout or as layout text
             named = layout
         elif isinstance(layout, dict):
@@ -226,9 +236,14 @@ class SpatialTemporal(Controller):
                 missing = [o for o in self.objects if o not in layout]
                 if missing:
                     raise ValueError(f"layout: no region given for objects {missing} (keys: {list(layout)})")
-                named = Layout(self.objects, [layout[o] for o in self.objects])
+                extra = [k for k in layout if k not in self.objects]
+                if extra:
+                    raise ValueError(f"layout: regions given for {extra}, which are not among the objects "
+                                     f"{self.objects}; give one region per object")
+                named, by_key = Layout(self.objects, [layout[o] for o in self.objects]), True
         if self.objects == "auto":
             if named is not None:
+                check_layout_names(prompt, named.names)
                 return [Phrase(name, -1, -1) for name in named.names], named
             phrases = self.predictor.objects(prompt)
             if not phrases:
@@ -244,6 +259,9 @@ class SpatialTemporal(Controller):
         if len(regions) != len(phrases):
             raise ValueError(f"layout: {len(regions)} regions for {len(phrases)} objects "
                              f"{[p.text for p in phrases]}; give one region per object")
+        if named is not None and not by_key:
+            order = match_layout_names(named.names, self.objects, [p.text for p in phrases])
+            regions = [regions[j] for j in order]
         return phrases, Layout([p.text for p in phrases], regions)
 
     @staticmethod
@@ -415,8 +433,25 @@ class SpatialTemporal(Controller):
 
 
 # ---------------------------------------------------------------------- helpers
-def _check_weights(weights, n: Optional[int]):
-    """None -> 5/n; a finite float; or a float tensor [n] / [n, steps] (n checked once known)."""
+def max_weight_sum(dtype: torch.dtype = torch.float32) -> float:
+    """The largest Σ_i |c_i[t]| (one step's weights) accepted for a model computing in ``dtype``.
+
+    The combination is out = Σ_r α_r·O_r with O_r = softmax(z_r)·v_r a convex combination of
+    v's rows (|O_r| ≤ max|v|) and α_i = c_i·m_i, m_i in [0, 1]; region 0 gets 1 − Σ_i α_i
+    (same_branch), or the cross-row term −Σ_i α_i·O_u is added (uncond_ref). Either way
+    |out| ≤ (1 + 2·Σ_i |c_i|)·max|v|: the weights magnify the values by up to A = 1 + 2·Σ_i |c_i|.
+    The output is stored in the model's dtype and the next layer's normalisation squares it, so
+    A is held to A² ≤ finfo(dtype).max, i.e. Σ_i |c_i| ≤ (√finfo.max − 1) / 2: fp16 ≈ 127.5,
+    fp32 and bf16 ≈ 9.2e18 (the weights themselves are fp32, so wider dtypes get fp32's bound).
+    Beyond it a unit-scale value already overflows there (1e30 gives NaN latents in fp32)."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        dtype = torch.float32
+    return (math.sqrt(torch.finfo(dtype).max) - 1) / 2
+
+
+def _check_weights(weights, n: Optional[int], dtype: torch.dtype = torch.float32):
+    """None -> 5/n; a finite float; or a float tensor [n] / [n, steps] (n checked once known);
+    every step's Σ_i |c_i| at most :func:`max_weight_sum` of the model's dtype (fp32 before apply)."""
     if weights is None:
         return None if n is None else DEFAULT_TOTAL_WEIGHT / n
     if isinstance(weights, Tensor):
@@ -427,10 +462,19 @@ def _check_weights(weights, n: Optional[int]):
             raise ValueError(f"weights: expected a float, or a tensor {want}, got shape {tuple(weights.shape)}")
         if not bool(torch.isfinite(weights).all()):
             raise ValueError("weights: contains NaN or inf")
-        return weights
-    if isinstance(weights, bool) or not isinstance(weights, (int, float)) or not math.isfinite(weights):
+        total = float(weights.detach().double().abs().sum(0).max())     # the largest step's Σ_i |c_i|
+    elif isinstance(weights, bool) or not isinstance(weights, (int, float)) or not math.isfinite(weights):
         raise TypeError(f"weights: expected None, a finite float or a tensor [objects, steps], got {weights!r}")
-    return float(weights)
+    else:
+        weights = float(weights)
+        total = abs(weights) * (n or 1)                                   # one weight for each object
+    bound = max_weight_sum(dtype)
+    if total > bound:
+        name = str(dtype).replace("torch.", "")
+        raise ValueError(f"weights: Σ_i |c_i| = {total:g} exceeds {bound:g}, the bound for a {name} model: the "
+                         f"combination magnifies the values by up to 1 + 2·Σ_i |c_i|, which must stay below "
+                         f"√finfo({name}).max for the output and its square to be finite (see max_weight_sum)")
+    return weights
 
 
 def _freeze(modules) -> list:
@@ -536,8 +580,16 @@ def _load_clip(clip):
     if isinstance(clip, (str, bytes)) or hasattr(clip, "__fspath__"):
         from transformers import CLIPModel, CLIPTokenizer
 
-        return (CLIPModel.from_pretrained(clip, local_files_only=True).eval(),
-                CLIPTokenizer.from_pretrained(clip, local_files_only=True))
+        folder = os.fsdecode(clip)      # a local folder only: never a hub repo id
+        if not os.path.exists(folder):
+            raise ValueError(f"clip: the CLIP model directory {folder!r} does not exist; expected a local "
+                             "transformers CLIPModel directory (config.json, weights, tokenizer files) or a "
+                             "(CLIPModel, tokenizer) pair")
+        if not os.path.isdir(folder):
+            raise ValueError(f"clip: {folder!r} is not a directory; expected a local transformers CLIPModel "
+                             "directory or a (CLIPModel, tokenizer) pair")
+        return (CLIPModel.from_pretrained(folder, local_files_only=True).eval(),
+                CLIPTokenizer.from_pretrained(folder, local_files_only=True))
     raise TypeError(f"clip: expected a CLIP model directory or a (transformers CLIPModel, tokenizer) pair, "
                     f"got {type(clip).__name__}")
 

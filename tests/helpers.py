@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -51,6 +52,19 @@ class Case:
         """Region 0's valid keys: where target tokens are drawn from."""
         return self.key_lengths[0] if self.key_lengths else self.N
 
+    def pinned_rows(self) -> list:
+        """Each batch row's pinned columns."""
+        per_row = bool(self.pinned) and isinstance(self.pinned[0], tuple)
+        return list(self.pinned) if per_row else [tuple(self.pinned)] * self.B
+
+
+def pinned_targets(case: Case, tokens) -> bool:
+    """Whether some row pins one of its own target tokens: the public op rejects that (the target
+    would never get its own attention edited); the custom op below it computes it (the kernels'
+    pinned-target path)."""
+    rows = list(tokens) if tokens and isinstance(tokens[0], tuple) else [tuple(tokens)] * case.B
+    return any(set(t) & set(p) for t, p in zip(rows, case.pinned_rows()))
+
 
 def make_inputs(case: Case, device, seed: int = 0):
     """Fresh random inputs (fp64 masters): q, k, v, masks, weights, theta (or None), tokens, basis."""
@@ -67,17 +81,23 @@ def make_inputs(case: Case, device, seed: int = 0):
     weights = 0.25 + torch.rand(c.B, c.R, generator=g, **dd)
     gy, gx = stattn.gaussian_basis(c.h, c.w, sigma=1, dtype=torch.float64)
     theta = torch.randn(c.B, c.H, c.T, gy.shape[1], gx.shape[1], generator=g, **dd) if (c.T or c.pinned) else None
-    tokens = tuple(int(i) for i in torch.randperm(c.keys0, generator=g)[:c.T]) if c.T else ()
+    # targets are drawn among the columns no row pins (the public op rejects a pinned target)
+    pinned = {i for row in c.pinned_rows() for i in row}
+
+    def draw():
+        return tuple(i for i in torch.randperm(c.keys0, generator=g).tolist() if i not in pinned)[:c.T]
+
+    tokens = draw() if c.T else ()
     if c.row_tokens:  # row 0 as the shared draw, the others drawn after it
-        tokens = (tokens, *(tuple(int(i) for i in torch.randperm(c.keys0, generator=g)[:c.T])
-                            for _ in range(c.B - 1)))
+        tokens = (tokens, *(draw() for _ in range(c.B - 1)))
     to = lambda t: None if t is None else t.to(device)  # noqa: E731
     return dict(q=to(q), k=to(k), v=to(v), masks=to(masks), weights=to(weights), theta=to(theta),
                 tokens=tokens, basis=(to(gy), to(gx)))
 
 
 def run(case: Case, inp: dict, dtype, wrt=("q", "k", "v", "weights", "masks", "theta"), grad_seed=1):
-    """Run the public op in `dtype` (theta stays fp32/fp64) and return (out, {name: grad})."""
+    """Run the public op in `dtype` (theta stays fp32/fp64) and return (out, {name: grad}); a case
+    with a pinned target, which the public op rejects, runs the custom op instead (op_call)."""
     lowp = lambda t: t.to(dtype)  # noqa: E731
     tdtype = torch.float64 if dtype == torch.float64 else torch.float32
     leaves = {
@@ -90,14 +110,16 @@ def run(case: Case, inp: dict, dtype, wrt=("q", "k", "v", "weights", "masks", "t
         t = leaves[name]
         if t is not None and t.dtype.is_floating_point:
             t.requires_grad_(True)
-    offset = None
-    if inp["theta"] is not None:
-        gy, gx = inp["basis"]
-        offset = stattn.ScoreOffset(leaves["theta"], inp["tokens"], (gy.to(tdtype), gx.to(tdtype)),
-                                    pinned=case.pinned)
-    out = stattn.region_attention(leaves["q"], leaves["k"], leaves["v"], masks=leaves["masks"],
-                                  region_weights=leaves["weights"], affine=case.affine, offset=offset,
-                                  key_lengths=case.key_lengths)
+    gy, gx = (b.to(tdtype) for b in inp["basis"])
+    if inp["theta"] is not None and pinned_targets(case, inp["tokens"]):
+        out = op_call(case, leaves, inp["tokens"], (gy, gx))
+    else:
+        offset = None
+        if inp["theta"] is not None:
+            offset = stattn.ScoreOffset(leaves["theta"], inp["tokens"], (gy, gx), pinned=case.pinned)
+        out = stattn.region_attention(leaves["q"], leaves["k"], leaves["v"], masks=leaves["masks"],
+                                      region_weights=leaves["weights"], affine=case.affine, offset=offset,
+                                      key_lengths=case.key_lengths)
     grads = {}
     wanted = [n for n in wrt if leaves[n] is not None and leaves[n].requires_grad]
     if wanted:
@@ -106,6 +128,31 @@ def run(case: Case, inp: dict, dtype, wrt=("q", "k", "v", "weights", "masks", "t
         got = torch.autograd.grad(out, [leaves[n] for n in wanted], do.to(out.dtype))
         grads = dict(zip(wanted, got))
     return out, grads
+
+
+def op_call(case: Case, leaves: dict, tokens, basis):
+    """The custom op torch.ops.stattn.region_attention with the arguments region_attention
+    builds (float32 / float64 masks [B, R, M] and weights [B, R], int32 tokens and pin flags),
+    for offsets the public op rejects: a pinned target keeps its un-offset probability."""
+    q, k = leaves["q"], leaves["k"]
+    B, H, M, D = q.shape
+    R, N, dev = k.shape[1], k.shape[3], q.device
+    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    masks = leaves["masks"].to(ct)
+    masks = (masks if masks.dim() == 3 else masks[None]).expand(B, R, M)
+    weights = leaves["weights"].to(ct).expand(B, R)
+    rows = case.pinned_rows()
+    pin = torch.zeros(len(rows), N, dtype=torch.int32)
+    for b, row in enumerate(rows):
+        pin[b, list(row)] = 1
+    pin = (pin if isinstance(case.pinned[0], tuple) else pin[0]).to(dev)
+    tok = torch.tensor(tokens, dtype=torch.int32, device=dev)
+    gy, gx = (b.to(ct).contiguous() for b in basis)
+    lengths = None if case.key_lengths is None else torch.tensor(case.key_lengths, dtype=torch.int32, device=dev)
+    save = stattn.ops._save_logits(q, k, leaves["v"], weights, masks, leaves["theta"])
+    o, _, _ = torch.ops.stattn.region_attention(q, k, leaves["v"], weights, masks, case.affine, leaves["theta"], tok,
+                                                gy, gx, pin, D ** -0.5, save, lengths)
+    return o
 
 
 def reference_run(case: Case, inp: dict, wrt=("q", "k", "v", "weights", "masks", "theta"), grad_seed=1):
@@ -121,9 +168,9 @@ def reference_run(case: Case, inp: dict, wrt=("q", "k", "v", "weights", "masks",
     B, R, M = case.B, case.R, case.M
     masks = leaves["masks"] if leaves["masks"].dim() == 3 else leaves["masks"].expand(B, R, M)
     offset = None
-    if leaves["theta"] is not None:
-        offset = stattn.ScoreOffset(leaves["theta"], inp["tokens"], tuple(b.double() for b in inp["basis"]),
-                                    pinned=case.pinned)
+    if leaves["theta"] is not None:  # a plain namespace: the reference also takes pinned targets
+        gy, gx = (b.double() for b in inp["basis"])
+        offset = SimpleNamespace(theta=leaves["theta"], tokens=inp["tokens"], gy=gy, gx=gx, pinned=case.pinned)
     out = ref.region_attention(leaves["q"], leaves["k"], leaves["v"], masks, leaves["weights"],
                                case.affine, offset, lengths=case.key_lengths)
     g = torch.Generator().manual_seed(grad_seed)
