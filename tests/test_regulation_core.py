@@ -1,6 +1,7 @@
 """Attention-Regulation inner optimisation (stattn/regulation_core.py, kernels/regulation.py):
 the spec's check values, the closed-form gradient vs autograd (fp64), the fused loop (Triton,
-interpreter on CPU) vs the fp64 PyTorch loop, the quantile vs torch.quantile, bad input."""
+interpreter on CPU) vs the fp64 oracle of tests/loop_oracle.py (iteration by iteration until the
+first near-branch), the best-iterate rule on exact ties, the quantile vs torch.quantile, bad input."""
 import json
 import os
 import subprocess
@@ -9,11 +10,12 @@ import sys
 import pytest
 import torch
 
+import loop_oracle
 import stattn
 from stattn import regulation_core as rc
 
 F64 = torch.float64
-WEIGHTS = (1.0, 80.0, 0.09)
+WEIGHTS = loop_oracle.WEIGHTS
 
 
 def spec_logits(n: int, w: int) -> torch.Tensor:
@@ -98,11 +100,13 @@ def test_loss_invariant_to_a_constant_per_pixel():
 @pytest.mark.parametrize("M", [7, 144, 256, 576, 1024])
 @pytest.mark.parametrize("quantile", [0.0, 0.37, 0.9, 1.0])
 def test_quantile_position_matches_torch_quantile(M, quantile, dtype):
-    x = torch.rand(M, generator=torch.Generator().manual_seed(M), dtype=dtype)
+    """(lo, hi, frac) are torch.quantile's, bit for bit: the values are the integers -lo .. M-1-lo in a
+    random order, so its order statistics lo and hi are exactly 0 and 1 and any lerp of them (a + w (b - a)
+    or b - (b - a)(1 - w), fused or not) is w itself: torch.quantile returns its own frac exactly."""
     lo, hi, frac = rc.quantile_position(quantile, M, dtype)
-    srt = x.sort().values
-    assert 0 <= lo <= hi <= min(lo + 1, M - 1)
-    assert torch.lerp(srt[lo], srt[hi], frac).item() == torch.quantile(x, quantile).item()
+    assert 0 <= lo <= hi <= min(lo + 1, M - 1) and (hi == lo) == (frac == 0)
+    x = (torch.randperm(M, generator=torch.Generator().manual_seed(M)) - lo).to(dtype)
+    assert torch.quantile(x, quantile).item() == frac
 
 
 # ---- the loop: Triton (interpreter) vs the fp64 PyTorch loop -----------------------------------
@@ -126,34 +130,33 @@ def loop_inputs(B, H, h, w, D, T, dtype, seed=0, device="cpu"):
     return q, k, tokens, theta0, (gy, gx)
 
 
-def fp64_loop(q, k, tokens, theta0, basis, iters):
-    """The oracle: the closed-form loop in fp64 on the CPU, with every evaluated theta_i."""
+def fp64_loop(q, k, tokens, theta0, basis, iters, lr=100.0):
+    """The closed-form loop in fp64 on the CPU, with every evaluated theta_i."""
     q, k, tokens, theta0 = (t.cpu() for t in (q, k, tokens, theta0))
     gy, gx = (g.cpu() for g in basis)
     return rc._loop_reference(q.double(), k.double(), tokens, theta0.double(), gy.double(), gx.double(),
-                              q.shape[-1] ** -0.5, iters, 100.0, 0.9, WEIGHTS, rc.default_thr(len(tokens)),
+                              q.shape[-1] ** -0.5, iters, lr, 0.9, WEIGHTS, rc.default_thr(len(tokens)),
                               trajectory=True)
 
 
-def assert_matches_fp64(res, q, k, tokens, theta0, basis, iters):
-    _, ref_best, ref_losses, traj = fp64_loop(q, k, tokens, theta0, basis, iters)
+def assert_matches_fp64(res, q, k, tokens, theta0, basis, iters, construction_ties=False):
+    """A run of the loop (scale D^-1/2, the default settings) against the fp64 oracle: losses iteration by
+    iteration up to the first near-branch, the best-iterate rule and theta_best whatever the prefix
+    (tests/loop_oracle.py). Returns the last iteration compared."""
     assert res.theta_best.device == q.device and res.losses.device == q.device
-    res = type(res)(*(t.cpu() for t in res))
-    assert res.theta_best.dtype == torch.float32 and res.losses.dtype == torch.float32
+    ct = F64 if q.dtype == F64 else torch.float32
+    assert res.theta_best.dtype == ct and res.losses.dtype == ct
     assert res.best_iter.dtype == torch.int64 and res.best_iter.dim() == 0
-    torch.testing.assert_close(res.losses.double(), ref_losses, rtol=2e-5, atol=0)
-    best = int(res.best_iter)
-    if best != int(ref_best):  # only acceptable on a near tie of the fp64 losses
-        assert abs(ref_losses[best] - ref_losses[ref_best]) <= 2e-5 * abs(ref_losses[ref_best])
-    err = (res.theta_best.double() - traj[best]).norm() / traj[best].norm()
-    assert err < 1e-4, err
+    o = loop_oracle.oracle(q, k, tokens, theta0, basis, scale=q.shape[-1] ** -0.5, iters=iters,
+                           construction_ties=construction_ties)
+    return loop_oracle.assert_matches(res, o)
 
 
 @pytest.mark.parametrize("B,H,h,w,D,T,dtype", LOOP_CASES)
 def test_triton_loop_matches_fp64_loop(B, H, h, w, D, T, dtype, device, triton_backend, poisoned):
     inp = loop_inputs(B, H, h, w, D, T, dtype, device=device)
     res = rc.inner_loop(*inp, scale=D ** -0.5, iters=ITERS)
-    assert_matches_fp64(res, *inp, ITERS)
+    assert assert_matches_fp64(res, *inp, ITERS) >= 2   # no near-branch before iteration 2 on these inputs
     # theta moves every iteration (lr = 100 may overshoot: the loss need not fall)
     assert (res.losses.diff().abs() > 1e-4 * res.losses[0]).all()
 
@@ -167,18 +170,19 @@ def test_triton_loop_strided_inputs(device, triton_backend, poisoned):
     tv = theta0.transpose(-1, -2).contiguous().transpose(-1, -2)
     assert not (qv.is_contiguous() or kv.is_contiguous() or tv.is_contiguous())
     res = rc.inner_loop(qv, kv, tokens, tv, basis, scale=24 ** -0.5, iters=3)
-    assert_matches_fp64(res, q, k, tokens, theta0, basis, 3)
+    assert assert_matches_fp64(res, q, k, tokens, theta0, basis, 3) == 2
 
 
 def test_triton_loop_shares_the_quantile_weight_among_ties(device, triton_backend, poisoned):
-    """q = 0 and theta0 = 0: every pixel has exactly the same probability at the first iteration,
-    so each order statistic ties M ways; both paths split its weight equally, and L(theta_1)
-    shows the step agrees. (Later iterations keep mirror-symmetric near-ties that float32 and
-    float64 break differently: only the exact tie is compared.)"""
+    """q = 0 and theta0 = 0: every logit is exactly 0 (whatever the summation order), so every pixel
+    has the same probability at the first iteration and each order statistic ties M ways; both paths
+    split its weight equally, and L(theta_1) shows the step agrees. (theta_1 is mirror-symmetric, so
+    iteration 1 has near-ties that float32 and float64 break differently: the oracle ends the
+    comparison there.)"""
     q, k, tokens, theta0, basis = loop_inputs(1, 2, 8, 8, 16, 2, torch.float32, seed=7, device=device)
     q, theta0 = torch.zeros_like(q), torch.zeros_like(theta0)
     res = rc.inner_loop(q, k, tokens, theta0, basis, scale=0.25, iters=2)
-    assert_matches_fp64(res, q, k, tokens, theta0, basis, 2)
+    assert assert_matches_fp64(res, q, k, tokens, theta0, basis, 2, construction_ties=True) == 1
     *_, traj = fp64_loop(q, k, tokens, theta0, basis, 2)
     assert traj[1].std() > 0   # the tied step moves theta non-uniformly (the basis is not flat)
 
@@ -186,19 +190,49 @@ def test_triton_loop_shares_the_quantile_weight_among_ties(device, triton_backen
 def test_reference_loop_fp32_matches_fp64_loop(reference_backend):
     inp = loop_inputs(1, 2, 16, 16, 40, 2, torch.float32)
     res = rc.inner_loop(*inp, scale=40 ** -0.5, iters=6)
-    assert_matches_fp64(res, *inp, 6)
+    assert assert_matches_fp64(res, *inp, 6) >= 3
 
 
 def test_fp64_loop_keeps_the_first_strict_minimum(reference_backend):
     q, k, tokens, theta0, basis = loop_inputs(1, 2, 8, 8, 16, 2, F64, seed=5)
     res = rc.inner_loop(q, k, tokens, theta0.double(), basis, scale=0.25, iters=8, lr=400.0)
-    *_, traj = fp64_loop(q, k, tokens, theta0, basis, 8)
+    *_, traj = fp64_loop(q, k, tokens, theta0, basis, 8, lr=400.0)
     losses = res.losses.tolist()
     best = min(range(8), key=lambda i: (losses[i], i))
     assert int(res.best_iter) == best and res.theta_best.dtype == F64
+    # the same function (regulation_core._loop_reference) on the same inputs: its own iterate, exactly
     torch.testing.assert_close(res.theta_best, traj[best], rtol=0, atol=0)
     one = rc.inner_loop(q, k, tokens, theta0.double(), basis, scale=0.25, iters=1)
-    assert int(one.best_iter) == 0 and torch.equal(one.theta_best, theta0.double())
+    assert int(one.best_iter) == 0 and torch.equal(one.theta_best, theta0.double())   # a copy of theta0
+
+
+# ---- the branch logic: the best iterate on losses that tie exactly by construction ------------
+
+@pytest.mark.parametrize("backend", ["reference", "native", "triton"])
+@pytest.mark.parametrize("lr,expected", [(1.0, 1), (2.0, 0), (0.0, 0)])
+def test_best_iterate_is_the_first_strict_minimum_of_exact_ties(backend, lr, expected, monkeypatch, poisoned):
+    """Losses that tie bit for bit in any arithmetic, so every backend must pick the same iterate.
+    Loss weights (0, 0, w2 = K T / 2) make the step theta itself (2 w2 / (K T) = 1 exactly, the softmax
+    terms 0 * finite = 0): lr = 1 sends theta to 0 in one step and keeps it there, losses (L0 > 0, 0, 0,
+    0): the strict minimum at iteration 1 stays the best over its later ties; lr = 2 flips theta's
+    sign, so every loss (mean theta^2) is the same: iteration 0 stays the best, and theta_best is theta0,
+    not its negation. lr = 0 with the default weights evaluates L(theta0) four times: 0 again."""
+    if backend == "native" and not stattn.native.available():
+        pytest.skip("native extension unavailable")
+    monkeypatch.setenv("STATTN_BACKEND", backend)
+    monkeypatch.setenv("STATTN_NATIVE_POISON", "1")
+    q, k, tokens, theta0, basis = loop_inputs(1, 2, 8, 8, 16, 2, torch.float32, seed=12)
+    K = theta0.shape[-2] * theta0.shape[-1]
+    weights = WEIGHTS if lr == 0 else (0.0, 0.0, K * len(tokens) / 2)
+    res = rc.inner_loop(q, k, tokens, theta0, basis, scale=0.25, iters=4, lr=lr, loss_weights=weights)
+    losses = res.losses.tolist()
+    assert int(res.best_iter) == expected, losses
+    if lr == 1.0:
+        assert losses[0] > 0 and losses[1:] == [0.0, 0.0, 0.0]
+        assert torch.equal(res.theta_best, torch.zeros_like(theta0))
+    else:
+        assert losses == [losses[0]] * 4
+        assert torch.equal(res.theta_best, theta0)
 
 
 def test_triton_quantile_matches_torch_quantile(device, triton_backend, poisoned):
@@ -309,6 +343,7 @@ def test_blend_gives_theta_eff_and_carries_theta_best(backend, as_tensor, device
     step = torch.tensor(7, device=device) if as_tensor else 7
     res = rc.inner_loop_blend(q, k, tokens, theta0, basis, state, step, scale=0.25, iters=3)
     plain = rc.inner_loop(q, k, tokens, theta0, basis, scale=0.25, iters=3)
+    # the blend only adds to the loop's second launch (or follows the same loop): the same loop, exactly
     torch.testing.assert_close(res.theta_best, plain.theta_best, rtol=0, atol=0)
     assert int(res.best_iter) == int(plain.best_iter)
     torch.testing.assert_close(res.losses, plain.losses, rtol=0, atol=0)
