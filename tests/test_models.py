@@ -182,10 +182,35 @@ def test_bpe_simulation_matches_tokenizer():
 # ----------------------------------------------------------------------------------------------
 # tiny pipelines
 
-def _images(pipe, seed=0, steps=2, prompt="a photo of a red cat"):
+def _images(pipe, seed=0, steps=2, prompt="a photo of a red cat", latents=None):
     pipe.set_progress_bar_config(disable=True)
     return pipe(prompt, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
-                output_type="np").images
+                latents=latents, output_type="np").images
+
+
+def _latents(seed):
+    """x_T of a 64 px tiny-model image, drawn as the pipeline draws it (fp32), to give an fp64 copy."""
+    return torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def assert_same_weights(a, b):
+    """Every model of pipeline b holds a's parameters bit for bit: saving and loading copies bits."""
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        if getattr(a, name, None) is not None:
+            sa, sb = getattr(a, name).state_dict(), getattr(b, name).state_dict()
+            assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), name
+
+
+def assert_same_images(got, expected, exact):
+    """got, expected: fp32 images of two pipelines holding the same weights; exact: their fp64 copy's.
+    Not bit for bit: a loaded copy lays its tensors out otherwise, and BLAS picks its kernels (so its
+    summation orders) by layout and CPU. Each fp32 image is its rounding error from the exact one, and
+    |expected - exact| measures it; another summation order rounds about as much, so |got - expected|
+    <= |got - exact| + |expected - exact| stays within 4 |expected - exact| (the other order's rounding
+    up to 3x this one's), plus an ulp of 1 for the final fp32 rounding. A wrong weight, config or
+    scheduler moves pixels by 1e-2 and more."""
+    bound = 4 * np.abs(expected - exact).max() + np.finfo(np.float32).eps
+    assert np.abs(got - expected).max() <= bound, (np.abs(got - expected).max(), bound)
 
 
 def _attention_heads(unet):
@@ -239,7 +264,7 @@ def test_tiny_generation_is_fast():
 
 def test_tiny_is_deterministic_from_seed():
     a, b, c = (models.tiny(seed=s).unet.state_dict() for s in (0, 0, 1))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)                # the same draws from the same seed
     assert not all(torch.equal(a[k], c[k]) for k in a)
     state = torch.random.get_rng_state()
     models.tiny(seed=3)
@@ -282,8 +307,12 @@ def test_save_load_round_trip(tmp_path, kind, scheduler):
     loaded = models.load(tmp_path / "m", scheduler=scheduler)
     assert type(loaded) is type(pipe) and type(loaded.scheduler) is type(pipe.scheduler)
     assert loaded.scheduler.config.prediction_type == pipe.scheduler.config.prediction_type
-    np.testing.assert_array_equal(_images(loaded, seed=7), _images(pipe, seed=7))
-    assert not np.array_equal(_images(pipe, seed=8), _images(pipe, seed=7))
+    assert_same_weights(pipe, loaded)
+    x_T = _latents(7)
+    expected = _images(pipe, latents=x_T)
+    exact = _images(models.load(tmp_path / "m", scheduler=scheduler, dtype=torch.float64), latents=x_T.double())
+    assert_same_images(_images(loaded, latents=x_T), expected, exact)
+    assert np.abs(_images(pipe, latents=_latents(8)) - expected).max() > 1e-2      # another x_T, another image
 
 
 def test_load_dtype_device(tmp_path):
@@ -350,7 +379,9 @@ def test_resolve_forms(tmp_path):
     models.save(models.tiny(seed=4), tmp_path)
     loaded = models.resolve(str(tmp_path), dtype=torch.float64)
     assert loaded.unet.dtype == torch.float64
-    np.testing.assert_array_equal(_images(models.resolve(tmp_path)), _images(models.tiny(seed=4)))
+    x_T = _latents(0)
+    assert_same_images(_images(models.resolve(tmp_path), latents=x_T), _images(models.tiny(seed=4), latents=x_T),
+                       _images(loaded, latents=x_T.double()))
 
 
 @pytest.mark.parametrize("model,exc,words", [
