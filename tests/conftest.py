@@ -1,7 +1,10 @@
 """Test set-up: without a GPU the Triton kernels run under the interpreter (set before the kernels
-module is imported); tests pick the backend per case through STATTN_BACKEND."""
+module is imported); tests pick the backend per case through STATTN_BACKEND. Every test starts from
+the same global state and leaves it as it found it (see _isolated)."""
 import os
+import random
 
+import numpy as np
 import torch
 
 if not torch.cuda.is_available():
@@ -10,6 +13,41 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _seed_global_rngs():
+    torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
+
+
+_seed_global_rngs()   # module-scoped fixtures built before the first test see the same state too
+
+
+@pytest.fixture(autouse=True)
+def _isolated():
+    """No result may depend on the order tests run in: the global RNGs start seeded (a test drawing
+    from them, or one that seeds them for a model's init, gets the same numbers wherever it runs) and
+    are seeded again afterwards (for the module fixtures built between tests); the thread count, the
+    default dtype, stattn's value checks and the STATTN_ / thread / ISA variables are put back as they
+    were, whatever the test did to them."""
+    import stattn
+
+    checks = stattn.set_value_checks(True)     # (read through the public setter, then put back)
+    stattn.set_value_checks(checks)
+    threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
+    prefixes = ("STATTN_", "OMP_", "MKL_", "ONEDNN_", "DNNL_", "ATEN_CPU_CAPABILITY", "TRITON_")
+    env = {k: v for k, v in os.environ.items() if k.startswith(prefixes)}
+    _seed_global_rngs()
+    yield
+    for k in [k for k in os.environ if k.startswith(prefixes) and k not in env]:
+        del os.environ[k]
+    os.environ.update(env)
+    stattn.set_value_checks(checks)
+    torch.set_default_dtype(dtype)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    _seed_global_rngs()
 
 
 @pytest.fixture
