@@ -10,12 +10,13 @@ order statistics; after it they are two trajectories and no tolerance relates th
 Error model, in logit units (the softmax is shift invariant: absolute logit errors are what move P).
 A run in arithmetic of unit roundoff eps errs at iteration j by u_j = eps (1 + max |E_j| + s_{j-1}) in
 its logits E = Z + S(theta_j) and the others' log-sum-exp: their rounding at the scale of the largest,
-and the rounding of the step that led there, s = lr n max |S(|terms of the step|)| (its cancellations,
-g - sum_t P g and the sums over pixels, included). The map carries an error from iteration j to i
-amplified by A_{j,i} = D_i / D_j, measured by running the oracle a second time on logits perturbed by
-+-2^-40 (1 + max |Z|) (D: the largest logit difference of the two runs). So at iteration i every logit is within
-K U_i of the oracle's, U_i = sum_{j <= i} u_j max(1, A_{j,i}), K covering the operations per
-iteration; theta, made of the same errors, within K U_i of itself relatively. Hence
+and the rounding of the step that led there, s = lr max |S(|terms of the step|)| (step = n dL/dtheta;
+what its cancellations cancel counted at full size: qv - q, mean - thr / T, g - sum_t P g, the sums).
+The map carries an error from iteration j to i amplified by A_{j,i} = D_i / D_j, measured by running
+the oracle a second time on logits perturbed by +-2^-40 (1 + max |Z|) (D: the largest logit difference
+of the two runs). So at iteration i every logit is within K U_i of the oracle's, U_i = sum_{j <= i}
+u_j max(1, A_{j,i}), K covering the operations per iteration; theta, made of the same errors, within
+K U_i of itself relatively. Hence
 - logit(P) = log P - log(1 - P) moves by at most 2 K U_i, so two order statistics can swap only where
   their logits are closer than 4 K U_i: the first such iteration n ends the comparable prefix (L_n
   is still comparable: the quantile interpolates between the order statistics, only its gradient jumps);
@@ -54,7 +55,7 @@ class Oracle(NamedTuple):
     logit_max: Tensor   # [iters] max |E_i| over the target logits and the others' log-sum-exp
     gap: Tensor         # [iters] smallest logit distance between the order statistics around the quantile rank
     sens: Tensor        # [iters] sum |dL/dE| + |dL/d rest| + 2 w2 mean theta^2: L's first-order sensitivity
-    step: Tensor        # [iters] lr n max |S(|terms of step_i|)|: the offset scale of step i's rounding
+    step: Tensor        # [iters] lr max |S(|terms of step_i|)|: the offset scale of step i's rounding
     amp: Tensor         # [iters] D_i: largest logit difference from the perturbed run (A_{j,i} = D_i / D_j)
     problem: dict       # fp64 z [B, H, M, N], tokens, basis, loop settings: to evaluate L at any theta
 
@@ -80,9 +81,7 @@ def _loss_of_logits(P, theta, p: dict) -> Tensor:
 
 
 def _logit_stats(theta: Tensor, p: dict, construction_ties: bool):
-    """(S, max |E|, gap, sens, step) of one iterate; step: the largest offset an fp32-sized relative
-    error of each term of the step would make, lr n max |S(|step| terms)| (the step's rounding, its
-    cancellations included: g - sum_t P g and the sums over pixels)."""
+    """(S, max |E|, gap, sens, step) of one iterate (see Oracle)."""
     gy, gx = p["basis"]
     S = ref.score_offset(theta, gy, gx)
     E = (p["zt"] + S).requires_grad_(True)
@@ -102,7 +101,7 @@ def _logit_stats(theta: Tensor, p: dict, construction_ties: bool):
     ranks = sorted({r for r in (lo - 1, lo, hi, hi + 1) if 0 <= r < Pt.shape[-1]})
     d = torch.stack([lg[..., b] - lg[..., a] for a, b in zip(ranks, ranks[1:])])
     # both P exactly 1 (or 0) in fp64, logits inf - inf: moving the quantile's weight w between such
-    # pixels changes dL/dE there by w P (1 - P) <= w eps, a rounding: no branch
+    # pixels changes dL/dE there by w P (1 - P) <= w 2^-53, a rounding: no branch
     d = torch.nan_to_num(d, nan=torch.inf)
     if construction_ties:   # equal logits from equal inputs stay equal in any arithmetic: no branch
         d = torch.where(d == 0, torch.inf, d)
@@ -163,7 +162,7 @@ def oracle(q: Tensor, k: Tensor, tokens, theta0: Tensor, basis, *, scale: float,
     zt2, rest2 = rc.target_logits(p["z"] + SHADOW * (1 + p["z"].abs().max()) * _shadow_sign(q, k.shape[2]), tokens)
     _, traj2 = run(zt2, rest2)
     stats = [_logit_stats(th, p, construction_ties and i == 0) for i, th in enumerate(traj)]
-    amp = torch.tensor([max((zt2 + ref.score_offset(b, gy, gx) - p["zt"] - ref.score_offset(a, gy, gx)).abs().max().item(),
+    amp = torch.tensor([max((zt2 - p["zt"] + ref.score_offset(b - a, gy, gx)).abs().max().item(),
                             (rest2 - p["rest"]).abs().max().item()) for a, b in zip(traj, traj2)], dtype=torch.float64)
     best = first_strict_minimum(losses)
     col = lambda j: torch.tensor([s[j] for s in stats], dtype=torch.float64)  # noqa: E731
