@@ -181,7 +181,9 @@ def test_regulation_resolves_targets_in_the_call_prompt():
 def test_regulation_per_row_columns_for_a_list_of_prompts(fused):
     """[A, B]: each row gets its own key columns and EOS. The fused path equals the eager reference
     (itself per-row by gathers), and a list of one prompt twice equals num_images_per_prompt=2."""
-    pipe = models.tiny(0, scheduler="DDIMScheduler")
+    # fp64: the inner loop (20 steps at lr 100) is a chaotic map; two implementations of it agree
+    # portably only where rounding is far below its branch points
+    pipe = models.tiny(0, scheduler="DDIMScheduler", dtype=torch.float64)
     kw = dict(layers="all", edit_steps=2, init="zeros")
 
     def run(prompt, n=1, fused=fused, **call):
@@ -192,8 +194,8 @@ def test_regulation_per_row_columns_for_a_list_of_prompts(fused):
         finally:
             ctrl.remove(pipe)
 
-    def close(a, b):   # the fp32 inner loop (lr 100) amplifies rounding: the fused-vs-reference bound
-        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+    def close(a, b):   # fp64 implementations of the same sums: ~1e-15 measured
+        assert (a - b).abs().max() <= 1e-9 * b.abs().max()
 
     got, rows = run([PROMPT, OTHER], n=2)
     assert rows[0] != rows[1] and [r[0] for r in rows] == [
@@ -245,7 +247,8 @@ def test_methods_on_a_stock_pipeline_equal_the_runner(scheduler, method):
     """Every scheduler (PNDM repeats its first timestep, Heun and KDPM2 evaluate timesteps twice,
     ancestral and SDE samplers draw noise): the stock pipeline's steps are counted as the Runner
     counts them, so both give the same image."""
-    pipe = models.tiny(0, scheduler=scheduler)
+    # fp64 for the regulation's chaotic inner loop: both sides then agree portably to rounding
+    pipe = models.tiny(0, scheduler=scheduler, dtype=torch.float64 if method == "regulation" else torch.float32)
     runner = stattn.Runner(pipe)
 
     def make():
