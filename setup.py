@@ -1,10 +1,21 @@
-"""stattn: the package `stattn`, the Triton kernels of kernels/ as `stattn.kernels` and the
-benchmarks of bench/ as `stattn.bench` (for the `stattn bench` command)."""
+"""stattn: the package `stattn`, the Triton kernels of kernels/ as `stattn.kernels`, the
+benchmarks of bench/ as `stattn.bench` (for the `stattn bench` command) and the C++ sources of
+csrc/ as data in `stattn/csrc` (for the build on first use, stattn/native.py).
+
+Install torch first (the CPU or the CUDA build, README "Install"): `torch>=2.4` is then satisfied
+and pip installs no other torch. With build isolation (plain `pip install .`) torch is not
+importable here, so no extension is compiled at install time; stattn compiles csrc/ on first use
+(ninja, a requirement, and a C++ compiler)."""
 import glob
 import os
+import re
 import shutil
 
 from setuptools import setup
+
+# one place for the version: stattn.__version__ (read, not imported: the build may lack torch)
+VERSION = re.search(r'^__version__ = "([^"]+)"', open("stattn/__init__.py").read(), re.M).group(1)
+CSRC_PATTERNS = ["*.cpp", "*.h"]  # what csrc/ holds that a build needs (stattn.csrc's package data)
 
 
 def _native_extension():
@@ -32,17 +43,22 @@ _EXT_MODULES, _CMDCLASS = _native_extension()
 
 setup(
     name="stattn",
-    version="0.1.0",
+    version=VERSION,
     description="Fused Triton attention-control kernels for text-to-image diffusion",
-    packages=["stattn", "stattn.kernels", "stattn.bench"],
-    package_dir={"stattn": "stattn", "stattn.kernels": "kernels", "stattn.bench": "bench"},
-    package_data={"stattn": ["data/**/*", "configs/**/*"]},
+    # stattn.csrc: no Python, only the C++ sources native.py compiles on first use (MANIFEST.in
+    # puts them in the sdist too)
+    packages=["stattn", "stattn.kernels", "stattn.bench", "stattn.csrc"],
+    package_dir={"stattn": "stattn", "stattn.kernels": "kernels", "stattn.bench": "bench", "stattn.csrc": "csrc"},
+    package_data={"stattn": ["data/**/*", "configs/**/*"], "stattn.csrc": CSRC_PATTERNS},
     entry_points={"console_scripts": ["stattn=stattn.cli:main"]},
     ext_modules=_EXT_MODULES,
     cmdclass=_CMDCLASS,
     python_requires=">=3.10",
+    # torch>=2.4: an installed torch (CPU or CUDA) satisfies it, so install torch first; ninja: the
+    # build of the native extension on first use (torch.utils.cpp_extension.load). numpy is not
+    # capped here: only the Triton 3.6 interpreter (the test suite's CPU Triton runs) needs < 2.4.
     install_requires=[
-        "torch>=2.4", "triton>=3.0", "numpy", "diffusers>=0.30", "transformers>=4.40", "pillow",
+        "torch>=2.4", "triton>=3.0", "numpy", "diffusers>=0.30", "transformers>=4.40", "pillow", "ninja",
     ],
     # the test extra: peft for the LoRA drop-in tests, torchsde for DPMSolverSDEScheduler (every diffusers
     # scheduler is tested), numpy < 2.4 for the Triton 3.6 interpreter

@@ -3,9 +3,12 @@
     stattn generate --model tiny --prompt "a photo of a cat and a frog" --out out/
     stattn generate --model DIR --prompt "..." --method regulation --targets cat frog --steps 50
     stattn generate --model DIR --prompt "a cat to the left of a frog" --method spacetime [--optimize --clip DIR]
-    stattn bench micro --quick            # bench.micro's options
+    stattn bench micro --quick            # bench.micro's options; results in ./bench-results
     stattn bench e2e --model tiny         # bench.e2e's options
+    stattn bench native --quick           # the native CPU kernels (also regulation, spacetime)
     stattn profile --model tiny --prompt "..." --out prof/
+    stattn doctor                         # backends available here, why not, versions
+    stattn --version
 
 Errors in what the user gave (model directory, method, target word, size) print one line and
 exit with status 2.
@@ -22,6 +25,8 @@ from typing import Optional
 import torch
 
 METHODS = ("none", "regulation", "spacetime")
+BENCH_SUITES = ("micro", "e2e", "native", "regulation", "spacetime")  # modules of stattn.bench
+BENCH_OUT = "bench-results"  # `stattn bench`'s default --out, under the current directory
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # words not worth a heatmap when no --targets are given
 STOP_WORDS = frozenset("a an the of and or on in at to with without from by for is are photo picture "
@@ -62,16 +67,23 @@ def _common(p: argparse.ArgumentParser, out_default: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     p = argparse.ArgumentParser(prog="stattn", description="fused attention control for diffusion")
+    p.add_argument("--version", action="version", version=f"stattn {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate images, attention heatmaps and a JSON report")
     _common(g, "stattn-out")
     g.add_argument("--no-progress", action="store_true")
     g.add_argument("--no-maps", action="store_true", help="skip recording the attention maps "
                    "(they cost a little time; the report's timings then show the plain run)")
-    b = sub.add_parser("bench", help="benchmarks: micro (the op) or e2e (whole generations)")
-    b.add_argument("suite", choices=("micro", "e2e"))
+    b = sub.add_parser("bench", help="benchmarks: micro (the op), e2e (whole generations), native (the C++ "
+                       "CPU kernels), regulation, spacetime", description="results (.json, .md) go to "
+                       f"--out DIR, default ./{BENCH_OUT} (under the current directory)")
+    b.add_argument("suite", choices=BENCH_SUITES)
     b.add_argument("args", nargs=argparse.REMAINDER, help="options of python -m bench.<suite>")
+    sub.add_parser("doctor", help="which backends run here (native CPU build and its ISA, Triton, CUDA), "
+                   "why one is missing, versions")
     pr = sub.add_parser("profile", help="torch.profiler trace (Chrome JSON) and per-op table of a generation")
     _common(pr, "stattn-profile")
     return p
@@ -220,12 +232,20 @@ def cmd_profile(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    if args.suite == "micro":
-        from .bench import micro as suite
-    else:
-        from .bench import e2e as suite
+    import importlib
+
+    suite = importlib.import_module(f".bench.{args.suite}", __package__)
     rest = [a for a in args.args if a != "--"]
+    # an installed stattn.bench would write next to itself (site-packages): default to the cwd
+    if not any(a == "--out" or a.startswith("--out=") for a in rest):
+        rest += ["--out", str(Path.cwd() / BENCH_OUT)]
     return suite.main(rest)
+
+
+def cmd_doctor(args) -> int:
+    from . import doctor
+
+    return doctor.main([])
 
 
 def _one_line(e: BaseException) -> str:
@@ -236,7 +256,8 @@ def main(argv: Optional[list] = None) -> int:
     # diffusers imports transformers' image processors we never use, which warn without torchvision
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
-    handler = {"generate": cmd_generate, "profile": cmd_profile, "bench": cmd_bench}[args.command]
+    handler = {"generate": cmd_generate, "profile": cmd_profile, "bench": cmd_bench,
+               "doctor": cmd_doctor}[args.command]
     try:
         return handler(args)
     except UsageError as e:

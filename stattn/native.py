@@ -3,24 +3,29 @@
 The C++ extension registers ``torch.ops.stattn_native.region_attention`` and
 ``torch.ops.stattn_native.region_attention_backward``; ``stattn.ops`` calls them for CPU tensors
 (STATTN_BACKEND=auto or native). It is built by ``pip install -e . --no-build-isolation`` (setup.py,
-as the module ``stattn._native``); without that build it is compiled on first use with
-torch.utils.cpp_extension.load (needs ninja and a C++ compiler). If neither works, ``available()``
-is False and the op falls back to the PyTorch reference with one warning saying how to build.
+as the module ``stattn._native``); without that build (a plain ``pip install .`` cannot compile
+against the user's torch) it is compiled on first use with torch.utils.cpp_extension.load (needs
+ninja and a C++ compiler) from :func:`source_dir`: the copy a wheel ships as stattn/csrc, or the
+checkout's csrc/. If neither works, ``available()`` is False and the op falls back to the PyTorch
+reference with one warning line saying why and how to fix it.
 """
 from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import threading
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-__all__ = ["available", "load", "forward", "backward", "inner_loop", "BUILD_HINT"]
+__all__ = ["available", "load", "forward", "backward", "inner_loop", "source_dir", "status", "BUILD_HINT"]
 
-_CSRC = Path(__file__).resolve().parent.parent / "csrc"
+_PACKAGED_CSRC = Path(__file__).resolve().parent / "csrc"   # a wheel / sdist install (setup.py: stattn.csrc)
+_REPO_CSRC = Path(__file__).resolve().parent.parent / "csrc"  # a checkout (editable install)
 # No -march=native: the build must run on any machine it is copied to (the row loops are compiled
 # for x86-64-v3 and the baseline by function multi-versioning instead); -fno-trapping-math lets the
 # compiler vectorise the loops with comparisons (exp's clamp, max). -fopenmp: at::parallel_for is a
@@ -29,11 +34,21 @@ _CSRC = Path(__file__).resolve().parent.parent / "csrc"
 # copy torch has already loaded). Same flags in setup.py.
 CFLAGS = ["-O3", "-fno-trapping-math", "-fopenmp"]
 LDFLAGS = ["-fopenmp"]
-BUILD_HINT = ("build it with `pip install -e . --no-build-isolation` (needs a C++ compiler), or install "
-              "ninja for the build on first use; STATTN_BACKEND=reference silences this warning")
+BUILD_HINT = ("build it with `pip install --no-build-isolation .` (torch installed first, a C++ compiler), or "
+              "let stattn build it on first use (needs ninja and a C++ compiler); STATTN_BACKEND=reference "
+              "silences this warning")
 
 _lock = threading.Lock()
 _state: dict = {}  # "ok": bool once decided, "error": why not
+
+
+def source_dir(candidates=None) -> Optional[Path]:
+    """The directory of the C++ sources for the build on first use: the first of ``candidates``
+    (default: the packaged stattn/csrc, then the checkout's csrc/) holding a .cpp file, or None."""
+    for d in candidates if candidates is not None else (_PACKAGED_CSRC, _REPO_CSRC):
+        if Path(d).is_dir() and any(Path(d).glob("*.cpp")):
+            return Path(d)
+    return None
 
 
 def _import_built() -> bool:
@@ -42,7 +57,8 @@ def _import_built() -> bool:
         _state["error"] = "stattn._native is not built"
         return False
     built = Path(spec.origin).stat().st_mtime
-    if _CSRC.is_dir() and any(f.stat().st_mtime > built for f in _CSRC.iterdir()):
+    # only a checkout's csrc/ is edited; an installed copy's mtimes are those of the install
+    if source_dir() == _REPO_CSRC and any(f.stat().st_mtime > built for f in _REPO_CSRC.iterdir()):
         _state["error"] = "stattn._native is older than csrc/ (rebuilding on first use)"
         return False  # an edited checkout: the JIT build compiles the current sources
     try:
@@ -56,22 +72,33 @@ def _import_built() -> bool:
 def _jit_build() -> bool:
     from torch.utils import cpp_extension
 
-    sources = sorted(_CSRC.glob("*.cpp"))  # every csrc/*.cpp, as setup.py
-    if not sources:
-        _state["error"] = f"the C++ sources are not in {_CSRC}"
+    src = source_dir()
+    if src is None:
+        _state["error"] = (f"the C++ sources are in neither {_PACKAGED_CSRC} nor {_REPO_CSRC}: reinstall stattn "
+                           "from its repository or sdist")
         return False
     if not cpp_extension.is_ninja_available():
-        _state["error"] = "stattn._native is not built and ninja is not available for the build on first use"
+        _state["error"] = "stattn._native is not built and ninja is missing for the build on first use: `pip install ninja`"
+        return False
+    compiler = os.environ.get("CXX", "c++")
+    if not shutil.which(compiler):
+        _state["error"] = (f"stattn._native is not built and there is no C++ compiler ({compiler}) for the build on "
+                           "first use: install one (e.g. `apt install g++`) or set CXX")
         return False
     try:
-        cpp_extension.load(name="stattn_native", sources=[str(s) for s in sources], extra_cflags=CFLAGS,
-                           extra_ldflags=LDFLAGS,
-                           extra_include_paths=[str(_CSRC)], is_python_module=False,
+        cpp_extension.load(name="stattn_native", sources=[str(s) for s in sorted(src.glob("*.cpp"))],
+                           extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
+                           extra_include_paths=[str(src)], is_python_module=False,
                            verbose=os.environ.get("STATTN_NATIVE_VERBOSE") == "1")
-    except Exception as e:  # compiler missing or failing: the reference still works
-        _state["error"] = f"building the native extension failed: {type(e).__name__}: {str(e)[-500:]}"
+    except Exception as e:  # compiler failing: the reference still works
+        _state["error"] = (f"building the native extension from {src} failed ({type(e).__name__}: "
+                           f"{_one_line(str(e)[-500:])}); STATTN_NATIVE_VERBOSE=1 shows the compiler output")
         return False
     return True
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def load() -> bool:
