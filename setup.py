@@ -25,11 +25,13 @@ def _native_extension():
     try:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError:
-        print("stattn: torch is not importable at build time, skipping the native CPU extension "
-              "(install torch first, then `pip install --no-build-isolation`)")
+        print("stattn: torch is not importable at build time (build isolation), so the native CPU extension is "
+              "compiled on first use instead (ninja + a C++ compiler); to compile it now: install torch, then "
+              "`pip install --no-build-isolation .`")
         return [], {}
     if not shutil.which(os.environ.get("CXX", "c++")):
-        print("stattn: no C++ compiler found, skipping the native CPU extension")
+        print("stattn: no C++ compiler found, skipping the native CPU extension (install one, e.g. g++, for the "
+              "build on first use or a rebuild)")
         return [], {}
     ext = CppExtension("stattn._native", sorted(glob.glob("csrc/*.cpp")), include_dirs=["csrc"],
                        depends=sorted(glob.glob("csrc/*.h")),  # a changed header rebuilds too
