@@ -1,4 +1,5 @@
-"""Every ```python block of README.md runs as written, on the tiny offline model.
+"""Every ```python block of README.md (and of the docs/ pages) runs as written, on the tiny
+offline model.
 
 Design:
 - Each block runs in a fresh namespace (a user copies one block at a time, so every block
@@ -10,9 +11,10 @@ Design:
   (``stattn.models.tiny_clip()``) at ``path/to/clip-vit-b-32``, so the model-loading lines run
   unchanged.
 - The only text changes are the ones in ``SUBSTITUTIONS``: the CPU instead of "cuda", fp32
-  instead of fp16 (the CPU path of the tiny model), and 2 denoising steps / 2 optimisation passes
-  instead of the real counts, to keep the test fast. Each substitution must match somewhere in the
-  README, so the table cannot go stale silently.
+  instead of fp16 (the CPU path of the tiny model), and 2 denoising steps (2 edited ones for
+  Attention Regulation, which refuses more edited steps than the call runs) / 2 optimisation
+  passes instead of the real counts, to keep the test fast. Substitutions replace whole tokens
+  only, and each must match some block, so the table cannot go stale silently.
 - Bash blocks are not run.
 """
 from __future__ import annotations
@@ -21,13 +23,14 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 
 import stattn
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+PAGES = [README] + sorted((ROOT / "docs").glob("*.md"))
 
-SUBSTITUTIONS = [            # (README text, what the test runs instead)
+SUBSTITUTIONS = [            # (text in a block, what the test runs instead)
     ('"cuda"', '"cpu"'),
     ("torch.float16", "torch.float32"),
     ("num_inference_steps=50", "num_inference_steps=2"),
@@ -48,22 +51,29 @@ def python_blocks(text: str) -> list[tuple[int, str]]:
     return blocks
 
 
+def all_blocks() -> list[tuple[str, str]]:
+    """("page:line", source) of every ```python block of README.md and docs/*.md."""
+    return [(f"{page.relative_to(ROOT)}:{line}", src) for page in PAGES
+            for line, src in python_blocks(page.read_text(encoding="utf-8"))]
+
+
 def substituted(src: str) -> str:
     for old, new in SUBSTITUTIONS:
         src = re.sub(r"(?<![\w.])" + re.escape(old) + r"(?!\w)", new, src)
     return src
 
 
-BLOCKS = python_blocks(README.read_text(encoding="utf-8"))
+BLOCKS = all_blocks()
+README_BLOCKS = python_blocks(README.read_text(encoding="utf-8"))
 
 
-def test_readme_has_python_blocks_and_every_substitution_is_used():
-    assert len(BLOCKS) >= 4, "README.md: expected the quickstart, runner, regulation and spatial-temporal blocks"
+def test_blocks_found_and_every_substitution_is_used():
+    assert len(README_BLOCKS) >= 4, "README.md: expected the quickstart, runner, regulation and spatial-temporal blocks"
     text = "".join(src for _, src in BLOCKS)
     for old, _ in SUBSTITUTIONS:
         assert re.search(r"(?<![\w.])" + re.escape(old) + r"(?!\w)", text), f"substitution {old!r} matches no block"
     for path in (MODEL_DIR, CLIP_DIR):
-        assert path in text, f"{path!r} is no longer used by the README: update the test's fixture"
+        assert path in text, f"{path!r} is no longer used by any block: update the test's fixture"
 
 
 def test_substitution_is_whole_token():
@@ -82,8 +92,8 @@ def workdir(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("line,src", BLOCKS, ids=[f"README.md:{line}" for line, _ in BLOCKS])
-def test_readme_block_runs(line, src, workdir, monkeypatch):
+@pytest.mark.parametrize("where,src", BLOCKS, ids=[where for where, _ in BLOCKS])
+def test_block_runs(where, src, workdir, monkeypatch):
     monkeypatch.chdir(workdir)
-    code = compile(substituted(src), f"README.md:{line}", "exec")
+    code = compile(substituted(src), where, "exec")
     exec(code, {"__name__": "__readme__"})
