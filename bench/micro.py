@@ -17,7 +17,7 @@ Usage:
                           [--filter SUBSTRING] [--threads N] [--value-checks]
 
 Writes micro-<device>-<YYYYmmdd-HHMMSS>.json (all raw numbers) and .md (the tables, also printed)
-into --out. Measuring rules: spec/performance.md. CPU times of the Triton interpreter say nothing
+into --out. Measuring rules: medians of alternated runs in one process. CPU times of the Triton interpreter say nothing
 about GPU performance; the CPU mode exists to exercise the whole harness without a GPU.
 """
 from __future__ import annotations
@@ -63,7 +63,7 @@ CPU_LAYERS = {"tiny": ((64, 2, 40), (256, 2, 64))}
 # (R, offset) per layer: plain cross-attention, Attention Regulation's edit, multi-region control
 VARIANTS = ((1, False), (1, True), (2, False), (4, False))
 
-# ||out - ref|| / ||ref|| bounds (spec/performance.md); GPU fp32 runs tl.dot in tf32
+# ||out - ref|| / ||ref|| bounds per device and dtype; GPU fp32 runs tl.dot in tf32
 TOLERANCE = {("cpu", torch.float32): 1e-5, ("cuda", torch.float32): 3e-4,
              torch.float16: 2e-3, torch.bfloat16: 1e-2}
 GRAD_TOL_FACTOR = 2.5  # gradients go through one more low-precision product (as in tests/)
@@ -418,7 +418,7 @@ def make_timer(device: str, quick: bool) -> Callable[[Callable], dict]:
 
 
 def bytes_moved(case: Case, dtype: torch.dtype, pass_name: str) -> int:
-    """Minimum HBM traffic (spec/performance.md), the same for every implementation: the forward
+    """Minimum HBM traffic, the same for every implementation: the forward
     reads q, k, v (+ float32 masks) and writes o; the backward reads q, k, v (+ masks) and dO and
     writes dq. Weights, theta and the basis are a few KB and left out."""
     e = torch.empty((), dtype=dtype).element_size()

@@ -1,7 +1,7 @@
 """Separable Gaussian basis for score offsets, and the ``ScoreOffset`` description.
 
 S[b,h,(y,x),t] = sum_ij gy[y,i] * theta[b,h,t,i,j] * gx[x,j]: the offset added to the logits of
-target token ``tokens[t]`` of region 0 (Attention Regulation, spec: attention-regulation.md).
+target token ``tokens[t]`` of region 0 (Attention Regulation, docs/attention-regulation.md).
 """
 from __future__ import annotations
 

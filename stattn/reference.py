@@ -1,7 +1,7 @@
 """Readable PyTorch reference of every stattn op: the oracle of the tests and the CPU path.
 
 Everything is computed in float32 (float64 when the inputs are float64) and returned in q's dtype.
-Semantics (issue 2, spec/attention-regulation.md, spec/spatial-temporal.md), per batch row b,
+Semantics (docs/region-attention.md), per batch row b,
 head h, pixel m (row-major, m = y*w + x) and region r with L_r valid keys (key_lengths, default N):
     z_r[n]  = scale * <q[b,h,m], k[b,r,h,n]>  for n < L_r, -inf for the padding n >= L_r
               (+ S[b,h,m,t] on column tokens[b][t], region 0 only)

@@ -1,7 +1,7 @@
 """The inner optimisation of Attention Regulation: closed form, fused kernels and dispatch.
 
 ``inner_loop`` runs the released algorithm's per-layer-call gradient descent on the score-offset
-coefficients theta (spec: attention-regulation.md), for n = B*H (image, head) pairs at once:
+coefficients theta (docs/attention-regulation.md), for n = B*H (image, head) pairs at once:
 
     Z_t = scale * q . k[tokens[t]]            (fp32, fp64 for fp64 inputs; once per call)
     logZ_rest = logsumexp of Z over the non-target columns      (once per call)
