@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["available", "load", "forward", "backward", "inner_loop", "source_dir", "status", "BUILD_HINT"]
+__all__ = ["available", "load", "forward", "backward", "inner_loop", "source_dir", "BUILD_HINT"]
 
 _PACKAGED_CSRC = Path(__file__).resolve().parent / "csrc"   # a wheel / sdist install (setup.py: stattn.csrc)
 _REPO_CSRC = Path(__file__).resolve().parent.parent / "csrc"  # a checkout (editable install)
@@ -81,7 +81,7 @@ def _jit_build() -> bool:
         _state["error"] = "stattn._native is not built and ninja is missing for the build on first use: `pip install ninja`"
         return False
     compiler = os.environ.get("CXX", "c++")
-    if not shutil.which(compiler):
+    if not shutil.which(compiler.split()[0] if compiler.split() else "c++"):
         _state["error"] = (f"stattn._native is not built and there is no C++ compiler ({compiler}) for the build on "
                            "first use: install one (e.g. `apt install g++`) or set CXX")
         return False
