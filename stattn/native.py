@@ -80,8 +80,8 @@ def _jit_build() -> bool:
     if not cpp_extension.is_ninja_available():
         _state["error"] = "stattn._native is not built and ninja is missing for the build on first use: `pip install ninja`"
         return False
-    compiler = os.environ.get("CXX", "c++")
-    if not shutil.which(compiler.split()[0] if compiler.split() else "c++"):
+    compiler = os.environ.get("CXX", "").strip() or "c++"   # as cpp_extension picks it; may be "ccache g++"
+    if not shutil.which(compiler.split()[0]):
         _state["error"] = (f"stattn._native is not built and there is no C++ compiler ({compiler}) for the build on "
                            "first use: install one (e.g. `apt install g++`) or set CXX")
         return False
