@@ -506,8 +506,8 @@ def _encode(pipe, texts: list, device) -> Tensor:
 
 # ---------------------------------------------------------------------- optimising the temporal weights
 CLIP_SIZE = 224
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)   # OpenAI CLIP's normalisation (not applied by the release)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# OpenAI CLIP's normalisation, as transformers' image processors apply it (the release does not apply it)
+from transformers.utils.constants import OPENAI_CLIP_MEAN as CLIP_MEAN, OPENAI_CLIP_STD as CLIP_STD  # noqa: E402
 
 
 @dataclass
