@@ -10,15 +10,20 @@
     stattn doctor                         # backends available here, why not, versions
     stattn --version
 
-Errors in what the user gave (model directory, method, target word, size) print one line and
-exit with status 2.
+Errors in what the user gave (model directory, method, target word, size, prompt, seed, device,
+--out) print one line and exit with status 2, before any generation starts. `generate` writes
+every file atomically (a temporary name in --out, then os.replace), report.json last; it refuses a
+non-empty --out unless --overwrite is given.
 """
 from __future__ import annotations
 
 import argparse
+import glob
 import json
+import math
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -29,6 +34,10 @@ BENCH_SUITES = ("micro", "e2e", "native", "regulation", "spacetime")  # modules 
 BENCH_OUT = "bench-results"  # `stattn bench`'s default --out, under the current directory
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # words not worth a heatmap when no --targets are given
+# the files a `generate` run writes (--overwrite removes an earlier run's), and its temporaries
+OUT_FILES = ("image_*.png", "attention_*.png", "report.json", ".*.stattn-tmp")
+TMP_SUFFIX = ".stattn-tmp"
+SEED_RANGE = 2 ** 64  # torch.Generator.manual_seed
 STOP_WORDS = frozenset("a an the of and or on in at to with without from by for is are photo picture "
                        "image painting next left right above below under top".split())
 
@@ -77,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-progress", action="store_true")
     g.add_argument("--no-maps", action="store_true", help="skip recording the attention maps "
                    "(they cost a little time; the report's timings then show the plain run)")
+    g.add_argument("--overwrite", action="store_true", help="write into a non-empty --out: an earlier "
+                   "run's image_*.png, attention_*.png and report.json there are removed first")
     b = sub.add_parser("bench", help="benchmarks: micro (the op), e2e (whole generations), native (the C++ "
                        "CPU kernels), regulation, spacetime", description="results (.json, .md) go to "
                        f"--out DIR, default ./{BENCH_OUT} (under the current directory)")
@@ -93,13 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _load(args):
     from .runner import Runner
 
-    if args.steps < 1:
-        raise UsageError(f"--steps must be at least 1, got {args.steps}")
-    if args.method not in METHODS:
-        raise UsageError(f"--method: unknown method {args.method!r}; available: {', '.join(METHODS)}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available")
-    dtype = DTYPES[args.dtype or ("fp16" if args.device == "cuda" else "fp32")]
+    device = torch.device(args.device)  # _check_args has run
+    dtype = DTYPES[args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
     try:
         return Runner.from_pretrained(args.model, dtype=dtype, device=args.device,
                                       scheduler=args.scheduler, cuda_graphs=args.cuda_graphs)
@@ -107,18 +113,136 @@ def _load(args):
         raise UsageError(f"--model {args.model}: {_one_line(e)}") from e
 
 
+def _check_args(args) -> None:
+    """The checks that need no model: everything wrong here fails before loading anything."""
+    from . import models
+
+    if args.steps < 1:
+        raise UsageError(f"--steps must be at least 1, got {args.steps}")
+    if args.num_images < 1:
+        raise UsageError(f"--num-images must be at least 1, got {args.num_images}")
+    if args.method not in METHODS:
+        raise UsageError(f"--method: unknown method {args.method!r}; available: {', '.join(METHODS)}")
+    if not args.prompt.strip():
+        raise UsageError(f"--prompt: expected some text, got {args.prompt!r}")
+    if not math.isfinite(args.guidance):
+        raise UsageError(f"--guidance: expected a finite number, got {args.guidance}")
+    if not 0 <= args.seed < SEED_RANGE:
+        raise UsageError(f"--seed: expected an integer in [0, 2**64), got {args.seed}")
+    _check_device(args.device)
+    if args.cuda_graphs and torch.device(args.device).type != "cuda":
+        raise UsageError(f"--cuda-graphs needs a CUDA --device, got {args.device!r}")
+    if args.scheduler is not None:
+        try:
+            models._scheduler_class(args.scheduler)
+        except ValueError as e:
+            raise UsageError(f"--scheduler {args.scheduler}: {_one_line(e)}") from e
+
+
+def _check_device(name: str) -> None:
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as e:
+        raise UsageError(f"--device {name}: unknown device; expected cpu, cuda[:N] or mps") from e
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: no CUDA device is available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: there are {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UsageError(f"--device {name}: MPS is not available")
+    elif device.type != "cpu":
+        raise UsageError(f"--device {name}: unsupported device type {device.type!r}; expected cpu, cuda[:N] or mps")
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """--out must be a directory (or creatable as one) that we can write to, and empty unless
+    --overwrite: a rerun never leaves an earlier run's files mixed with the new ones."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a directory")
+    existing = out
+    while not existing.exists():  # the nearest existing ancestor, where the folders get created
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"--out {out}: {existing} is a file, not a directory")
+    try:  # a real probe: os.access says yes to root on a read-only file system
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".probe.", suffix=TMP_SUFFIX)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot write in {existing} ({_one_line(e)})") from e
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UsageError(f"--out {out}: is not empty; give --overwrite to replace an earlier run's files there")
+
+
+def _check_maps_size(runner, args) -> None:
+    """The heatmaps come from the cross-attention layers within AttentionMaps' max_pixels: at a
+    size where every such layer is larger, nothing would be recorded."""
+    import inspect
+
+    from .maps import AttentionMaps
+
+    size = args.size or runner.default_size()
+    limit = inspect.signature(AttentionMaps).parameters["max_pixels"].default
+    cfg = runner.unet.config
+    latent = size // runner.pipe.vae_scale_factor
+    levels = [i for i, t in enumerate(cfg.down_block_types) if "CrossAttn" in t]
+    if cfg.mid_block_type and "CrossAttn" in cfg.mid_block_type:
+        levels.append(len(cfg.down_block_types) - 1)
+    if not levels:
+        return
+    smallest = (latent // 2 ** max(levels)) ** 2
+    if smallest > limit:
+        raise UsageError(f"--size {size}: too large for the attention heatmaps (the smallest cross-attention "
+                         f"layer would be {smallest} pixels, over {limit}); use a smaller --size or --no-maps")
+
+
 def _targets(runner, args) -> tuple[list, list]:
-    """(key indices, labels) of the target words; every word must be in the prompt."""
+    """(key indices, labels) of the target words, found in the prompt as the pipeline encodes it:
+    truncated to the tokenizer's length (diffusers does so, with a warning)."""
+    from .tokens import prompt_ids, token_indices
+
+    tok = runner.pipe.tokenizer
+    full = len(tok(args.prompt).input_ids)  # with SOS and EOS
+    truncated = full > tok.model_max_length
+    if args.targets:
+        try:  # one call: a repeated word takes its successive occurrences
+            tokens = token_indices(tok, args.prompt, list(args.targets))
+        except ValueError as e:
+            cut = (f" (the prompt is {full} tokens, truncated to the text encoder's {tok.model_max_length}: "
+                   f"a target past the cut is not encoded)" if truncated else "")
+            raise UsageError(f"--targets: {_one_line(e)}{cut}") from e
+    else:
+        words = [w for w in _words(args.prompt) if w not in STOP_WORDS] or _words(args.prompt)[:1]
+        if truncated:
+            tokens = _default_tokens(tok, args.prompt, words)
+        else:
+            try:
+                tokens = token_indices(tok, args.prompt, words)
+            except ValueError as e:
+                raise UsageError(f"--prompt: its words for the heatmaps are not found in its tokens "
+                                 f"({_one_line(e)}); give --targets") from e
+    ids = prompt_ids(tok, args.prompt)
+    labels = [tok.decode([ids[i]]).strip() for i in tokens]
+    return tokens, labels
+
+
+def _default_tokens(tok, prompt, words) -> list:
+    """The content words that survive the prompt's truncation, in order (those past the cut have
+    nothing to show)."""
     from .tokens import token_indices
 
-    words = args.targets or [w for w in _words(args.prompt) if w not in STOP_WORDS] or _words(args.prompt)[:1]
-    try:  # one call: a repeated word takes its successive occurrences
-        tokens = token_indices(runner.pipe.tokenizer, args.prompt, words)
-    except ValueError as e:
-        raise UsageError(f"--targets: {_one_line(e)}") from e
-    ids = runner.pipe.tokenizer(args.prompt).input_ids
-    labels = [runner.pipe.tokenizer.decode([ids[i]]).strip() if i < len(ids) else str(i) for i in tokens]
-    return tokens, labels
+    kept: list = []
+    for w in words:
+        try:
+            token_indices(tok, prompt, kept + [w])
+        except ValueError:
+            break  # past the cut: every later word is too
+        kept.append(w)
+    if not kept:
+        raise UsageError("--prompt: no word of the prompt survives its truncation to the text encoder's length")
+    return token_indices(tok, prompt, kept)
 
 
 def _words(prompt: str) -> list:
@@ -193,27 +317,33 @@ def _generate(runner, args, profile_dir=None, maps=True):
 def cmd_generate(args) -> int:
     from .maps import heatmap_figure
 
-    runner = _load(args)
+    _check_args(args)
+    runner = _load(args)  # a bad --model is named first, even when --out is wrong too
+    _check_out(args.out, args.overwrite)
+    if not args.no_maps:
+        _check_maps_size(runner, args)
     result, recorder, labels, method = _generate(runner, args, maps=not args.no_maps)
-    out = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for i, img in enumerate(result.images):
-        path = out / f"image_{i}.png"
-        img.save(path)
-        written.append(path)
+    # everything is built before anything is written, so a failure here leaves --out as it was
+    files = [(f"image_{i}.png", img) for i, img in enumerate(result.images)]
     if recorder is not None:
         maps = recorder.maps()
-        for i, img in enumerate(result.images):
-            path = out / f"attention_{i}.png"
-            heatmap_figure(img, maps[i], labels).save(path)
-            written.append(path)
+        files += [(f"attention_{i}.png", heatmap_figure(img, maps[i], labels)) for i, img in enumerate(result.images)]
     report = result.report()
     report["settings"].update(method=args.method, targets=args.targets, heatmap_tokens=labels,
                               model_arg=args.model, maps_recorded=recorder is not None)
-    path = out / "report.json"
-    path.write_text(json.dumps(report, indent=2, default=str))
-    written.append(path)
+    report["finished"] = True
+    out = args.out
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {out}: {_one_line(e)}") from e
+    if args.overwrite:
+        _remove_earlier_run(out)
+    written = []
+    for name, img in files:
+        written.append(_write_atomic(out / name, lambda f, img=img: img.save(f, format="PNG")))
+    text = json.dumps(report, indent=2, default=str).encode()
+    written.append(_write_atomic(out / "report.json", lambda f: f.write(text)))  # last: the run is complete
     med = report["step_ms_median"]
     print(f"generated {len(result.images)} image(s) in {result.total_ms / 1e3:.2f} s "
           f"({med:.1f} ms per step, median)")
@@ -222,7 +352,35 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _remove_earlier_run(out: Path) -> None:
+    for pattern in OUT_FILES:
+        for name in glob.glob(glob.escape(str(out)) + os.sep + pattern, include_hidden=True):
+            os.unlink(name)
+
+
+def _write_atomic(path: Path, write) -> Path:
+    """write(file) into a temporary file in path's folder, then os.replace it onto path: an
+    interrupted run leaves no truncated file under the real name."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the file gets what open() would give it
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def cmd_profile(args) -> int:
+    _check_args(args)
     runner = _load(args)
     _generate(runner, args, maps=False)  # warm-up: compiles and allocations out of the trace
     result, *_ = _generate(runner, args, profile_dir=args.out, maps=False)
