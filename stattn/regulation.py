@@ -254,10 +254,7 @@ class AttentionRegulation(Controller):
             tokens = (token_indices(self._tokenizer, prompt, self.targets, subtokens=self.subtokens)
                       if self.targets is not None else list(self.token_indices))
             eos = eos_index(self._tokenizer, prompt)
-            pinned = set() if self.renormalize else {0, eos}
-            if set(tokens) & pinned:
-                raise ValueError(f"token_indices: {sorted(set(tokens) & pinned)} are pinned columns (SOS 0, first "
-                                 f"EOS {eos}) of the prompt {prompt!r}; target prompt words, or use renormalize=True")
+            self._check_tokens(tokens, eos, prompt)
             hit = self._resolved[prompt] = (tokens, eos)
             if len(self._resolved) > 256:       # prompts of a long batch job: keep the table small
                 self._resolved.pop(next(iter(self._resolved)))
@@ -417,13 +414,17 @@ class AttentionRegulation(Controller):
     def _matches(self, name: str) -> bool:
         return self.layers == "all" or any(s in name for s in self.layers)
 
-    def _check_tokens(self) -> None:
-        if self.tokens is None:
+    def _check_tokens(self, tokens=None, eos=None, prompt: Optional[str] = None) -> None:
+        """Targets must not be pinned columns (by default apply()'s tokens and EOS; a call's prompt's)."""
+        if tokens is None:
+            tokens, eos = self.tokens, self.eos
+        if tokens is None:
             return
-        pinned = set() if self.renormalize else {0, self.eos}
-        clash = sorted(set(self.tokens) & pinned)
+        pinned = set() if self.renormalize else {0, eos}
+        clash = sorted(set(tokens) & pinned)
         if clash:
-            raise ValueError(f"token_indices: {clash} are pinned columns (SOS 0, first EOS {self.eos}) whose "
+            where = f" of the prompt {prompt!r}" if prompt is not None else ""
+            raise ValueError(f"token_indices: {clash} are pinned columns (SOS 0, first EOS {eos}){where} whose "
                              "edit the released rule overwrites; target prompt words, or use renormalize=True")
 
     # ------------------------------------------------------------------ maps

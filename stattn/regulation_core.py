@@ -209,7 +209,8 @@ def key_order(rows: Sequence[Sequence[int]], N: int) -> Optional[list]:
         order = [-1] * N
         for c0, c in zip(shared, r):
             order[c0] = c
-        rest = iter(c for c in range(N) if c not in set(r))
+        taken = set(r)
+        rest = iter(c for c in range(N) if c not in taken)
         orders.append([c if c >= 0 else next(rest) for c in order])
     return orders
 
