@@ -30,6 +30,16 @@ def const_theta(n, T, basis, value):
     return torch.full((1, n, T, gy.shape[1], gx.shape[1]), value, dtype=F64)
 
 
+def require_native():
+    """Skip a native-backend case where the extension is unavailable; fail instead under
+    STATTN_REQUIRE_NATIVE=1 (CI), as tests/test_native.py does."""
+    if not stattn.native.load():
+        why = f"native extension unavailable: {stattn.native._state.get('error')}"
+        if os.environ.get("STATTN_REQUIRE_NATIVE") == "1":
+            pytest.fail(why, pytrace=False)
+        pytest.skip(why)
+
+
 # ---- check values A-C (spec) -------------------------------------------------------------------
 
 @pytest.mark.parametrize("n,w", [(1, 16), (3, 8)])
@@ -217,8 +227,8 @@ def test_best_iterate_is_the_first_strict_minimum_of_exact_ties(backend, lr, exp
     0): the strict minimum at iteration 1 stays the best over its later ties; lr = 2 flips theta's
     sign, so every loss (mean theta^2) is the same: iteration 0 stays the best, and theta_best is theta0,
     not its negation. lr = 0 with the default weights evaluates L(theta0) four times: 0 again."""
-    if backend == "native" and not stattn.native.available():
-        pytest.skip("native extension unavailable")
+    if backend == "native":
+        require_native()
     monkeypatch.setenv("STATTN_BACKEND", backend)
     monkeypatch.setenv("STATTN_NATIVE_POISON", "1")
     q, k, tokens, theta0, basis = loop_inputs(1, 2, 8, 8, 16, 2, torch.float32, seed=12)
@@ -482,8 +492,8 @@ def test_per_row_tokens_match_per_row_loops_fp64(backend, monkeypatch):
     (image, head, token) with T tokens per row, so L = mean_b L_b and row b's step lr*n*dL/dtheta_b
     is the one-row loop's own (n = B*H there, H alone); only the best iteration, argmin of mean_b
     L_b, couples the rows. fp64: losses to rounding, theta_best to rounding."""
-    if backend == "native" and not stattn.native.available():
-        pytest.skip("native extension unavailable")
+    if backend == "native":
+        require_native()
     monkeypatch.setenv("STATTN_BACKEND", backend)
     q, k, _, theta0, basis = loop_inputs(3, 2, 8, 8, 16, 2, F64, seed=11)
     theta0 = theta0.double()
