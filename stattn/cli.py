@@ -1,19 +1,22 @@
 """The `stattn` command: generate (images + attention heatmaps + JSON report), bench, profile.
 
     stattn generate --model tiny --prompt "a photo of a cat and a frog" --out out/
-    stattn generate --model DIR --prompt "..." --method regulation --targets cat frog --steps 50
+    stattn generate --model DIR|REPO_ID|FILE.safetensors --prompt "..." --method regulation --targets cat frog
     stattn generate --model DIR --prompt "a cat to the left of a frog" --method spacetime [--optimize --clip DIR]
+    stattn generate --model DIR --prompts prompts.txt|prompts.jsonl --out runs/batch
+    stattn generate --from-report out/report.json --out again/       # the same images again
     stattn bench micro --quick            # bench.micro's options; results in ./bench-results
-    stattn bench e2e --model tiny         # bench.e2e's options
-    stattn bench native --quick           # the native CPU kernels (also regulation, spacetime)
+    stattn bench native --quick           # the native CPU kernels (also e2e, regulation, spacetime)
     stattn profile --model tiny --prompt "..." --out prof/
     stattn doctor                         # backends available here, why not, versions
     stattn --version
 
-Errors in what the user gave (model directory, method, target word, size, prompt, seed, device,
---out) print one line and exit with status 2, before any generation starts. `generate` writes
-every file atomically (a temporary name in --out, then os.replace), report.json last; it refuses a
-non-empty --out unless --overwrite is given.
+Options carry diffusers' names (``--num-inference-steps``, ``--guidance-scale``, ``--height``,
+``--width``, ``--num-images-per-prompt``, ``--negative-prompt``); the short forms (``--steps``,
+``--guidance``, ``--size``, ``--num-images``) are aliases. Errors in what the user gave print one
+line and exit with status 2, before any generation starts. `generate` writes every file atomically
+(a temporary name in --out, then os.replace); report.json is written first with ``"finished":
+false`` and rewritten last with ``true``; a non-empty --out is refused unless --overwrite is given.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import math
 import os
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -33,11 +37,15 @@ METHODS = ("none", "regulation", "spacetime")
 BENCH_SUITES = ("micro", "e2e", "native", "regulation", "spacetime")  # modules of stattn.bench
 BENCH_OUT = "bench-results"  # `stattn bench`'s default --out, under the current directory
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# words not worth a heatmap when no --targets are given
 # the files a `generate` run writes (--overwrite removes an earlier run's), and its temporaries
 OUT_FILES = ("image_*.png", "attention_*.png", "report.json", ".*.stattn-tmp")
 TMP_SUFFIX = ".stattn-tmp"
 SEED_RANGE = 2 ** 64  # torch.Generator.manual_seed
+REPORT_VERSION = 2
+# JSONL keys of a --prompts line, and the options --from-report may be combined with
+LINE_KEYS = ("prompt", "negative_prompt", "targets", "layout", "seed")
+WITH_REPORT = ("from_report", "out", "overwrite", "no_progress", "device", "command")
+# words not worth a heatmap when no --targets are given
 STOP_WORDS = frozenset("a an the of and or on in at to with without from by for is are photo picture "
                        "image painting next left right above below under top".split())
 
@@ -46,14 +54,60 @@ class UsageError(Exception):
     """Something the user gave is wrong: one line, exit status 2."""
 
 
+@dataclass
+class Item:
+    """One prompt of a run (a --prompt, or one line of a --prompts file)."""
+    prompt: str
+    seed: int
+    negative_prompt: Optional[str] = None
+    targets: Optional[list] = None
+    layout: Optional[str] = None
+    where: str = "--prompt"                 # for error messages
+    method: Optional[dict] = None           # a method's settings() (from --from-report)
+    # resolved before generating
+    tokens: list = field(default_factory=list)
+    labels: list = field(default_factory=list)
+
+
 # ------------------------------------------------------------------------- arguments
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in --help, except the empty ones (None, False) that say nothing."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _common(p: argparse.ArgumentParser, out_default: str) -> None:
-    p.add_argument("--model", required=True, help="a diffusers model directory, or tiny / tiny-sd2 / "
-                   "tiny-sdxl (random, offline), or full:sd15 / full:sd2-base / full:sdxl (random weights)")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--negative-prompt")
-    p.add_argument("--method", default="none", help=f"attention control: {', '.join(METHODS)}")
-    p.add_argument("--targets", nargs="+", help="words of the prompt to edit / to show heatmaps of "
+    m = p.add_argument_group("model")
+    m.add_argument("--model", help="a diffusers model directory, a Hugging Face hub repo id (owner/name), a "
+                   "single-file checkpoint (.safetensors / .ckpt), or tiny / tiny-sd2 / tiny-sdxl (random, "
+                   "offline), or full:sd15 / full:sd2-base / full:sdxl (random weights)")
+    m.add_argument("--local-files-only", action="store_true", help="never download: the hub repo id must be "
+                   "in the local Hugging Face cache (also the default under HF_HUB_OFFLINE=1)")
+    m.add_argument("--config", help="a single-file checkpoint's component configs and tokenizer: a diffusers "
+                   "directory or hub repo id of the same architecture (diffusers' from_single_file config=)")
+    m.add_argument("--scheduler", help="a diffusers scheduler class name, e.g. DPMSolverMultistepScheduler "
+                   "(default: the model's)")
+    m.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    m.add_argument("--dtype", choices=tuple(DTYPES), help="default fp16 on cuda, fp32 on cpu")
+    m.add_argument("--cuda-graphs", action="store_true", help="replay the UNet step as a CUDA graph")
+    c = p.add_argument_group("generation (diffusers' pipeline arguments)")
+    c.add_argument("--prompt")
+    c.add_argument("--prompts", type=Path, help="a batch: a text file with one prompt a line, or JSON lines "
+                   f"with the keys {', '.join(LINE_KEYS)} (prompt required; the others default to the options)")
+    c.add_argument("--negative-prompt")
+    c.add_argument("--num-inference-steps", "--steps", dest="steps", type=int, default=50)
+    c.add_argument("--guidance-scale", "--guidance", dest="guidance", type=float,
+                   help="default the pipeline's: 7.5 (SD), 5.0 (SDXL)")
+    c.add_argument("--height", type=int, help="pixels, a multiple of 8 (default: the model's)")
+    c.add_argument("--width", type=int, help="pixels, a multiple of 8 (default: the model's)")
+    c.add_argument("--size", type=int, help="height and width at once")
+    c.add_argument("--num-images-per-prompt", "--num-images", dest="num_images", type=int, default=1)
+    c.add_argument("--seed", type=int, default=0, help="the initial noise and the method's random draws")
+    c.add_argument("--method", default="none", help=f"attention control: {', '.join(METHODS)}")
+    c.add_argument("--targets", nargs="+", help="words of the prompt to edit / to show heatmaps of "
                    "(default for heatmaps: the prompt's content words; spacetime: its objects, default "
                    "found in the prompt)")
     st = p.add_argument_group("spacetime (spatial-temporal control)")
@@ -62,27 +116,23 @@ def _common(p: argparse.ArgumentParser, out_default: str) -> None:
     st.add_argument("--spacetime-mode", default="same_branch", choices=("same_branch", "uncond_ref"))
     st.add_argument("--optimize", action="store_true", help="optimise the temporal weights against CLIP first")
     st.add_argument("--clip", help="CLIP model directory for --optimize (or 'tiny': a random tiny CLIP)")
-    st.add_argument("--passes", type=int, default=3, help="--optimize: generations, as released (3)")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=int, help="height and width in pixels (default: the model's)")
-    p.add_argument("--num-images", type=int, default=1)
-    p.add_argument("--scheduler", help="a diffusers scheduler class name, e.g. DPMSolverMultistepScheduler")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=tuple(DTYPES), help="default fp16 on cuda, fp32 on cpu")
-    p.add_argument("--cuda-graphs", action="store_true", help="replay the UNet step as a CUDA graph")
+    st.add_argument("--passes", type=int, default=3, help="--optimize: generations, as released")
     p.add_argument("--out", type=Path, default=Path(out_default))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
+    """The parser; ``defaults=False`` gives every option the default SUPPRESS, so that parsing
+    tells which options were given."""
     from . import __version__
 
     p = argparse.ArgumentParser(prog="stattn", description="fused attention control for diffusion")
     p.add_argument("--version", action="version", version=f"stattn {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="generate images, attention heatmaps and a JSON report")
+    kw = dict(formatter_class=_HelpFormatter)
+    g = sub.add_parser("generate", help="generate images, attention heatmaps and a JSON report", **kw)
     _common(g, "stattn-out")
+    g.add_argument("--from-report", type=Path, help="regenerate a report.json's images: every setting comes "
+                   "from it (combine only with --out, --overwrite, --no-progress, --device)")
     g.add_argument("--no-progress", action="store_true")
     g.add_argument("--no-maps", action="store_true", help="skip recording the attention maps "
                    "(they cost a little time; the report's timings then show the plain run)")
@@ -95,40 +145,40 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("args", nargs=argparse.REMAINDER, help="options of python -m bench.<suite>")
     sub.add_parser("doctor", help="which backends run here (native CPU build and its ISA, Triton, CUDA), "
                    "why one is missing, versions")
-    pr = sub.add_parser("profile", help="torch.profiler trace (Chrome JSON) and per-op table of a generation")
+    pr = sub.add_parser("profile", help="torch.profiler trace (Chrome JSON), per-op table and the image of a "
+                        "generation", **kw)
     _common(pr, "stattn-profile")
+    if not defaults:
+        for sp in (g, pr):
+            for action in sp._actions:
+                if action.option_strings and action.dest != "help":
+                    action.default = argparse.SUPPRESS
     return p
 
 
-# ------------------------------------------------------------------------- generate / profile
-def _load(args):
-    from .runner import Runner
-
-    device = torch.device(args.device)  # _check_args has run
-    dtype = DTYPES[args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
-    try:
-        return Runner.from_pretrained(args.model, dtype=dtype, device=args.device,
-                                      scheduler=args.scheduler, cuda_graphs=args.cuda_graphs)
-    except (ValueError, TypeError, OSError) as e:
-        raise UsageError(f"--model {args.model}: {_one_line(e)}") from e
-
-
+# ------------------------------------------------------------------------- checks before loading
 def _check_args(args) -> None:
     """The checks that need no model: everything wrong here fails before loading anything."""
     from . import models
 
+    if not args.model:
+        raise UsageError("--model: required (a model directory, hub repo id, checkpoint file or tiny), "
+                         "unless --from-report gives it")
     if args.steps < 1:
-        raise UsageError(f"--steps must be at least 1, got {args.steps}")
+        raise UsageError(f"--num-inference-steps must be at least 1, got {args.steps}")
     if args.num_images < 1:
-        raise UsageError(f"--num-images must be at least 1, got {args.num_images}")
+        raise UsageError(f"--num-images-per-prompt must be at least 1, got {args.num_images}")
     if args.method not in METHODS:
         raise UsageError(f"--method: unknown method {args.method!r}; available: {', '.join(METHODS)}")
-    if not args.prompt.strip():
-        raise UsageError(f"--prompt: expected some text, got {args.prompt!r}")
-    if not math.isfinite(args.guidance):
-        raise UsageError(f"--guidance: expected a finite number, got {args.guidance}")
-    if not 0 <= args.seed < SEED_RANGE:
-        raise UsageError(f"--seed: expected an integer in [0, 2**64), got {args.seed}")
+    if args.guidance is not None and not math.isfinite(args.guidance):
+        raise UsageError(f"--guidance-scale: expected a finite number, got {args.guidance}")
+    if args.size is not None and (args.height is not None or args.width is not None):
+        raise UsageError("--size sets both --height and --width: give either --size or --height/--width")
+    for name in ("height", "width", "size"):
+        v = getattr(args, name)
+        if v is not None and v < 8:
+            raise UsageError(f"--{name}: expected pixels (a positive multiple of 8), got {v}")
+    _check_seed(args.seed, "--seed")
     _check_device(args.device)
     if args.cuda_graphs and torch.device(args.device).type != "cuda":
         raise UsageError(f"--cuda-graphs needs a CUDA --device, got {args.device!r}")
@@ -137,6 +187,15 @@ def _check_args(args) -> None:
             models._scheduler_class(args.scheduler)
         except ValueError as e:
             raise UsageError(f"--scheduler {args.scheduler}: {_one_line(e)}") from e
+    if args.method == "regulation" and not args.targets and not args.prompts and not args.from_report:
+        raise UsageError("--method regulation needs --targets (the words whose attention to regulate)")
+    if args.optimize and not args.clip:
+        raise UsageError("--optimize needs --clip DIR (a CLIP model directory; the released code uses ViT-B/32)")
+
+
+def _check_seed(seed, where: str) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_RANGE:
+        raise UsageError(f"{where}: expected an integer in [0, 2**64), got {seed!r}")
 
 
 def _check_device(name: str) -> None:
@@ -176,6 +235,82 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise UsageError(f"--out {out}: is not empty; give --overwrite to replace an earlier run's files there")
 
 
+# ------------------------------------------------------------------------- the items of a run
+def _items(args) -> list:
+    """The run's prompts: --prompt, or every line of --prompts, with their seeds and targets."""
+    if (args.prompt is None) == (args.prompts is None):
+        raise UsageError("--prompt / --prompts: give exactly one (a prompt, or a file of prompts)")
+    if args.prompt is not None:
+        items = [Item(args.prompt, args.seed, args.negative_prompt, args.targets, args.layout)]
+    else:
+        items = _read_prompts(args.prompts, args)
+    for item in items:
+        if not isinstance(item.prompt, str) or not item.prompt.strip():
+            raise UsageError(f"{item.where}: expected some text, got {item.prompt!r}")
+        if args.method == "regulation" and not item.targets:
+            raise UsageError(f"{item.where}: --method regulation needs targets (--targets, or a \"targets\" key)")
+    return items
+
+
+def _read_prompts(path: Path, args) -> list:
+    """One prompt a line (blank lines skipped), or JSON lines (a file ending .jsonl, or whose first
+    line starts with '{') with the keys LINE_KEYS."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--prompts {path}: cannot be read ({_one_line(e)})") from e
+    numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
+    if not numbered:
+        raise UsageError(f"--prompts {path}: no prompt in the file")
+    jsonl = path.suffix == ".jsonl" or numbered[0][1].lstrip().startswith("{")
+    items = []
+    for n, line in numbered:
+        where = f"--prompts {path} line {n}"
+        if not jsonl:
+            items.append(Item(line.strip(), args.seed, args.negative_prompt, args.targets, args.layout, where))
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError as e:
+            raise UsageError(f"{where}: not a JSON object ({_one_line(e)})") from e
+        if not isinstance(entry, dict):
+            raise UsageError(f"{where}: expected a JSON object with the keys {', '.join(LINE_KEYS)}, got {line.strip()!r}")
+        unknown = sorted(set(entry) - set(LINE_KEYS))
+        if unknown:
+            raise UsageError(f"{where}: unknown key(s) {unknown}; expected {', '.join(LINE_KEYS)}")
+        if "prompt" not in entry:
+            raise UsageError(f"{where}: no \"prompt\"")
+        targets = entry.get("targets", args.targets)
+        if isinstance(targets, str):
+            targets = [targets]
+        if targets is not None and not (isinstance(targets, list) and targets
+                                        and all(isinstance(t, str) and t.strip() for t in targets)):
+            raise UsageError(f"{where}: \"targets\": expected a word or a non-empty list of words, got {targets!r}")
+        for key in ("negative_prompt", "layout"):
+            if entry.get(key) is not None and not isinstance(entry[key], str):
+                raise UsageError(f"{where}: \"{key}\": expected a string, got {entry[key]!r}")
+        seed = entry.get("seed", args.seed)
+        _check_seed(seed, f"{where}: \"seed\"")
+        items.append(Item(entry["prompt"], seed, entry.get("negative_prompt", args.negative_prompt), targets,
+                          entry.get("layout", args.layout), where))
+    return items
+
+
+# ------------------------------------------------------------------------- checks after loading
+def _load(args):
+    from .runner import Runner
+
+    device = torch.device(args.device)  # _check_args has run
+    dtype = DTYPES[args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
+    extra = {k: v for k, v in (("local_files_only", args.local_files_only or None), ("config", args.config))
+             if v is not None}
+    try:
+        return Runner.from_pretrained(args.model, dtype=dtype, device=args.device, scheduler=args.scheduler,
+                                      cuda_graphs=args.cuda_graphs, **extra)
+    except (ValueError, TypeError, OSError) as e:
+        raise UsageError(f"--model {args.model}: {_one_line(e)}") from e
+
+
 def _check_maps_size(runner, args) -> None:
     """The heatmaps come from the cross-attention layers within AttentionMaps' max_pixels: at a
     size where every such layer is larger, nothing would be recorded."""
@@ -183,173 +318,277 @@ def _check_maps_size(runner, args) -> None:
 
     from .maps import AttentionMaps
 
-    size = args.size or runner.default_size()
+    height, width = _size(runner, args)
     limit = inspect.signature(AttentionMaps).parameters["max_pixels"].default
     cfg = runner.unet.config
-    latent = size // runner.pipe.vae_scale_factor
     levels = [i for i, t in enumerate(cfg.down_block_types) if "CrossAttn" in t]
     if cfg.mid_block_type and "CrossAttn" in cfg.mid_block_type:
         levels.append(len(cfg.down_block_types) - 1)
     if not levels:
         return
-    smallest = (latent // 2 ** max(levels)) ** 2
+    f = runner.pipe.vae_scale_factor * 2 ** max(levels)
+    smallest = (height // f) * (width // f)
     if smallest > limit:
-        raise UsageError(f"--size {size}: too large for the attention heatmaps (the smallest cross-attention "
-                         f"layer would be {smallest} pixels, over {limit}); use a smaller --size or --no-maps")
+        raise UsageError(f"--height/--width {height}x{width}: too large for the attention heatmaps (the smallest "
+                         f"cross-attention layer would be {smallest} pixels, over {limit}); use a smaller size or "
+                         "--no-maps")
 
 
-def _targets(runner, args) -> tuple[list, list]:
-    """(key indices, labels) of the target words, found in the prompt as the pipeline encodes it:
-    truncated to the tokenizer's length (diffusers does so, with a warning)."""
-    from .tokens import prompt_ids, token_indices
+def _check_size(runner, args) -> None:
+    """--height / --width as the Runner (the pipeline) accepts them, before anything runs."""
+    for name, value in zip(("height", "width"), _size(runner, args)):
+        try:
+            runner._check_size(name, value)
+        except ValueError as e:
+            given = "size" if args.size is not None else name
+            raise UsageError(f"--{given}: {_one_line(e)}") from e
+
+
+def _size(runner, args) -> tuple:
+    default = runner.default_size()
+    return (args.size or args.height or default, args.size or args.width or default)
+
+
+def _resolve(runner, args, item: Item) -> None:
+    """The item's heatmap columns and labels, and its method's targets / layout, checked against
+    its prompt as the pipeline encodes it (truncated to the tokenizer's length, as diffusers does)."""
+    from .tokens import prompt_ids, prompt_words, token_indices
 
     tok = runner.pipe.tokenizer
-    full = len(tok(args.prompt).input_ids)  # with SOS and EOS
-    truncated = full > tok.model_max_length
-    if args.targets:
+    full = len(tok(item.prompt).input_ids)  # with SOS and EOS
+    if item.targets:
         try:  # one call: a repeated word takes its successive occurrences
-            tokens = token_indices(tok, args.prompt, list(args.targets))
+            tokens = token_indices(tok, item.prompt, list(item.targets))
         except ValueError as e:
             cut = (f" (the prompt is {full} tokens, truncated to the text encoder's {tok.model_max_length}: "
-                   f"a target past the cut is not encoded)" if truncated else "")
-            raise UsageError(f"--targets: {_one_line(e)}{cut}") from e
-    else:
-        words = [w for w in _words(args.prompt) if w not in STOP_WORDS] or _words(args.prompt)[:1]
-        if truncated:
-            tokens = _default_tokens(tok, args.prompt, words)
-        else:
-            try:
-                tokens = token_indices(tok, args.prompt, words)
-            except ValueError as e:
-                raise UsageError(f"--prompt: its words for the heatmaps are not found in its tokens "
-                                 f"({_one_line(e)}); give --targets") from e
-    ids = prompt_ids(tok, args.prompt)
-    labels = [tok.decode([ids[i]]).strip() for i in tokens]
-    return tokens, labels
-
-
-def _default_tokens(tok, prompt, words) -> list:
-    """The content words that survive the prompt's truncation, in order (those past the cut have
-    nothing to show)."""
-    from .tokens import token_indices
-
-    kept: list = []
-    for w in words:
+                   f"a target past the cut is not encoded)" if full > tok.model_max_length else "")
+            where = "--targets" if item.where == "--prompt" else f"{item.where}: targets"
+            raise UsageError(f"{where}: {_one_line(e)}{cut}") from e
+    else:   # the words that survive the truncation, as the tokenizer splits them
+        words = [(w, cols) for w, cols in prompt_words(tok, item.prompt) if any(c.isalnum() for c in w)]
+        content = [cols for w, cols in words if w.lower() not in STOP_WORDS] or [cols for _, cols in words[:1]]
+        if not content:
+            raise UsageError(f"{item.where}: no word of the prompt to show the attention of; give --targets")
+        tokens = [c for cols in content for c in cols]
+    ids = prompt_ids(tok, item.prompt)
+    item.tokens, item.labels = tokens, [tok.decode([ids[i]]).strip() for i in tokens]
+    if args.method == "spacetime" and item.method is None:
         try:
-            token_indices(tok, prompt, kept + [w])
-        except ValueError:
-            break  # past the cut: every later word is too
-        kept.append(w)
-    if not kept:
-        raise UsageError("--prompt: no word of the prompt survives its truncation to the text encoder's length")
-    return token_indices(tok, prompt, kept)
-
-
-def _words(prompt: str) -> list:
-    return [w.strip(".,;:!?\"'()").lower() for w in prompt.split() if w.strip(".,;:!?\"'()")]
-
-
-def _controller(runner, args, tokens):
-    if args.method == "regulation":
-        from .regulation import AttentionRegulation
-
-        if not args.targets:
-            raise UsageError("--method regulation needs --targets (the words whose attention to regulate)")
-        try:
-            # released defaults; edits the first 25 steps (all of them in a shorter run)
-            method = AttentionRegulation(targets=list(args.targets), edit_steps=min(25, args.steps),
-                                         cfg=args.guidance > 1.0)
-            method.apply(runner, prompt=args.prompt)
+            _spacetime(item, args)._resolve(item.prompt)
         except ValueError as e:
-            raise UsageError(f"--method regulation: {_one_line(e)}") from e
-        return method
-    if args.method == "spacetime":
-        return _spacetime(runner, args)
-    return None
+            raise UsageError(f"{item.where}: --method spacetime: {_one_line(e)}") from e
 
 
-def _spacetime(runner, args):
+def _layout_text(layout: Optional[str]) -> Optional[str]:
+    if layout is not None and Path(layout).is_file():
+        return Path(layout).read_text()
+    return layout
+
+
+def _spacetime(item: Item, args):
     from .spacetime import SpatialTemporal
 
-    layout = args.layout
-    if layout is not None and Path(layout).is_file():
-        layout = Path(layout).read_text()
-    if args.optimize and not args.clip:
-        raise UsageError("--optimize needs --clip DIR (a CLIP model directory; the released code uses ViT-B/32)")
     try:
-        method = SpatialTemporal(objects=list(args.targets) if args.targets else "auto", layout=layout,
-                                 mode=args.spacetime_mode, cfg=args.guidance > 1.0)
-        method.apply(runner, prompt=args.prompt)
-        if args.optimize:
+        if item.method is not None:
+            return SpatialTemporal.from_settings(item.method)
+        return SpatialTemporal(objects=list(item.targets) if item.targets else "auto", layout=_layout_text(item.layout),
+                               mode=args.spacetime_mode)
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"{item.where}: --method spacetime: {_one_line(e)}") from e
+
+
+def _controller(runner, args, item: Item):
+    """The item's method, applied to its prompt (an error names the item)."""
+    if args.method == "none":
+        return None
+    try:
+        if args.method == "regulation":
+            from .regulation import AttentionRegulation
+
+            if item.method is not None:
+                method = AttentionRegulation.from_settings(item.method)
+            else:   # released defaults; edits the first 25 steps (all of them in a shorter run)
+                method = AttentionRegulation(targets=list(item.targets), edit_steps=min(25, args.steps))
+            method.apply(runner, prompt=item.prompt)
+            return method
+        method = _spacetime(item, args)
+        method.apply(runner, prompt=item.prompt)
+        if args.optimize and item.method is None:   # a report's weights are already optimised
             from . import models
 
             clip = models.tiny_clip() if args.clip == "tiny" else args.clip
-            method.optimize(runner, args.prompt, clip=clip, steps=args.steps, passes=args.passes, seed=args.seed,
-                            guidance_scale=args.guidance, height=args.size, width=args.size,
+            height, width = _size(runner, args)
+            method.optimize(runner, item.prompt, clip=clip, steps=args.steps, passes=args.passes, seed=item.seed,
+                            guidance_scale=_guidance(runner, args), height=height, width=width,
                             num_images=args.num_images)
+        return method
     except (ValueError, TypeError, OSError) as e:
-        raise UsageError(f"--method spacetime: {_one_line(e)}") from e
-    return method
+        raise UsageError(f"{item.where}: --method {args.method}: {_one_line(e)}") from e
 
 
-def _generate(runner, args, profile_dir=None, maps=True):
+def _guidance(runner, args) -> float:
+    return args.guidance if args.guidance is not None else (5.0 if runner.is_xl else 7.5)
+
+
+# ------------------------------------------------------------------------- generate
+def _generate(runner, args, item: Item, *, maps: bool, callback=None, profile_dir=None):
+    """One item: its method and heatmap recorder installed, its images generated. The method's
+    random draws (Attention Regulation's θ₀) come from the global RNG seeded with the item's seed."""
+    from . import models
     from .maps import AttentionMaps
     from .processors import accelerate
 
-    tokens, labels = _targets(runner, args)
-    method = _controller(runner, args, tokens)
-    inner = method if method is not None else None
-    recorder = AttentionMaps(tokens, inner=inner) if maps else None
-    if recorder is not None:
-        accelerate(runner, controller=recorder)
-    elif method is None:
-        accelerate(runner)
-    size = args.size
-    try:
-        result = runner(args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
-                        guidance_scale=args.guidance, height=size, width=size, num_images=args.num_images,
-                        seed=args.seed, progress=not getattr(args, "no_progress", True), profile=profile_dir)
-    except ValueError as e:
-        raise UsageError(_one_line(e)) from e
-    return result, recorder, labels, method
+    with models._seeded(item.seed, runner.device):
+        method = _controller(runner, args, item)
+        recorder = AttentionMaps(item.tokens, inner=method) if maps else None
+        if recorder is not None:
+            accelerate(runner, controller=recorder)
+        elif method is None:
+            accelerate(runner)
+        height, width = _size(runner, args)
+        try:
+            result = runner(item.prompt, negative_prompt=item.negative_prompt, steps=args.steps,
+                            guidance_scale=_guidance(runner, args), height=height, width=width,
+                            num_images=args.num_images, seed=item.seed, callback=callback, profile=profile_dir)
+        except ValueError as e:
+            raise UsageError(("" if item.where == "--prompt" else f"{item.where}: ") + _one_line(e)) from e
+    return result, recorder, method
 
 
-def cmd_generate(args) -> int:
+class _Run:
+    """--out being written: report.json ("finished": false) before the first image, each item's
+    files as soon as they exist, report.json again at the end ("finished": true)."""
+
+    def __init__(self, out: Path, overwrite: bool, report: dict):
+        self.out, self.report, self.written = out, report, []
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"--out {out}: {_one_line(e)}") from e
+        if overwrite:
+            _remove_earlier_run(out)
+        self._write_report(finished=False)
+
+    def add(self, files: list) -> None:
+        for name, img in files:
+            self.written.append(_write_atomic(self.out / name, lambda f, img=img: img.save(f, format="PNG")))
+
+    def finish(self) -> None:
+        self._write_report(finished=True)
+
+    def _write_report(self, finished: bool) -> None:
+        self.report["finished"] = finished
+        text = json.dumps(self.report, indent=2, default=str).encode()
+        path = _write_atomic(self.out / "report.json", lambda f: f.write(text))
+        if finished:
+            self.written.append(path)
+
+
+def _stem(kind: str, items: list, i: int, j: int) -> str:
+    """image_<j>.png for one prompt; image_<i>_<j>.png (prompt i, image j) for a batch."""
+    return f"{kind}_{j}.png" if len(items) == 1 else f"{kind}_{i}_{j}.png"
+
+
+def _run_args(args) -> dict:
+    """The settings shared by every item, as --from-report needs them."""
+    model = args.model
+    if os.path.exists(model):
+        model = os.path.abspath(model)
+    keys = ("local_files_only", "config", "scheduler", "dtype", "cuda_graphs", "steps", "guidance", "height",
+            "width", "size", "num_images", "method", "spacetime_mode", "optimize", "clip", "passes", "no_maps")
+    return {"model": model, "device": args.device, **{k: getattr(args, k) for k in keys}}
+
+
+def cmd_generate(args, argv) -> int:
+    from . import __version__
     from .maps import heatmap_figure
 
+    if args.from_report is not None:
+        _from_report(args, argv)
     _check_args(args)
+    items = _items(args) if args.from_report is None else args.items
     runner = _load(args)  # a bad --model is named first, even when --out is wrong too
     _check_out(args.out, args.overwrite)
+    _check_size(runner, args)
     if not args.no_maps:
         _check_maps_size(runner, args)
-    result, recorder, labels, method = _generate(runner, args, maps=not args.no_maps)
-    # everything is built before anything is written, so a failure here leaves --out as it was
-    files = [(f"image_{i}.png", img) for i, img in enumerate(result.images)]
-    if recorder is not None:
-        maps = recorder.maps()
-        files += [(f"attention_{i}.png", heatmap_figure(img, maps[i], labels)) for i, img in enumerate(result.images)]
-    report = result.report()
-    report["settings"].update(method=args.method, targets=args.targets, heatmap_tokens=labels,
-                              model_arg=args.model, maps_recorded=recorder is not None)
-    report["finished"] = True
-    out = args.out
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"--out {out}: {_one_line(e)}") from e
-    if args.overwrite:
-        _remove_earlier_run(out)
-    written = []
-    for name, img in files:
-        written.append(_write_atomic(out / name, lambda f, img=img: img.save(f, format="PNG")))
-    text = json.dumps(report, indent=2, default=str).encode()
-    written.append(_write_atomic(out / "report.json", lambda f: f.write(text)))  # last: the run is complete
-    med = report["step_ms_median"]
-    print(f"generated {len(result.images)} image(s) in {result.total_ms / 1e3:.2f} s "
-          f"({med:.1f} ms per step, median)")
-    for p in written:
+    for item in items:
+        _resolve(runner, args, item)
+    report = {"stattn": __version__, "report_version": REPORT_VERSION, "command": list(argv),
+              "args": _run_args(args), "finished": False, "items": []}
+    bar = _progress(runner, args, len(items) * args.steps)
+    run = None
+    with bar:
+        for i, item in enumerate(items):
+            result, recorder, method = _generate(runner, args, item, maps=not args.no_maps,
+                                                 callback=lambda *a: bar.update())
+            # the item's files are built before any is written: a failure leaves them all unwritten
+            files = [(_stem("image", items, i, j), img) for j, img in enumerate(result.images)]
+            if recorder is not None:
+                maps = recorder.maps()
+                files += [(_stem("attention", items, i, j), heatmap_figure(img, maps[j], item.labels))
+                          for j, img in enumerate(result.images)]
+            entry = {"prompt": item.prompt, "negative_prompt": item.negative_prompt, "seed": item.seed,
+                     "targets": item.targets, "layout": item.layout, "heatmap_tokens": item.labels,
+                     "heatmap_token_indices": item.tokens, "method": method.settings() if method else None,
+                     "images": [name for name, _ in files], **result.report()}
+            report["items"].append(entry)
+            if run is None:
+                run = _Run(args.out, args.overwrite, report)
+            run.add(files)
+    steps = sorted(ms for e in report["items"] for ms in e["step_ms"])
+    report["step_ms_median"] = steps[len(steps) // 2]
+    report["total_ms"] = sum(e["total_ms"] for e in report["items"])
+    run.finish()
+    n = len(items) * args.num_images
+    print(f"generated {n} image(s) of {len(items)} prompt(s) in {report['total_ms'] / 1e3:.2f} s "
+          f"({report['step_ms_median']:.1f} ms per step, median)")
+    for p in run.written:
         print(f"  {p}")
     return 0
+
+
+def _progress(runner, args, total: int):
+    """One progress bar over every denoising step of the run (diffusers' tqdm settings)."""
+    import contextlib
+
+    if args.no_progress:
+        class _Off(contextlib.nullcontext):
+            def update(self, n=1):
+                pass
+        return _Off()
+    return runner.pipe.progress_bar(total=total)
+
+
+def _from_report(args, argv) -> None:
+    """Fill args and args.items from a report.json: every setting as it was; only --out,
+    --overwrite, --no-progress and --device may be given beside it."""
+    parser = build_parser(defaults=False)
+    given = vars(parser.parse_args(argv))
+    extra = sorted(_option_names(parser, args.command)[k] for k in given if k not in WITH_REPORT)
+    if extra:
+        raise UsageError(f"--from-report: every setting comes from the report; do not give {', '.join(extra)}")
+    path = args.from_report
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+        run, entries = report["args"], report["items"]
+        if report.get("report_version") != REPORT_VERSION:
+            raise ValueError(f"report_version {report.get('report_version')!r}, expected {REPORT_VERSION}")
+        device = args.device if "device" in given else run["device"]
+        for key, value in run.items():
+            setattr(args, key, value)
+        args.device = device
+        args.items = [Item(e["prompt"], e["seed"], e["negative_prompt"], e["targets"], e["layout"],
+                           f"--from-report {path} item {i}", e["method"]) for i, e in enumerate(entries)]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"--from-report {path}: not a stattn generate report.json ({_one_line(e)})") from e
+    args.prompt = args.prompts = None
+
+
+def _option_names(parser, command: str) -> dict:
+    """dest -> the option's (diffusers') name, e.g. steps -> --num-inference-steps."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    return {a.dest: a.option_strings[0] for a in sub._actions if a.option_strings}
 
 
 def _remove_earlier_run(out: Path) -> None:
@@ -379,17 +618,26 @@ def _umask() -> int:
     return mask
 
 
-def cmd_profile(args) -> int:
+# ------------------------------------------------------------------------- profile / bench / doctor
+def cmd_profile(args, argv) -> int:
+    if args.prompts is not None:
+        raise UsageError("--prompts: stattn profile profiles one --prompt")
     _check_args(args)
+    item, = _items(args)
     runner = _load(args)
-    _generate(runner, args, maps=False)  # warm-up: compiles and allocations out of the trace
-    result, *_ = _generate(runner, args, profile_dir=args.out, maps=False)
+    _check_out(args.out, overwrite=True)  # the profile's own files are replaced
+    _resolve(runner, args, item)
+    _generate(runner, args, item, maps=False)  # warm-up: compiles and allocations out of the trace
+    result, *_ = _generate(runner, args, item, maps=False, profile_dir=args.out)
+    images = [_write_atomic(args.out / f"image_{j}.png", lambda f, img=img: img.save(f, format="PNG"))
+              for j, img in enumerate(result.images)]
     print(result.table)
-    print(f"trace: {result.trace}\nper-op table: {Path(args.out) / 'ops.txt'}")
+    print(f"trace: {result.trace}\nper-op table: {Path(args.out) / 'ops.txt'}\n"
+          f"image(s): {', '.join(str(p) for p in images)}")
     return 0
 
 
-def cmd_bench(args) -> int:
+def cmd_bench(args, argv) -> int:
     import importlib
 
     suite = importlib.import_module(f".bench.{args.suite}", __package__)
@@ -400,7 +648,7 @@ def cmd_bench(args) -> int:
     return suite.main(rest)
 
 
-def cmd_doctor(args) -> int:
+def cmd_doctor(args, argv) -> int:
     from . import doctor
 
     return doctor.main([])
@@ -413,11 +661,12 @@ def _one_line(e: BaseException) -> str:
 def main(argv: Optional[list] = None) -> int:
     # diffusers imports transformers' image processors we never use, which warn without torchvision
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     args = build_parser().parse_args(argv)
     handler = {"generate": cmd_generate, "profile": cmd_profile, "bench": cmd_bench,
                "doctor": cmd_doctor}[args.command]
     try:
-        return handler(args)
+        return handler(args, argv)
     except UsageError as e:
         print(f"stattn {args.command}: error: {e}", file=sys.stderr)
         return 2

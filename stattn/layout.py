@@ -28,7 +28,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-__all__ = ["RADIUS", "CANVAS", "Region", "Centre", "Box", "Mask", "Layout", "as_region", "parse_layout_text",
+__all__ = ["RADIUS", "CANVAS", "Region", "Centre", "Box", "Mask", "Layout", "as_region", "region_to_json", "region_from_json", "parse_layout_text",
            "LayoutPredictor", "RuleLayoutPredictor", "find_phrases", "find_objects", "Phrase"]
 
 RADIUS = 0.2    # the released disk radius (fraction of the image side)
@@ -210,6 +210,26 @@ def as_region(spec: RegionLike, name: str = "layout") -> Region:
                      f"or a stattn.layout.Region, got {spec!r}")
 
 
+def region_to_json(region: Region) -> dict:
+    """A JSON-able form of a box or disk region ({"box": [x0, y0, x1, y1]} / {"centre": [x, y],
+    "radius": r}, fractions as floats: round-trips exactly); a Mask has none (a tensor)."""
+    if isinstance(region, Box):
+        return {"box": [region.x0, region.y0, region.x1, region.y1]}
+    if isinstance(region, Centre):
+        return {"centre": [region.x, region.y], "radius": region.radius}
+    raise TypeError(f"region: only Box and Centre regions have a JSON form, got {type(region).__name__}")
+
+
+def region_from_json(data, name: str = "region") -> Region:
+    """The inverse of :func:`region_to_json`."""
+    if isinstance(data, dict) and set(data) == {"box"}:
+        return Box(*data["box"])
+    if isinstance(data, dict) and set(data) == {"centre", "radius"}:
+        return Centre(*data["centre"], radius=data["radius"])
+    raise ValueError(f"{name}: expected {{\"box\": [x0, y0, x1, y1]}} or {{\"centre\": [x, y], \"radius\": r}}, "
+                     f"got {data!r}")
+
+
 class Layout:
     """Named object regions, with their masks per attention grid (built once, cached)."""
 
@@ -235,6 +255,16 @@ class Layout:
     @classmethod
     def from_text(cls, text: str, canvas: Union[int, tuple] = CANVAS) -> "Layout":
         return parse_layout_text(text, canvas)
+
+    def to_json(self) -> list:
+        """[[name, region JSON], ...] (see :func:`region_to_json`); :meth:`from_json` inverts it."""
+        return [[n, region_to_json(r)] for n, r in zip(self.names, self.regions)]
+
+    @classmethod
+    def from_json(cls, data) -> "Layout":
+        if not isinstance(data, list) or not all(isinstance(e, list) and len(e) == 2 for e in data):
+            raise ValueError(f"layout: expected [[name, region], ...], got {data!r}")
+        return cls([n for n, _ in data], [region_from_json(r, f"layout[{n!r}]") for n, r in data])
 
     def masks(self, grid: tuple, device=None) -> torch.Tensor:
         """float32 [n, h*w] (row-major), one row per object, cached per (grid, device)."""

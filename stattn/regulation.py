@@ -217,6 +217,29 @@ class AttentionRegulation(Controller):
         """Put the original attention processors back (:func:`stattn.restore`)."""
         return restore(pipe_or_runner)
 
+    # ------------------------------------------------------------------ settings
+    _SETTINGS = ("targets", "token_indices", "layers", "edit_steps", "iters", "lr", "quantile", "loss_weights",
+                 "thr", "beta", "init", "prev_weight", "decay", "renormalize", "fused", "record_maps", "cfg",
+                 "eos_index", "subtokens")
+
+    def settings(self) -> dict:
+        """Everything that determines the edit, JSON-able: ``kwargs`` rebuild the controller with
+        :meth:`from_settings` (the generator aside: θ₀'s uniform draws come from it, or from the
+        global RNG); ``resolved`` is what apply() and the last generation resolved (the target
+        key columns and first EOS, per conditional row when a call had several prompts, and the
+        layers edited)."""
+        kwargs = {name: getattr(self, name) for name in self._SETTINGS}
+        kwargs["layers"] = kwargs["layers"] if kwargs["layers"] == "all" else list(kwargs["layers"])
+        kwargs["loss_weights"] = [float(w) for w in kwargs["loss_weights"]]
+        resolved = {"prompt": self._prompt, "tokens": self.tokens, "eos": self.eos, "layer_names": self.layer_names,
+                    "rows": None if self.rows is None else [[list(t), e] for t, e in self.rows]}
+        return {"method": "regulation", "kwargs": kwargs, "resolved": resolved}
+
+    @classmethod
+    def from_settings(cls, settings: dict, *, generator: Optional[torch.Generator] = None) -> "AttentionRegulation":
+        """The controller :meth:`settings` describes (apply it to the same prompt)."""
+        return cls(**settings["kwargs"], generator=generator)
+
     # ------------------------------------------------------------------ Controller interface
     def reset(self) -> None:
         self._maps = {}

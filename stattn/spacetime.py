@@ -35,7 +35,7 @@ from torch import Tensor
 from . import reference as ref
 from .control import Controller, CrossAttentionCall, Generation, PromptEmbedsCheck, cond_start, project_kv
 from .layout import (Layout, LayoutPredictor, Phrase, RuleLayoutPredictor, _locate, as_region, check_layout_names,
-                     expand_to_phrase, match_layout_names, parse_layout_text)
+                     expand_to_phrase, match_layout_names, parse_layout_text, region_from_json, region_to_json)
 from .ops import region_attention
 from .processors import accelerate, restore, unet_of
 
@@ -427,6 +427,37 @@ class SpatialTemporal(Controller):
         accelerate(pipe_or_runner, controller=self)
         return OptimizationResult(losses, history, times, peak, latents)
 
+    # ------------------------------------------------------------------ settings
+    def settings(self) -> dict:
+        """Everything that determines the edit, JSON-able. ``kwargs`` rebuild the controller with
+        :meth:`from_settings` (the weights as optimised, when apply() / optimize() ran: the same
+        prompt then gives the same regions, descriptions and W); ``resolved`` is what apply()
+        resolved for its prompt (objects, descriptions, the layout used)."""
+        rule = type(self.predictor) is RuleLayoutPredictor
+        if not rule and self.layout is None:
+            raise TypeError(f"settings: a {type(self.predictor).__name__} layout predictor has no JSON form; "
+                            "give its layout explicitly")
+        W = self.W if self.W is not None else self.weights
+        kwargs = {"objects": self.objects, "layout": _layout_to_json(self.layout), "mode": self.mode,
+                  "weights": W.tolist() if isinstance(W, Tensor) else W, "cfg": self.cfg, "template": self.template,
+                  "predictor": {"margin": self.predictor.margin, "shape": self.predictor.shape} if rule else None}
+        resolved = None
+        if self.phrases is not None:
+            resolved = {"prompt": self._prompt, "objects": [p.text for p in self.phrases],
+                        "descriptions": list(self.descriptions), "layout": self.layout_used.to_json(),
+                        "optimized_for": self._optimized_for}
+        return {"method": "spacetime", "kwargs": kwargs, "resolved": resolved}
+
+    @classmethod
+    def from_settings(cls, settings: dict) -> "SpatialTemporal":
+        """The controller :meth:`settings` describes (apply it to the same prompt)."""
+        kw = dict(settings["kwargs"])
+        kw["layout"] = _layout_from_json(kw["layout"])
+        kw["predictor"] = RuleLayoutPredictor(**kw["predictor"]) if kw["predictor"] is not None else None
+        if isinstance(kw["weights"], list):
+            kw["weights"] = torch.tensor(kw["weights"], dtype=torch.float32)
+        return cls(**kw)
+
     def __repr__(self) -> str:
         objs = [p.text for p in self.phrases] if self.phrases is not None else self.objects
         return f"SpatialTemporal(objects={objs!r}, mode={self.mode!r}, weights={self.weights!r})"
@@ -447,6 +478,31 @@ def max_weight_sum(dtype: torch.dtype = torch.float32) -> float:
     if dtype not in (torch.float16, torch.bfloat16):
         dtype = torch.float32
     return (math.sqrt(torch.finfo(dtype).max) - 1) / 2
+
+
+def _layout_to_json(layout):
+    """The four forms a given layout takes (see SpatialTemporal._check_layout), tagged."""
+    if layout is None:
+        return None
+    if isinstance(layout, Layout):
+        return {"named": layout.to_json()}
+    if isinstance(layout, dict):
+        return {"by_object": [[k, region_to_json(r)] for k, r in layout.items()]}
+    return {"in_order": [region_to_json(r) for r in layout]}
+
+
+def _layout_from_json(data):
+    if data is None:
+        return None
+    if isinstance(data, dict) and len(data) == 1:
+        (kind, value), = data.items()
+        if kind == "named":
+            return Layout.from_json(value)
+        if kind == "by_object":
+            return {k: region_from_json(r, f"layout[{k!r}]") for k, r in value}
+        if kind == "in_order":
+            return [region_from_json(r, f"layout[{i}]") for i, r in enumerate(value)]
+    raise ValueError(f"layout: expected null or one of {{named, by_object, in_order}}, got {data!r}")
 
 
 def _check_weights(weights, n: Optional[int], dtype: torch.dtype = torch.float32):

@@ -3,18 +3,19 @@
 The released Attention Regulation code tokenises each target word and takes the *first*
 occurrence of each sub-token in the padded prompt, so "a cat and a cat" can never address the
 second cat, and a short word can match inside another word's tokens. Here a target (a word or a
-phrase) must match a run of whole tokens, and repeated targets take successive occurrences:
-``token_indices(tok, "a cat and a cat", ["cat", "cat"]) == [2, 5]``.
+phrase) must match a run of whole words of the prompt, and repeated targets take successive
+occurrences: ``token_indices(tok, "a cat and a cat", ["cat", "cat"]) == [2, 5]``.
 
-CLIP's BPE marks the last piece of every word (``cat</w>``), and a word is tokenised the same
-wherever it stands, so matching the target's token sequence inside the prompt's matches whole
-words only ("cat" does not match inside "cats" or "category").
+Word boundaries come from the tokenizer itself: its ``word_ids`` (the pre-tokenizer's words, as
+``return_offsets_mapping`` gives their character spans), so "fish" matches neither inside
+"catfish" (tokens ``cat`` ``fish</w>``) nor "cats". A tokenizer without them (a slow, pure-Python
+one) falls back on CLIP's BPE convention: a word's last piece ends in ``</w>``.
 """
 from __future__ import annotations
 
 from typing import Sequence, Union
 
-__all__ = ["token_indices", "eos_index", "prompt_ids"]
+__all__ = ["token_indices", "eos_index", "prompt_ids", "prompt_words"]
 
 SUBTOKENS = ("all", "first")
 
@@ -23,8 +24,7 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
     """The prompt's ids as the pipeline encodes them: SOS at 0, truncated and padded to the
     tokenizer's model_max_length (77 for CLIP)."""
     _check_prompt(prompt)
-    return list(tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length,
-                          truncation=True).input_ids)
+    return list(_encode(tokenizer, prompt).input_ids)
 
 
 def eos_index(tokenizer, prompt: str) -> int:
@@ -38,13 +38,40 @@ def eos_index(tokenizer, prompt: str) -> int:
     raise ValueError(f"prompt: no end-of-text token in the encoded prompt {prompt!r} (tokenizer without EOS?)")
 
 
+def prompt_words(tokenizer, prompt: str) -> list[tuple[str, list[int]]]:
+    """The words of the prompt that survive its truncation, in order, as the tokenizer splits
+    them: (the word's text in the prompt, its key indices). Punctuation is a word of its own."""
+    _check_prompt(prompt)
+    enc = _encode(tokenizer, prompt)
+    words: list = []
+    body = range(1, eos_index(tokenizer, prompt))
+    if tokenizer.is_fast:
+        spans, ids = enc.offset_mapping, enc.word_ids()
+        for i in body:
+            if words and ids[i] == ids[i - 1]:
+                words[-1][1].append(i)
+            else:
+                words.append([None, [i]])
+            words[-1][0] = (spans[words[-1][1][0]][0], spans[i][1])
+        return [(prompt[a:b], cols) for (a, b), cols in words]
+    pieces = tokenizer.convert_ids_to_tokens(enc.input_ids)
+    for i in body:
+        if not words or pieces[i - 1].endswith("</w>") or i == 1:
+            words.append([[], [i]])
+        else:
+            words[-1][1].append(i)
+        words[-1][0].append(pieces[i])
+    return [(tokenizer.convert_tokens_to_string(p).strip(), cols) for p, cols in words]
+
+
 def token_indices(tokenizer, prompt: str, words: Union[str, Sequence[str]], *,
                   subtokens: str = "all") -> list[int]:
     """Key indices of ``words`` (target words or phrases) in ``prompt``.
 
-    - A target that the tokenizer splits into several tokens (a rare word, or a phrase such as
-      "red car") must appear as that contiguous run of tokens; ``subtokens="all"`` returns all of
-      its indices (what the released code uses), ``"first"`` only the first one.
+    - A target is matched as a run of whole words of the prompt with the same tokens (so case and
+      spacing follow the tokenizer's normalisation); a target the tokenizer splits into several
+      tokens (a rare word, or a phrase such as "red car") gives, with ``subtokens="all"``, all of
+      its indices (what the released code uses), with ``"first"`` only the first one.
     - Targets are matched in the order given and each takes the first occurrence not already
       taken by an earlier target, so repeating a word addresses its successive occurrences.
     - Only the part of the prompt that survives truncation (between SOS and EOS) is searched.
@@ -58,35 +85,30 @@ def token_indices(tokenizer, prompt: str, words: Union[str, Sequence[str]], *,
     if subtokens not in SUBTOKENS:
         raise ValueError(f"subtokens: expected one of {SUBTOKENS}, got {subtokens!r}")
     ids = prompt_ids(tokenizer, prompt)
-    body = ids[1:eos_index(tokenizer, prompt)]        # the prompt's own tokens; offset 1 for SOS
-    taken = [False] * len(body)
+    starts = [cols[0] for _, cols in prompt_words(tokenizer, prompt)]
+    bounds = set(starts) | {eos_index(tokenizer, prompt)}     # where a word starts or the prompt ends
+    taken: set = set()
     out: list[int] = []
     for word in words:
         if not isinstance(word, str) or not word.strip():
             raise ValueError(f"words: each target must be a non-empty string, got {word!r}")
         pattern = list(tokenizer(word, add_special_tokens=False).input_ids)
-        start = _find_free_run(body, taken, pattern)
-        if start is None:
-            count = sum(1 for s in range(len(body)) if body[s:s + len(pattern)] == pattern)
-            why = ("is not in the prompt" if count == 0 else
-                   f"is asked for more times than the {count} time(s) it occurs in the prompt")
+        runs = [s for s in starts if ids[s:s + len(pattern)] == pattern and s + len(pattern) in bounds] if pattern else []
+        free = [s for s in runs if not taken.intersection(range(s, s + len(pattern)))]
+        if not free:
+            why = ("is not in the prompt" if not runs else
+                   f"is asked for more times than the {len(runs)} time(s) it occurs in the prompt")
             raise ValueError(f"words: target {word!r} {why} {prompt!r}"
-                             + (" (after truncation to the tokenizer's length)" if count == 0 else ""))
-        for j in range(start, start + len(pattern)):
-            taken[j] = True
-        run = [1 + j for j in range(start, start + len(pattern))]
+                             + (" (as whole words, after truncation to the tokenizer's length)" if not runs else ""))
+        run = list(range(free[0], free[0] + len(pattern)))
+        taken.update(run)
         out.extend(run if subtokens == "all" else run[:1])
     return out
 
 
-def _find_free_run(body: list[int], taken: list[bool], pattern: list[int]):
-    n = len(pattern)
-    if n == 0:
-        return None
-    for s in range(len(body) - n + 1):
-        if body[s:s + n] == pattern and not any(taken[s:s + n]):
-            return s
-    return None
+def _encode(tokenizer, prompt: str):
+    return tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     **({"return_offsets_mapping": True} if tokenizer.is_fast else {}))
 
 
 def _check_prompt(prompt) -> None:

@@ -29,9 +29,11 @@ def test_generate_writes_image_heatmaps_and_report(tmp_path, capsys):
     fig = Image.open(tmp_path / "attention_0.png")
     assert fig.size[0] == 3 * img.size[0]  # the image + heatmaps of "cat" and "frog"
     report = json.loads((tmp_path / "report.json").read_text())
-    s = report["settings"]
-    assert s["steps"] == 3 and s["seed"] == 1 and s["method"] == "none" and s["heatmap_tokens"] == ["cat", "frog"]
-    assert len(report["step_ms"]) >= 3 and report["total_ms"] > 0
+    item, = report["items"]
+    assert report["args"]["steps"] == 3 and report["args"]["method"] == "none" and report["finished"] is True
+    assert item["seed"] == 1 and item["settings"]["seed"] == 1 and item["heatmap_tokens"] == ["cat", "frog"]
+    assert item["images"] == ["image_0.png", "image_1.png", "attention_0.png", "attention_1.png"]
+    assert len(item["step_ms"]) >= 3 and report["total_ms"] > 0 and item["method"] is None
 
 
 def test_generate_is_deterministic_and_targets_select_heatmaps(tmp_path):
@@ -40,7 +42,7 @@ def test_generate_is_deterministic_and_targets_select_heatmaps(tmp_path):
                    "--out", tmp_path / d, "--no-progress") == 0
     a, b = (Image.open(tmp_path / d / "image_0.png") for d in ("a", "b"))
     assert list(a.getdata()) == list(b.getdata())
-    assert json.loads((tmp_path / "a" / "report.json").read_text())["settings"]["heatmap_tokens"] == ["frog"]
+    assert json.loads((tmp_path / "a" / "report.json").read_text())["items"][0]["heatmap_tokens"] == ["frog"]
 
 
 def test_generate_with_attention_regulation(tmp_path):
@@ -49,7 +51,9 @@ def test_generate_with_attention_regulation(tmp_path):
     assert run("generate", "--model", "tiny", "--prompt", PROMPT, "--steps", 3, "--out", tmp_path / "plain",
                "--no-progress", "--no-maps") == 0
     report = json.loads((tmp_path / "ar" / "report.json").read_text())
-    assert report["settings"]["method"] == "regulation" and report["settings"]["controller"] == "AttentionMaps"
+    item, = report["items"]
+    assert report["args"]["method"] == "regulation" and item["settings"]["controller"] == "AttentionMaps"
+    assert item["method"]["kwargs"]["targets"] == ["cat", "frog"] and item["method"]["resolved"]["tokens"] == [5, 8]
     edited, plain = (Image.open(tmp_path / d / "image_0.png") for d in ("ar", "plain"))
     assert list(edited.getdata()) != list(plain.getdata())  # the method changed the image
 
@@ -68,7 +72,7 @@ def test_generate_with_spatial_temporal_control(tmp_path):
                "--optimize", "--clip", "tiny", "--passes", 2, "--out", tmp_path / "opt", "--no-progress") == 0
     for d in ("auto", "opt"):
         report = json.loads((tmp_path / d / "report.json").read_text())
-        assert report["settings"]["method"] == "spacetime" and (tmp_path / d / "image_0.png").exists()
+        assert report["items"][0]["method"]["method"] == "spacetime" and (tmp_path / d / "image_0.png").exists()
 
 
 def test_spacetime_bad_input(tmp_path, capsys):
@@ -90,8 +94,8 @@ def test_generate_from_a_model_directory(tmp_path):
     (["--model", "/nonexistent/model"], "--model /nonexistent/model"),
     (["--model", "tiny", "--method", "telepathy"], "unknown method 'telepathy'"),
     (["--model", "tiny", "--targets", "zebra"], "zebra"),
-    (["--model", "tiny", "--size", "100"], "height: expected a positive multiple"),
-    (["--model", "tiny", "--steps", "0"], "--steps must be at least 1"),
+    (["--model", "tiny", "--size", "100"], "--size: height: expected a positive multiple"),
+    (["--model", "tiny", "--steps", "0"], "--num-inference-steps must be at least 1"),
 ])
 def test_bad_input_fails_with_one_line(tmp_path, capsys, extra, message):
     code = run("generate", "--prompt", PROMPT, "--out", tmp_path, "--no-progress", *extra)

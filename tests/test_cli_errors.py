@@ -2,6 +2,7 @@
 files are written atomically, report.json last; a non-empty --out needs --overwrite."""
 import json
 import os
+import signal
 import tempfile
 from pathlib import Path
 
@@ -47,13 +48,21 @@ def unwritable_dir(tmp_path: Path) -> Path:
     (["--prompt", ""], "--prompt: expected some text"),
     (["--prompt", "  \t "], "--prompt: expected some text"),
     (["--prompt", "a cat " * 80 + "and a frog", "--targets", "frog"], "truncated to the text encoder's 77"),
-    (["--size", "2048"], "--size 2048: too large for the attention heatmaps"),
+    (["--size", "2048"], "--height/--width 2048x2048: too large for the attention heatmaps"),
+    (["--height", "64", "--width", "8192"], "--height/--width 64x8192: too large for the attention heatmaps"),
+    (["--size", "64", "--height", "64"], "--size sets both --height and --width"),
+    (["--width", "100"], "--width: width: expected a positive multiple of 16"),
+    (["--height", "0"], "--height: expected pixels"),
     (["--scheduler", "Foo"], "--scheduler Foo"),
     (["--seed", "-1"], "--seed: expected an integer in [0, 2**64)"),
     (["--seed", str(2 ** 64)], "--seed: expected an integer in [0, 2**64)"),
-    (["--guidance", "nan"], "--guidance: expected a finite number"),
-    (["--guidance", "inf"], "--guidance: expected a finite number"),
-    (["--num-images", "0"], "--num-images must be at least 1"),
+    (["--guidance", "nan"], "--guidance-scale: expected a finite number"),
+    (["--guidance-scale", "inf"], "--guidance-scale: expected a finite number"),
+    (["--num-images", "0"], "--num-images-per-prompt must be at least 1"),
+    (["--num-inference-steps", "0"], "--num-inference-steps must be at least 1"),
+    (["--prompts", "prompts.txt"], "--prompt / --prompts: give exactly one"),
+    (["--from-report", "nothing.json"], "--from-report: every setting comes from the report; do not give "
+                                        "--model, --num-inference-steps, --prompt"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, case, message):
     out = tmp_path / "out"
@@ -86,23 +95,29 @@ def test_a_prompt_over_77_tokens_is_truncated_and_generates(tmp_path, capsys):
                "--no-progress", "--no-maps") == 0
     assert run("generate", "--model", "tiny", "--prompt", prompt, "--steps", 1, "--out", tmp_path / "maps",
                "--no-progress") == 0
-    labels = json.loads((tmp_path / "maps" / "report.json").read_text())["settings"]["heatmap_tokens"]
+    labels = json.loads((tmp_path / "maps" / "report.json").read_text())["items"][0]["heatmap_tokens"]
     # SOS, "a cat" and 24 whole "and a frog" in 77 tokens (with EOS): the frogs that survive the cut
     assert labels == ["cat"] + ["frog"] * 24
     assert run("generate", "--model", "tiny", "--prompt", prompt, "--steps", 1, "--targets", "cat", "frog",
                "--out", tmp_path / "targets", "--no-progress") == 0
 
 
-def test_an_interrupted_write_leaves_no_partial_file(tmp_path, monkeypatch):
+def test_a_sigint_while_writing_leaves_no_partial_file(tmp_path, monkeypatch):
+    real_save = Image.Image.save
+
     def interrupted_save(self, fp, *args, **kwargs):
-        fp.write(b"\x89PNG\r\n\x1a\n partial")  # some bytes reach the file, then Ctrl-C
-        raise KeyboardInterrupt
+        fp.write(b"\x89PNG\r\n\x1a\n partial")  # some bytes reach the file, then Ctrl-C arrives
+        os.kill(os.getpid(), signal.SIGINT)
+        real_save(self, fp, *args, **kwargs)      # Python raises KeyboardInterrupt on its way here
 
     monkeypatch.setattr(Image.Image, "save", interrupted_save)
     with pytest.raises(KeyboardInterrupt):
         run("generate", "--model", "tiny", "--prompt", PROMPT, "--steps", 1, "--out", tmp_path / "out",
             "--no-progress")
-    assert list((tmp_path / "out").iterdir()) == []  # no image_0.png, no temporary, no report.json
+    # no image_0.png, no temporary; the report says the run did not finish
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["report.json"]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["finished"] is False and report["items"][0]["images"] == ["image_0.png", "attention_0.png"]
 
 
 def test_report_is_written_last_and_records_finished(tmp_path, monkeypatch):
@@ -111,9 +126,10 @@ def test_report_is_written_last_and_records_finished(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "replace", lambda src, dst: (replaced.append(Path(dst).name), real_replace(src, dst)))
     assert run("generate", "--model", "tiny", "--prompt", PROMPT, "--steps", 1, "--num-images", 2,
                "--out", tmp_path, "--no-progress") == 0
-    assert replaced == ["image_0.png", "image_1.png", "attention_0.png", "attention_1.png", "report.json"]
+    assert replaced == ["report.json", "image_0.png", "image_1.png", "attention_0.png", "attention_1.png",
+                        "report.json"]
     assert json.loads((tmp_path / "report.json").read_text())["finished"] is True
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(replaced)  # no temporaries left
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(set(replaced))  # no temporaries left
     assert oct((tmp_path / "report.json").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
 
 
@@ -134,5 +150,5 @@ def test_overwrite_replaces_the_earlier_run_and_keeps_other_files(tmp_path, caps
     assert sorted(p.name for p in tmp_path.iterdir()) == ["attention_0.png", "image_0.png", "notes.txt",
                                                           "report.json"]
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["settings"]["seed"] == 5 and report["finished"] is True
+    assert report["items"][0]["seed"] == 5 and report["finished"] is True
     assert (tmp_path / "notes.txt").read_text() == "mine"

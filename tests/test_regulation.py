@@ -11,7 +11,7 @@ from stattn import reference as ref
 from stattn import regulation_reference as rr
 from stattn.control import CrossAttentionCall
 from stattn.regulation import AttentionRegulation
-from stattn.tokens import eos_index, token_indices
+from stattn.tokens import eos_index, prompt_words, token_indices
 
 PROMPT = "a photo of a cat and a frog"
 
@@ -198,11 +198,25 @@ def test_token_indices_words_repeats_subwords_phrases(tok):
     (PROMPT, ["cat", "cat"], "more times than the 1 time"),
     ("a red car", ["red car", "car"], "more times than the 1 time"),
     (" ".join(["cat"] * 80) + " dog", ["dog"], "after truncation"),
+    ("a catfish and a frog", ["fish"], "'fish' is not in the prompt"),            # not inside a word
 ])
 def test_token_indices_rejects_missing_targets(tok, prompt, words, needle):
     with pytest.raises(ValueError, match=needle) as e:
         token_indices(tok, prompt, words)
     assert repr(prompt) in str(e.value)
+
+
+def test_word_boundaries_come_from_the_tokenizers_offsets(tok):
+    """"fish" is the second token of "catfish" (cat, fish</w>): a token run alone would match it;
+    the tokenizer's word_ids / offsets say it is not a word of the prompt."""
+    assert tok.convert_ids_to_tokens(tok("catfish", add_special_tokens=False).input_ids)[-1] == "fish</w>"
+    prompt = "A catfish, a fish and a Red-car"
+    words = prompt_words(tok, prompt)
+    assert [w for w, _ in words] == ["A", "catfish", ",", "a", "fish", "and", "a", "Red", "-", "car"]
+    assert words[1][1] == [2, 3]                                   # its two tokens, after SOS and "a"
+    assert token_indices(tok, prompt, ["fish"]) == [words[4][1][0]]
+    assert token_indices(tok, prompt, ["catfish", "red-car"]) == [2, 3] + [c for _, cols in words[7:] for c in cols]
+    assert prompt_words(tok, "a cat " * 60)[-1] == ("a", [75]) and len(prompt_words(tok, "a cat " * 60)) == 75
 
 
 def test_token_indices_bad_arguments(tok):
