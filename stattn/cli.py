@@ -74,7 +74,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Defaults in --help, except the empty ones (None, False) that say nothing."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False) or action.default is argparse.SUPPRESS:
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS:
             return action.help
         return super()._get_help_string(action)
 
@@ -90,21 +90,22 @@ def _common(p: argparse.ArgumentParser, out_default: str) -> None:
                    "directory or hub repo id of the same architecture (diffusers' from_single_file config=)")
     m.add_argument("--scheduler", help="a diffusers scheduler class name, e.g. DPMSolverMultistepScheduler "
                    "(default: the model's)")
-    m.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    m.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda[:N] or mps")
     m.add_argument("--dtype", choices=tuple(DTYPES), help="default fp16 on cuda, fp32 on cpu")
     m.add_argument("--cuda-graphs", action="store_true", help="replay the UNet step as a CUDA graph")
     c = p.add_argument_group("generation (diffusers' pipeline arguments)")
-    c.add_argument("--prompt")
+    c.add_argument("--prompt", help="the text prompt (or --prompts FILE)")
     c.add_argument("--prompts", type=Path, help="a batch: a text file with one prompt a line, or JSON lines "
                    f"with the keys {', '.join(LINE_KEYS)} (prompt required; the others default to the options)")
-    c.add_argument("--negative-prompt")
-    c.add_argument("--num-inference-steps", "--steps", dest="steps", type=int, default=50)
+    c.add_argument("--negative-prompt", help="what the guidance steers away from")
+    c.add_argument("--num-inference-steps", "--steps", dest="steps", type=int, default=50, help="denoising steps")
     c.add_argument("--guidance-scale", "--guidance", dest="guidance", type=float,
                    help="default the pipeline's: 7.5 (SD), 5.0 (SDXL)")
     c.add_argument("--height", type=int, help="pixels, a multiple of 8 (default: the model's)")
     c.add_argument("--width", type=int, help="pixels, a multiple of 8 (default: the model's)")
     c.add_argument("--size", type=int, help="height and width at once")
-    c.add_argument("--num-images-per-prompt", "--num-images", dest="num_images", type=int, default=1)
+    c.add_argument("--num-images-per-prompt", "--num-images", dest="num_images", type=int, default=1,
+                   help="images of each prompt")
     c.add_argument("--seed", type=int, default=0, help="the initial noise and the method's random draws")
     c.add_argument("--method", default="none", help=f"attention control: {', '.join(METHODS)}")
     c.add_argument("--targets", nargs="+", help="words of the prompt to edit / to show heatmaps of "
@@ -113,11 +114,12 @@ def _common(p: argparse.ArgumentParser, out_default: str) -> None:
     st = p.add_argument_group("spacetime (spatial-temporal control)")
     st.add_argument("--layout", help="object boxes as 'name [x, y, w, h]' lines on a 512 canvas (text or a "
                     "file); default: placed from the relations the prompt states")
-    st.add_argument("--spacetime-mode", default="same_branch", choices=("same_branch", "uncond_ref"))
+    st.add_argument("--spacetime-mode", default="same_branch", choices=("same_branch", "uncond_ref"),
+                    help="where the object branches' reference attention comes from (see docs/spatial-temporal.md)")
     st.add_argument("--optimize", action="store_true", help="optimise the temporal weights against CLIP first")
     st.add_argument("--clip", help="CLIP model directory for --optimize (or 'tiny': a random tiny CLIP)")
     st.add_argument("--passes", type=int, default=3, help="--optimize: generations, as released")
-    p.add_argument("--out", type=Path, default=Path(out_default))
+    p.add_argument("--out", type=Path, default=Path(out_default), help="the output folder")
 
 
 def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
