@@ -26,7 +26,7 @@ test: install
 
 demo: install
 	$(VENV)/bin/stattn generate --model tiny --prompt "a photo of a cat and a frog on a bench" \
-		--steps 20 --out demo-out --overwrite
+		--num-inference-steps 20 --out demo-out --overwrite
 
 bench: install
 	$(PY) -m bench.micro
