@@ -1,15 +1,20 @@
-"""Offline Stable Diffusion models: tiny random pipelines for tests and demos, full-size random
-architectures for benchmarks, and loading of local diffusers directories.
+"""Stable Diffusion models: tiny random pipelines for tests and demos, full-size random
+architectures for benchmarks, and loading of diffusers directories, single-file checkpoints and
+Hugging Face Hub repo ids.
 
-Nothing here downloads anything. The tokenizer is a small CLIP BPE vocabulary shipped in
+Nothing here downloads anything except a Hub repo id (or a single file's configs) that is not
+in the Hugging Face cache, and only while downloads are on (not HF_HUB_OFFLINE, not
+local_files_only). The tokenizer is a small CLIP BPE vocabulary shipped in
 ``stattn/data/tokenizer`` (about 300 common prompt words are single tokens; other words split
 into sub-word / byte tokens). The full-size configs in ``stattn/configs/<name>/`` are copies of the
 published ones (SD 1.5, SD 2-base, SD 2 768-v, SDXL base 1.0).
 
 - :func:`tiny` — a tiny random SD 1.x / SD 2.x / SDXL pipeline, deterministic from ``seed``;
 - :func:`full` — the real architecture with random weights (timing does not depend on the values);
-- :func:`save` / :func:`load` — a normal diffusers directory (``model_index.json``);
-- :func:`resolve` — what the ``--model`` option of the ``stattn`` command accepts.
+- :func:`save` / :func:`load` — a normal diffusers directory (``model_index.json``; load: any
+  pipeline class diffusers knows);
+- :func:`resolve` — what the ``--model`` option of the ``stattn`` command accepts (also a
+  single-file checkpoint and a Hub repo id).
 """
 from __future__ import annotations
 
@@ -21,14 +26,23 @@ from typing import Optional, Union
 
 import diffusers
 import diffusers.utils.deprecation_utils
+import huggingface_hub
+import huggingface_hub.constants
+import huggingface_hub.errors
+import huggingface_hub.utils
 import torch
 from diffusers import (AutoencoderKL, DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline,
                        UNet2DConditionModel)
+from diffusers.loaders import FromSingleFileMixin
+from diffusers.loaders.single_file_utils import (LDM_UNET_KEY, SingleFileComponentError, fetch_diffusers_config,
+                                                infer_diffusers_model_type, load_single_file_checkpoint)
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import DummyObject
+from huggingface_hub.utils import httpx as hf_httpx          # httpx under the name huggingface_hub exports
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 __all__ = ["tiny", "tiny_clip", "random_clip", "full", "save", "load", "resolve", "tokenizer", "TINY_KINDS", "FULL_NAMES",
-           "TOKENIZER_DIR", "CONFIGS_DIR"]
+           "TOKENIZER_DIR", "CONFIGS_DIR", "CHECKPOINT_SUFFIXES"]
 
 TOKENIZER_DIR = Path(__file__).parent / "data" / "tokenizer"
 CONFIGS_DIR = Path(__file__).parent / "configs"
@@ -248,8 +262,14 @@ def save(pipe: DiffusionPipeline, path: Union[str, os.PathLike]) -> Path:
     return path
 
 
+_DIRECTORY = ("a diffusers pipeline directory (model_index.json naming a diffusers pipeline class, "
+              "one folder per component)")
+
+
 def _pipeline_class(path: Path) -> type:
-    expected = f"a diffusers pipeline directory with model_index.json naming one of {sorted(PIPELINES)}"
+    """The diffusers pipeline class `path`'s model_index.json names, after checking what
+    ``DiffusionPipeline.from_pretrained`` would otherwise report deep inside (or not at all)."""
+    expected = _DIRECTORY
     if not path.exists():
         raise ValueError(f"model directory {path} does not exist; expected {expected}")
     if not path.is_dir():
@@ -269,34 +289,54 @@ def _pipeline_class(path: Path) -> type:
     name = config.get("_class_name")
     if name is None:
         raise ValueError(f"{index} names no pipeline class (no \"_class_name\"); expected {expected}")
-    if name not in PIPELINES:
-        raise ValueError(f"model directory {path} holds an unsupported pipeline {name!r}; expected {expected}")
-    _check_components(path, config)
-    return PIPELINES[name]
+    cls = _diffusers_pipeline(name, f"model directory {path}")
+    _check_components(path, config, cls)
+    return cls
 
 
-def _check_components(path: Path, config: dict) -> None:
+def _diffusers_pipeline(name, where: str) -> type:
+    """The pipeline class diffusers exports under `name` (as from_pretrained finds it)."""
+    cls = getattr(diffusers, name, None) if isinstance(name, str) else None
+    if isinstance(cls, DummyObject):     # exported, but a backend it needs is not installed
+        raise ValueError(f"{where} holds a {name}, which needs {', '.join(cls._backends)} installed")
+    if not (isinstance(cls, type) and issubclass(cls, DiffusionPipeline)):
+        raise ValueError(f"{where} holds a pipeline {name!r} that diffusers {diffusers.__version__} does not know; "
+                         f"expected {_DIRECTORY}")
+    return cls
+
+
+def _check_components(path: Path, config: dict, cls: type) -> None:
     """Every component model_index.json lists with a class (``"unet": ["diffusers",
     "UNet2DConditionModel"]``; ``[null, null]`` means absent) must have its folder: diffusers
     would otherwise report a config.json missing from the root directory, or load a pipeline
-    with the part silently None."""
+    with the part silently None. And it must list every component `cls` cannot do without."""
     missing = [f"{key}/ ({spec[1]})" for key, spec in config.items()
                if not key.startswith("_") and isinstance(spec, (list, tuple)) and len(spec) == 2
                and spec[0] is not None and spec[1] is not None and not (path / key).is_dir()]
     if missing:
         raise ValueError(f"model directory {path} lacks {', '.join(missing)}, listed in its model_index.json; "
                          "copy the missing component folder(s) into it")
+    expected, _ = cls._get_signature_keys(cls)
+    unlisted = sorted(set(expected) - set(cls._optional_components) - set(config))
+    if unlisted:
+        raise ValueError(f"model directory {path}: its model_index.json names {cls.__name__}, which needs the "
+                         f"component(s) {', '.join(unlisted)}, not listed there; expected {_DIRECTORY}")
 
 
 def load(path: Union[str, os.PathLike], *, dtype: Optional[torch.dtype] = None, device=None,
          scheduler=None) -> DiffusionPipeline:
-    """Load a local SD / SDXL diffusers directory (the class comes from its model_index.json)."""
+    """Load a local diffusers directory as ``DiffusionPipeline.from_pretrained(path,
+    local_files_only=True)`` does: any pipeline class diffusers knows (SD, SDXL, img2img,
+    inpainting, ControlNet ...), the class named by its model_index.json."""
     _check_dtype(dtype, allow_none=True)
     path = Path(path)
-    cls = _pipeline_class(path)
-    kwargs = {_DTYPE_KWARG: dtype} if dtype is not None else {}
-    pipe = cls.from_pretrained(path, local_files_only=True, **kwargs)
+    _pipeline_class(path)
+    pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True, **_dtype_kwargs(dtype))
     return _placed(_with_scheduler(pipe, scheduler), device, None)
+
+
+def _dtype_kwargs(dtype: Optional[torch.dtype]) -> dict:
+    return {_DTYPE_KWARG: dtype} if dtype is not None else {}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -345,15 +385,176 @@ def full(name: str, *, dtype: torch.dtype = torch.float16, device="cpu", seed: i
 
 
 # ----------------------------------------------------------------------------------------------
+# single-file checkpoints and Hugging Face Hub repo ids
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin", ".pth")
+_CHECKPOINT = ("a single-file checkpoint in the original (LDM / A1111) layout: .safetensors, or a torch "
+               ".ckpt / .pt / .bin / .pth state dict")
+_SAME_ARCHITECTURE = "give config=/--config a diffusers directory of the same architecture"
+# what fetching from the Hub raises (OSError covers HfHubHTTPError, LocalEntryNotFoundError,
+# OfflineModeIsEnabled and requests' errors; httpx's and EntryNotFoundError are not OSErrors)
+_HUB_ERRORS = (OSError, huggingface_hub.errors.EntryNotFoundError, huggingface_hub.errors.CachedRepoTreeNotFoundError,
+               hf_httpx.HTTPError)
+
+
+def _downloads_off(local_files_only) -> Optional[str]:
+    """Why nothing may be downloaded, or None when downloads are on. None follows HF_HUB_OFFLINE
+    as huggingface_hub holds it (looked up now, not at import)."""
+    if local_files_only is None:
+        return "HF_HUB_OFFLINE=1" if huggingface_hub.constants.HF_HUB_OFFLINE else None
+    if not isinstance(local_files_only, bool):
+        raise TypeError(f"local_files_only must be None (follow HF_HUB_OFFLINE) or a bool, got {local_files_only!r}")
+    return "local_files_only / --local-files-only" if local_files_only else None
+
+
+def _is_repo_id(model) -> bool:
+    """"owner/name" by the Hub's repo-id rules (diffusers hands a repo id to huggingface_hub as is)."""
+    if not isinstance(model, str) or model.count("/") != 1:
+        return False
+    try:
+        huggingface_hub.utils.validate_repo_id(model)
+    except huggingface_hub.errors.HFValidationError:
+        return False
+    return True
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
+def _hub_failure(what: str, repo_id: str, e: BaseException, off: Optional[str], remedy: str) -> ValueError:
+    """One line for what failed fetching `repo_id` (the causes diffusers and huggingface_hub chain)."""
+    errors = huggingface_hub.errors
+    chain = [e]
+    while (chain[-1].__cause__ or chain[-1].__context__) is not None and len(chain) < 16:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    cache = (f"the local Hugging Face cache (HF_HOME={huggingface_hub.constants.HF_HOME}, "
+             f"hub cache {huggingface_hub.constants.HF_HUB_CACHE})")
+    if any(isinstance(c, errors.GatedRepoError) for c in chain):
+        return ValueError(f"{what}: the Hub repo {repo_id!r} is gated: accept its conditions on huggingface.co and "
+                          f"log in (hf auth login); or {remedy}")
+    if any(isinstance(c, errors.RepositoryNotFoundError) for c in chain):
+        return ValueError(f"{what}: no Hub repo {repo_id!r} (or it is private: log in with hf auth login), and no "
+                          f"local path of that name; {remedy}")
+    offline = off or ("HF_HUB_OFFLINE=1" if any(isinstance(c, errors.OfflineModeIsEnabled) for c in chain) else None)
+    if offline is not None:
+        return ValueError(f"{what}: not in {cache} and downloads are off ({offline}); allow downloads, or {remedy}")
+    return ValueError(f"{what}: cannot be fetched from the Hugging Face Hub ({_first_line(chain[-1])}) and is not "
+                      f"in {cache}; check the network, or {remedy}")
+
+
+def _load_from_hub(repo_id: str, *, dtype, device, scheduler, local_files_only) -> DiffusionPipeline:
+    """``DiffusionPipeline.from_pretrained(repo_id, local_files_only=...)``, its download first so
+    that a cache miss or a Hub failure is one clear error, and the directory checks of :func:`load`."""
+    off = _downloads_off(local_files_only)
+    try:
+        folder = DiffusionPipeline.download(repo_id, local_files_only=off is not None)
+    except _HUB_ERRORS as e:
+        raise _hub_failure(f"model {repo_id!r}", repo_id, e, off, "give a local diffusers directory") from None
+    _pipeline_class(Path(folder))
+    pipe = DiffusionPipeline.from_pretrained(repo_id, local_files_only=True, **_dtype_kwargs(dtype))
+    return _placed(_with_scheduler(pipe, scheduler), device, None)
+
+
+def _read_checkpoint(path: Path) -> dict:
+    """The state dict as diffusers' from_single_file reads it; an error unless diffusers recognises
+    a model in it (infer_diffusers_model_type falls back to "v1" for anything, so a "v1" must hold
+    the original UNet's weights)."""
+    try:
+        checkpoint = load_single_file_checkpoint(str(path), local_files_only=True)
+    except (OSError, ValueError, RuntimeError, TypeError) as e:
+        raise ValueError(f"model file {path} is not a checkpoint diffusers can read ({_first_line(e)}); "
+                         f"expected {_CHECKPOINT}") from None
+    if not (isinstance(checkpoint, dict) and checkpoint and all(isinstance(k, str) for k in checkpoint)):
+        raise ValueError(f"model file {path} holds a {type(checkpoint).__name__}, not a state dict; "
+                         f"expected {_CHECKPOINT}")
+    if infer_diffusers_model_type(checkpoint) == "v1" and not any(k.startswith(LDM_UNET_KEY) for k in checkpoint):
+        raise ValueError(f"model file {path} holds no model diffusers recognises (no {LDM_UNET_KEY}* UNet weights "
+                         f"nor another model type's keys); expected {_CHECKPOINT}")
+    return checkpoint
+
+
+def _single_file_configs(path: Path, config, checkpoint: dict, off: Optional[str]) -> Path:
+    """The local diffusers directory with the component configs and tokenizer(s) for `path`:
+    `config` when it is a directory; else those files of the Hub repo `config`, or (config None)
+    of the repo diffusers' fetch_diffusers_config names for the checkpoint's model type, fetched
+    as from_single_file fetches them (json, txt and tokenizer files only)."""
+    from diffusers.loaders.single_file import _download_diffusers_model_config_from_hub
+
+    if config is not None and not isinstance(config, (str, os.PathLike)):
+        raise TypeError(f"config must be a diffusers directory or a Hub repo id (str or path), got "
+                        f"{type(config).__name__}")
+    if config is not None and os.path.isdir(config):
+        return Path(config)
+    if config is None:
+        repo_id = fetch_diffusers_config(checkpoint)["pretrained_model_name_or_path"]
+        what = (f"model file {path}: the component configs and tokenizer(s) of a "
+                f"{infer_diffusers_model_type(checkpoint)!r} checkpoint (diffusers takes them from the Hub repo "
+                f"{repo_id!r})")
+    else:
+        repo_id = os.fspath(config)
+        if not _is_repo_id(repo_id):
+            raise ValueError(f"config {repo_id!r} (for model file {path}) is neither an existing diffusers directory "
+                             "nor a Hub repo id ('owner/name')")
+        what = f"model file {path}: config {repo_id!r}"
+    try:
+        folder = _download_diffusers_model_config_from_hub(repo_id, cache_dir=None, revision=None, proxies=None,
+                                                           local_files_only=off is not None)
+    except _HUB_ERRORS as e:
+        raise _hub_failure(what, repo_id, e, off, _SAME_ARCHITECTURE) from None
+    return Path(folder)
+
+
+def _load_single_file(path: Path, *, config, dtype, device, scheduler, local_files_only) -> DiffusionPipeline:
+    """``<class>.from_single_file(path, config=..., local_files_only=...)``, the class the config
+    directory's model_index.json names (diffusers' own configs for the model type when config is None)."""
+    off = _downloads_off(local_files_only)
+    checkpoint = _read_checkpoint(path)
+    folder = _single_file_configs(path, config, checkpoint, off)
+    del checkpoint                       # from_single_file reads it again (memory-mapped where it can)
+    try:
+        cls = _pipeline_class(folder)
+    except ValueError as e:
+        raise ValueError(f"model file {path}: its config {folder} is not usable ({e}); {_SAME_ARCHITECTURE}") from None
+    if not issubclass(cls, FromSingleFileMixin):
+        raise ValueError(f"model file {path}: {cls.__name__} (named by {folder / 'model_index.json'}) has no "
+                         f"from_single_file in diffusers; {_SAME_ARCHITECTURE} whose pipeline can load single files")
+    try:
+        pipe = cls.from_single_file(str(path), config=str(folder), local_files_only=off is not None,
+                                    **_dtype_kwargs(dtype))
+    except (ValueError, OSError, KeyError, RuntimeError, TypeError, SingleFileComponentError) as e:
+        raise ValueError(f"model file {path}: diffusers cannot load it as the {cls.__name__} of config {folder} "
+                         f"({_first_line(e)}); {_SAME_ARCHITECTURE} as the checkpoint") from None
+    return _placed(_with_scheduler(pipe, scheduler), device, None)
+
+
+# ----------------------------------------------------------------------------------------------
 # --model forms of the stattn command
 
 def resolve(model: Union[str, os.PathLike], *, dtype: Optional[torch.dtype] = None, device=None,
-            scheduler=None, seed: int = 0) -> DiffusionPipeline:
+            scheduler=None, seed: int = 0, local_files_only: Optional[bool] = None,
+            config: Union[None, str, os.PathLike] = None) -> DiffusionPipeline:
     """"tiny" / "tiny-sd2" / "tiny-sdxl" → :func:`tiny`; "full:<name>" → :func:`full`; an existing
-    directory → :func:`load` (`seed` only seeds the random models). `dtype` None means each
-    builder's default (float32 tiny, float16 full, the stored dtype for a directory)."""
-    forms = (f"'tiny', 'tiny-sd2', 'tiny-sdxl', 'full:<name>' with name in {list(FULL_NAMES)}, "
-             f"or an existing diffusers model directory")
+    directory → :func:`load`; an existing file ending in .safetensors / .ckpt / .pt / .bin / .pth →
+    ``from_single_file`` of the pipeline class its configs name; "owner/name" (a Hub repo id) →
+    ``DiffusionPipeline.from_pretrained``.
+
+    `seed` only seeds the random models. `dtype` None means each builder's default (float32 tiny,
+    float16 full, the stored dtype otherwise). `local_files_only` (hub ids and single files): None
+    follows HF_HUB_OFFLINE, True never downloads. `config` (single files only, diffusers' own
+    ``config`` argument): a diffusers directory or Hub repo id of the same architecture holding the
+    component configs and tokenizer(s); None takes diffusers' default repo for the checkpoint's
+    model type (from the Hub cache, or downloaded when downloads are on)."""
+    forms = (f"'tiny', 'tiny-sd2', 'tiny-sdxl', 'full:<name>' with name in {list(FULL_NAMES)}, an existing "
+             f"diffusers model directory, a single-file checkpoint ({', '.join(CHECKPOINT_SUFFIXES)}) or a Hugging "
+             f"Face Hub repo id ('owner/name')")
+    _downloads_off(local_files_only)                      # its TypeError first, whatever the form
+    single_file = (isinstance(model, (str, os.PathLike)) and os.path.isfile(model)
+                   and str(model).lower().endswith(CHECKPOINT_SUFFIXES))
+    if config is not None and not single_file:
+        raise ValueError(f"config (--config) applies to a single-file checkpoint only; model {str(model)!r} is not "
+                         f"an existing file ending in {', '.join(CHECKPOINT_SUFFIXES)}")
     if isinstance(model, str) and model in _TINY_FORMS:
         return tiny(seed, _TINY_FORMS[model], scheduler=scheduler, device=device or "cpu",
                     **({"dtype": dtype} if dtype is not None else {}))
@@ -365,7 +566,16 @@ def resolve(model: Union[str, os.PathLike], *, dtype: Optional[torch.dtype] = No
                     **({"dtype": dtype} if dtype is not None else {}))
     if not isinstance(model, (str, os.PathLike)):
         raise TypeError(f"model must be a str or path ({forms}), got {type(model).__name__}")
-    if not os.path.exists(model):
-        raise ValueError(f"model {str(model)!r} is neither a known model nor an existing directory; expected {forms}")
-    return load(model, dtype=dtype, device=device, scheduler=scheduler)
-
+    _check_dtype(dtype, allow_none=True)
+    if single_file:
+        return _load_single_file(Path(model), config=config, dtype=dtype, device=device, scheduler=scheduler,
+                                 local_files_only=local_files_only)
+    if os.path.isfile(model):
+        raise ValueError(f"model file {model} is neither a diffusers model directory nor a single-file checkpoint "
+                         f"(a name ending in {', '.join(CHECKPOINT_SUFFIXES)}); expected {forms}")
+    if os.path.exists(model):
+        return load(model, dtype=dtype, device=device, scheduler=scheduler)
+    if _is_repo_id(model):
+        return _load_from_hub(model, dtype=dtype, device=device, scheduler=scheduler,
+                              local_files_only=local_files_only)
+    raise ValueError(f"model {str(model)!r} is neither a known model nor an existing directory; expected {forms}")

@@ -208,18 +208,59 @@ class Runner:
 
     @classmethod
     def from_pretrained(cls, model: Union[str, Path], *, dtype=None, torch_dtype=None, device=None,
-                        scheduler=None, cuda_graphs: bool = False, accelerate: bool = True) -> "Runner":
-        """Load a diffusers model directory (SD 1.x, 2.x, SDXL) or a name ``stattn.models.resolve``
-        accepts (``"tiny"``, ``"tiny-sdxl"``, ``"full:sd15"`` ...)."""
+                        scheduler=None, cuda_graphs: bool = False, accelerate: bool = True,
+                        local_files_only: Optional[bool] = None, config=None) -> "Runner":
+        """Load what ``stattn.models.resolve`` accepts — ``"tiny"``, ``"tiny-sdxl"``, ``"full:sd15"``
+        ..., a diffusers directory, a single-file checkpoint (``config``: a diffusers directory or
+        Hub id with its component configs), a Hub repo id (``local_files_only`` None follows
+        HF_HUB_OFFLINE) — and run it text-to-image. An SD / SDXL img2img or inpainting pipeline (with
+        or without ControlNet) becomes its txt2img pipeline through diffusers'
+        ``AutoPipelineForText2Image.from_pipe`` (the same component objects); any other class keeps
+        the TypeError of ``Runner(pipe)``."""
         if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
             raise ValueError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree: give one of them")
         from . import models
 
         dtype = dtype if dtype is not None else torch_dtype
-        kw = {"device": device, "scheduler": scheduler}
+        kw = {"device": device, "scheduler": scheduler, "local_files_only": local_files_only, "config": config}
         if dtype is not None:
             kw["dtype"] = dtype
-        return cls(models.resolve(str(model), **kw), cuda_graphs=cuda_graphs, accelerate=accelerate)
+        pipe = cls._text2image(models.resolve(str(model), **kw))
+        return cls(pipe, cuda_graphs=cuda_graphs, accelerate=accelerate)
+
+    @staticmethod
+    def _text2image(pipe):
+        """`pipe` itself when the Runner takes it; else, when diffusers maps its class to a txt2img class
+        the Runner takes (``AutoPipelineForText2Image.from_pipe``: img2img / inpainting -> txt2img, the
+        same component objects), that pipeline; else `pipe` (``Runner(pipe)`` then names the class)."""
+        try:
+            _family_of(pipe)
+            return pipe
+        except TypeError:
+            pass
+        from diffusers import AutoPipelineForText2Image, DiffusionPipeline
+
+        if not isinstance(pipe, DiffusionPipeline):
+            return pipe
+        try:
+            text2image = AutoPipelineForText2Image.from_pipe(pipe)
+        except ValueError:                # "AutoPipeline can't find a pipeline linked to ...": none
+            return pipe
+        try:
+            _family_of(text2image)
+        except TypeError:
+            return pipe
+        unet, vae = pipe.unet.config, pipe.vae.config
+        if unet.in_channels != vae.latent_channels:
+            raise _unsupported(type(pipe), f"has a UNet of {unet.in_channels} input channels (latents with a mask and a "
+                                           f"masked image: a dedicated inpainting model), and {type(text2image).__name__} "
+                                           f"feeds it {vae.latent_channels}-channel latents alone: it cannot generate "
+                                           "text-to-image")
+        if getattr(pipe.config, "requires_aesthetics_score", False):
+            raise _unsupported(type(pipe), f"(requires_aesthetics_score, an SDXL refiner) conditions its UNet on an "
+                                           f"aesthetic score, which {type(text2image).__name__} does not give: it cannot "
+                                           "generate text-to-image")
+        return text2image
 
     # ------------------------------------------------------------------ properties
     @property
