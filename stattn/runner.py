@@ -250,16 +250,16 @@ class Runner:
             _family_of(text2image)
         except TypeError:
             return pipe
-        unet, vae = pipe.unet.config, pipe.vae.config
+        unet, vae, target = pipe.unet.config, pipe.vae.config, type(text2image).__name__
         if unet.in_channels != vae.latent_channels:
-            raise _unsupported(type(pipe), f"has a UNet of {unet.in_channels} input channels (latents with a mask and a "
-                                           f"masked image: a dedicated inpainting model), and {type(text2image).__name__} "
-                                           f"feeds it {vae.latent_channels}-channel latents alone: it cannot generate "
+            raise _unsupported(type(pipe), f"has a UNet of {unet.in_channels} input channels (latents with a mask "
+                                           f"and a masked image: a dedicated inpainting model), and {target} feeds "
+                                           f"it {vae.latent_channels}-channel latents alone: it cannot generate "
                                            "text-to-image")
         if getattr(pipe.config, "requires_aesthetics_score", False):
             raise _unsupported(type(pipe), f"(requires_aesthetics_score, an SDXL refiner) conditions its UNet on an "
-                                           f"aesthetic score, which {type(text2image).__name__} does not give: it cannot "
-                                           "generate text-to-image")
+                                           f"aesthetic score, which {target} does not give: it cannot generate "
+                                           "text-to-image")
         return text2image
 
     # ------------------------------------------------------------------ properties

@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline,
-                       StableDiffusionInstructPix2PixPipeline, StableDiffusionPipeline, StableDiffusionXLImg2ImgPipeline,
-                       StableDiffusionXLPipeline, UNet2DConditionModel)
-from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint, \
-    convert_ldm_vae_checkpoint, infer_diffusers_model_type, CHECKPOINT_KEY_NAMES
+                       StableDiffusionInstructPix2PixPipeline, StableDiffusionPipeline,
+                       StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
+from diffusers.loaders.single_file_utils import (CHECKPOINT_KEY_NAMES, convert_ldm_clip_checkpoint,
+                                                 convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint,
+                                                 infer_diffusers_model_type)
 
 import ldm_checkpoint
 from stattn import models
