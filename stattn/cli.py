@@ -82,12 +82,13 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def _common(p: argparse.ArgumentParser, out_default: str) -> None:
     m = p.add_argument_group("model")
     m.add_argument("--model", help="a diffusers model directory, a Hugging Face hub repo id (owner/name), a "
-                   "single-file checkpoint (.safetensors / .ckpt), or tiny / tiny-sd2 / tiny-sdxl (random, "
-                   "offline), or full:sd15 / full:sd2-base / full:sdxl (random weights)")
+                   "single-file checkpoint (.safetensors / .ckpt / .pt / .bin / .pth), or tiny / tiny-sd2 / tiny-sdxl "
+                   "(random, offline), or full:sd15 / full:sd2-base / full:sd2 / full:sdxl (random weights)")
     m.add_argument("--local-files-only", action="store_true", help="never download: the hub repo id must be "
                    "in the local Hugging Face cache (also the default under HF_HUB_OFFLINE=1)")
     m.add_argument("--config", help="a single-file checkpoint's component configs and tokenizer: a diffusers "
-                   "directory or hub repo id of the same architecture (diffusers' from_single_file config=)")
+                   "directory or hub repo id of the same architecture (diffusers' from_single_file config=; "
+                   "default: diffusers' hub repo for the checkpoint type, cached or downloaded)")
     m.add_argument("--scheduler", help="a diffusers scheduler class name, e.g. DPMSolverMultistepScheduler "
                    "(default: the model's)")
     m.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda[:N] or mps")

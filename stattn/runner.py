@@ -180,7 +180,8 @@ class Runner:
     ``Runner(pipe)`` takes a loaded ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``,
     ``StableDiffusionControlNetPipeline`` or ``StableDiffusionXLControlNetPipeline`` (or a subclass
     that keeps the stock ``__call__``) and raises TypeError for any other pipeline;
-    :meth:`from_pretrained` loads a model directory (or ``"tiny"``)."""
+    :meth:`from_pretrained` loads a model directory, hub repo id or single-file checkpoint (or
+    ``"tiny"``); an img2img / inpainting model there generates text-to-image from its components."""
 
     def __init__(self, pipe, *, cuda_graphs: bool = False, accelerate: bool = True):
         family = _family_of(pipe)
