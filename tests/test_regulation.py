@@ -523,3 +523,18 @@ def test_fused_layer_call_is_three_kernel_launches(init, triton_backend, monkeyp
     monkeypatch.setattr(launch, "_launch", lambda kernel, *a: (names.append(kernel.fn.__name__), real(kernel, *a)))
     ctrl.attention(_call(q, k, v, 1))
     assert names == ["_inner_loop_kernel", "_best_kernel", "_fwd_kernel"]
+
+
+def test_settings_rebuild_the_same_controller():
+    import json
+
+    pipe = models.tiny()
+    ar = AttentionRegulation(targets=["cat", "frog"], layers="all", edit_steps=3, iters=5, lr=50.0, init="zeros",
+                             loss_weights=(1.0, 40.0, 0.1), subtokens="first")
+    ar.apply(pipe, prompt=PROMPT)
+    settings = json.loads(json.dumps(ar.settings()))
+    assert settings["resolved"]["tokens"] == [5, 8] and settings["resolved"]["eos"] == 9
+    again = AttentionRegulation.from_settings(settings)
+    again.apply(pipe, prompt=PROMPT)
+    assert again.settings() == settings
+    stattn.restore(pipe)

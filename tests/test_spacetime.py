@@ -455,3 +455,33 @@ def test_fused_equals_the_unfused_released_structure(mode):
             runner, prompt=PROMPT)
         out[cls] = runner(PROMPT, steps=3, num_images=2, seed=0, output_type="np").images
     assert abs(out[SpatialTemporal] - out[UnfusedSpatialTemporal]).max() < 1e-4
+
+
+# ------------------------------------------------------------------ settings round trip
+@pytest.mark.parametrize("layout", [
+    None,
+    "cat [0, 0, 256, 512]\nfrog [256, 0, 256, 512]",
+    {"frog": (0.6, 0.5), "cat": Box(0.0, 0.0, 0.5, 1.0)},
+    [Centre(0.25, 0.5, radius=0.3), (0.5, 0.0, 1.0, 1.0)],
+])
+def test_settings_rebuild_the_same_controller(layout):
+    import json
+
+    pipe = models.tiny()
+    objects = "auto" if layout is None or isinstance(layout, str) else ["cat", "frog"]
+    st = SpatialTemporal(objects=objects, layout=layout, weights=torch.tensor([[1.0, 2.0], [0.5, 0.25]]))
+    st.apply(pipe, prompt=PROMPT)
+    settings = json.loads(json.dumps(st.settings()))           # JSON-able, and exact through JSON
+    again = SpatialTemporal.from_settings(settings)
+    again.apply(pipe, prompt=PROMPT)
+    assert again.settings() == settings and torch.equal(again.W, st.W)
+    assert again.descriptions == st.descriptions
+    for grid in ((8, 8), (4, 4)):
+        assert torch.equal(again.layout_used.masks(grid), st.layout_used.masks(grid))
+    stattn.restore(pipe)
+
+
+def test_a_mask_layout_has_no_json_form():
+    st = SpatialTemporal(objects=["cat"], layout=[torch.ones(4, 4)])
+    with pytest.raises(TypeError, match="only Box and Centre regions have a JSON form"):
+        st.settings()
