@@ -14,9 +14,11 @@
 // runtime CPU dispatch), one per block for all regions (the forward's output: one per region),
 // and the row work (softmax, softmax backward) uses the vectorised row helpers of native_common.h.
 // Inputs of any float dtype are packed into fp32 blocks (fp64 stays fp64) where they are not fp32
-// rows already (those are read and written in place). The backward's cross-pixel sums (dk, dv,
-// dtheta, dweights) go to per-task partials over a fixed pixel partition and are summed in a
-// fixed order afterwards, so results do not depend on the thread count or scheduling.
+// rows already (those are read and written in place, rows any distance apart: q and grad_out are
+// read with their strides, o and dq are written in [B, M, H, D] memory order). The backward's
+// cross-pixel sums (dk, dv, dtheta, dweights) go to per-task partials over a fixed pixel partition
+// and are summed in a fixed order afterwards, so results do not depend on the thread count or
+// scheduling.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -208,6 +210,12 @@ Tensor output(at::IntArrayRef sizes, const at::TensorOptions& opts) {
   return t;
 }
 
+// o and dq: shape [B, H, M, D] in [B, M, H, D] memory order (stattn.ops.empty_output's layout), so
+// that the callers' o.transpose(1, 2).reshape(B, M, H * D) is a view, as with SDPA's output.
+Tensor output_bmhd(const Tensor& q) {
+  return output({q.size(0), q.size(2), q.size(1), q.size(3)}, q.options()).permute({0, 2, 1, 3});
+}
+
 // 64-byte aligned per-thread scratch (BLAS may take alignment-dependent paths; aligned buffers
 // keep results independent of where the allocator puts them). Contents start undefined.
 template <typename T>
@@ -249,16 +257,35 @@ void pack_rows(const Tensor& x, int64_t b, int64_t h, int64_t m0, int64_t rows, 
   }
 }
 
-// Pixel rows [m0, m0 + rows) of x as a [rows, D] block of acc_t: x's own memory where it already is
-// one (acc_t, rows of D contiguous elements), else packed into dst.
+// Pixel rows [m0, m0 + rows) of x as a [rows, D] block of acc_t with rows ld apart: x's own memory
+// where it already is one (acc_t, unit stride in D, rows >= D apart: a [B, H, M, D] tensor has ld = D,
+// the processors' transposed view of [B, M, H * D] ld = H * D), else packed into dst (ld = D).
 template <typename in_t, typename acc_t>
-const acc_t* block_rows(const Tensor& x, int64_t b, int64_t h, int64_t m0, int64_t rows, acc_t* dst) {
+const acc_t* block_rows(const Tensor& x, int64_t b, int64_t h, int64_t m0, int64_t rows, acc_t* dst, int64_t& ld) {
   if constexpr (std::is_same_v<in_t, acc_t>) {
-    if (x.stride(3) == 1 && x.stride(2) == x.size(3))
+    if (x.stride(3) == 1 && x.stride(2) >= x.size(3)) {
+      ld = x.stride(2);
       return x.data_ptr<acc_t>() + b * x.stride(0) + h * x.stride(1) + m0 * x.stride(2);
+    }
   }
   pack_rows<in_t, acc_t>(x, b, h, m0, rows, dst);
+  ld = x.size(3);
   return dst;
+}
+
+// Pixel rows [m0, m0 + rows) of x [B, H, M, D] (unit stride in D) as a place to write a [rows, D] block
+// to, and the distance between its rows.
+template <typename in_t>
+in_t* out_rows(Tensor& x, int64_t b, int64_t h, int64_t m0, int64_t& ld) {
+  ld = x.stride(2);
+  return x.data_ptr<in_t>() + b * x.stride(0) + h * x.stride(1) + m0 * x.stride(2);
+}
+
+// A packed [rows, D] block src -> rows ld apart in dst, converted to in_t.
+template <typename acc_t, typename in_t>
+void store_rows(const acc_t* src, int64_t rows, int64_t D, in_t* dst, int64_t ld) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t d = 0; d < D; ++d) dst[i * ld + d] = static_cast<in_t>(src[i * D + d]);
 }
 
 // alpha of region r for pixel rows [m0, m0 + rows).
@@ -518,7 +545,6 @@ void forward_kernel(const Problem<acc_t>& p, const Tensor& q, Tensor& o, Tensor&
   const int64_t nblk = (p.M + kBlockM - 1) / kBlockM;
   const int64_t Np = p.Np, D = p.D, T = p.T, L = p.R + p.has_pin, RN = p.R * Np;
   float* lse_p = lse.data_ptr<float>();
-  in_t* o_p = o.data_ptr<in_t>();
   at::parallel_for(0, p.B * p.H * nblk, 1, [&](int64_t begin, int64_t end) {
     TaskScope<acc_t> scope;
     constexpr bool in_place = std::is_same_v<in_t, acc_t>;  // o written by its product directly
@@ -533,9 +559,10 @@ void forward_kernel(const Problem<acc_t>& p, const Tensor& q, Tensor& o, Tensor&
         if (T > 0) offset_half(p, b, h, A.data());
         cur_bh = bh;
       }
-      const acc_t* qrows = block_rows<in_t, acc_t>(q, b, h, m0, rows, qb.data());
+      int64_t ldq, ldo;
+      const acc_t* qrows = block_rows<in_t, acc_t>(q, b, h, m0, rows, qb.data(), ldq);
       if (T > 0) block_offset(p, A.data(), m0, rows, S.data());
-      gemm(false, false, RN, rows, D, p.scale, kh.data(), RN, qrows, D, acc_t(0), z.data(), RN);
+      gemm(false, false, RN, rows, D, p.scale, kh.data(), RN, qrows, ldq, acc_t(0), z.data(), RN);
       set_pad_logits(p, rows, z.data());
       if (logits) save_logits_block(p, z.data(), rows, logits + ((b * p.H + h) * p.M + m0) * p.R * p.N);
       for (int64_t r = 0; r < p.R; ++r) {
@@ -544,18 +571,18 @@ void forward_kernel(const Problem<acc_t>& p, const Tensor& q, Tensor& o, Tensor&
         float* lse_0 = lse_p + ((b * L + p.R) * p.H + h) * p.M + m0;
         fwd_rows(p, b, r, rows, z.data() + r * Np, RN, work.data(), al.data(), S.data(), lse_r, lse_0);
       }
-      in_t* dst = o_p + ((b * p.H + h) * p.M + m0) * D;
+      in_t* dst = out_rows<in_t>(o, b, h, m0, ldo);
       acc_t* out = in_place ? reinterpret_cast<acc_t*>(dst) : ob.data();
+      const int64_t ld_out = in_place ? ldo : D;
       for (int64_t r = 0; r < p.R; ++r)  // (over the region's own keys: values beyond are never read)
         gemm(false, false, D, rows, p.len[r], acc_t(1), p.head(p.v, b, r, h), D, z.data() + r * Np, RN,
-             acc_t(r == 0 ? 0 : 1), out, D);
-      if constexpr (!in_place)
-        for (int64_t i = 0; i < rows * D; ++i) dst[i] = static_cast<in_t>(ob[i]);
+             acc_t(r == 0 ? 0 : 1), out, ld_out);
+      if constexpr (!in_place) store_rows(ob.data(), rows, D, dst, ldo);
     }
   });
 }
 
-// (o, lse, logits): logits [B, H, M, R * N] (scale q k_r^T, region r at columns r * N, -inf from
+// (o, lse, logits): o [B, H, M, D] in [B, M, H, D] memory order (output_bmhd); logits [B, H, M, R * N] (scale q k_r^T, region r at columns r * N, -inf from
 // lengths[r] on; float32, float64 for float64 inputs) when save_logits, else empty. tokens [T] or
 // [B, T], pin [N] or [B, N] (per batch row), lengths [R] or none (every region uses its N keys).
 std::tuple<Tensor, Tensor, Tensor> region_attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
@@ -568,7 +595,7 @@ std::tuple<Tensor, Tensor, Tensor> region_attention_fwd(const Tensor& q, const T
                                                         bool save_logits,
                                                         const c10::optional<Tensor>& lengths) {
   TORCH_CHECK(q.device().is_cpu(), "stattn native: CPU tensors only");
-  Tensor o = output(q.sizes(), q.options());
+  Tensor o = output_bmhd(q);
   Tensor lse, logits;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "stattn_native_fwd", [&] {
     using in_t = scalar_t;
@@ -752,7 +779,6 @@ void backward_kernel(const Problem<acc_t>& p, const Needs& need, const Tensor& q
   const bool need_th = need.t && T > 0;
   const int64_t Hg = p.M / p.W;  // image rows of the offset grid
   const float* lse_p = lse.data_ptr<float>();
-  in_t* dq_p = need.q ? dq.data_ptr<in_t>() : nullptr;
   at::parallel_for(0, p.B * p.H * nchunk, 1, [&](int64_t begin, int64_t end) {
     TaskScope<acc_t> scope;
     constexpr bool in_place = std::is_same_v<in_t, acc_t>;  // dq written by its product directly
@@ -774,17 +800,18 @@ void backward_kernel(const Problem<acc_t>& p, const Needs& need, const Tensor& q
       std::fill(C.begin(), C.end(), acc_t(0));
       for (int64_t m0 = c0; m0 < c1; m0 += kBlockM) {
         const int64_t rows = std::min(kBlockM, c1 - m0);
-        const acc_t* qrows = block_rows<in_t, acc_t>(q, b, h, m0, rows, qb.data());
-        const acc_t* dorows = block_rows<in_t, acc_t>(dout, b, h, m0, rows, dob.data());
+        int64_t ldq, lddo;
+        const acc_t* qrows = block_rows<in_t, acc_t>(q, b, h, m0, rows, qb.data(), ldq);
+        const acc_t* dorows = block_rows<in_t, acc_t>(dout, b, h, m0, rows, dob.data(), lddo);
         if (T > 0) block_offset(p, A.data(), m0, rows, S.data());
         if (logits) {  // the forward's, bit for bit what the product would give
           load_logits_block(p, logits + ((b * p.H + h) * p.M + m0) * p.R * p.N, rows, z.data());
         } else {
-          gemm(false, false, RN, rows, D, p.scale, kt.data(), RN, qrows, D, acc_t(0), z.data(), RN);
+          gemm(false, false, RN, rows, D, p.scale, kt.data(), RN, qrows, ldq, acc_t(0), z.data(), RN);
           set_pad_logits(p, rows, z.data());
         }
         // dpv[rows, R * Np] = dO . V^T
-        gemm(false, false, RN, rows, D, acc_t(1), vt.data(), RN, dorows, D, acc_t(0), dpv.data(), RN);
+        gemm(false, false, RN, rows, D, acc_t(1), vt.data(), RN, dorows, lddo, acc_t(0), dpv.data(), RN);
         for (int64_t r = 0; r < p.R; ++r) {
           block_alpha(p, b, r, m0, rows, al.data());
           const float* lse_r = lse_p + ((b * L + r) * p.H + h) * p.M + m0;
@@ -801,19 +828,20 @@ void backward_kernel(const Problem<acc_t>& p, const Needs& need, const Tensor& q
           }
         }
         if (need.q) {  // dq = scale dz . K
-          in_t* dst = dq_p + ((b * p.H + h) * p.M + m0) * D;
-          if constexpr (in_place) {  // dq is contiguous: the product writes it directly
-            gemm(false, false, D, rows, RN, p.scale, kh.data(), D, z.data(), RN, acc_t(0), dst, D);
+          int64_t lddq;
+          in_t* dst = out_rows<in_t>(dq, b, h, m0, lddq);
+          if constexpr (in_place) {  // unit stride in D: the product writes dq's rows directly
+            gemm(false, false, D, rows, RN, p.scale, kh.data(), D, z.data(), RN, acc_t(0), dst, lddq);
           } else {
             gemm(false, false, D, rows, RN, p.scale, kh.data(), D, z.data(), RN, acc_t(0), dqb.data(), D);
-            for (int64_t i = 0; i < rows * D; ++i) dst[i] = static_cast<in_t>(dqb[i]);
+            store_rows(dqb.data(), rows, D, dst, lddq);
           }
         }
         if (need.k)  // dk += dz^T . q (times scale in the final sum: alpha = 1 keeps MKL's result
                      // independent of the thread count, which alpha != 1 here did not)
-          gemm(false, true, D, RN, rows, acc_t(1), qrows, D, z.data(), RN, acc_t(1), dkp, D);
+          gemm(false, true, D, RN, rows, acc_t(1), qrows, ldq, z.data(), RN, acc_t(1), dkp, D);
         if (need.v)  // dv += (alpha p)^T . dO
-          gemm(false, true, D, RN, rows, acc_t(1), dorows, D, dpv.data(), RN, acc_t(1), dvp, D);
+          gemm(false, true, D, RN, rows, acc_t(1), dorows, lddo, dpv.data(), RN, acc_t(1), dvp, D);
       }
       if (need_th)  // dtheta_t[i, :] = sum_y gy[y, i] C[t, y, :]
         for (int64_t t = 0; t < T; ++t)
@@ -862,7 +890,7 @@ std::vector<Tensor> region_attention_bwd(const Tensor& grad_out, const Tensor& q
     TORCH_CHECK(!saved || (logits->sizes() == at::IntArrayRef({p.B, p.H, p.M, p.R * p.N}) &&
                            logits->scalar_type() == acc && logits->is_contiguous()),
                 "stattn native: logits must be the forward's saved logits [B, H, M, R * N], contiguous");
-    Tensor dq = need.q ? output(q.sizes(), q.options()) : Tensor();
+    Tensor dq = need.q ? output_bmhd(q) : Tensor();  // in o's layout
     Tensor dk_part = need.k ? at::zeros({tasks, NDR}, opts) : Tensor();
     Tensor dv_part = need.v ? at::zeros({tasks, NDR}, opts) : Tensor();
     Tensor dth_part = (need.t && p.T > 0) ? at::zeros({tasks, p.T * KK}, opts) : Tensor();

@@ -3,10 +3,13 @@
 Arguments are already validated and normalised by stattn.ops: weights [B, R] and masks [B, R, M]
 float32 (any strides), theta/tokens/gy/gx/pin present only with an offset, k/v [B, R, H, N, D];
 tokens int32 [T] or [B, T] and pin int32 [N] or [B, N] (shared by the batch rows, or per row);
-lengths None or int32 [R] (region r's valid keys).
+lengths None or int32 [R] (region r's valid keys). q and do are read with their strides; o and dq
+are written in [B, M, H, D] memory order (stattn.ops.empty_output: the kernels take o's / dq's strides).
 """
 import torch
 import triton
+
+from stattn.ops import empty_output
 
 from .region_attention import _bwd_dkdv_kernel, _bwd_dq_kernel, _fwd_kernel
 
@@ -89,13 +92,14 @@ def _indices(tokens, pin, lengths):
 
 
 def forward(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, lengths=None):
-    """Returns (o [B, H, M, D] in q's dtype, lse [B, R + has_pin, H, M] float32); the extra slot
+    """Returns (o [B, H, M, D] in q's dtype and empty_output's layout, lse [B, R + has_pin, H, M]
+    float32); the extra slot
     holds region 0's un-offset log-sum-exp used by its pinned columns."""
     k, v = k.contiguous(), v.contiguous()
     tokens, pin, lengths = _indices(tokens, pin, lengths)
     cfg, strides, (B, H, R, M, N, D, T, W, Ky, Kx) = _common(q, k, v, weights, masks, theta, tokens, gy, gx, pin)
     has_pin = pin is not None
-    o = _empty_like(q)
+    o = empty_output(q, _empty)
     lse = _empty(B, R + has_pin, H, M, device=q.device, dtype=torch.float32)
     dummy = lse
     k_s, v_s = strides[:5], strides[5:10]
@@ -124,7 +128,7 @@ def backward(do, q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, sc
     has_pin = pin is not None
     need_dtheta = need_dtheta and T > 0
     store_d = need_dalpha or need_dkv
-    dq = _empty_like(q) if need_dq else None
+    dq = empty_output(q, _empty) if need_dq else None
     dbuf = _empty(lse.shape, dtype=lse.dtype, device=lse.device) if store_d else None
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), B * H)
     dth_part = (_empty(B, H, grid[0], T, Ky, Kx, device=q.device, dtype=torch.float32)

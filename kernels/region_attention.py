@@ -14,6 +14,8 @@ and per-pixel-block partials of dTheta (summed deterministically afterwards);
 Per-row targets and pins: TOK / PIN advance by s_tokb / s_pinb per batch row (0 when shared).
 Key lengths (HAS_LENGTHS): region r's columns >= LEN[r] are masked like those >= N (never loaded,
 -inf logits, zero dK/dV) and its key loop stops at LEN[r].
+Every [B, H, M, D] tensor (Q, O, dO, dQ) is addressed by its four strides: the launcher writes O and
+dQ in [B, M, H, D] memory order (rows H * D apart) and passes Q and dO as they come.
 Semantics: stattn/reference.py.
 """
 import triton
@@ -289,7 +291,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DB, Wt, Mk, TOK, TH, GY, GX, PIN, LEN, 
                    HAS_LENGTHS: tl.constexpr, NEED_DQ: tl.constexpr, STORE_D: tl.constexpr, NEED_DTHETA: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    KYP: tl.constexpr, KXP: tl.constexpr):
-    """DO has the O strides, DQ its own ([B, H, M, D]); DB [B, R + HAS_PIN, H, M] like LSE;
+    """DO is read through the O stride slots (its own strides), DQ through its own (the launcher
+    allocates it in [B, M, H, D] memory order, as O); DB [B, R + HAS_PIN, H, M] like LSE;
     DTH partials [B, H, n_mblocks, T, KY, KX] contiguous."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)

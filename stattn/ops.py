@@ -6,6 +6,10 @@ dispatch on the device: CUDA -> Triton kernels (float64: the reference); CPU -> 
 kernels of csrc/ (stattn.native; the reference, with one warning, if they cannot be loaded), or
 the Triton kernels under the interpreter when STATTN_BACKEND=triton (with TRITON_INTERPRET=1).
 STATTN_BACKEND=reference forces the reference everywhere, =native requires the native kernels.
+
+Layout: every backend reads q and grad_out with their strides (no copy) and writes o and dq in
+[B, M, H, D] memory order (:func:`empty_output`), so the processors' ``o.transpose(1, 2).reshape(B, M,
+H * D)`` is a view, as with SDPA's output; the fake implementations give the same strides.
 """
 from __future__ import annotations
 
@@ -21,9 +25,29 @@ from . import native
 from . import reference as ref
 from .basis import collapse_rows
 
-__all__ = ["region_attention", "backend_for"]
+__all__ = ["region_attention", "backend_for", "empty_output"]
 
-_EMPTY = ()
+
+def _empty(*args, **kwargs):
+    """The reference path's output allocation (one place, so tests can poison it with NaN)."""
+    return torch.empty(*args, **kwargs)
+
+
+def empty_output(q: Tensor, empty=None) -> Tensor:
+    """A new tensor of q's shape [B, H, M, D], dtype and device in [B, M, H, D] memory order: the
+    layout of the op's o and dq on every backend (csrc's output_bmhd allocates the same). ``empty``:
+    the allocator, torch.empty's signature (default: this module's _empty; the Triton launcher
+    passes its own)."""
+    B, H, M, D = q.shape
+    return (empty or _empty)((B, M, H, D), dtype=q.dtype, device=q.device).permute(0, 2, 1, 3)
+
+
+def _in_output_layout(x: Tensor, like: Tensor) -> Tensor:
+    """x [B, H, M, D] in empty_output's layout: itself when it already is, else one copy."""
+    B, H, M, D = like.shape
+    if x.stride() == (M * H * D, D, H * D, 1):
+        return x
+    return empty_output(like).copy_(x)
 
 
 def backend_for(t: Tensor) -> str:
@@ -111,7 +135,7 @@ def _region_attention_op(q: Tensor, k: Tensor, v: Tensor, weights: Tensor, masks
         o, lse = _kernels().forward(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, lengths)
     else:
         off = _ref_offset(theta, tokens, gy, gx, pin)
-        o = ref.region_attention(q, k, v, masks, weights, affine, off, scale, lengths).contiguous()
+        o = _in_output_layout(ref.region_attention(q, k, v, masks, weights, affine, off, scale, lengths), q)
         lse = ref.region_lse(q, k, scale, off, lengths)
     logits = _logits(q, k, scale, lengths) if save_logits else q.new_empty(0, dtype=ref.compute_dtype(q))
     return o, lse, logits
@@ -121,7 +145,7 @@ def _region_attention_op(q: Tensor, k: Tensor, v: Tensor, weights: Tensor, masks
 def _(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, save_logits=False, lengths=None):
     B, H, M, _ = q.shape
     R, N = k.shape[1], k.shape[3]
-    return (q.new_empty(q.shape), q.new_empty((B, R + (pin is not None), H, M), dtype=torch.float32),
+    return (empty_output(q), q.new_empty((B, R + (pin is not None), H, M), dtype=torch.float32),
             q.new_empty((B, H, M, R * N) if save_logits else (0,), dtype=ref.compute_dtype(q)))
 
 
@@ -135,7 +159,8 @@ def _region_attention_backward_op(
     """Gradients (dq, dk, dv, dweights, dmasks, dtheta); ``needs`` flags them in that order
     (dk and dv share one flag slot each); an unneeded one comes back as an empty tensor. ``logits``:
     the forward's saved logits (used by the native backend; the others recompute). dk/dv are
-    exactly zero on the padded keys (index >= lengths[r])."""
+    exactly zero on the padded keys (index >= lengths[r]). grad_out is read with its strides; dq
+    comes in o's layout (empty_output), whatever q's strides, the others contiguous."""
     need_q, need_k, need_v, need_w, need_m, need_t = needs
     _check_indices(q, k, theta, tokens, pin, lengths)
     backend = backend_for(q)
@@ -156,11 +181,13 @@ def _region_attention_backward_op(
         grads = _reference_backward(grad_out, q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin,
                                     scale, needs, lengths)
     out = []
-    for g, t, n in zip(grads, (q, k, v, weights, masks, theta), needs):
+    for i, (g, t, n) in enumerate(zip(grads, (q, k, v, weights, masks, theta), needs)):
         if not n or t is None:
             out.append(q.new_empty(0))  # a fresh one per slot: outputs must not alias
-        else:  # a gradient the work did not touch (theta with no target token) is zero
-            out.append(t.new_zeros(t.shape) if g is None else g.contiguous())
+        elif g is None:  # a gradient the work did not touch (theta with no target token) is zero
+            out.append(empty_output(q).zero_() if i == 0 else t.new_zeros(t.shape))
+        else:
+            out.append(_in_output_layout(g, q) if i == 0 else g.contiguous())
     return tuple(out)
 
 
@@ -187,8 +214,9 @@ def _reference_backward(grad_out, q, k, v, weights, masks, affine, theta, tokens
 def _(grad_out, q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, lse, needs, logits=None,
       lengths=None):
     like = (q, k, v, weights, masks, theta)
-    return tuple(q.new_empty(t.shape, dtype=t.dtype) if (n and t is not None) else q.new_empty(0)
-                 for t, n in zip(like, needs))
+    return tuple(q.new_empty(0) if not (n and t is not None) else
+                 empty_output(q) if i == 0 else q.new_empty(t.shape, dtype=t.dtype)
+                 for i, (t, n) in enumerate(zip(like, needs)))
 
 
 def _setup_context(ctx, inputs, output):
@@ -202,7 +230,7 @@ def _backward(ctx, grad_out, _grad_lse, _grad_logits):
     q, k, v, weights, masks, theta, tokens, gy, gx, pin, lse, logits, lengths = ctx.saved_tensors
     ng = ctx.needs_input_grad
     needs = [ng[0], ng[1], ng[2], ng[3], ng[4], ng[6] and theta is not None]
-    grads = _region_attention_backward_op(grad_out.contiguous(), q, k, v, weights, masks, ctx.affine, theta,
+    grads = _region_attention_backward_op(grad_out, q, k, v, weights, masks, ctx.affine, theta,
                                           tokens, gy, gx, pin, ctx.scale, lse, needs,
                                           logits if logits.numel() else None, lengths)
     dq, dk, dv, dw, dm, dt = (g if n else None for g, n in zip(grads, needs))
@@ -260,7 +288,10 @@ def region_attention(q: Tensor, k: Tensor, v: Tensor, *, masks: Optional[Tensor]
     to its first L_r keys only (a softmax of its own; e.g. IP-Adapter's text and image-prompt
     branches in one call), the rest are padding (probability 0, zero dk/dv, contents ignored);
     offset indices must be < L_0.
-    Returns o [B, H, M, D] = sum_r alpha_r * softmax(z_r) @ v_r (see stattn/reference.py).
+    Returns o [B, H, M, D] = sum_r alpha_r * softmax(z_r) @ v_r (see stattn/reference.py), in
+    [B, M, H, D] memory order on every backend (as SDPA's output), so ``o.transpose(1, 2).reshape(B,
+    M, H * D)`` is a view. q and the incoming gradient are read with their strides (the processors'
+    ``x.view(B, M, H, D).transpose(1, 2)`` is not copied); q's gradient comes in o's layout.
     Differentiable w.r.t. q, k, v, region_weights, float masks and offset.theta.
     """
     B, H, M, D, R, N = V.check_qkv(q, k, v)

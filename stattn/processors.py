@@ -340,7 +340,7 @@ class StattnAttnProcessor:
         """out [B, H, M, D] -> to_out, back to 4-D, residual, rescale: the stock processors' tail."""
         residual, shape4 = frame
         B, H, M, D = out.shape
-        hidden_states = out.transpose(1, 2).reshape(B, M, H * D)
+        hidden_states = out.transpose(1, 2).reshape(B, M, H * D)  # a view: the op writes [B, M, H, D] order
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
         if shape4 is not None:
@@ -351,7 +351,8 @@ class StattnAttnProcessor:
 
 
 def _heads(x: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
-    """[B, M, H * D] -> [B, H, M, D], a view: the kernel takes strides."""
+    """[B, M, H * D] -> [B, H, M, D], a view: the op reads q with its strides (and returns dq in this
+    [B, M, H, D] order)."""
     B, M, _ = x.shape
     return x.view(B, M, heads, head_dim).transpose(1, 2)
 
