@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 # converts 1-element arrays to scalars, which numpy 2.4 rejects; diffusers/transformers as tested.
 PINS   := torch==2.13.0 triton==3.6.0 "numpy<2.4" diffusers==0.42.1 transformers==5.23.0
 
-.PHONY: install test demo bench aot clean
+.PHONY: install test demo bench aot clean gpu-check
 
 install: $(VENV)/.installed
 
@@ -35,6 +35,11 @@ bench: install
 # compile every kernel variant for sm_90 with Triton's real compiler (no GPU needed)
 aot: install
 	env -u TRITON_INTERPRET $(PY) -m stattn.kernels.aot
+
+# the whole GPU check as one call (bench/gpu_check.py, docs/gpu-check.md): python3 on a GPU machine
+# (no venv there); DRY=1: the CPU dry run in the venv; ARGS: more options (--out DIR --archive F.tar.gz)
+gpu-check: $(if $(DRY),install)
+	$(if $(DRY),$(PY),$(PYTHON)) -m bench.gpu_check $(if $(DRY),--dry) $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache demo-out

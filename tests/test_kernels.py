@@ -48,11 +48,13 @@ def _check(case, device):
         assert rel_err(g, ref_grads[name]) < tol * GRAD_TOL_FACTOR, name
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("case", CASES, ids=_ids)
 def test_kernel_matches_reference(case, device, triton_backend, poisoned):
     _check(case, device)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("case", ON_GPU_ONLY, ids=_ids)
 def test_kernel_bf16(case, device, triton_backend, poisoned):
     if device != "cuda":
@@ -60,6 +62,7 @@ def test_kernel_bf16(case, device, triton_backend, poisoned):
     _check(case, device)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("wrt", [("q",), ("theta",), ("q", "weights"), ("masks",), ("k", "v"), ("v",)])
 def test_kernel_computes_only_requested_gradients(wrt, device, triton_backend, poisoned):
     case = Case(D=40, R=2, T=1, pinned=(0,), h=3, w=5)
@@ -71,6 +74,7 @@ def test_kernel_computes_only_requested_gradients(wrt, device, triton_backend, p
         assert rel_err(grads[name], ref_grads[name]) < TOL[(device, torch.float32)] * GRAD_TOL_FACTOR, name
 
 
+@pytest.mark.gpu
 def test_kernel_strided_q_and_grad(device, triton_backend, poisoned):
     """diffusers hands q as a transposed view [B, M, H, D] -> [B, H, M, D]; dO may be strided too."""
     case = Case(D=40, R=2, T=1, pinned=(0,), h=5, w=5)
@@ -83,6 +87,7 @@ def test_kernel_strided_q_and_grad(device, triton_backend, poisoned):
     assert all(rel_err(grads[n], ref_grads[n]) < tol * GRAD_TOL_FACTOR for n in grads)
 
 
+@pytest.mark.gpu
 def test_theta_gradient_is_deterministic(device, triton_backend):
     case = Case(D=64, R=2, T=3, pinned=(0,), h=6, w=6)
     inp = make_inputs(case, device, seed=7)

@@ -140,6 +140,7 @@ def _ids(c):
             f"{'aff' if c.affine else 'lin'}-{str(c.dtype).split('.')[-1]}").replace(" ", "")
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=_ids)
 def test_kernel_matches_reference(case, device, triton_backend, poisoned):
     inp = make_inputs(case, device)
@@ -169,6 +170,7 @@ def _op_args(case, inp, dtype=torch.float32):
             case.affine, off.theta, tokens, off.gy, off.gx, pin if off.pinned else None, case.D ** -0.5), lengths
 
 
+@pytest.mark.gpu
 def test_kernel_lse_matches_reference(device, triton_backend, poisoned):
     case = KERNEL_CASES[3]
     inp = make_inputs(case, device, seed=2)
@@ -181,6 +183,7 @@ def test_kernel_lse_matches_reference(device, triton_backend, poisoned):
     assert rel_err(lse, expected.double()) < TOL[(device, torch.float32)]
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_padded_keys_are_ignored_and_get_exact_zero_gradients(backend, device, monkeypatch, poisoned):
     """Padding may hold anything (NaN here): it is never read into the output or the gradients."""

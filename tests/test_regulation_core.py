@@ -162,6 +162,7 @@ def assert_matches_fp64(res, q, k, tokens, theta0, basis, iters, construction_ti
     return loop_oracle.assert_matches(res, o)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("B,H,h,w,D,T,dtype", LOOP_CASES)
 def test_triton_loop_matches_fp64_loop(B, H, h, w, D, T, dtype, device, triton_backend, poisoned):
     inp = loop_inputs(B, H, h, w, D, T, dtype, device=device)
@@ -171,6 +172,7 @@ def test_triton_loop_matches_fp64_loop(B, H, h, w, D, T, dtype, device, triton_b
     assert (res.losses.diff().abs() > 1e-4 * res.losses[0]).all()
 
 
+@pytest.mark.gpu
 def test_triton_loop_strided_inputs(device, triton_backend, poisoned):
     """B and H both > 1, q and k as views of [B, M, H, D] / [B, N, H, D] projections, theta0 a
     transposed view: the kernels index by strides, no copies."""
@@ -183,6 +185,7 @@ def test_triton_loop_strided_inputs(device, triton_backend, poisoned):
     assert assert_matches_fp64(res, q, k, tokens, theta0, basis, 3) == 2
 
 
+@pytest.mark.gpu
 def test_triton_loop_shares_the_quantile_weight_among_ties(device, triton_backend, poisoned):
     """q = 0 and theta0 = 0: every logit is exactly 0 (whatever the summation order), so every pixel
     has the same probability at the first iteration and each order statistic ties M ways; both paths
@@ -245,6 +248,7 @@ def test_best_iterate_is_the_first_strict_minimum_of_exact_ties(backend, lr, exp
         assert torch.equal(res.theta_best, theta0)
 
 
+@pytest.mark.gpu
 def test_triton_quantile_matches_torch_quantile(device, triton_backend, poisoned):
     """Loss weights (1, 0, 0) and one iteration: losses[0] is the quantile term alone."""
     inp = loop_inputs(1, 2, 12, 12, 40, 3, torch.float32, seed=2, device=device)
@@ -259,6 +263,7 @@ def test_triton_quantile_matches_torch_quantile(device, triton_backend, poisoned
     assert res.losses[0].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+@pytest.mark.gpu
 @pytest.mark.filterwarnings("ignore:All-NaN slice")
 def test_kernel_flags_bad_device_tokens_with_nan_losses(device, triton_backend, poisoned):
     """Device tokens are not read on the host; the kernel turns an invalid index into NaN losses,
@@ -280,6 +285,7 @@ def op_args(dtype=torch.float32, device="cpu"):
     return (q, k, tokens, theta0, gy, gx, 0.25, 3, 100.0, 0.9, 1.0, 80.0, 0.09, 0.4)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_opcheck(backend, device, monkeypatch):
     monkeypatch.setenv("STATTN_BACKEND", backend)
@@ -287,6 +293,7 @@ def test_opcheck(backend, device, monkeypatch):
                           test_utils=("test_schema", "test_faketensor"))
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_torch_compile_fullgraph_matches_eager(backend, device, monkeypatch):
     monkeypatch.setenv("STATTN_BACKEND", backend)
@@ -343,6 +350,7 @@ def test_bad_input_errors_name_the_argument(case):
 
 # ---- the across-steps blend fused into the second launch --------------------------------------
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("as_tensor", [False, True])
 def test_blend_gives_theta_eff_and_carries_theta_best(backend, as_tensor, device, monkeypatch, poisoned):
@@ -362,6 +370,7 @@ def test_blend_gives_theta_eff_and_carries_theta_best(backend, as_tensor, device
     assert torch.equal(state, plain.theta_best)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_blend_into_a_given_buffer(backend, device, monkeypatch, poisoned):
     """out= receives theta_eff in place, here the trailing (cond) rows of a bigger offset tensor."""
@@ -413,6 +422,7 @@ def test_blend_bad_input(change, err, match):
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+@pytest.mark.gpu
 @cuda_only
 def test_cuda_bf16_loop_matches_fp64_loop(poisoned):
     inp = loop_inputs(1, 5, 16, 16, 64, 3, torch.bfloat16, device="cuda")
@@ -420,6 +430,7 @@ def test_cuda_bf16_loop_matches_fp64_loop(poisoned):
     assert_matches_fp64(res, *inp, ITERS)
 
 
+@pytest.mark.gpu
 @cuda_only
 def test_cuda_graph_replay_matches_eager():
     """Captured once, replayed with new q and step: the same results as eager calls (no host

@@ -204,6 +204,7 @@ def test_cuda_graphs_need_cuda(sd):
     stattn.restore(sd)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("with_controller", [False, True])
 def test_cuda_graphs_equal_eager(with_controller):

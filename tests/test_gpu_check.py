@@ -1,0 +1,175 @@
+"""bench/gpu_check.py's stage runner with fake stages (sleep, small scripts): time-outs kill the
+stage's process group and keep the earlier stages, summary.json is valid after every stage, the
+commit without .git. Seconds, no benchmark, no dry run (CI runs that: .ci/run)."""
+import json
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+from bench import gpu_check as gc
+
+
+def _stage(name, budget_s, *argvs, keys=lambda d: {}):
+    def run(ctx):
+        for argv in argvs:
+            ctx.call(argv(ctx) if callable(argv) else argv)
+    return gc.Stage(name, budget_s, run, keys)
+
+
+def _check(stages, tmp_path, budget_s=60.0, **kw):
+    return gc.run_check(stages, tmp_path / "out", budget_s, dry=True, log=lambda *a: None, **kw)
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for its reaper counts as dead)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def test_a_stage_past_its_budget_is_killed_and_the_earlier_stages_are_kept(tmp_path):
+    pidfile = tmp_path / "child.pid"
+    # the sleep is a grandchild: only killing the whole process group ends it
+    slow = ["sh", "-c", f"sleep 60 & echo $! > {pidfile}; wait"]
+    stages = [_stage("01-first", 30, [sys.executable, "-c", "pass"]),
+              _stage("02-slow", 1.5, slow),
+              _stage("03-after", 30, ["true"])]
+    t0 = time.monotonic()
+    summary = _check(stages, tmp_path)
+    assert time.monotonic() - t0 < 20
+    status = {r["name"]: r["status"] for r in summary["stages"]}
+    assert status["01-first"] == "ok" and status["03-after"] == "ok"
+    assert status["02-slow"].startswith("timed out")
+    assert not summary["ok"]
+    deadline = time.monotonic() + 5
+    while _alive(int(pidfile.read_text())) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(int(pidfile.read_text()))
+    written = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [r["status"] for r in written["stages"]] == [status[n] for n in ("01-first", "02-slow", "03-after")]
+    assert "timed out" in (tmp_path / "out" / "02-slow" / "log.txt").read_text()
+    assert "02-slow | timed out" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def test_summary_json_is_valid_after_every_stage(tmp_path):
+    """Each stage reads the summary the earlier ones left: valid JSON, the earlier stage done, this one running."""
+    out = tmp_path / "out"
+    probe = ("import json, sys; s = json.load(open(sys.argv[1])); st = {{r['name']: r['status'] for r in s['stages']}}; "
+             "assert st['{prev}'] == 'ok' and st['{this}'] == 'running', st")
+    stages = [_stage("01-a", 30, ["true"])]
+    for prev, this in (("01-a", "02-b"), ("02-b", "03-c")):
+        stages.append(_stage(this, 30, [sys.executable, "-c", probe.format(prev=prev, this=this), out / "summary.json"]))
+    summary = _check(stages, tmp_path, archive=tmp_path / "out.tar.gz")
+    assert summary["ok"], summary["stages"]
+    with tarfile.open(tmp_path / "out.tar.gz") as tar:
+        names = tar.getnames()
+    assert "out/summary.json" in names and "out/03-c/log.txt" in names
+
+
+def test_the_overall_budget_caps_the_stages(tmp_path):
+    stages = [_stage("01-a", 30, ["sleep", "30"]), _stage("02-b", 30, ["true"])]
+    t0 = time.monotonic()
+    summary = _check(stages, tmp_path, budget_s=1.5)
+    assert time.monotonic() - t0 < 15
+    assert summary["stages"][0]["status"].startswith("timed out")
+    assert summary["stages"][1]["status"] == "not run: the overall budget is spent"
+
+
+def test_a_failing_command_and_a_broken_stage_do_not_stop_the_rest(tmp_path):
+    def broken(ctx):
+        raise RuntimeError("no wheel")
+
+    def bad_keys(directory):
+        return json.loads("{half written")
+
+    stages = [_stage("01-fails", 30, ["false"], ["true"]), gc.Stage("02-broken", 30, broken),
+              _stage("03-keys", 30, ["true"], keys=bad_keys), _stage("04-ok", 30, ["true"])]
+    summary = _check(stages, tmp_path)
+    rec = {r["name"]: r for r in summary["stages"]}
+    assert rec["01-fails"]["status"].startswith("failed: false (exit 1)")
+    assert [c["status"] for c in rec["01-fails"]["commands"]] == ["exit 1", "ok"]
+    assert rec["02-broken"]["status"] == "error: RuntimeError: no wheel"
+    assert rec["03-keys"]["status"] == "ok" and "JSONDecodeError" in rec["03-keys"]["keys"]["error"]
+    assert rec["04-ok"]["status"] == "ok"
+
+
+def test_a_command_skipped_for_lack_of_stage_time(tmp_path):
+    stage = gc.Stage("01-a", 30, lambda ctx: ctx.call(["true"], min_left_s=1000))
+    rec = _check([stage], tmp_path)["stages"][0]
+    assert rec["status"] == "ok" and rec["commands"][0]["status"].startswith("skipped: ")
+
+
+def test_the_summary_survives_missing_result_files(tmp_path):
+    """The real stages' readers on empty folders: every number n/a, no exception."""
+    summary = {"mode": "gpu", "budget_s": 480, "started": "now", "stages": []}
+    for stage in gc.default_stages():
+        keys = gc._guarded(stage.keys, tmp_path)
+        summary["stages"].append({"name": stage.name, "budget_s": stage.budget_s, "status": "timed out: x",
+                                  "keys": keys, "details": stage.details(keys), "commands": []})
+    text = gc.markdown(summary)
+    assert "| CUDA tests (`pytest -m gpu`) pass | missing (pytest did not finish) | n/a |" in text
+    assert "| yes |" not in text and "| NO |" not in text
+
+
+def test_junit_counts(tmp_path):
+    (tmp_path / "junit.xml").write_text(
+        '<testsuites><testsuite tests="3" failures="1" errors="0" skipped="1">'
+        '<testcase classname="tests.test_x" name="test_a"/><testcase classname="tests.test_x" name="test_b">'
+        '<failure message="boom"/></testcase><testcase classname="tests.test_x" name="test_c"><skipped/></testcase>'
+        '</testsuite></testsuites>')
+    keys = gc.keys_correctness(tmp_path)
+    assert (keys["passed"], keys["failures"], keys["skipped"]) == (1, 1, 1)
+    assert keys["not_passed"] == ["tests.test_x::test_b"]
+
+
+def test_commit_without_git(tmp_path):
+    assert gc.commit_of(tmp_path)["commit"] == "unknown"
+    (tmp_path / "COMMIT").write_text("0123abc\n")
+    assert gc.commit_of(tmp_path) == {"commit": "0123abc", "source": "COMMIT file", "dirty": None}
+
+
+def test_commit_from_git(tmp_path):
+    git = lambda *a: subprocess.run(["git", "-C", str(tmp_path), *a], check=True, capture_output=True,  # noqa: E731
+                                    text=True).stdout.strip()
+    git("init", "-q")
+    (tmp_path / "f").write_text("x")
+    git("add", "f")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "m")
+    (tmp_path / "COMMIT").write_text("not this one\n")
+    assert gc.commit_of(tmp_path) == {"commit": git("rev-parse", "HEAD"), "source": "git", "dirty": False}
+
+
+def test_gpu_tests_are_selected_by_their_marker():
+    files = gc.gpu_test_files()
+    assert "tests/test_kernels.py" in files and "tests/test_runner.py" in files
+    assert "tests/test_gpu_check.py" not in files and "tests/test_cli.py" not in files
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--budget-s", "0"], "--budget-s must be a positive number"),
+    (["--archive", "x.zip"], "--archive must name a .tar.gz"),
+])
+def test_bad_options_are_named(argv, words, capsys):
+    with pytest.raises(SystemExit):
+        gc.parse_args(argv)
+    assert words in capsys.readouterr().err
+
+
+def test_out_refuses_a_folder_it_did_not_write(tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="not an earlier gpu_check folder"):
+        gc._prepare_out(tmp_path)
+    assert (tmp_path / "keep.txt").exists()
+
+
+def test_main_replaces_an_earlier_check_and_returns_the_status(tmp_path):
+    out = tmp_path / "out"
+    assert gc.main(["--dry", "--out", str(out)], stages=[_stage("01-a", 30, ["true"])]) == 0
+    (out / "stale.txt").write_text("old")
+    assert gc.main(["--dry", "--out", str(out)], stages=[_stage("01-a", 30, ["false"])]) == 1
+    assert not (out / "stale.txt").exists()
