@@ -153,6 +153,7 @@ def test_no_guidance_rows_are_all_conditional():
         layer("uncond_ref", [0.6, 1.2], q, k, v, k_obj, v_obj, masks, c0=0)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("mode", MODES)
 def test_combination_through_the_kernels_matches_fp64(mode, device, triton_backend, poisoned, monkeypatch):
     """The Triton kernels (the interpreter on a CPU) in fp32: output, dq (both rows) and dc against
