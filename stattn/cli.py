@@ -6,7 +6,7 @@
     stattn generate --model DIR --prompts prompts.txt|prompts.jsonl --out runs/batch
     stattn generate --from-report out/report.json --out again/       # the same images again
     stattn bench micro --quick            # bench.micro's options; results in ./bench-results
-    stattn bench native --quick           # the native CPU kernels (also e2e, regulation, spacetime)
+    stattn bench native --quick           # the native CPU kernels (also e2e, regulation, spacetime, host)
     stattn profile --model tiny --prompt "..." --out prof/
     stattn doctor                         # backends available here, why not, versions
     stattn --version
@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 
 METHODS = ("none", "regulation", "spacetime")
-BENCH_SUITES = ("micro", "e2e", "native", "regulation", "spacetime")  # modules of stattn.bench
+BENCH_SUITES = ("micro", "e2e", "native", "regulation", "spacetime", "host")  # modules of stattn.bench
 BENCH_OUT = "bench-results"  # `stattn bench`'s default --out, under the current directory
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # the files a `generate` run writes (--overwrite removes an earlier run's), and its temporaries
@@ -142,7 +142,7 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="write into a non-empty --out: an earlier "
                    "run's image_*.png, attention_*.png and report.json there are removed first")
     b = sub.add_parser("bench", help="benchmarks: micro (the op), e2e (whole generations), native (the C++ "
-                       "CPU kernels), regulation, spacetime", description="results (.json, .md) go to "
+                       "CPU kernels), regulation, spacetime, host (per-call and per-step cost vs stock)", description="results (.json, .md) go to "
                        f"--out DIR, default ./{BENCH_OUT} (under the current directory)")
     b.add_argument("suite", choices=BENCH_SUITES)
     b.add_argument("args", nargs=argparse.REMAINDER, help="options of python -m bench.<suite>")

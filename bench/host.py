@@ -1,0 +1,200 @@
+"""Host cost: is the drop-in ever slower than stock? Per call and per step, side by side in one run.
+
+Three tables, every comparison interleaved call by call (the shared machine's slow spells hit both
+alike), medians (p20/p80 kept) of many repeats, one torch thread by default:
+
+- op: ``stattn.region_attention`` (R = 1, the plain path) against
+  ``torch.nn.functional.scaled_dot_product_attention`` at host-bound shapes (M = 16 .. 256 queries,
+  D = 40 / 64 / 160, B = 2, H = 8, N = 77), under ``torch.no_grad()`` and with autograd enabled (no
+  input requiring grad: what a pipeline call outside ``no_grad`` does). Target: ratio <= 1.0.
+- processor: one diffusers ``Attention`` layer at every SD 1.5 (512 px) and SDXL (1024 px)
+  cross-attention shape, ``AttnProcessor2_0`` against stattn's fused processor
+  (``StattnAttnProcessor``), the same context at every call as in a generation (stattn's K/V cache then
+  serves it). Target: ratio <= 1.00.
+- step: the denoising step of a whole pipeline call (``callback_on_step_end`` timestamps; the first
+  step dropped), the stock pipeline against the same pipeline after ``stattn.accelerate``, for the
+  tiny model and (unless --quick) SD 1.5's architecture with random weights at 256 px. Target <= 1.00.
+
+    python -m bench.host [--quick] [--threads 1] [--repeats 30] [--min-time 1] [--out bench/results]
+    stattn bench host [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import stattn
+from stattn import models
+from stattn.processors import StattnAttnProcessor
+
+from .env import REPO, machine, provenance, publish
+from .native import _paired, _timed
+
+B, H, N = 2, 8, 77
+HOST_M = (16, 64, 256)
+HOST_D = (40, 64, 160)
+# (model, M, query dim, heads, head dim, context dim): every cross-attention shape of the UNet
+SD15 = [("sd15", 4096, 320, 8, 40, 768), ("sd15", 1024, 640, 8, 80, 768), ("sd15", 256, 1280, 8, 160, 768),
+        ("sd15", 64, 1280, 8, 160, 768)]
+SDXL = [("sdxl", 4096, 640, 10, 64, 2048), ("sdxl", 1024, 1280, 20, 64, 2048)]
+PROMPT = "a photo of a cat and a frog"
+TOL = 1e-4          # fp32: the compared paths agree to rounding (checked before timing)
+
+
+def _gate(what: str, err: float) -> float:
+    if not err <= TOL:
+        raise AssertionError(f"{what}: stattn and stock differ by {err:g} (> {TOL:g}); not timing a wrong result")
+    return err
+
+
+def op_case(M: int, D: int, grad: bool, repeats: int, min_s: float) -> dict:
+    g = torch.Generator().manual_seed(M * 1000 + D)
+    q = torch.randn(B, H, M, D, generator=g)
+    k, v = (torch.randn(B, 1, H, N, D, generator=g) for _ in range(2))
+    ks, vs = k[:, 0], v[:, 0]
+
+    def ours():
+        return stattn.region_attention(q, k, v)
+
+    def sdpa():
+        return F.scaled_dot_product_attention(q, ks, vs)
+
+    err = _gate(f"op M={M} D={D}", float((ours() - sdpa()).abs().max()))
+    with torch.set_grad_enabled(grad):
+        t = _timed({"stattn": ours, "sdpa": sdpa}, repeats, min_s)
+    return {"M": M, "D": D, "autograd": grad, "max_abs_diff": err, "stattn_us": t["stattn"]["median"] * 1e3,
+            "sdpa_us": t["sdpa"]["median"] * 1e3, "ratio": t["stattn"]["median"] / t["sdpa"]["median"],
+            "ratio_paired": _paired(t["stattn"], t["sdpa"]), "n": t["stattn"]["n"],
+            "stattn": _drop_times(t["stattn"]), "sdpa": _drop_times(t["sdpa"])}
+
+
+def processor_case(model: str, M: int, C: int, heads: int, D: int, Cx: int, repeats: int, min_s: float) -> dict:
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    with torch.random.fork_rng():
+        torch.manual_seed(M + C)
+        attn = Attention(query_dim=C, cross_attention_dim=Cx, heads=heads, dim_head=D).eval()
+    x = torch.randn(B, M, C)
+    ctx = torch.randn(B, N, Cx)
+    stock, fused = AttnProcessor2_0(), StattnAttnProcessor()
+
+    def run(proc):
+        return lambda: proc(attn, x, encoder_hidden_states=ctx)
+
+    with torch.no_grad():
+        err = _gate(f"processor {model} M={M}", float((run(stock)() - run(fused)()).abs().max()))
+        t = _timed({"stattn": run(fused), "stock": run(stock)}, repeats, min_s)
+    return {"model": model, "M": M, "C": C, "heads": heads, "D": D, "context_dim": Cx, "max_abs_diff": err,
+            "stattn_ms": t["stattn"]["median"], "stock_ms": t["stock"]["median"],
+            "ratio": t["stattn"]["median"] / t["stock"]["median"], "ratio_paired": _paired(t["stattn"], t["stock"]),
+            "n": t["stattn"]["n"], "stattn": _drop_times(t["stattn"]), "stock": _drop_times(t["stock"])}
+
+
+def step_case(name: str, pipe, size: int, steps: int, runs: int) -> dict:
+    """Per-step wall times of whole pipeline calls, stock and accelerated alternately."""
+    times: dict = {"stock": [], "stattn": []}
+
+    def call(accelerated: bool) -> list:
+        (stattn.accelerate if accelerated else stattn.restore)(pipe)
+        stamps = []
+
+        def stamp(p, i, t, kw):
+            stamps.append(time.perf_counter())
+            return kw
+
+        pipe(PROMPT, num_inference_steps=steps, height=size, width=size, output_type="latent",
+             generator=torch.Generator().manual_seed(0), callback_on_step_end=stamp)
+        return [b - a for a, b in zip(stamps, stamps[1:])]   # step 0 (its warm-up) dropped
+
+    pipe.set_progress_bar_config(disable=True)
+    call(False), call(True)                                   # warm-up both
+    for i in range(runs):
+        for which in (("stock", "stattn") if i % 2 == 0 else ("stattn", "stock")):
+            times[which] += [s * 1e3 for s in call(which == "stattn")]
+    stattn.restore(pipe)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"model": name, "size": size, "steps": steps, "runs": runs, "stock_ms": med["stock"],
+            "stattn_ms": med["stattn"], "ratio": med["stattn"] / med["stock"], "n": len(times["stock"])}
+
+
+def _drop_times(t: dict) -> dict:
+    return {k: v for k, v in t.items() if k != "times_ms"}
+
+
+def markdown(result: dict) -> str:
+    env = result["environment"]
+    lines = [f"# Host cost: stattn vs stock ({env['device_name']}, {result['threads']} thread(s), fp32)", "",
+             f"{provenance(env)}. Medians of interleaved repeats; ratio = stattn / stock (target <= 1.00); "
+             "paired = median of the per-repeat ratios.", "",
+             "## The op (R = 1) vs SDPA at host-bound shapes (B = 2, H = 8, N = 77)", "",
+             "| M | D | autograd | stattn µs | SDPA µs | ratio | paired | n |", "|---|---|---|---|---|---|---|---|"]
+    for r in result["op"]:
+        lines.append(f"| {r['M']} | {r['D']} | {'on' if r['autograd'] else 'no_grad'} | {r['stattn_us']:.1f} | "
+                     f"{r['sdpa_us']:.1f} | {r['ratio']:.2f} | {r['ratio_paired']:.2f} | {r['n']} |")
+    lines += ["", "## One cross-attention layer: stattn's processor vs AttnProcessor2_0 (B = 2, no_grad)", "",
+              "| model | M | C | heads × D | stattn ms | stock ms | ratio | paired | n |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["processor"]:
+        lines.append(f"| {r['model']} | {r['M']} | {r['C']} | {r['heads']} × {r['D']} | {r['stattn_ms']:.3f} | "
+                     f"{r['stock_ms']:.3f} | {r['ratio']:.2f} | {r['ratio_paired']:.2f} | {r['n']} |")
+    lines += ["", "## Denoising step of a pipeline call: stock vs `stattn.accelerate(pipe)`", "",
+              "| model | px | stattn ms | stock ms | ratio | steps timed |", "|---|---|---|---|---|---|"]
+    for r in result["step"]:
+        lines.append(f"| {r['model']} | {r['size']} | {r['stattn_ms']:.2f} | {r['stock_ms']:.2f} | {r['ratio']:.2f} | "
+                     f"{r['n']} |")
+    worst = max([r["ratio"] for r in result["op"] + result["processor"] + result["step"]])
+    lines += ["", f"Worst ratio: {worst:.2f} ({'every cell within' if worst <= 1.0 else 'over'} the 1.00 target).", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.host", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="M = 16 / 256, D = 64, the SD 1.5 processor shapes, "
+                   "the tiny model's steps only")
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--min-time", type=float, default=1.0, metavar="S",
+                   help="more repeats where fewer would take under S seconds per timed pair")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for every timed call")
+    p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
+    Ms, Ds = ((16, 256), (64,)) if args.quick else (HOST_M, HOST_D)
+    op = []
+    for grad in (False, True):
+        for M in Ms:
+            for D in Ds:
+                op.append(op_case(M, D, grad, args.repeats, args.min_time))
+                r = op[-1]
+                print(f"op M={M} D={D} autograd={grad}: {r['stattn_us']:.1f} vs {r['sdpa_us']:.1f} µs "
+                      f"({r['ratio']:.2f}x)", flush=True)
+    proc = []
+    for shape in (SD15 if args.quick else SD15 + SDXL):
+        proc.append(processor_case(*shape, max(5, args.repeats // 3), args.min_time))
+        r = proc[-1]
+        print(f"processor {r['model']} M={r['M']}: {r['stattn_ms']:.3f} vs {r['stock_ms']:.3f} ms "
+              f"({r['ratio']:.2f}x)", flush=True)
+    step = [step_case("tiny", models.tiny(), 64, 10, 5)]
+    print(f"step tiny: {step[-1]['stattn_ms']:.2f} vs {step[-1]['stock_ms']:.2f} ms ({step[-1]['ratio']:.2f}x)",
+          flush=True)
+    if not args.quick:
+        step.append(step_case("sd15", models.full("sd15", dtype=torch.float32), 256, 4, 3))
+        print(f"step sd15 256px: {step[-1]['stattn_ms']:.1f} vs {step[-1]['stock_ms']:.1f} ms "
+              f"({step[-1]['ratio']:.2f}x)", flush=True)
+    result = {"environment": machine("cpu"), "threads": args.threads, "repeats": args.repeats,
+              "min_time_s": args.min_time, "dtype": "float32", "quick": args.quick,
+              "load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in os.getloadavg()],
+              "op": op, "processor": proc, "step": step}
+    publish(result, args.out, "host", markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

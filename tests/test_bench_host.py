@@ -1,0 +1,40 @@
+"""bench.host's measured pairs compute the same thing (the gate before timing), at tiny sizes."""
+import pytest
+import torch
+
+from stattn import models
+from stattn.bench import host
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_op_case_compares_equal_results(grad):
+    r = host.op_case(16, 40, grad, repeats=2, min_s=0.0)
+    assert r["max_abs_diff"] <= host.TOL and r["n"] >= 2 and r["ratio"] > 0
+
+
+def test_processor_case_compares_equal_results():
+    r = host.processor_case("tiny", 64, 32, 2, 16, 24, repeats=2, min_s=0.0)
+    assert r["max_abs_diff"] <= host.TOL and r["stock_ms"] > 0
+
+
+def test_step_case_restores_the_stock_processors():
+    pipe = models.tiny()
+    before = {n: type(p) for n, p in pipe.unet.attn_processors.items()}
+    r = host.step_case("tiny", pipe, 64, steps=3, runs=1)
+    assert r["n"] >= 2 and {n: type(p) for n, p in pipe.unet.attn_processors.items()} == before
+
+
+def test_the_gate_refuses_to_time_a_wrong_result():
+    with pytest.raises(AssertionError, match="not timing a wrong result"):
+        host._gate("x", 1.0)
+    with pytest.raises(AssertionError):
+        host._gate("x", float("nan"))
+
+
+def test_markdown_states_the_worst_ratio():
+    env = {"device_name": "cpu", "git": {"commit": "abc"}, "torch": "t", "triton": "t"}
+    op = dict(M=16, D=40, autograd=False, stattn_us=1.0, sdpa_us=2.0, ratio=0.5, ratio_paired=0.5, n=3)
+    proc = dict(model="sd15", M=64, C=32, heads=2, D=16, stattn_ms=1.0, stock_ms=1.0, ratio=1.0, ratio_paired=1.0, n=3)
+    step = dict(model="tiny", size=64, stattn_ms=1.1, stock_ms=1.0, ratio=1.1, n=3)
+    text = host.markdown({"environment": env, "threads": 1, "op": [op], "processor": [proc], "step": [step]})
+    assert "Worst ratio: 1.10 (over the 1.00 target)" in text
