@@ -144,6 +144,12 @@ def test_commit_from_git(tmp_path):
     assert gc.commit_of(tmp_path) == {"commit": git("rev-parse", "HEAD"), "source": "git", "dirty": False}
 
 
+def test_gpu_budgets_fit_eight_minutes_and_the_dry_run_gets_loose_ones():
+    assert sum(s.budget_s for s in gc.default_stages()) <= gc.DEFAULT_BUDGET_S["gpu"] <= 480
+    assert {s.budget_s for s in gc.default_stages(dry=True)} == {gc.DRY_STAGE_BUDGET_S}
+    assert [s.name for s in gc.default_stages(dry=True)] == [s.name for s in gc.default_stages()]
+
+
 def test_gpu_tests_are_selected_by_their_marker():
     files = gc.gpu_test_files()
     assert "tests/test_kernels.py" in files and "tests/test_runner.py" in files
