@@ -66,7 +66,8 @@ def capture(p: Problem):
     """The launches of one forward and one full backward of problem p, as (kernel, args, meta)."""
     meta = dict(device="meta")
     side = int(round(p.M ** 0.5))
-    q = torch.empty(p.B, p.H, p.M, p.D, dtype=p.dtype, **meta)
+    # q as the processors pass it: a view of to_q's [B, M, H * D] output (rows H * D apart)
+    q = torch.empty(p.B, p.M, p.H, p.D, dtype=p.dtype, **meta).transpose(1, 2)
     k = torch.empty(p.B, p.R, p.H, p.N, p.D, dtype=p.dtype, **meta)
     w = torch.empty(p.B, p.R, dtype=torch.float32, **meta)
     masks = torch.empty(p.B, p.R, p.M, dtype=torch.float32, **meta)
