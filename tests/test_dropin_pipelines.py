@@ -89,3 +89,25 @@ def test_accelerate_equals_the_stock_pipeline(name):
         after = pipe.unet.attn_processors
         assert after.keys() == before.keys()
         assert all(after[k] is before[k] for k in before)
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind, dtype", [("sd", torch.float32), ("sd", torch.float16), ("sdxl", torch.float16)])
+def test_accelerate_equals_stock_on_the_device(kind, dtype):
+    """The drop-in on this machine's device (the GPU check runs it on CUDA: Triton kernels), fp16
+    included where the device computes it (CPU: fp32 only; fp16 cases then run in fp32)."""
+    dtype = dtype if DEVICE == "cuda" else torch.float32
+    pipe = models.tiny(0, kind, dtype=dtype, device=DEVICE)
+    kw = dict(num_inference_steps=3, output_type="np")
+    gen = lambda: torch.Generator(DEVICE).manual_seed(0)     # noqa: E731
+    stock = pipe(PROMPT, generator=gen(), **kw).images
+    stattn.accelerate(pipe)
+    got = pipe(PROMPT, generator=gen(), **kw).images
+    st = status(pipe)
+    stattn.restore(pipe)
+    # fp16: both paths round the attention output to fp16 (2^-11 relative) and differ in summation order
+    tol = ATOL if dtype == torch.float32 else 2e-2
+    assert abs(got - stock).max() <= tol and st.fused_calls > 0 and not st.left, (kind, dtype, st)

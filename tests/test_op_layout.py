@@ -178,6 +178,7 @@ def test_layout_values_and_gradients(layouts, dtype, backend):
         assert rel_err(g, want_grads[name]) < tol * GRAD_TOL_FACTOR, name
 
 
+@pytest.mark.gpu
 def test_q_layouts_agree(backend):
     """A [B, M, H, D]-ordered q and a contiguous one: the same result (to the dtype's tolerance:
     the two may take different BLAS paths) and the same output strides."""
@@ -209,6 +210,7 @@ def test_single_pixel_and_single_head(backend):
 
 # ------------------------------------------------------------------------- the processor path
 
+@pytest.mark.gpu
 def test_processor_hidden_states_are_a_view_of_the_op_output(backend, monkeypatch):
     """StattnAttnProcessor: the op gets to_q's output as a view (no copy of q) and to_out gets a view
     of the op's output (no copy of o), and the result equals the stock processor's."""
