@@ -49,7 +49,26 @@ def check_tensor(name: str, t, dim: int, layout: str) -> None:
         raise ValueError(f"{name} must have shape {layout}, got {_shape(t)}")
 
 
+_CHECKED_QKV: dict = {}
+
+
 def check_qkv(q, k, v):
+    """(B, H, M, D, R, N) of valid q, k, v; the checks depend only on their shapes, dtypes and
+    devices, so a combination seen before is looked up (a pipeline repeats a few per layer)."""
+    try:
+        key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device)
+    except AttributeError:            # not tensors: _check_qkv names the argument
+        return _check_qkv(q, k, v)
+    dims = _CHECKED_QKV.get(key)
+    if dims is None:
+        dims = _check_qkv(q, k, v)
+        if len(_CHECKED_QKV) >= 1024:
+            _CHECKED_QKV.clear()
+        _CHECKED_QKV[key] = dims
+    return dims
+
+
+def _check_qkv(q, k, v):
     check_tensor("q", q, 4, "[B, H, M, D]")
     check_tensor("k", k, 5, "[B, R, H, N, D]")
     check_tensor("v", v, 5, "[B, R, H, N, D]")
@@ -72,10 +91,30 @@ def check_qkv(q, k, v):
     return B, H, M, D, R, N
 
 
+_ONES: dict = {}
+
+
+def _ones(shape: tuple, device) -> torch.Tensor:
+    """A float32 one expanded to ``shape`` (the default masks / weights), made once per shape and
+    device outside CUDA-graph capture and torch.compile (a call's allocation is then saved: these
+    are read-only inputs of the op)."""
+    if torch.compiler.is_compiling():
+        return torch.ones((), device=device, dtype=torch.float32).expand(shape)
+    key = (shape, device, torch.is_inference_mode_enabled())   # an inference tensor cannot be saved for backward
+    t = _ONES.get(key)
+    if t is None:
+        t = torch.ones((), device=device, dtype=torch.float32).expand(shape)
+        if not (t.is_cuda and torch.cuda.is_current_stream_capturing()):
+            if len(_ONES) >= 256:
+                _ONES.clear()
+            _ONES[key] = t
+    return t
+
+
 def region_masks(masks, B: int, R: int, M: int, device) -> torch.Tensor:
     """masks [R, M] or [B, R, M] (bool or float) -> float32 [B, R, M] (a view where possible)."""
     if masks is None:
-        return torch.ones((), device=device, dtype=torch.float32).expand(B, R, M)
+        return _ones((B, R, M), device)
     if not isinstance(masks, torch.Tensor):
         raise TypeError(f"masks must be a tensor of shape [R, M] or [B, R, M], got {type(masks).__name__}")
     if masks.dim() == 2:
@@ -98,7 +137,7 @@ def region_masks(masks, B: int, R: int, M: int, device) -> torch.Tensor:
 def region_weights(weights, B: int, R: int, device) -> torch.Tensor:
     """region_weights [R] or [B, R] -> float32 [B, R]."""
     if weights is None:
-        return torch.ones((), device=device, dtype=torch.float32).expand(B, R)
+        return _ones((B, R), device)
     if not isinstance(weights, torch.Tensor):
         raise TypeError(f"region_weights must be a tensor of shape [R] or [B, R], got {type(weights).__name__}")
     if weights.dim() == 1:
@@ -197,6 +236,8 @@ def check_offset(offset, B: int, H: int, M: int, N: int, device, n_first=None) -
 def check_op_indices(tokens, pin, lengths, B: int, R: int, T: int, N: int) -> None:
     """Shapes of the custom ops' index arguments (no value reads): tokens int32 [T] or [B, T], pin
     int32 flags [N] or [B, N], lengths int32 [R]: what the kernels index by (b, t), (b, n) and r."""
+    if tokens is None and pin is None and lengths is None:
+        return
     for name, t, (dim, size), per_row in (("tokens", tokens, ("T", T), True), ("pin", pin, ("N", N), True),
                                           ("lengths", lengths, ("R", R), False)):
         if t is None:

@@ -50,11 +50,16 @@ def _in_output_layout(x: Tensor, like: Tensor) -> Tensor:
     return empty_output(like).copy_(x)
 
 
+_BACKEND_CHOICES = {c: c for c in ("auto", "triton", "reference", "native")}   # STATTN_BACKEND as written
+
+
 def backend_for(t: Tensor) -> str:
     """'triton', 'native' or 'reference': which implementation runs for tensors like ``t``."""
-    choice = os.environ.get("STATTN_BACKEND", "auto").lower()
-    if choice not in ("auto", "triton", "reference", "native"):
-        raise ValueError(f"STATTN_BACKEND must be auto, triton, native or reference, got {choice!r}")
+    choice = _BACKEND_CHOICES.get(os.environ.get("STATTN_BACKEND", "auto"))
+    if choice is None:
+        choice = os.environ["STATTN_BACKEND"].lower()
+        if choice not in ("auto", "triton", "reference", "native"):
+            raise ValueError(f"STATTN_BACKEND must be auto, triton, native or reference, got {choice!r}")
     if choice == "reference":
         return "reference"
     if t.is_cuda:
@@ -126,6 +131,13 @@ def _region_attention_op(q: Tensor, k: Tensor, v: Tensor, weights: Tensor, masks
     first product; else empty. Only the native CPU backend is asked for them (see _save_logits).
     tokens int32 [T] or [B, T] (per batch row), pin int32 flags [N] or [B, N], lengths int32 [R]
     (region r's valid keys; None: all N)."""
+    return _forward(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, save_logits, lengths)
+
+
+def _forward(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, save_logits, lengths,
+             lse_needed: bool = True):
+    """The forward on the backend for q: the custom op's body, and the direct path's
+    (lse_needed=False: the reference then skips its log-sum-exps, returned as None)."""
     _check_indices(q, k, theta, tokens, pin, lengths)
     backend = backend_for(q)
     if backend == "native":
@@ -136,9 +148,26 @@ def _region_attention_op(q: Tensor, k: Tensor, v: Tensor, weights: Tensor, masks
     else:
         off = _ref_offset(theta, tokens, gy, gx, pin)
         o = _in_output_layout(ref.region_attention(q, k, v, masks, weights, affine, off, scale, lengths), q)
-        lse = ref.region_lse(q, k, scale, off, lengths)
+        lse = ref.region_lse(q, k, scale, off, lengths) if lse_needed else None
     logits = _logits(q, k, scale, lengths) if save_logits else q.new_empty(0, dtype=ref.compute_dtype(q))
     return o, lse, logits
+
+
+def _direct(*tensors: Optional[Tensor]) -> bool:
+    """Whether region_attention may call the backend directly instead of through the
+    ``stattn::region_attention`` custom op, whose Python dispatch costs more than a small kernel
+    (tens of µs a call; the host-bound calls of a pipeline are mostly that). The result is the
+    same computation; what the custom op adds is needed only by autograd (an input requiring grad
+    under grad mode), by torch.compile / tracing, by a torch dispatch or function mode
+    (FakeTensorMode, FlopCounterMode, ...) and by the profiler (which then shows the op by name)."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or \
+            torch._C._is_torch_function_mode_enabled() or torch.autograd._profiler_enabled():
+        return False
+    if torch.is_grad_enabled():
+        for t in tensors:
+            if t is not None and t.requires_grad:
+                return False
+    return True
 
 
 @_region_attention_op.register_fake
@@ -313,7 +342,11 @@ def region_attention(q: Tensor, k: Tensor, v: Tensor, *, masks: Optional[Tensor]
         masks_f, weights_f = masks_f.double(), weights_f.double()
     elif theta is not None and theta.dtype == torch.float64:
         raise TypeError(f"offset.theta must be float32 for {q.dtype} inputs (float64 only with float64 q)")
+    lengths_t = _lengths_tensor(lengths, q.device)
+    if _direct(q, k, v, weights_f, masks_f, theta):
+        return _forward(q, k, v, weights_f, masks_f, affine, theta, tokens, gy, gx, pin, scale, False, lengths_t,
+                        lse_needed=False)[0]
     save = _save_logits(q, k, v, weights_f, masks_f, theta)
     o, _, _ = _region_attention_op(q, k, v, weights_f, masks_f, affine, theta, tokens, gy, gx, pin, scale, save,
-                                   _lengths_tensor(lengths, q.device))
+                                   lengths_t)
     return o
