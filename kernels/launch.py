@@ -6,6 +6,8 @@ tokens int32 [T] or [B, T] and pin int32 [N] or [B, N] (shared by the batch rows
 lengths None or int32 [R] (region r's valid keys). q and do are read with their strides; o and dq
 are written in [B, M, H, D] memory order (stattn.ops.empty_output: the kernels take o's / dq's strides).
 """
+import functools
+
 import torch
 import triton
 
@@ -47,7 +49,8 @@ def _empty_like(t):
     return _empty(t.shape, dtype=t.dtype, device=t.device)
 
 
-def block_config(M: int, N: int, D: int, Ky: int = 0, Kx: int = 0, plain: bool = True) -> dict:
+@functools.lru_cache(maxsize=1024)      # a pure function of ints, asked at every launch
+def _tiles(M: int, N: int, D: int, Ky: int, Kx: int, plain: bool) -> tuple:
     """Tile sizes, chosen from sm_90 compiles (python -m stattn.kernels.aot): 64-key tiles
     (N = 77 takes two) and 8 warps keep every variant free of register spills; one pipeline
     stage, since the key loop is short and more stages only multiply shared memory (D = 160
@@ -57,10 +60,15 @@ def block_config(M: int, N: int, D: int, Ky: int = 0, Kx: int = 0, plain: bool =
     BLOCK_N = max(16, min(64, triton.next_power_of_2(N)))
     BLOCK_M = 64 if plain and BLOCK_D <= 64 and M >= 2048 else 32
     BLOCK_M = max(16, min(BLOCK_M, triton.next_power_of_2(M)))
-    return dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-                KYP=max(16, triton.next_power_of_2(max(Ky, 1))),
-                KXP=max(16, triton.next_power_of_2(max(Kx, 1))),
-                num_warps=8, num_stages=1)
+    return tuple(dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+                      KYP=max(16, triton.next_power_of_2(max(Ky, 1))),
+                      KXP=max(16, triton.next_power_of_2(max(Kx, 1))),
+                      num_warps=8, num_stages=1).items())
+
+
+def block_config(M: int, N: int, D: int, Ky: int = 0, Kx: int = 0, plain: bool = True) -> dict:
+    """The launch meta-parameters of a problem (see _tiles; a new dict each call)."""
+    return dict(_tiles(M, N, D, Ky, Kx, plain))
 
 
 def _row_stride(t) -> int:
