@@ -179,3 +179,19 @@ def reference_run(case: Case, inp: dict, wrt=("q", "k", "v", "weights", "masks",
     got = torch.autograd.grad(out, [leaves[n] for n in wanted], do, allow_unused=True)
     # theta with no target token does not enter the output: its gradient is zero
     return out, {n: torch.zeros_like(leaves[n]) if g is None else g for n, g in zip(wanted, got)}
+
+
+def op_args(q_layout=lambda q: q, device="cpu") -> tuple:
+    """Small arguments of the stattn::region_attention custom op (R = 2, offset with pins, affine),
+    for opcheck and fake-tensor tests; ``q_layout`` maps the contiguous q to the layout under test."""
+    B, H, h, w, D, R, N = 2, 2, 3, 4, 8, 2, 11
+    g = torch.Generator().manual_seed(0)
+    q = q_layout(torch.randn(B, H, h * w, D, generator=g))
+    k, v = (torch.randn(B, R, H, N, D, generator=g) for _ in range(2))
+    gy, gx = stattn.gaussian_basis(h, w, sigma=1)
+    off = stattn.ScoreOffset(torch.randn(B, H, 2, gy.shape[1], gx.shape[1], generator=g), (1, 4), (gy, gx),
+                             pinned=(0,))
+    tokens, pin = off.device_tensors(N)
+    weights, masks = torch.rand(B, R, generator=g), torch.rand(B, R, h * w, generator=g)
+    args = (q, k, v, weights, masks, True, off.theta, tokens, gy, gx, pin, D ** -0.5)
+    return tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)

@@ -14,7 +14,7 @@ import torch
 import loop_oracle
 import stattn
 from stattn import native
-from helpers import GRAD_TOL_FACTOR, TOL, Case, make_inputs, reference_run, rel_err, run
+from helpers import GRAD_TOL_FACTOR, TOL, Case, make_inputs, op_args, reference_run, rel_err, run
 
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
 # bf16 has no CPU entry in helpers.TOL (the Triton interpreter has no bf16): the CUDA bound applies,
@@ -227,16 +227,7 @@ def test_native_gradcheck_fp64(native_backend):
 
 
 def _opcheck_args():
-    B, H, h, w, D, R, N = 2, 2, 3, 4, 8, 2, 11
-    g = torch.Generator().manual_seed(0)
-    q = torch.randn(B, H, h * w, D, generator=g)
-    k, v = (torch.randn(B, R, H, N, D, generator=g) for _ in range(2))
-    gy, gx = stattn.gaussian_basis(h, w, sigma=1)
-    off = stattn.ScoreOffset(torch.randn(B, H, 2, gy.shape[1], gx.shape[1], generator=g), (1, 4), (gy, gx),
-                             pinned=(0,))
-    tokens, pin = off.device_tensors(N)
-    weights, masks = torch.rand(B, R, generator=g), torch.rand(B, R, h * w, generator=g)
-    return (q, k, v, weights, masks, True, off.theta, tokens, gy, gx, pin, D ** -0.5)
+    return op_args()
 
 
 @pytest.mark.parametrize("save_logits", [False, True])

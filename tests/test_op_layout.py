@@ -15,7 +15,7 @@ import stattn
 from stattn import native, ops
 from stattn import reference as ref
 from stattn.processors import StattnAttnProcessor
-from helpers import GRAD_TOL_FACTOR, TOL, Case, make_inputs, rel_err
+from helpers import GRAD_TOL_FACTOR, TOL, Case, make_inputs, op_args, rel_err
 
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -245,17 +245,7 @@ def test_processor_hidden_states_are_a_view_of_the_op_output(backend, monkeypatc
 # ------------------------------------------------------------------------- fake tensors, opcheck
 
 def _op_args(q_layout):
-    B, H, h, w, D, R, N = 2, 2, 3, 4, 8, 2, 11
-    g = torch.Generator().manual_seed(0)
-    q = with_layout(torch.randn(B, H, h * w, D, generator=g), q_layout)
-    k, v = (torch.randn(B, R, H, N, D, generator=g) for _ in range(2))
-    gy, gx = stattn.gaussian_basis(h, w, sigma=1)
-    off = stattn.ScoreOffset(torch.randn(B, H, 2, gy.shape[1], gx.shape[1], generator=g), (1, 4), (gy, gx),
-                             pinned=(0,))
-    tokens, pin = off.device_tensors(N)
-    weights, masks = torch.rand(B, R, generator=g), torch.rand(B, R, h * w, generator=g)
-    args = (q, k, v, weights, masks, True, off.theta, tokens, gy, gx, pin, D ** -0.5)
-    return tuple(a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args)
+    return op_args(lambda q: with_layout(q, q_layout), DEVICE)
 
 
 @pytest.mark.parametrize("q_layout", ["bmhd", "bhmd"])
