@@ -1,0 +1,5 @@
+import sys
+
+from .cli import run_cli
+
+sys.exit(run_cli())
