@@ -39,13 +39,11 @@ def _native_ok():
     pytest.skip(f"native extension unavailable: {native._state.get('error')}")
 
 
-@pytest.fixture(params=["reference", "native", "triton"])
+@pytest.fixture
 def backend(request, monkeypatch):
-    """The op routed to one backend, its outputs NaN-poisoned before the call."""
+    """The op routed to one backend (indirect parameter), its outputs NaN-poisoned before the call."""
     name = request.param
     if name == "native":
-        if GPU:
-            pytest.skip("the native kernels run CPU tensors; this run's tensors are on the GPU")
         _native_ok()
         monkeypatch.setenv("STATTN_NATIVE_POISON", "1")
     if name == "triton":
@@ -69,6 +67,12 @@ def _dtypes(backend):
     if backend == "native":
         return (F32, F16, BF16, F64)
     return (F32, F64)
+
+
+# the backends this run's tensors can take (the native kernels run CPU tensors), and their dtypes
+BACKENDS = ["reference", "triton"] + ([] if GPU else ["native"])
+BACKEND_DTYPES = [(b, d) for b in BACKENDS for d in _dtypes(b)]
+on_each_backend = pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 
 
 def with_layout(x, layout):
@@ -156,11 +160,10 @@ def _case_id(c):
     return f"{name}-q_{ql}-do_{dl}"
 
 
-@pytest.mark.parametrize("dtype", [F32, F16, BF16, F64], ids=str)
+@pytest.mark.parametrize("backend, dtype", BACKEND_DTYPES, indirect=["backend"],
+                         ids=[f"{b}-{str(d).replace('torch.', '')}" for b, d in BACKEND_DTYPES])
 @pytest.mark.parametrize("layouts", CASES, ids=_case_id)
 def test_layout_values_and_gradients(layouts, dtype, backend):
-    if dtype not in _dtypes(backend):
-        pytest.skip(f"{backend} here takes {[str(d) for d in _dtypes(backend)]}")
     case, q_layout, do_layout = layouts
     inp = make_inputs(case, DEVICE, seed=2)
     q, o, grads = _op(case, inp, dtype, q_layout, do_layout)
@@ -179,6 +182,7 @@ def test_layout_values_and_gradients(layouts, dtype, backend):
 
 
 @pytest.mark.gpu
+@on_each_backend
 def test_q_layouts_agree(backend):
     """A [B, M, H, D]-ordered q and a contiguous one: the same result (to the dtype's tolerance:
     the two may take different BLAS paths) and the same output strides."""
@@ -193,6 +197,7 @@ def test_q_layouts_agree(backend):
         assert rel_err(g1[name], g2[name].double()) < tol * GRAD_TOL_FACTOR, name
 
 
+@on_each_backend
 def test_single_pixel_and_single_head(backend):
     """Size-1 dimensions (M = 1, H = 1): strides still those of [B, M, H, D] order."""
     case = Case(B=1, H=1, h=1, w=1, D=8, R=1, N=5, T=0)
@@ -211,6 +216,7 @@ def test_single_pixel_and_single_head(backend):
 # ------------------------------------------------------------------------- the processor path
 
 @pytest.mark.gpu
+@on_each_backend
 def test_processor_hidden_states_are_a_view_of_the_op_output(backend, monkeypatch):
     """StattnAttnProcessor: the op gets to_q's output as a view (no copy of q) and to_out gets a view
     of the op's output (no copy of o), and the result equals the stock processor's."""
@@ -249,6 +255,7 @@ def _op_args(q_layout):
 
 
 @pytest.mark.parametrize("q_layout", ["bmhd", "bhmd"])
+@on_each_backend
 def test_fake_strides_equal_real(q_layout, backend):
     """The register_fake implementations give the strides the backend gives (forward, backward)."""
     args = _op_args(q_layout)
@@ -266,6 +273,7 @@ def test_fake_strides_equal_real(q_layout, backend):
 
 
 @pytest.mark.parametrize("q_layout", ["bmhd", "bhmd"])
+@on_each_backend
 def test_opcheck(q_layout, backend, monkeypatch):
     """torch.library.opcheck (schema, autograd registration, fake tensors, AOT dispatch with dynamic
     shapes) of both custom ops with the new strides."""
