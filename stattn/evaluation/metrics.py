@@ -119,17 +119,25 @@ def relation_holds(box_a: Sequence[float], box_b: Sequence[float], relation: str
 
 
 class Detector:
-    """Open-vocabulary detection with a local OWLv2 / OWL-ViT directory (model + processor)."""
+    """Open-vocabulary detection with a local OWLv2 / OWL-ViT directory (model + processor), or a
+    (model, processor) pair."""
 
-    def __init__(self, folder, threshold: float = DEFAULT_THRESHOLD):
+    def __init__(self, source, threshold: float = DEFAULT_THRESHOLD, name: Optional[str] = None):
         import transformers
 
-        kind = check_detector_dir(folder)
-        model_cls, proc_cls = {"owlv2": ("Owlv2ForObjectDetection", "Owlv2Processor"),
-                               "owlvit": ("OwlViTForObjectDetection", "OwlViTProcessor")}[kind]
-        self.model = getattr(transformers, model_cls).from_pretrained(folder, local_files_only=True).eval()
-        self.processor = getattr(transformers, proc_cls).from_pretrained(folder, local_files_only=True)
-        self.name, self.kind, self.threshold = os.fspath(folder), kind, float(threshold)
+        if isinstance(source, (tuple, list)):
+            self.model, self.processor = source
+            kind = self.model.config.model_type
+            if kind not in DETECTOR_TYPES:
+                raise ValueError(f"detector: a {kind!r} model; expected one of {', '.join(DETECTOR_TYPES)}")
+        else:
+            kind = check_detector_dir(source)
+            model_cls, proc_cls = {"owlv2": ("Owlv2ForObjectDetection", "Owlv2Processor"),
+                                   "owlvit": ("OwlViTForObjectDetection", "OwlViTProcessor")}[kind]
+            self.model = getattr(transformers, model_cls).from_pretrained(source, local_files_only=True).eval()
+            self.processor = getattr(transformers, proc_cls).from_pretrained(source, local_files_only=True)
+        self.name = name or (os.fspath(source) if not isinstance(source, (tuple, list)) else "given model")
+        self.kind, self.threshold = kind, float(threshold)
 
     @torch.no_grad()
     def detect(self, image, names: Sequence[str]) -> list:

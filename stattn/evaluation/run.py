@@ -75,16 +75,16 @@ class Scorer:
     """The metric models of the run (loaded once per process)."""
 
     def __init__(self, clip: Optional[str], detector: Optional[str], threshold: float):
+        from .. import models
         from . import metrics, tiny
 
         self.clip = self.detector = None
-        if clip is not None:
-            source = tiny.save_clip(_tmp("clip")) if clip == "tiny" else clip
-            self.clip = metrics.Clip(source, name="tiny (random weights)" if clip == "tiny" else os.path.abspath(clip))
+        if clip is not None:     # tiny: built in memory (every process the same, nothing saved)
+            self.clip = (metrics.Clip(models.tiny_clip(), name="tiny (random weights)") if clip == "tiny"
+                         else metrics.Clip(clip, name=os.path.abspath(clip)))
         if detector is not None:
-            source = tiny.save_detector(_tmp("owlv2")) if detector == "tiny" else detector
-            self.detector = metrics.Detector(source, threshold)
-            self.detector.name = "tiny OWLv2 (random weights)" if detector == "tiny" else os.path.abspath(detector)
+            self.detector = (metrics.Detector(tiny.detector(), threshold, name="tiny OWLv2 (random weights)")
+                             if detector == "tiny" else metrics.Detector(detector, threshold, os.path.abspath(detector)))
 
     def __call__(self, image, prompt) -> dict:
         out = {}
@@ -101,12 +101,6 @@ class Scorer:
         if self.detector is not None:
             out["detector"] = f"{self.detector.name} ({self.detector.kind}, threshold {self.detector.threshold})"
         return out
-
-
-def _tmp(name: str) -> Path:
-    import tempfile
-
-    return Path(tempfile.mkdtemp(prefix=f"stattn-eval-{name}-"))
 
 
 def _peak_reset(device: torch.device) -> None:

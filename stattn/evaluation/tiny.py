@@ -21,9 +21,9 @@ def save_clip(folder, seed: int = 0) -> Path:
     return folder
 
 
-def save_detector(folder, kind: str = "owlv2", seed: int = 0, image_size: int = 64) -> Path:
-    """A random OWLv2 (kind "owlv2") or OWL-ViT ("owlvit") detector on the
-    shipped CLIP tokenizer, with its processor."""
+def detector(kind: str = "owlv2", seed: int = 0, image_size: int = 64) -> tuple:
+    """A random OWLv2 (kind "owlv2") or OWL-ViT ("owlvit") detector on the shipped CLIP
+    tokenizer, and its processor."""
     import transformers
 
     from .. import models
@@ -42,7 +42,12 @@ def save_detector(folder, kind: str = "owlv2", seed: int = 0, image_size: int = 
         model = model_cls(config_cls(text_config=text, vision_config=vision, projection_dim=32)).eval()
     size = {"height": image_size, "width": image_size}
     extra = {} if kind == "owlv2" else {"crop_size": size, "do_center_crop": False}
-    processor = proc_cls(image_processor=image_cls(size=size, **extra), tokenizer=tok)
+    return model, proc_cls(image_processor=image_cls(size=size, **extra), tokenizer=tok)
+
+
+def save_detector(folder, kind: str = "owlv2", seed: int = 0, image_size: int = 64) -> Path:
+    """detector() saved: a transformers OWLv2 / OWL-ViT directory with its processor."""
+    model, processor = detector(kind, seed, image_size)
     folder = Path(folder)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
