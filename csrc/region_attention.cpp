@@ -545,24 +545,30 @@ void forward_kernel(const Problem<acc_t>& p, const Tensor& q, Tensor& o, Tensor&
   const int64_t nblk = (p.M + kBlockM - 1) / kBlockM;
   const int64_t Np = p.Np, D = p.D, T = p.T, L = p.R + p.has_pin, RN = p.R * Np;
   float* lse_p = lse.data_ptr<float>();
+  // One region and one block per head (M <= kBlockM: the host-bound calls): the transposed pack
+  // would serve a single product, so the logits take the keys in place as a transposed operand.
+  const bool keys_in_place = p.R == 1 && nblk == 1;
   at::parallel_for(0, p.B * p.H * nblk, 1, [&](int64_t begin, int64_t end) {
     TaskScope<acc_t> scope;
     constexpr bool in_place = std::is_same_v<in_t, acc_t>;  // o written by its product directly
     Scratch<acc_t> qb(kBlockM * D), ob(in_place ? 0 : kBlockM * D), z(kBlockM * RN), work(Np + kBlockM * (7 + T)),
-        al(kBlockM), S(kBlockM * T), A(T * p.Ky * p.W), kh(RN * D);
+        al(kBlockM), S(kBlockM * T), A(T * p.Ky * p.W), kh(keys_in_place ? 0 : RN * D);
     int64_t cur_bh = -1;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / nblk, b = bh / p.H, h = bh % p.H;
       const int64_t m0 = (task % nblk) * kBlockM, rows = std::min(kBlockM, p.M - m0);
       if (bh != cur_bh) {
-        pack_head_t(p, p.k, b, h, kh.data());
+        if (!keys_in_place) pack_head_t(p, p.k, b, h, kh.data());
         if (T > 0) offset_half(p, b, h, A.data());
         cur_bh = bh;
       }
       int64_t ldq, ldo;
       const acc_t* qrows = block_rows<in_t, acc_t>(q, b, h, m0, rows, qb.data(), ldq);
       if (T > 0) block_offset(p, A.data(), m0, rows, S.data());
-      gemm(false, false, RN, rows, D, p.scale, kh.data(), RN, qrows, ldq, acc_t(0), z.data(), RN);
+      if (keys_in_place)  // z[:, :len] = scale q K^T (K [N, D] row-major); set_pad_logits fills the rest
+        gemm(true, false, p.len[0], rows, D, p.scale, p.head(p.k, b, 0, h), D, qrows, ldq, acc_t(0), z.data(), RN);
+      else
+        gemm(false, false, RN, rows, D, p.scale, kh.data(), RN, qrows, ldq, acc_t(0), z.data(), RN);
       set_pad_logits(p, rows, z.data());
       if (logits) save_logits_block(p, z.data(), rows, logits + ((b * p.H + h) * p.M + m0) * p.R * p.N);
       for (int64_t r = 0; r < p.R; ++r) {
