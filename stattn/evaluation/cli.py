@@ -164,7 +164,6 @@ def _state(device: Optional[str]):
 
 
 def evaluate(args) -> int:
-    from . import prompts as P  # noqa: F401  (the sets' errors come from check)
     from . import records as rec
     from . import run as R
     from . import summary

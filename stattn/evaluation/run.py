@@ -151,7 +151,8 @@ def run(args, prompts: list, settings: dict, state, runner, scorer: Scorer, log=
                        "layout": g.prompt.layout, "method_settings": controller.settings() if controller else None,
                        "image": str(name), "generate_ms": ms, "total_ms": result.total_ms,
                        "step_ms_median": result.report()["step_ms_median"], "peak_bytes": peak,
-                       "scores": scorer(image, g.prompt), "process": state.process_index, "stattn": __version__})
+                       "finished_at": time.time(), "scores": scorer(image, g.prompt),
+                       "process": state.process_index, "stattn": __version__})
                 n += 1
             _write_grid(out, h, g, args.methods)
             log(f"[{state.process_index}] {stem(g)}: {g.prompt.text!r} done")
