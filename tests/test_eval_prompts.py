@@ -1,4 +1,5 @@
 """stattn eval's prompt sets (counts, contents, determinism) and its --prompts errors."""
+import argparse
 import itertools
 import json
 
@@ -78,3 +79,20 @@ def test_errors(tmp_path):
     twice.write_text("a cat\na cat\n")
     with pytest.raises(UsageError, match="given twice"):
         P.load(str(twice))
+
+
+def test_every_shipped_prompt_resolves_for_every_method():
+    """Each shipped prompt's targets are found in it as the pipeline's tokenizer splits it, and
+    spacetime places its objects (what `stattn eval` checks before any image)."""
+    from stattn import cli
+    from stattn.evaluation import run as R
+    from stattn.runner import Runner
+
+    runner = Runner.from_pretrained("tiny", device="cpu")
+    args = argparse.Namespace(method=None, spacetime_mode="same_branch", steps=2, optimize=False, clip=None)
+    prompts = P.load("ae,spatial")
+    assert len(prompts) == 376
+    for method in cli.METHODS:
+        margs = R.method_args(args, method)
+        for g in R.groups(prompts, [0]):
+            cli._resolve(runner, margs, R.item(g))

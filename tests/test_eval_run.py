@@ -168,3 +168,20 @@ def test_sigkill_then_resume_equals_uninterrupted(baseline, prompts, tmp_path):
     assert run_cli(_args(prompts, out)) == 0
     assert len(R.read([rank0])) == 12          # the finished ones were not redone
     _same_run(baseline, out)
+
+
+def test_spacetime_on_the_spatial_set_and_a_line_seed(tmp_path):
+    out = tmp_path / "st"
+    argv = ["--model", "tiny", "--prompts", "spatial", "--limit", "1", "--seeds", "0", "--methods", "none,spacetime",
+            "--steps", "2", "--clip", "tiny", "--device", "cpu", "--quiet", "--out", out]
+    assert run_cli(argv) == 0
+    none, st = _records(out)
+    assert st["method"] == "spacetime" and st["relation"][1] in ("left", "right", "above", "below")
+    assert json.dumps(st["targets"][0]) in json.dumps(st["method_settings"])     # the targets are its objects
+    assert st["seed"] == none["seed"] == 0 and "detected" not in st["scores"]
+    seeded = tmp_path / "seeded.jsonl"
+    seeded.write_text(json.dumps({"prompt": "a cat and a dog", "seed": 5}) + "\n")
+    out2 = tmp_path / "seeded"
+    assert run_cli(["--model", "tiny", "--prompts", seeded, "--seeds", "0-2", "--methods", "none", "--steps", "1",
+                    "--device", "cpu", "--quiet", "--out", out2]) == 0
+    assert [r["seed"] for r in _records(out2)] == [5]
