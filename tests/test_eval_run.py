@@ -185,3 +185,17 @@ def test_spacetime_on_the_spatial_set_and_a_line_seed(tmp_path):
     assert run_cli(["--model", "tiny", "--prompts", seeded, "--seeds", "0-2", "--methods", "none", "--steps", "1",
                     "--device", "cpu", "--quiet", "--out", out2]) == 0
     assert [r["seed"] for r in _records(out2)] == [5]
+
+
+def test_add_parser_wires_eval_into_a_stattn_parser(tmp_path, capsys):
+    import argparse
+
+    from stattn.evaluation import cli as eval_cli
+
+    p = argparse.ArgumentParser(prog="stattn")
+    sub = p.add_subparsers(dest="command", required=True)
+    eval_cli.add_parser(sub)
+    p.format_help()
+    sub.choices["eval"].format_help()       # the help strings format (no stray %)
+    args = p.parse_args(["eval", "--model", "tiny", "--prompts", "nope", "--out", str(tmp_path / "o")])
+    assert eval_cli.main(args) == 2 and "neither a shipped set" in capsys.readouterr().err

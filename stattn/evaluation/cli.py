@@ -60,7 +60,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """The `eval` subcommand on stattn's subparsers."""
     p = subparsers.add_parser("eval", help="evaluate methods on prompt sets: images, grids, records.jsonl, "
-                              "summary with 95 % intervals; resumable, data-parallel",
+                              "summary with 95 %% intervals; resumable, data-parallel",
                               formatter_class=gen_cli._HelpFormatter)
     _add_arguments(p)
     return p
@@ -213,7 +213,8 @@ def main(args) -> int:
 
 def run_cli(argv: Optional[list] = None) -> int:
     """`python -m stattn.evaluation ARGS` (what `stattn eval ARGS` runs)."""
-    p = argparse.ArgumentParser(prog="stattn eval", description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(prog="stattn eval", description="evaluate attention-control methods on prompt "
+                                "sets (docs/eval.md)",
                                 formatter_class=gen_cli._HelpFormatter)
     _add_arguments(p)
     return main(p.parse_args(sys.argv[1:] if argv is None else [str(a) for a in argv]))
