@@ -3,7 +3,8 @@ summarise (see docs/eval.md).
 
     stattn eval --model M --prompts ae|spatial|FILE --methods none,regulation,spacetime --seeds 0-3 \\
         --clip DIR [--detector DIR] --out runs/NAME
-    accelerate launch --num_processes N -m stattn.evaluation ...       # data-parallel (or torchrun)
+    accelerate launch --multi_gpu --num_processes N -m stattn.evaluation ...   # data-parallel on GPUs
+    torchrun --standalone --nproc_per_node N -m stattn.evaluation ... --device cpu   # on the CPU (gloo)
 """
 from __future__ import annotations
 
