@@ -156,9 +156,15 @@ def settings(args, runner) -> dict:
 
 
 def _state(device: Optional[str]):
-    from accelerate import PartialState
-
+    """accelerate's PartialState: this process's rank, device and share of the work (one process
+    without a launcher)."""
     import torch
+
+    try:
+        from accelerate import PartialState
+    except ImportError as e:
+        raise UsageError("stattn eval needs accelerate (pip install accelerate): it shards the work across "
+                         "processes, and runs the one-process default too") from e
 
     cpu = device is not None and torch.device(device).type == "cpu" or not torch.cuda.is_available()
     return PartialState(cpu=cpu)

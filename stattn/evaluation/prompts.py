@@ -6,7 +6,9 @@ list linked from github.com/yuval-alaluf/Attend-and-Excite README, "Evaluation P
 reproduced in public follow-up code): 12 animals, 12 objects, 11 colours. The sets are rebuilt
 here from the lists and the templates, not copied: every unordered animal pair; every animal with
 every object; every unordered object pair; the colours drawn by a fixed-seed RNG (random.Random
-with a string seed is stable across Python versions). Targets are the nouns.
+with a string seed is stable across Python versions). Targets are the nouns. The animal-object set
+takes issue 18's single template "a {animal} with a {color} {object}"; the released list words
+those prompts as "a {animal} with a {object}" or "a {animal} and a {color} {object}", sampled.
 
 The spatial set pairs COCO's 80 category names (the detection categories of COCO 2017) under four
 relations; targets are the two names, the layout is placed from the relation (spacetime's
