@@ -40,3 +40,34 @@ def test_summary_has_an_all_row_for_several_sets():
     records = [_r("p", 0, "none", 0.2, 10, "a"), _r("q", 0, "none", 0.6, 10, "b")]
     sets = S.summarize(records)["sets"]
     assert set(sets) == {"a", "b", S.ALL} and sets[S.ALL]["none"]["clip_score"]["mean"] == pytest.approx(0.4)
+
+
+def _two_methods():
+    return [_r("p", 0, "none", 0.2, 10), _r("q", 0, "none", 0.6, 20), _r("p", 0, "regulation", 0.5, 30)]
+
+
+def test_write_plots_with_matplotlib(tmp_path):
+    pytest.importorskip("matplotlib")       # an optional extra: summary.png only where it is installed
+    from PIL import Image
+
+    s = S.write(tmp_path, _two_methods(), {"clip": "tiny"})
+    assert s["plot"] == str(tmp_path / "summary.png") and Image.open(s["plot"]).size[0] > 100
+    assert "no plot" not in (tmp_path / "summary.md").read_text()
+
+
+def test_write_without_matplotlib_says_so(tmp_path, monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_matplotlib(name, *a, **kw):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    s = S.write(tmp_path, _two_methods())
+    assert s["plot"] is None and not (tmp_path / "summary.png").exists()
+    assert "(no plot: matplotlib is not installed)" in (tmp_path / "summary.md").read_text()
+    import json
+    assert json.loads((tmp_path / "summary.json").read_text())["sets"] == s["sets"]
