@@ -76,11 +76,13 @@ def test_run_writes_everything(baseline):
         assert ("relation" in r["scores"]) == (r["relation"] is not None)
         assert (r["method_settings"] is None) == (r["method"] == "none")
     assert records[0]["relation"] == ["cat", "left", "dog"] and records[4]["relation"] is None
-    for i in range(3):
-        for s in (0, 1):
-            g = Image.open(baseline / "grids" / h / f"p{i:04d}-s{s}.png")
-            w, _ = Image.open(baseline / records[0]["image"]).size
-            assert g.size[0] == 2 * w
+    grids = sorted((baseline / "grids" / h).iterdir())
+    assert len(grids) == 3 * 2
+    for r in records[::2]:                      # the grid of each (prompt, seed): its two methods side by side
+        name = Path(r["image"]).name.replace("-none.png", ".png")
+        g = Image.open(baseline / "grids" / h / name)
+        w, _ = Image.open(baseline / r["image"]).size
+        assert g.size[0] == 2 * w
     # the summary's numbers, recomputed from records.jsonl
     saved = json.loads((baseline / "summary.json").read_text())
     assert saved["sets"] == json.loads(json.dumps(S.summarize(records)["sets"]))
@@ -97,6 +99,18 @@ def test_rerun_skips_and_a_new_setting_starts_new_records(baseline, prompts, cap
     assert "(12 before this run)" in capsys.readouterr().out
     assert (baseline / R.MERGED).read_bytes() == before
     assert {p: p.read_bytes() for p in R.rank_files(baseline)} == files      # nothing appended
+
+
+def test_another_prompt_list_in_the_same_out_keeps_both(prompts, tmp_path):
+    out = tmp_path / "run"
+    other = tmp_path / "other.txt"
+    other.write_text("a bird and a horse\n")
+    argv = ["--seeds", "0", "--methods", "none", "--steps", "1"]
+    assert run_cli([*COMMON, "--prompts", prompts, "--limit", "1", "--out", out, *argv]) == 0
+    assert run_cli([*COMMON, "--prompts", other, "--out", out, *argv]) == 0
+    records = _records(out)                 # both prompts sit at index 0 of their lists
+    assert [r["prompt"] for r in records] == ["a bird and a horse", "a cat to the left of a dog"]
+    assert len({r["image"] for r in records}) == 2 and all((out / r["image"]).is_file() for r in records)
 
 
 def test_changed_setting_gives_new_records(prompts, tmp_path):

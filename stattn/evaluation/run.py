@@ -40,7 +40,12 @@ def work_keys(gs: list, methods: list, settings_hash: str) -> list:
 
 
 def stem(g: Group, method: Optional[str] = None) -> str:
-    return f"p{g.index:04d}-s{g.seed}" + (f"-{method}" if method else "")
+    """p<index>-<prompt hash>-s<seed>[-<method>]: the prompt's hash keeps another work list's
+    prompt at the same index (a rerun with other --prompts into the same --out) from overwriting it."""
+    import hashlib
+
+    digest = hashlib.sha256(g.prompt.text.encode()).hexdigest()[:8]
+    return f"p{g.index:04d}-{digest}-s{g.seed}" + (f"-{method}" if method else "")
 
 
 def item(g: Group):
