@@ -49,7 +49,7 @@ setup(
     description="Fused Triton attention-control kernels for text-to-image diffusion",
     # stattn.csrc: no Python, only the C++ sources native.py compiles on first use (MANIFEST.in
     # puts them in the sdist too)
-    packages=["stattn", "stattn.kernels", "stattn.bench", "stattn.csrc"],
+    packages=["stattn", "stattn.evaluation", "stattn.kernels", "stattn.bench", "stattn.csrc"],
     package_dir={"stattn": "stattn", "stattn.kernels": "kernels", "stattn.bench": "bench", "stattn.csrc": "csrc"},
     package_data={"stattn": ["data/**/*", "configs/**/*"], "stattn.csrc": CSRC_PATTERNS},
     entry_points={"console_scripts": ["stattn=stattn.cli:main"]},
@@ -61,8 +61,11 @@ setup(
     # capped here: only the Triton 3.6 interpreter (the test suite's CPU Triton runs) needs < 2.4.
     install_requires=[
         "torch>=2.4", "triton>=3.0", "numpy", "diffusers>=0.30", "transformers>=4.40", "pillow", "ninja",
+        "accelerate",   # stattn eval: the work list split over processes (PartialState)
     ],
     # the test extra: peft for the LoRA drop-in tests, torchsde for DPMSolverSDEScheduler (every diffusers
     # scheduler is tested), numpy < 2.4 for the Triton 3.6 interpreter
-    extras_require={"test": ["pytest", "pytest-benchmark", "numpy<2.4", "peft", "torchsde"]},
+    # the eval extra: the summary's bar chart (stattn eval writes it when matplotlib is there)
+    extras_require={"test": ["pytest", "pytest-benchmark", "numpy<2.4", "peft", "torchsde"],
+                    "eval": ["matplotlib"]},
 )

@@ -7,6 +7,7 @@
     stattn generate --from-report out/report.json --out again/       # the same images again
     stattn bench micro --quick            # bench.micro's options; results in ./bench-results
     stattn bench native --quick           # the native CPU kernels (also e2e, regulation, spacetime, host)
+    stattn eval --model tiny --prompts ae --methods none,regulation --seeds 0-1 --clip tiny --out runs/ae
     stattn profile --model tiny --prompt "..." --out prof/
     stattn doctor                         # backends available here, why not, versions
     stattn --version
@@ -151,6 +152,9 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
     pr = sub.add_parser("profile", help="torch.profiler trace (Chrome JSON), per-op table and the image of a "
                         "generation", **kw)
     _common(pr, "stattn-profile")
+    from .evaluation import cli as eval_cli
+
+    eval_cli.add_parser(sub)
     if not defaults:
         for sp in (g, pr):
             for action in sp._actions:
@@ -651,6 +655,12 @@ def cmd_bench(args, argv) -> int:
     return suite.main(rest)
 
 
+def cmd_eval(args, argv) -> int:
+    from .evaluation import cli as eval_cli
+
+    return eval_cli.main(args)     # prints its own one-line errors (exit 2)
+
+
 def cmd_doctor(args, argv) -> int:
     from . import doctor
 
@@ -666,7 +676,7 @@ def main(argv: Optional[list] = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     args = build_parser().parse_args(argv)
-    handler = {"generate": cmd_generate, "profile": cmd_profile, "bench": cmd_bench,
+    handler = {"generate": cmd_generate, "profile": cmd_profile, "bench": cmd_bench, "eval": cmd_eval,
                "doctor": cmd_doctor}[args.command]
     try:
         return handler(args, argv)

@@ -213,3 +213,15 @@ def test_add_parser_wires_eval_into_a_stattn_parser(tmp_path, capsys):
     sub.choices["eval"].format_help()       # the help strings format (no stray %)
     args = p.parse_args(["eval", "--model", "tiny", "--prompts", "nope", "--out", str(tmp_path / "o")])
     assert eval_cli.main(args) == 2 and "neither a shipped set" in capsys.readouterr().err
+
+
+def test_stattn_eval_is_a_subcommand_of_the_stattn_command(tmp_path, capsys):
+    from stattn import cli
+
+    assert cli.main(["eval", "--model", "tiny", "--prompts", "nope", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("stattn eval: error:") and "neither a shipped set" in err and "\n" not in err
+    assert not (tmp_path / "o").exists()
+    assert cli.main(["eval", "--model", "tiny", "--prompts", "ae", "--limit", "1", "--methods", "none",
+                     "--seeds", "0", "--steps", "1", "--device", "cpu", "--quiet", "--out", str(tmp_path / "ok")]) == 0
+    assert len(_records(tmp_path / "ok")) == 1

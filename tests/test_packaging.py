@@ -63,7 +63,9 @@ def test_requirements_pull_no_torch_or_numpy_pin(built):
     base = base.split()
     assert "torch>=2.4" in base and "ninja" in base and "numpy" in base
     assert not any(r.startswith(("torch<", "torch=", "numpy<", "numpy=")) for r in base)
-    assert extras.startswith("test]") and "numpy<2.4" in extras.split()
+    sections = {block.split("]", 1)[0]: block.split("]", 1)[1].split() for block in ("[" + extras).split("[")[1:]}
+    assert "numpy<2.4" in sections["test"] and "accelerate" in base and sections["eval"] == ["matplotlib"]
+    assert not any(r.startswith("numpy<") for name, reqs in sections.items() if name != "test" for r in reqs)
 
 
 @pytest.mark.parametrize("case", ["no sources", "no ninja", "no compiler"])
