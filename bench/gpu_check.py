@@ -42,7 +42,7 @@ On a GPU machine, from a copy of the tree (no .git needed). Beside the tree, at 
       pip download --no-deps --only-binary=:all: diffusers==0.42.1 -d .whl
       (.whl/ is in .gitignore; in another checkout: echo .whl/ >> .git/info/exclude)
   COMMIT                                      the commit the copy is of (read when there is no .git):
-      git rev-parse HEAD > COMMIT; echo /COMMIT >> .git/info/exclude
+      git rev-parse HEAD > COMMIT                (/COMMIT is in .gitignore)
 The one command (the device tool: carry [".whl", "COMMIT"], timeout_s 600):
       python3 -m bench.gpu_check --out /tmp/gpu-check --archive "$OUT/gpu-check.tar.gz"
 --archive rewrites one .tar.gz of OUT after every stage (the device returns at most 8 files; a
