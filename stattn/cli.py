@@ -523,7 +523,7 @@ def cmd_generate(args, argv) -> int:
         _resolve(runner, args, item)
     report = {"stattn": __version__, "report_version": REPORT_VERSION, "command": list(argv),
               "args": _run_args(args), "finished": False, "items": []}
-    bar = _progress(runner, args, len(items) * args.steps)
+    bar = _progress(runner, args, len(items) * _evaluations(runner, args.steps))
     run = None
     with bar:
         for i, item in enumerate(items):
@@ -553,6 +553,16 @@ def cmd_generate(args, argv) -> int:
     for p in run.written:
         print(f"  {p}")
     return 0
+
+
+def _evaluations(runner, steps: int) -> int:
+    """UNet evaluations of one generation: the scheduler's timesteps for ``steps`` (PNDM and Heun
+    take more than ``steps``), set on a copy so the runner's scheduler is untouched."""
+    import copy
+
+    scheduler = copy.deepcopy(runner.scheduler)
+    scheduler.set_timesteps(steps, device="cpu")
+    return len(scheduler.timesteps)
 
 
 def _progress(runner, args, total: int):
