@@ -40,7 +40,8 @@ def eos_index(tokenizer, prompt: str) -> int:
 
 def prompt_words(tokenizer, prompt: str) -> list[tuple[str, list[int]]]:
     """The words of the prompt that survive its truncation, in order, as the tokenizer splits
-    them: (the word's text in the prompt, its key indices). Punctuation is a word of its own."""
+    them: (the word's text, its key indices). Punctuation is a word of its own. The text is the
+    prompt's own with a fast tokenizer (its offsets), the decoded, normalised (lower-case) form without."""
     _check_prompt(prompt)
     enc = _encode(tokenizer, prompt)
     words: list = []
@@ -54,14 +55,14 @@ def prompt_words(tokenizer, prompt: str) -> list[tuple[str, list[int]]]:
                 words.append([None, [i]])
             words[-1][0] = (spans[words[-1][1][0]][0], spans[i][1])
         return [(prompt[a:b], cols) for (a, b), cols in words]
-    pieces = tokenizer.convert_ids_to_tokens(enc.input_ids)
+    ids = list(enc.input_ids)
+    pieces = tokenizer.convert_ids_to_tokens(ids)
     for i in body:
-        if not words or pieces[i - 1].endswith("</w>") or i == 1:
-            words.append([[], [i]])
+        if i == 1 or pieces[i - 1].endswith("</w>"):
+            words.append([i])
         else:
-            words[-1][1].append(i)
-        words[-1][0].append(pieces[i])
-    return [(tokenizer.convert_tokens_to_string(p).strip(), cols) for p, cols in words]
+            words[-1].append(i)
+    return [(tokenizer.decode([ids[i] for i in cols]).strip(), cols) for cols in words]
 
 
 def token_indices(tokenizer, prompt: str, words: Union[str, Sequence[str]], *,

@@ -538,3 +538,30 @@ def test_settings_rebuild_the_same_controller():
     again.apply(pipe, prompt=PROMPT)
     assert again.settings() == settings
     stattn.restore(pipe)
+
+
+class _SlowTokenizer:
+    """A tokenizer without offsets (transformers 4's pure-Python CLIPTokenizer, which diffusers
+    pipelines load there): the same ids, no word_ids / offset_mapping."""
+    is_fast = False
+
+    def __init__(self, fast):
+        self._fast = fast
+
+    def __call__(self, text, **kw):
+        kw.pop("return_offsets_mapping", None)
+        enc = self._fast(text, **kw)
+        return type("Enc", (), {"input_ids": enc.input_ids})()
+
+    def __getattr__(self, name):        # convert_ids_to_tokens, convert_tokens_to_string, eos_token_id, ...
+        return getattr(self._fast, name)
+
+
+def test_a_tokenizer_without_offsets_finds_the_same_words(tok):
+    slow = _SlowTokenizer(tok)
+    for prompt in ("A catfish, a fish and a Red-car", PROMPT, "a cat " * 60):
+        fast_words = prompt_words(tok, prompt)
+        slow_words = prompt_words(slow, prompt)
+        assert [cols for _, cols in slow_words] == [cols for _, cols in fast_words], prompt
+        assert [w.lower() for w, _ in slow_words] == [w.lower() for w, _ in fast_words], prompt
+    assert token_indices(slow, "a catfish and a fish", ["fish"]) == token_indices(tok, "a catfish and a fish", ["fish"])
