@@ -225,3 +225,10 @@ def test_stattn_eval_is_a_subcommand_of_the_stattn_command(tmp_path, capsys):
     assert cli.main(["eval", "--model", "tiny", "--prompts", "ae", "--limit", "1", "--methods", "none",
                      "--seeds", "0", "--steps", "1", "--device", "cpu", "--quiet", "--out", str(tmp_path / "ok")]) == 0
     assert len(_records(tmp_path / "ok")) == 1
+
+
+def test_python_m_stattn_runs_the_command():
+    """`python -m stattn eval ...` is what `accelerate launch -m stattn eval` / `torchrun -m stattn eval` run."""
+    out = subprocess.run([sys.executable, "-m", "stattn", "eval", "--help"], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and "usage: stattn eval" in out.stdout, out.stderr[-2000:]
