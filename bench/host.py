@@ -133,28 +133,29 @@ def _drop_times(t: dict) -> dict:
     return {k: v for k, v in t.items() if k != "times_ms"}
 
 
+def _table(title: str, columns: list, rows: list, cells) -> list:
+    """A Markdown section: title, header, one line per row from cells(row) -> list of strings."""
+    lines = ["", f"## {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return lines + ["| " + " | ".join(cells(r)) + " |" for r in rows]
+
+
 def markdown(result: dict) -> str:
     env = result["environment"]
     lines = [f"# Host cost: stattn vs stock ({env['device_name']}, {result['threads']} thread(s), fp32)", "",
              f"{provenance(env)}. Medians of interleaved repeats; ratio = stattn / stock (target <= 1.00); "
-             "paired = median of the per-repeat ratios.", "",
-             "## The op (R = 1) vs SDPA at host-bound shapes (B = 2, H = 8, N = 77)", "",
-             "| M | D | autograd | stattn µs | SDPA µs | ratio | paired | n |", "|---|---|---|---|---|---|---|---|"]
-    for r in result["op"]:
-        lines.append(f"| {r['M']} | {r['D']} | {'on' if r['autograd'] else 'no_grad'} | {r['stattn_us']:.1f} | "
-                     f"{r['sdpa_us']:.1f} | {r['ratio']:.2f} | {r['ratio_paired']:.2f} | {r['n']} |")
-    lines += ["", "## One cross-attention layer: stattn's processor vs AttnProcessor2_0 (B = 2, no_grad)", "",
-              "| model | M | C | heads × D | stattn ms | stock ms | ratio | paired | n |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    for r in result["processor"]:
-        lines.append(f"| {r['model']} | {r['M']} | {r['C']} | {r['heads']} × {r['D']} | {r['stattn_ms']:.3f} | "
-                     f"{r['stock_ms']:.3f} | {r['ratio']:.2f} | {r['ratio_paired']:.2f} | {r['n']} |")
-    lines += ["", "## Denoising step of a pipeline call: stock vs `stattn.accelerate(pipe)`", "",
-              "| model | px | stattn ms | stock ms | ratio | paired (per run) | steps timed |",
-              "|---|---|---|---|---|---|---|"]
-    for r in result["step"]:
-        lines.append(f"| {r['model']} | {r['size']} | {r['stattn_ms']:.2f} | {r['stock_ms']:.2f} | {r['ratio']:.2f} | "
-                     f"{r.get('ratio_paired', float('nan')):.2f} | {r['n']} |")
+             "paired = median of the per-repeat ratios."]
+    lines += _table("The op (R = 1) vs SDPA at host-bound shapes (B = 2, H = 8, N = 77)",
+                    ["M", "D", "autograd", "stattn µs", "SDPA µs", "ratio", "paired", "n"], result["op"],
+                    lambda r: [str(r["M"]), str(r["D"]), "on" if r["autograd"] else "no_grad", f"{r['stattn_us']:.1f}",
+                               f"{r['sdpa_us']:.1f}", f"{r['ratio']:.2f}", f"{r['ratio_paired']:.2f}", str(r["n"])])
+    lines += _table("One cross-attention layer: stattn's processor vs AttnProcessor2_0 (B = 2, no_grad)",
+                    ["model", "M", "C", "heads × D", "stattn ms", "stock ms", "ratio", "paired", "n"], result["processor"],
+                    lambda r: [r["model"], str(r["M"]), str(r["C"]), f"{r['heads']} × {r['D']}", f"{r['stattn_ms']:.3f}",
+                               f"{r['stock_ms']:.3f}", f"{r['ratio']:.2f}", f"{r['ratio_paired']:.2f}", str(r["n"])])
+    lines += _table("Denoising step of a pipeline call: stock vs `stattn.accelerate(pipe)`",
+                    ["model", "px", "stattn ms", "stock ms", "ratio", "paired (per run)", "steps timed"], result["step"],
+                    lambda r: [r["model"], str(r["size"]), f"{r['stattn_ms']:.2f}", f"{r['stock_ms']:.2f}",
+                               f"{r['ratio']:.2f}", f"{r.get('ratio_paired', float('nan')):.2f}", str(r["n"])])
     worst = max([r["ratio"] for r in result["op"] + result["processor"] + result["step"]])
     lines += ["", f"Worst ratio: {worst:.2f} ({'every cell within' if worst <= 1.0 else 'over'} the 1.00 target).", ""]
     return "\n".join(lines)
