@@ -30,7 +30,10 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
 def eos_index(tokenizer, prompt: str) -> int:
     """Index of the first end-of-text token after the prompt (SOS is index 0). The released code
     keeps this column's probability unedited, with SOS's."""
-    ids = prompt_ids(tokenizer, prompt)
+    return _eos(tokenizer, prompt_ids(tokenizer, prompt), prompt)
+
+
+def _eos(tokenizer, ids: list, prompt: str) -> int:
     eos = tokenizer.eos_token_id
     for i in range(1, len(ids)):
         if ids[i] == eos:
@@ -43,26 +46,28 @@ def prompt_words(tokenizer, prompt: str) -> list[tuple[str, list[int]]]:
     them: (the word's text, its key indices). Punctuation is a word of its own. The text is the
     prompt's own with a fast tokenizer (its offsets), the decoded, normalised (lower-case) form without."""
     _check_prompt(prompt)
-    enc = _encode(tokenizer, prompt)
-    words: list = []
-    body = range(1, eos_index(tokenizer, prompt))
-    if tokenizer.is_fast:
-        spans, ids = enc.offset_mapping, enc.word_ids()
-        for i in body:
-            if words and ids[i] == ids[i - 1]:
-                words[-1][1].append(i)
-            else:
-                words.append([None, [i]])
-            words[-1][0] = (spans[words[-1][1][0]][0], spans[i][1])
-        return [(prompt[a:b], cols) for (a, b), cols in words]
+    return _words(tokenizer, prompt, _encode(tokenizer, prompt))
+
+
+def _words(tokenizer, prompt: str, enc) -> list[tuple[str, list[int]]]:
+    """prompt_words of the encoding ``enc`` (_encode's) of ``prompt``."""
     ids = list(enc.input_ids)
-    pieces = tokenizer.convert_ids_to_tokens(ids)
-    for i in body:
-        if i == 1 or pieces[i - 1].endswith("</w>"):
-            words.append([i])
+    if tokenizer.is_fast:
+        word = enc.word_ids()
+        starts_word = lambda i: word[i] != word[i - 1]           # noqa: E731
+    else:
+        pieces = tokenizer.convert_ids_to_tokens(ids)
+        starts_word = lambda i: pieces[i - 1].endswith("</w>")   # noqa: E731
+    groups: list = []
+    for i in range(1, _eos(tokenizer, ids, prompt)):
+        if i == 1 or starts_word(i):
+            groups.append([i])
         else:
-            words[-1].append(i)
-    return [(tokenizer.decode([ids[i] for i in cols]).strip(), cols) for cols in words]
+            groups[-1].append(i)
+    if tokenizer.is_fast:
+        spans = enc.offset_mapping
+        return [(prompt[spans[cols[0]][0]:spans[cols[-1]][1]], cols) for cols in groups]
+    return [(tokenizer.decode([ids[i] for i in cols]).strip(), cols) for cols in groups]
 
 
 def token_indices(tokenizer, prompt: str, words: Union[str, Sequence[str]], *,
@@ -85,9 +90,11 @@ def token_indices(tokenizer, prompt: str, words: Union[str, Sequence[str]], *,
         raise ValueError(f"words: expected a non-empty list of target words, got {words!r}")
     if subtokens not in SUBTOKENS:
         raise ValueError(f"subtokens: expected one of {SUBTOKENS}, got {subtokens!r}")
-    ids = prompt_ids(tokenizer, prompt)
-    starts = [cols[0] for _, cols in prompt_words(tokenizer, prompt)]
-    bounds = set(starts) | {eos_index(tokenizer, prompt)}     # where a word starts or the prompt ends
+    _check_prompt(prompt)
+    enc = _encode(tokenizer, prompt)                          # one encoding for ids, words and EOS
+    ids = list(enc.input_ids)
+    starts = [cols[0] for _, cols in _words(tokenizer, prompt, enc)]
+    bounds = set(starts) | {_eos(tokenizer, ids, prompt)}     # where a word starts or the prompt ends
     taken: set = set()
     out: list[int] = []
     for word in words:
