@@ -104,7 +104,7 @@ def _ones(shape: tuple, device) -> torch.Tensor:
     t = _ONES.get(key)
     if t is None:
         t = torch.ones((), device=device, dtype=torch.float32).expand(shape)
-        if not (t.is_cuda and torch.cuda.is_current_stream_capturing()):
+        if not _capturing(t):
             if len(_ONES) >= 256:
                 _ONES.clear()
             _ONES[key] = t
