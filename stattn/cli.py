@@ -478,7 +478,7 @@ class _Run:
 
     def add(self, files: list) -> None:
         for name, img in files:
-            self.written.append(_write_atomic(self.out / name, lambda f, img=img: img.save(f, format="PNG")))
+            self.written.append(_write_png(self.out / name, img))
 
     def finish(self) -> None:
         self._write_report(finished=True)
@@ -567,14 +567,9 @@ def _evaluations(runner, steps: int) -> int:
 
 def _progress(runner, args, total: int):
     """One progress bar over every denoising step of the run (diffusers' tqdm settings)."""
-    import contextlib
+    from tqdm.auto import tqdm
 
-    if args.no_progress:
-        class _Off(contextlib.nullcontext):
-            def update(self, n=1):
-                pass
-        return _Off()
-    return runner.pipe.progress_bar(total=total)
+    return tqdm(total=total, disable=True) if args.no_progress else runner.pipe.progress_bar(total=total)
 
 
 def _from_report(args, argv) -> None:
@@ -629,6 +624,11 @@ def _write_atomic(path: Path, write) -> Path:
     return path
 
 
+def _write_png(path: Path, image) -> Path:
+    """A PIL image written atomically as PNG (_write_atomic)."""
+    return _write_atomic(path, lambda f: image.save(f, format="PNG"))
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -646,8 +646,7 @@ def cmd_profile(args, argv) -> int:
     _resolve(runner, args, item)
     _generate(runner, args, item, maps=False)  # warm-up: compiles and allocations out of the trace
     result, *_ = _generate(runner, args, item, maps=False, profile_dir=args.out)
-    images = [_write_atomic(args.out / f"image_{j}.png", lambda f, img=img: img.save(f, format="PNG"))
-              for j, img in enumerate(result.images)]
+    images = [_write_png(args.out / f"image_{j}.png", img) for j, img in enumerate(result.images)]
     print(result.table)
     print(f"trace: {result.trace}\nper-op table: {Path(args.out) / 'ops.txt'}\n"
           f"image(s): {', '.join(str(p) for p in images)}")

@@ -149,7 +149,7 @@ def run(args, prompts: list, settings: dict, state, runner, scorer: Scorer, log=
                 peak = _peak(runner.device)
                 image = result.images[0]
                 name = Path(IMAGES_DIR) / h / f"{stem(g, method)}.png"
-                cli._write_atomic(out / name, lambda f: image.save(f, format="PNG"))
+                cli._write_png(out / name, image)
                 w.add({"prompt": g.prompt.text, "set": g.prompt.set, "index": g.index, "seed": g.seed,
                        "method": method, "settings_hash": h, "settings": settings, "targets": list(g.prompt.targets),
                        "relation": list(g.prompt.relation) if g.prompt.relation else None,
@@ -172,4 +172,4 @@ def _write_grid(out: Path, h: str, g: Group, methods: list) -> None:
 
     images = [Image.open(out / IMAGES_DIR / h / f"{stem(g, m)}.png") for m in methods]
     img = grid(images, list(methods))
-    cli._write_atomic(out / GRIDS_DIR / h / f"{stem(g)}.png", lambda f: img.save(f, format="PNG"))
+    cli._write_png(out / GRIDS_DIR / h / f"{stem(g)}.png", img)
