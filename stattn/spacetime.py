@@ -588,6 +588,13 @@ def clip_resize(x: Tensor, size: int = CLIP_SIZE) -> Tensor:
     return F.avg_pool2d(up, kernel_size=(H // gh, W // gw))
 
 
+def clip_pixels(x: Tensor) -> Tensor:
+    """[B, 3, H, W] in [0, 1] -> CLIP's input normalisation (OpenAI CLIP's mean / std per channel)."""
+    mean = torch.tensor(CLIP_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
 class ClipLoss:
     """The released loss: [1 − cos(CLIP(image), CLIP(prompt))] + local_weight·Σ_i [1 −
     cos(CLIP(crop_i), CLIP("A photo of " + name_i))], averaged over images. ``model`` is a
@@ -606,9 +613,7 @@ class ClipLoss:
 
     def _image_features(self, x: Tensor) -> Tensor:
         if self.normalize:
-            mean = torch.tensor(CLIP_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-            std = torch.tensor(CLIP_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-            x = (x - mean) / std
+            x = clip_pixels(x)
         f = _features(self.model.get_image_features(pixel_values=x.to(self.dtype)))
         return F.normalize(f.to(self.text.dtype), dim=-1)
 

@@ -66,12 +66,9 @@ class Clip:
 
     @torch.no_grad()
     def image_features(self, image) -> Tensor:
-        from ..spacetime import CLIP_MEAN, CLIP_STD, _features, clip_resize
+        from ..spacetime import _features, clip_pixels, clip_resize
 
-        x = clip_resize(to_tensor(image), self.size)
-        mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-        x = ((x - mean) / std).to(self.device, self.dtype)
+        x = clip_pixels(clip_resize(to_tensor(image), self.size)).to(self.device, self.dtype)
         return _features(self.model.get_image_features(pixel_values=x))[0].double()
 
     def scores(self, image, prompt: str, objects: Sequence[str]) -> dict:
