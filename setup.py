@@ -49,7 +49,8 @@ setup(
     description="Fused Triton attention-control kernels for text-to-image diffusion",
     # stattn.csrc: no Python, only the C++ sources native.py compiles on first use (MANIFEST.in
     # puts them in the sdist too)
-    packages=["stattn", "stattn.evaluation", "stattn.kernels", "stattn.bench", "stattn.csrc"],
+    packages=["stattn", "stattn.evaluation", "stattn.integration", "stattn.methods",
+              "stattn.methods.regulation", "stattn.methods.spacetime", "stattn.kernels", "stattn.bench", "stattn.csrc"],
     package_dir={"stattn": "stattn", "stattn.kernels": "kernels", "stattn.bench": "bench", "stattn.csrc": "csrc"},
     package_data={"stattn": ["data/**/*", "configs/**/*"], "stattn.csrc": CSRC_PATTERNS},
     entry_points={"console_scripts": ["stattn=stattn.cli:main"]},

@@ -7,7 +7,7 @@ pipeline with `stattn.accelerate`, and `stattn.Runner` (stock attention, fused a
 
 Every variant generates the same prompt with the same seed on the same pipeline object; variants are
 alternated within each repeat and the medians compared (overhead = T / T_stock - 1). Full-size
-models have random weights (`stattn.models.full`): timing does not depend on weight values.
+models have random weights (`stattn.integration.models.full`): timing does not depend on weight values.
 Results (JSON + Markdown, with device, versions, commit) go to bench/results/.
 """
 from __future__ import annotations
@@ -23,8 +23,8 @@ from typing import Callable
 import torch
 
 import stattn
-from stattn import models
-from stattn.runner import Runner
+from stattn.integration import models
+from stattn.integration.runner import Runner
 
 from .env import REPO, provenance, machine, publish, quantiles, sync
 
@@ -56,7 +56,7 @@ TARGETS = ["cat", "frog"]
 
 
 def _regulation(fused: bool, steps: int):
-    from stattn.regulation import AttentionRegulation
+    from stattn.methods.regulation.controller import AttentionRegulation
 
     # released defaults: the first 25 of 50 steps edited (half of a shorter run)
     return AttentionRegulation(targets=TARGETS, fused=fused, edit_steps=min(25, steps // 2))

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 
 import stattn
-from stattn import models
-from stattn.processors import StattnAttnProcessor
+from stattn.integration import models
+from stattn.integration.processors import StattnAttnProcessor
 
 from .env import REPO, machine, provenance, publish
 from .native import _paired, _timed

@@ -9,7 +9,7 @@ layer of SD 1.5's UNet at 512 px, the mid block's 8 x 8 included), fp32:
   weights and theta), STATTN_BACKEND=native against =reference (the eager PyTorch reference);
 - the Attention Regulation inner optimisation of one layer call (20 iterations, 2 target tokens):
   the native op (stattn.native.inner_loop) against the released algorithm's eager autograd loop
-  (stattn.regulation_reference.reference_inner_loop, the oracle) and against the closed-form
+  (stattn.methods.regulation.reference.reference_inner_loop, the oracle) and against the closed-form
   vectorised PyTorch loop (regulation_core's CPU path).
 
 With the op's forward, its two products alone (q k^T and p v for all regions, torch.bmm: the same
@@ -39,8 +39,8 @@ import torch
 
 import stattn
 from stattn import native
-from stattn import regulation_core as rc
-from stattn import regulation_reference as rr
+from stattn.methods.regulation import core as rc
+from stattn.methods.regulation import reference as rr
 
 from .env import REPO, provenance, machine, publish, quantiles, stattn_backend
 

@@ -1,4 +1,4 @@
-"""Micro-benchmark of one Attention-Regulation layer call's inner loop (stattn.regulation_core.inner_loop).
+"""Micro-benchmark of one Attention-Regulation layer call's inner loop (stattn.methods.regulation.core.inner_loop).
 
 Per case (B cond images, H heads, a 16x16 grid, D, N = 77 keys, T targets, 20 iterations) and
 implementation, after a correctness gate against the fp64 loop on the same inputs:
@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 import stattn
-from stattn import regulation_core as rc
+from stattn.methods.regulation import core as rc
 
 from .env import REPO, provenance, machine, publish, stattn_backend
 

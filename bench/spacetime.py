@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 
 import stattn
-from stattn import models
-from stattn.runner import Runner
-from stattn.spacetime import SpatialTemporal
+from stattn.integration import models
+from stattn.integration.runner import Runner
+from stattn.methods.spacetime.controller import SpatialTemporal
 
 from .env import REPO, provenance, machine, publish, quantiles, sync
 

@@ -9,7 +9,7 @@ iteration's per-head loss and theta (small). `_best_kernel`, one program per hea
 per-head losses of each iteration in a fixed order (every program the same way, so no atomics and
 a deterministic result), takes the first minimum (= the strict `<` rule) and gathers theta_best;
 optionally it also blends theta_eff for the layer's output and updates the carried theta_best.
-Semantics and the closed form: stattn/regulation_core.py.
+Semantics and the closed form: stattn/methods/regulation/core.py.
 """
 import math
 
@@ -258,7 +258,7 @@ def config(M: int, N: int, D: int, T: int, h: int, w: int, Ky: int, Kx: int, lo:
 
 def inner_loop(q, k, tokens, theta0, gy, gx, scale, iters, lr, qpos, q_target, m_target, weights, blend=None):
     """(theta_best [B, H, T, Ky, Kx] fp32, best_iter 0-d int64, losses [iters] fp32) in two
-    launches; arguments are validated by stattn.regulation_core. With ``blend = (theta_state,
+    launches; arguments are validated by stattn.methods.regulation.core. With ``blend = (theta_state,
     step, decay, w_prev)`` (state contiguous fp32, step a 0-d int tensor or an int) the second
     launch also returns theta_eff = decay^step (w_prev state + (1 - w_prev) theta_best) and
     overwrites the state with theta_best: (theta_eff, theta_best, best_iter, losses); a 5th

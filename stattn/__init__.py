@@ -1,25 +1,25 @@
 """stattn: fused attention-control kernels for text-to-image diffusion."""
 from ._validate import set_value_checks
 from .basis import ScoreOffset, gaussian_basis
-from .control import Controller, CrossAttentionCall
+from .integration.control import Controller, CrossAttentionCall
 from .ops import backend_for, region_attention
-from .processors import NotAcceleratedWarning, Status, accelerate, restore, status
+from .integration.processors import NotAcceleratedWarning, Status, accelerate, restore, status
 
 __version__ = "0.1.0"
 
 # Imported on first use: they pull in diffusers / transformers, which `import stattn` need not pay for.
 _LAZY = {
-    "Runner": ("runner", "Runner"),
-    "RunResult": ("runner", "RunResult"),
-    "AttentionMaps": ("maps", "AttentionMaps"),
-    "models": ("models", None),
-    "AttentionRegulation": ("regulation", "AttentionRegulation"),
-    "token_indices": ("tokens", "token_indices"),
-    "eos_index": ("tokens", "eos_index"),
-    "SpatialTemporal": ("spacetime", "SpatialTemporal"),
-    "Layout": ("layout", "Layout"),
-    "LayoutPredictor": ("layout", "LayoutPredictor"),
-    "RuleLayoutPredictor": ("layout", "RuleLayoutPredictor"),
+    "Runner": ("integration.runner", "Runner"),
+    "RunResult": ("integration.runner", "RunResult"),
+    "AttentionMaps": ("integration.maps", "AttentionMaps"),
+    "models": ("integration.models", None),
+    "AttentionRegulation": ("methods.regulation", "AttentionRegulation"),
+    "token_indices": ("integration.tokens", "token_indices"),
+    "eos_index": ("integration.tokens", "eos_index"),
+    "SpatialTemporal": ("methods.spacetime", "SpatialTemporal"),
+    "Layout": ("methods.spacetime.layout", "Layout"),
+    "LayoutPredictor": ("methods.spacetime.layout", "LayoutPredictor"),
+    "RuleLayoutPredictor": ("methods.spacetime.layout", "RuleLayoutPredictor"),
 }
 
 __all__ = ["region_attention", "ScoreOffset", "gaussian_basis", "set_value_checks", "backend_for",

@@ -166,7 +166,7 @@ def build_parser(defaults: bool = True) -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------- checks before loading
 def _check_args(args) -> None:
     """The checks that need no model: everything wrong here fails before loading anything."""
-    from . import models
+    from .integration import models
 
     if not args.model:
         raise UsageError("--model: required (a model directory, hub repo id, checkpoint file or tiny), "
@@ -305,7 +305,7 @@ def _read_prompts(path: Path, args) -> list:
 
 # ------------------------------------------------------------------------- checks after loading
 def _load(args):
-    from .runner import Runner
+    from .integration.runner import Runner
 
     device = torch.device(args.device)  # _check_args has run
     dtype = DTYPES[args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
@@ -323,7 +323,7 @@ def _check_maps_size(runner, args) -> None:
     size where every such layer is larger, nothing would be recorded."""
     import inspect
 
-    from .maps import AttentionMaps
+    from .integration.maps import AttentionMaps
 
     height, width = _size(runner, args)
     limit = inspect.signature(AttentionMaps).parameters["max_pixels"].default
@@ -359,7 +359,7 @@ def _size(runner, args) -> tuple:
 def _resolve(runner, args, item: Item) -> None:
     """The item's heatmap columns and labels, and its method's targets / layout, checked against
     its prompt as the pipeline encodes it (truncated to the tokenizer's length, as diffusers does)."""
-    from .tokens import prompt_ids, prompt_words, token_indices
+    from .integration.tokens import prompt_ids, prompt_words, token_indices
 
     tok = runner.pipe.tokenizer
     full = len(tok(item.prompt).input_ids)  # with SOS and EOS
@@ -393,7 +393,7 @@ def _layout_text(layout: Optional[str]) -> Optional[str]:
 
 
 def _spacetime(item: Item, args):
-    from .spacetime import SpatialTemporal
+    from .methods.spacetime.controller import SpatialTemporal
 
     try:
         if item.method is not None:
@@ -410,7 +410,7 @@ def _controller(runner, args, item: Item):
         return None
     try:
         if args.method == "regulation":
-            from .regulation import AttentionRegulation
+            from .methods.regulation.controller import AttentionRegulation
 
             if item.method is not None:
                 method = AttentionRegulation.from_settings(item.method)
@@ -421,7 +421,7 @@ def _controller(runner, args, item: Item):
         method = _spacetime(item, args)
         method.apply(runner, prompt=item.prompt)
         if args.optimize and item.method is None:   # a report's weights are already optimised
-            from . import models
+            from .integration import models
 
             clip = models.tiny_clip() if args.clip == "tiny" else args.clip
             height, width = _size(runner, args)
@@ -441,9 +441,9 @@ def _guidance(runner, args) -> float:
 def _generate(runner, args, item: Item, *, maps: bool, callback=None, profile_dir=None):
     """One item: its method and heatmap recorder installed, its images generated. The method's
     random draws (Attention Regulation's θ₀) come from the global RNG seeded with the item's seed."""
-    from . import models
-    from .maps import AttentionMaps
-    from .processors import accelerate
+    from .integration import models
+    from .integration.maps import AttentionMaps
+    from .integration.processors import accelerate
 
     with models._seeded(item.seed, runner.device):
         method = _controller(runner, args, item)
@@ -508,7 +508,7 @@ def _run_args(args) -> dict:
 
 def cmd_generate(args, argv) -> int:
     from . import __version__
-    from .maps import heatmap_figure
+    from .integration.maps import heatmap_figure
 
     if args.from_report is not None:
         _from_report(args, argv)

@@ -1,6 +1,6 @@
 """The fp64 oracle of the Attention-Regulation inner loop and the comparison of a run against it.
 
-The loop (stattn/regulation_core.py) iterates theta_{i+1} = theta_i - lr n grad L(theta_i), lr n in the
+The loop (stattn/methods/regulation/core.py) iterates theta_{i+1} = theta_i - lr n grad L(theta_i), lr n in the
 hundreds: a map that amplifies rounding and that branches. The quantile's gradient goes to the pixels
 holding the order statistics around rank q (M - 1), so where two of them swap places the step jumps
 to other pixels; and best_iter is an argmin over the losses. Two runs in different arithmetic follow
@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from stattn import reference as ref
-from stattn import regulation_core as rc
+from stattn.methods.regulation import core as rc
 
 WEIGHTS = (1.0, 80.0, 0.09)
 EPS = {torch.float32: 2.0 ** -24, torch.float64: 2.0 ** -53}

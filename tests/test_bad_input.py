@@ -12,12 +12,13 @@ import pytest
 import torch
 
 import stattn
-from stattn import models, native
+from stattn import native
+from stattn.integration import models
 from stattn import reference as ref
-from stattn.layout import Box, Layout, find_objects
-from stattn.regulation import AttentionRegulation
-from stattn.spacetime import SpatialTemporal, combine, max_weight_sum, region_kv
-from stattn.tokens import token_indices
+from stattn.methods.spacetime.layout import Box, Layout, find_objects
+from stattn.methods.regulation.controller import AttentionRegulation
+from stattn.methods.spacetime.controller import SpatialTemporal, combine, max_weight_sum, region_kv
+from stattn.integration.tokens import token_indices
 
 from helpers import TOL, rel_err
 

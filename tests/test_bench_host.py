@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from stattn import models
+from stattn.integration import models
 from stattn.bench import host
 
 

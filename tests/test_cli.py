@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from stattn import cli, models
-from stattn.maps import AttentionMaps, heatmap_figure
+from stattn.integration.maps import AttentionMaps, heatmap_figure
 
 PROMPT = "a photo of a cat and a frog"
 
@@ -144,7 +144,7 @@ def test_attention_maps_and_figure():
 
 
 def test_attention_maps_average_the_cond_rows_over_heads_and_calls():
-    from stattn.control import CrossAttentionCall
+    from stattn.integration.control import CrossAttentionCall
 
     q, k = torch.randn(2, 3, 16, 8), torch.randn(2, 1, 3, 5, 8)
     call = CrossAttentionCall("x.attn2", None, q, k, k, None, (4, 4), 0, None, 0.5)

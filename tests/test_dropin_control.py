@@ -14,8 +14,8 @@ from diffusers import StableDiffusionImg2ImgPipeline
 from diffusers.schedulers import KarrasDiffusionSchedulers
 
 import stattn
-from stattn import models
-from stattn.control import Generation
+from stattn.integration import models
+from stattn.integration.control import Generation
 
 PROMPT = "a photo of a cat and a frog"
 OTHER = "a big frog next to a small cat"
@@ -101,7 +101,7 @@ def test_bare_unet_rule_and_reset():
         assert rec.steps == [list(range(6))] * 2
         pipe.unet(x, ts[-1], encoder_hidden_states=ctx)   # same timestep: the run goes on ...
         assert rec.steps[-1][-1] == 6
-        stattn.processors.tracker_of(pipe.unet).reset()   # ... unless told
+        stattn.integration.processors.tracker_of(pipe.unet).reset()   # ... unless told
         pipe.unet(x, ts[-1], encoder_hidden_states=ctx)
         assert rec.steps[-1] == [0]
     stattn.restore(pipe.unet)

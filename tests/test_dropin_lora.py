@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import stattn
-from stattn import models
-from stattn.processors import StattnAttnProcessor, status
+from stattn.integration import models
+from stattn.integration.processors import StattnAttnProcessor, status
 
 peft = pytest.importorskip("peft")   # the LoRA cases need diffusers' PEFT backend
 from peft import LoraConfig  # noqa: E402

@@ -9,8 +9,8 @@ import torch
 import diffusers
 
 import stattn
-from stattn import models
-from stattn.processors import NotAcceleratedWarning, status
+from stattn.integration import models
+from stattn.integration.processors import NotAcceleratedWarning, status
 
 PROMPT = "a photo of a cat and a frog"
 # fp32 images from two summation orders of the same attention: |difference| ~ 1e-6 on [0, 1] pixels

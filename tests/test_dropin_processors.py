@@ -16,8 +16,8 @@ from diffusers.models.attention_processor import (
     IPAdapterAttnProcessor2_0, SlicedAttnProcessor)
 
 import stattn
-from stattn import models
-from stattn.processors import NotAcceleratedWarning, StattnAttnProcessor, exact_processors, status
+from stattn.integration import models
+from stattn.integration.processors import NotAcceleratedWarning, StattnAttnProcessor, exact_processors, status
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -396,8 +396,8 @@ def test_ip_adapter_scales_per_adapter_and_block_in_one_call(ip_pair, monkeypatc
     stock, pipe = ip_pair if kind == "sdpa" else map(_classic, ip_pair)
     stattn.accelerate(pipe)
     calls = []
-    op = stattn.processors_ip.region_attention
-    monkeypatch.setattr(stattn.processors_ip, "region_attention", lambda *a, **k: (calls.append(1), op(*a, **k))[1])
+    op = stattn.integration.ip_adapter.region_attention
+    monkeypatch.setattr(stattn.integration.ip_adapter, "region_attention", lambda *a, **k: (calls.append(1), op(*a, **k))[1])
     torch.testing.assert_close(run_ip(pipe), run_ip(stock), **TOL)
     for p in (stock, pipe):            # set on stattn's processors: diffusers finds them by isinstance
         p.set_ip_adapter_scale([0.6, {"up": {"block_0": [0.0, 1.0, 0.0]}, "down": 0.3}])

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from stattn import models
+from stattn.integration import models
 from stattn.evaluation import metrics as M, tiny
-from stattn.spacetime import CLIP_MEAN, CLIP_STD
+from stattn.methods.spacetime.controller import CLIP_MEAN, CLIP_STD
 
 
 def test_cosine_and_min_similarity_by_hand():

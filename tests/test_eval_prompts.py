@@ -86,7 +86,7 @@ def test_every_shipped_prompt_resolves_for_every_method():
     spacetime places its objects (what `stattn eval` checks before any image)."""
     from stattn import cli
     from stattn.evaluation import run as R
-    from stattn.runner import Runner
+    from stattn.integration.runner import Runner
 
     runner = Runner.from_pretrained("tiny", device="cpu")
     args = argparse.Namespace(method=None, spacetime_mode="same_branch", steps=2, optimize=False, clip=None)

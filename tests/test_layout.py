@@ -3,7 +3,7 @@ the rule-based object chunker and layout predictor, and bad input."""
 import pytest
 import torch
 
-from stattn.layout import (Box, Centre, Layout, LayoutPredictor, Mask, Phrase, RuleLayoutPredictor, as_region,
+from stattn.methods.spacetime.layout import (Box, Centre, Layout, LayoutPredictor, Mask, Phrase, RuleLayoutPredictor, as_region,
                            find_objects, find_phrases, parse_layout_text)
 
 DIMS = (8, 16, 32, 64)

@@ -14,7 +14,7 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 from transformers import CLIPTokenizer, CLIPTokenizerFast
 
-from stattn import models
+from stattn.integration import models
 
 # ~300 common prompt words, each a single token of the shipped vocabulary.
 COMMON_WORDS = """

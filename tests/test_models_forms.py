@@ -22,8 +22,8 @@ from diffusers.loaders.single_file_utils import (CHECKPOINT_KEY_NAMES, convert_l
                                                  infer_diffusers_model_type)
 
 import ldm_checkpoint
-from stattn import models
-from stattn.runner import Runner
+from stattn.integration import models
+from stattn.integration.runner import Runner
 
 PROMPT = "a red cat on the left"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"       # a snapshot's name in the Hub cache: 40 hex digits

@@ -335,7 +335,7 @@ def _loop_inputs(B, H, h, w, D, T, dtype, seed=0, tie_rows=False):
 
 
 def _native_loop(q, k, tokens, theta0, gy, gx, scale, iters):
-    from stattn import regulation_core as rc
+    from stattn.methods.regulation import core as rc
 
     ct = torch.float64 if q.dtype == F64 else F32
     T = tokens.numel()
@@ -384,7 +384,7 @@ def test_native_inner_loop_shares_the_quantile_weight_among_ties(h, dtype, iters
 
 
 def test_native_inner_loop_is_deterministic():
-    from stattn import regulation_core as rc
+    from stattn.methods.regulation import core as rc
 
     q, k, tokens, theta0, gy, gx = _loop_inputs(2, 2, 32, 24, 40, 2, F32, seed=5)
     call = lambda: native.inner_loop(q, k, tokens, theta0, gy, gx, 40 ** -0.5, 20, 100.0,  # noqa: E731

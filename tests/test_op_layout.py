@@ -14,7 +14,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import stattn
 from stattn import native, ops
 from stattn import reference as ref
-from stattn.processors import StattnAttnProcessor
+from stattn.integration.processors import StattnAttnProcessor
 from helpers import GRAD_TOL_FACTOR, TOL, Case, make_inputs, op_args, rel_err
 
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
@@ -225,14 +225,14 @@ def test_processor_hidden_states_are_a_view_of_the_op_output(backend, monkeypatc
     attn = Attention(query_dim=32, cross_attention_dim=24, heads=H, dim_head=D, processor=AttnProcessor2_0()).eval()
     attn = attn.to(DEVICE)
     seen = {}
-    real_op = stattn.processors.region_attention
+    real_op = stattn.integration.processors.region_attention
 
     def op(q, k, v, **kw):
         seen["q"] = q
         seen["o"] = real_op(q, k, v, **kw)
         return seen["o"]
 
-    monkeypatch.setattr(stattn.processors, "region_attention", op)
+    monkeypatch.setattr(stattn.integration.processors, "region_attention", op)
     attn.to_q.register_forward_hook(lambda m, a, out: seen.__setitem__("to_q", out))
     attn.to_out[0].register_forward_pre_hook(lambda m, a: seen.__setitem__("to_out_in", a[0]))
     x, ctx = torch.randn(2, 35, 32, device=DEVICE), torch.randn(2, 77, 24, device=DEVICE)

@@ -6,7 +6,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 import stattn
-from stattn.processors import StattnAttnProcessor
+from stattn.integration.processors import StattnAttnProcessor
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -117,8 +117,8 @@ def test_kv_projected_once_per_context_and_controller_sees_steps(monkeypatch):
 
     stattn.accelerate(unet, controller=Record())
     to_k_calls = []
-    project = stattn.processors.project_kv     # (a hook on to_k would rightly turn the cache off)
-    monkeypatch.setattr(stattn.processors, "project_kv", lambda *a: (to_k_calls.append(1), project(*a))[1])
+    project = stattn.integration.processors.project_kv     # (a hook on to_k would rightly turn the cache off)
+    monkeypatch.setattr(stattn.integration.processors, "project_kv", lambda *a: (to_k_calls.append(1), project(*a))[1])
     ctx = torch.randn(2, 77, 32)
     x = torch.randn(2, 4, 16, 12)
     with torch.no_grad():

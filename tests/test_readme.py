@@ -7,8 +7,8 @@ Design:
   files such as ``out.png`` and ``prof/``).
 - The blocks name a real model the way a user would ("path/to/sd-model", a CLIP directory). The
   test makes those paths real inside the temporary directory: the tiny SD pipeline
-  (``stattn.models.tiny(0)``) is saved at ``path/to/sd-model`` and the tiny CLIP
-  (``stattn.models.tiny_clip()``) at ``path/to/clip-vit-b-32``, so the model-loading lines run
+  (``stattn.integration.models.tiny(0)``) is saved at ``path/to/sd-model`` and the tiny CLIP
+  (``stattn.integration.models.tiny_clip()``) at ``path/to/clip-vit-b-32``, so the model-loading lines run
   unchanged.
 - The only text changes are the ones in ``SUBSTITUTIONS``: the CPU instead of "cuda", fp32
   instead of fp16 (the CPU path of the tiny model), and 2 denoising steps (2 edited ones for
@@ -85,8 +85,8 @@ def test_substitution_is_whole_token():
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("readme")
-    stattn.models.save(stattn.models.tiny(0), root / MODEL_DIR)
-    clip, tok = stattn.models.tiny_clip()
+    stattn.integration.models.save(stattn.integration.models.tiny(0), root / MODEL_DIR)
+    clip, tok = stattn.integration.models.tiny_clip()
     clip.save_pretrained(root / CLIP_DIR)
     tok.save_pretrained(root / CLIP_DIR)
     return root

@@ -6,12 +6,12 @@ import torch
 
 import loop_oracle
 import stattn
-from stattn import models
+from stattn.integration import models
 from stattn import reference as ref
-from stattn import regulation_reference as rr
-from stattn.control import CrossAttentionCall
-from stattn.regulation import AttentionRegulation
-from stattn.tokens import eos_index, prompt_words, token_indices
+from stattn.methods.regulation import reference as rr
+from stattn.integration.control import CrossAttentionCall
+from stattn.methods.regulation.controller import AttentionRegulation
+from stattn.integration.tokens import eos_index, prompt_words, token_indices
 
 PROMPT = "a photo of a cat and a frog"
 
@@ -248,7 +248,7 @@ def test_inner_loop_matches_reference(dtype, backend, monkeypatch):
     fp32 up to its first near-branch (the loop is a chaotic map: two fp32 runs need not share a
     trajectory after it) and the best-iterate rule throughout. Then the edited logits and the layer
     output at the reference's theta_best, one evaluation each."""
-    from stattn.regulation_core import inner_loop
+    from stattn.methods.regulation.core import inner_loop
 
     monkeypatch.setenv("STATTN_BACKEND", backend)
     iters = 20 if backend == "reference" else 8                         # the interpreter is slow
@@ -275,7 +275,7 @@ def test_inner_loop_matches_reference(dtype, backend, monkeypatch):
 
 
 def test_closed_form_gradient_matches_autograd():
-    from stattn.regulation_core import regulation_loss
+    from stattn.methods.regulation.core import regulation_loss
 
     q, k, tokens, theta0, basis = _inner_case(torch.float64, seed=3, T=3)
     z = rr._cond_logits(q, k, 0.25)
@@ -406,7 +406,7 @@ def test_pipeline_fused_matches_reference(sd):
     finally:
         stattn.restore(sd)
     # steps >= edit_steps: the controller returns None and the processor makes the very call it makes
-    # without a controller (stattn.processors: region_attention(q, k, v, scale)): the same bits
+    # without a controller (stattn.integration.processors: region_attention(q, k, v, scale)): the same bits
     assert torch.equal(plain, no_controller)
     assert (a - b).abs().max() <= 1e-9 * a.abs().max()
     assert (a - plain).abs().max() > 1e-2 * a.abs().max()

@@ -1,4 +1,4 @@
-"""Attention-Regulation inner optimisation (stattn/regulation_core.py, kernels/regulation.py):
+"""Attention-Regulation inner optimisation (stattn/methods/regulation/core.py, kernels/regulation.py):
 the spec's check values, the closed-form gradient vs autograd (fp64), the fused loop (Triton,
 interpreter on CPU) vs the fp64 oracle of tests/loop_oracle.py (iteration by iteration until the
 first near-branch), the best-iterate rule on exact ties, the quantile vs torch.quantile, bad input."""
@@ -12,7 +12,7 @@ import torch
 
 import loop_oracle
 import stattn
-from stattn import regulation_core as rc
+from stattn.methods.regulation import core as rc
 
 F64 = torch.float64
 WEIGHTS = loop_oracle.WEIGHTS

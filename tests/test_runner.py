@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import stattn
-from stattn import models
-from stattn.control import Controller
-from stattn.runner import Runner
+from stattn.integration import models
+from stattn.integration.control import Controller
+from stattn.integration.runner import Runner
 
 STEPS = 3
 PROMPT = "a photo of a cat and a frog"
@@ -66,7 +66,7 @@ def test_several_images_generators_and_latents(sd):
 
 
 def test_prompt_encoded_once_and_kv_projected_once_per_layer(sd, monkeypatch):
-    from stattn import processors
+    from stattn.integration import processors
 
     runner = Runner(sd)
     calls = {"text": 0, "kv": 0}

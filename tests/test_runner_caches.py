@@ -3,8 +3,8 @@ are not cached under PEFT layers), CUDA graphs follow processor changes and UNet
 import torch
 
 import stattn
-from stattn import models
-from stattn.runner import _encoder_key, _weights_key
+from stattn.integration import models
+from stattn.integration.runner import _encoder_key, _weights_key
 
 PROMPT = "a photo of a cat and a frog"
 

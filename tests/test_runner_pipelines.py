@@ -13,9 +13,9 @@ import diffusers
 import stattn
 from diffusers import (ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline,
                        StableDiffusionXLControlNetPipeline, UNet2DConditionModel)
-from stattn import models
-from stattn.control import Controller
-from stattn.runner import Runner
+from stattn.integration import models
+from stattn.integration.control import Controller
+from stattn.integration.runner import Runner
 
 STEPS = 2
 PROMPT = "a photo of a cat and a frog"
@@ -118,7 +118,7 @@ def test_subclasses_count_only_with_the_stock_call():
 
 def test_a_pipeline_hooked_by_a_controller_is_still_its_stock_class():
     sd = _tiny(seed=6)
-    stattn.accelerate(sd, controller=Controller())   # stattn.pipeline_calls swaps in a hooking subclass
+    stattn.accelerate(sd, controller=Controller())   # stattn.integration.pipeline_calls swaps in a hooking subclass
     try:
         assert Runner(sd).family.stock is StableDiffusionPipeline
     finally:

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 import stattn
-from stattn import models
+from stattn.integration import models
 from stattn import reference as ref
-from stattn.control import CrossAttentionCall, Generation
-from stattn.layout import Box, Centre, Layout
-from stattn.spacetime import SpatialTemporal, combine, region_kv
+from stattn.integration.control import CrossAttentionCall, Generation
+from stattn.methods.spacetime.layout import Box, Centre, Layout
+from stattn.methods.spacetime.controller import SpatialTemporal, combine, region_kv
 
 from helpers import TOL, rel_err
 
@@ -251,7 +251,7 @@ def test_runner_and_stock_pipeline_agree_any_scheduler(mode):
 
 
 def test_local_descriptions_encoded_once_and_kv_projected_once_per_layer(pipe, monkeypatch):
-    from stattn import spacetime
+    from stattn.methods.spacetime import controller as spacetime
 
     projected, encoded = [], []
     real_project, real_encode = spacetime.project_kv, pipe.encode_prompt
@@ -365,7 +365,7 @@ def tiny_clip(dtype=torch.float32):
 
 @pytest.mark.parametrize("n", [64, 512])
 def test_clip_resize_is_exact_area_averaging(n):
-    from stattn.spacetime import clip_resize
+    from stattn.methods.spacetime.controller import clip_resize
 
     # A[o, p] = overlap of output cell o with input pixel p, over the output cell's length
     edges_in = torch.arange(n + 1, dtype=torch.float64) / n
@@ -380,8 +380,8 @@ def test_clip_resize_is_exact_area_averaging(n):
 def test_weight_gradients_match_finite_differences(reference_backend):
     """dL/dW through the whole sampling loop (checkpointed UNet evaluations recomputed in the
     backward at the right step, PNDM's repeated timestep sharing a column), the decoder and CLIP."""
-    from stattn.runner import Runner
-    from stattn.spacetime import ClipLoss, _freeze, _unfreeze, sample_images
+    from stattn.integration.runner import Runner
+    from stattn.methods.spacetime.controller import ClipLoss, _freeze, _unfreeze, sample_images
 
     pipe = models.tiny(0, dtype=torch.float64)
     st = SpatialTemporal(["cat", "frog"], weights=torch.full((2, 3), 2.5, dtype=torch.float64))

@@ -49,7 +49,7 @@ class Clip:
     (or a (CLIPModel, tokenizer) pair, e.g. models.tiny_clip())."""
 
     def __init__(self, clip, name: Optional[str] = None):
-        from ..spacetime import _load_clip
+        from ..methods.spacetime.controller import _load_clip
 
         self.model, self.tokenizer = _load_clip(clip)
         self.name = name or (os.fspath(clip) if not isinstance(clip, (tuple, list)) else "given CLIPModel")
@@ -59,14 +59,14 @@ class Clip:
 
     @torch.no_grad()
     def text_features(self, texts: Sequence[str]) -> Tensor:
-        from ..spacetime import _features
+        from ..methods.spacetime.controller import _features
 
         ids = self.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt").to(self.device)
         return _features(self.model.get_text_features(**ids)).double()
 
     @torch.no_grad()
     def image_features(self, image) -> Tensor:
-        from ..spacetime import _features, clip_pixels, clip_resize
+        from ..methods.spacetime.controller import _features, clip_pixels, clip_resize
 
         x = clip_pixels(clip_resize(to_tensor(image), self.size)).to(self.device, self.dtype)
         return _features(self.model.get_image_features(pixel_values=x))[0].double()

@@ -102,7 +102,7 @@ GROUPS = {"ae": ("ae-animals", "ae-animal-object", "ae-objects")}   # a name for
 
 def _objects_of(text: str) -> tuple:
     """The object phrases the prompt names, without their article (spacetime's object finder)."""
-    from ..layout import find_objects
+    from ..methods.spacetime.layout import find_objects
 
     words = [o.split() for o in find_objects(text)]
     return tuple(" ".join(w[1:] if len(w) > 1 and w[0].lower() in ("a", "an", "the") else w) for w in words)

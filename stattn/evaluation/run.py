@@ -80,7 +80,7 @@ class Scorer:
     """The metric models of the run (loaded once per process)."""
 
     def __init__(self, clip: Optional[str], detector: Optional[str], threshold: float):
-        from .. import models
+        from ..integration import models
         from . import metrics, tiny
 
         self.clip = self.detector = None

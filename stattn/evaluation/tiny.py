@@ -12,7 +12,7 @@ _VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_at
 
 def save_clip(folder, seed: int = 0) -> Path:
     """models.tiny_clip() saved with its tokenizer: a CLIPModel directory."""
-    from .. import models
+    from ..integration import models
 
     model, tok = models.tiny_clip(seed)
     folder = Path(folder)
@@ -26,7 +26,7 @@ def detector(kind: str = "owlv2", seed: int = 0, image_size: int = 64) -> tuple:
     tokenizer, and its processor."""
     import transformers
 
-    from .. import models
+    from ..integration import models
 
     names = {"owlv2": ("Owlv2Config", "Owlv2ForObjectDetection", "Owlv2ImageProcessor", "Owlv2Processor"),
              "owlvit": ("OwlViTConfig", "OwlViTForObjectDetection", "OwlViTImageProcessor", "OwlViTProcessor")}

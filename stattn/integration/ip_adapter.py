@@ -27,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from .ops import region_attention
+from ..ops import region_attention
 from .processors import (_DTYPES, _NOT_REPRODUCED, _RESTORED, StattnAttnProcessor, _Counts, _exact_for, _heads,
                          _KVCache)
 

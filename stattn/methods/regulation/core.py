@@ -45,9 +45,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import _validate as V
-from . import reference as ref
-from .ops import backend_for
+from ... import _validate as V
+from ... import reference as ref
+from ...ops import backend_for
 
 __all__ = ["InnerResult", "BlendResult", "RegulationLoss", "inner_loop", "inner_loop_blend", "regulation_loss",
            "quantile_position", "target_logits", "default_thr", "key_order", "permute_keys"]
@@ -376,7 +376,7 @@ def _inner_loop_impl(q: Tensor, k: Tensor, tokens: Tensor, theta0: Tensor, gy: T
                                quantile_position(quantile, q.shape[2], torch.float32), quantile,
                                thr / tokens.numel(), (w0, w1, w2))
     if backend == "native":  # csrc/regulation.cpp: the 20 iterations in one native call
-        from . import native
+        from ... import native
 
         return native.inner_loop(q, k, tokens, theta0, gy, gx, scale, iters, lr,
                                  quantile_position(quantile, q.shape[2], ref.compute_dtype(q)), quantile,

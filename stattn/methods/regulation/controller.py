@@ -9,14 +9,14 @@ deviation the paper or good sense suggests is an option.
 
 Two paths compute the same thing:
 
-- ``fused=True`` (default): :func:`stattn.regulation_core.inner_loop` (two Triton launches on a
+- ``fused=True`` (default): :func:`stattn.methods.regulation.core.inner_loop` (two Triton launches on a
   GPU, a vectorised closed form on the CPU) and one :func:`stattn.region_attention` launch with
   the offset for the whole batch (θ = 0 on the unconditional rows, which is plain attention).
   No host synchronisation; the step enters only through ``graph_key`` (edit or not) and
   ``call.step_tensor`` (the decay, the first-step rule), and the per-layer state lives in device
   buffers updated in place, so it runs under ``stattn.Runner(cuda_graphs=True)``.
 - ``fused=False``: the eager autograd reference of the whole released algorithm
-  (:mod:`stattn.regulation_reference`), step for step. Slow; the oracle. Not CUDA-graph capturable.
+  (:mod:`stattn.methods.regulation.reference`), step for step. Slow; the oracle. Not CUDA-graph capturable.
 
 Targets are resolved to key indices at :meth:`AttentionRegulation.apply` time from ``prompt=`` and
 the pipeline's tokenizer (the controller never sees the prompt text later), or given directly as
@@ -33,14 +33,14 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from . import reference as ref
-from ._validate import set_value_checks
-from . import regulation_reference as rr
-from .regulation_core import check_loss_weights
-from .basis import ScoreOffset, gaussian_basis
-from .control import Controller, CrossAttentionCall, PromptEmbedsCheck, cond_start
-from .ops import region_attention
-from .processors import accelerate, restore, unet_of
+from ... import reference as ref
+from ..._validate import set_value_checks
+from . import reference as rr
+from .core import check_loss_weights
+from ...basis import ScoreOffset, gaussian_basis
+from ...integration.control import Controller, CrossAttentionCall, PromptEmbedsCheck, cond_start
+from ...ops import region_attention
+from ...integration.processors import accelerate, restore, unet_of
 
 __all__ = ["AttentionRegulation", "DEFAULT_LAYERS"]
 
@@ -66,7 +66,7 @@ class AttentionRegulation(Controller):
     """Attention Regulation controller.
 
     targets        words or phrases of the prompt to regulate (resolved at ``apply(x, prompt=...)``
-                   by :func:`stattn.tokens.token_indices`: whole words, repeated words take
+                   by :func:`stattn.integration.tokens.token_indices`: whole words, repeated words take
                    successive occurrences, a multi-token word gives all its tokens), or
     token_indices  key indices directly (SOS is 0).
     layers         substrings selecting cross-attention layers by dotted name, or ``"all"``.
@@ -188,11 +188,11 @@ class AttentionRegulation(Controller):
             if prompt is None:
                 raise ValueError(f"prompt: targets {self.targets} are words; apply(x, prompt=...) must give "
                                  "the prompt they are found in (or construct with token_indices=)")
-            from .tokens import token_indices
+            from ...integration.tokens import token_indices
 
             self.tokens = token_indices(tokenizer, prompt, self.targets, subtokens=self.subtokens)
         if prompt is not None:
-            from .tokens import eos_index
+            from ...integration.tokens import eos_index
 
             self.eos = eos_index(tokenizer, prompt)
         if self.eos is None and not self.renormalize:
@@ -270,7 +270,7 @@ class AttentionRegulation(Controller):
     def _resolve(self, prompt) -> tuple:
         hit = self._resolved.get(prompt)
         if hit is None:
-            from .tokens import eos_index, token_indices
+            from ...integration.tokens import eos_index, token_indices
 
             if not isinstance(prompt, str):
                 raise TypeError(f"prompt: expected strings, got {type(prompt).__name__}")
@@ -318,7 +318,7 @@ class AttentionRegulation(Controller):
         """θ0 draw, then 3 launches: the inner loop (Triton: logits + 20 iterations on-chip), the
         best-iterate choice with the across-steps blend written straight into the offset's θ, and
         the edited attention through region_attention. No host synchronisation."""
-        from .regulation_core import inner_loop_blend
+        from .core import inner_loop_blend
 
         st, c0 = self._state(call)
         q, k = call.q, call.k
@@ -327,7 +327,7 @@ class AttentionRegulation(Controller):
             st.theta_prev.copy_(theta0)
         kc = k[c0:, 0]
         if st.key_order is not None:   # rows of different prompts: every row's targets at row 0's columns
-            from .regulation_core import permute_keys
+            from .core import permute_keys
 
             kc = permute_keys(kc, st.key_order)
         inner_loop_blend(q[c0:], kc, st.tokens, theta0, st.basis, st.theta_prev, _step_tensor(call),
@@ -403,7 +403,7 @@ class AttentionRegulation(Controller):
             bad = sorted({t for r, e in zip(rows_t, rows_e) for t in r + ([e] if e is not None else []) if t >= N})
             if bad:
                 raise ValueError(f"token_indices: {bad} out of range for the {N} text keys of layer {call.name}")
-            from .regulation_core import key_order
+            from .core import key_order
 
             order = key_order(rows_t, N) if per_row else None
             shared = rows_t[0]

@@ -1,6 +1,6 @@
 """Eager autograd reference of the released Attention Regulation algorithm, step for step.
 
-This is the oracle the fused path (:func:`stattn.regulation_core.inner_loop` + the offset in
+This is the oracle the fused path (:func:`stattn.methods.regulation.core.inner_loop` + the offset in
 :func:`stattn.region_attention`) is tested against, and the path ``AttentionRegulation(fused=False)``
 runs. It follows the released code's own layout and order of operations:
 
@@ -25,7 +25,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .reference import compute_dtype
+from ...reference import compute_dtype
 
 __all__ = ["released_basis", "to_flat", "from_flat", "initial_theta", "regulation_loss", "LossParts",
            "reference_inner_loop", "ReferenceInner", "edited_attention", "reference_layer_call",

@@ -3,7 +3,7 @@
 ``stattn.accelerate(pipe_or_unet, controller=None)`` puts :class:`StattnAttnProcessor` on every
 cross-attention module (``attn2``) whose processor stattn reproduces exactly (:func:`exact_processors`:
 the stock ``AttnProcessor2_0`` and ``AttnProcessor``, and IP-Adapter's two processors through
-:mod:`stattn.processors_ip`); every other processor (sliced, fused QKV, xformers, Custom Diffusion,
+:mod:`stattn.integration.ip_adapter`); every other processor (sliced, fused QKV, xformers, Custom Diffusion,
 a user's own class) stays in place, named in a :class:`NotAcceleratedWarning` and in :func:`status`.
 A UNet forward pre-hook (a few identity checks) notices processors installed later
 (``enable_attention_slicing``, ``fuse_qkv_projections``, ``set_attn_processor``, ``load_ip_adapter``,
@@ -29,7 +29,7 @@ import torch
 
 from . import pipeline_calls
 from .control import Controller, CrossAttentionCall, StepTracker, layer_grid, project_kv
-from .ops import region_attention
+from ..ops import region_attention
 
 __all__ = ["StattnAttnProcessor", "Status", "NotAcceleratedWarning", "accelerate", "restore", "status",
            "exact_processors", "unet_of", "tracker_of"]
@@ -61,7 +61,7 @@ def exact_processors() -> dict:
         from diffusers.models.attention_processor import (
             AttnProcessor, AttnProcessor2_0, IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0)
 
-        from .processors_ip import wrapper_class
+        from .ip_adapter import wrapper_class
 
         sdpa, classic = (lambda attn, d: d ** -0.5), (lambda attn, d: attn.scale)
         _EXACT = {
@@ -75,11 +75,11 @@ def exact_processors() -> dict:
                 "norm_q / norm_k", StattnAttnProcessor),
             IPAdapterAttnProcessor2_0: _Exact(
                 sdpa, False, "text SDPA plus each image-prompt branch's SDPA times its scale (and mask): one "
-                "multi-region call with per-region key lengths (stattn.processors_ip); no norm_q / norm_k",
+                "multi-region call with per-region key lengths (stattn.integration.ip_adapter); no norm_q / norm_k",
                 wrapper_class(IPAdapterAttnProcessor2_0)),
             IPAdapterAttnProcessor: _Exact(
                 classic, False, "the same sum with attn.scale and get_attention_scores' softmax "
-                "(stattn.processors_ip); no norm_q / norm_k", wrapper_class(IPAdapterAttnProcessor)),
+                "(stattn.integration.ip_adapter); no norm_q / norm_k", wrapper_class(IPAdapterAttnProcessor)),
         }
     return _EXACT
 
@@ -514,7 +514,7 @@ def accelerate(pipe_or_unet, controller: Optional[Controller] = None):
 
     With a controller, a UNet pre-hook tracks the step and latent size and the controller sees
     every accelerated call; given a pipeline (or a Runner), its calls are hooked so that every call
-    starts a new generation (:mod:`stattn.pipeline_calls`). Calling again replaces the controller;
+    starts a new generation (:mod:`stattn.integration.pipeline_calls`). Calling again replaces the controller;
     :func:`restore` undoes everything. Returns the pipeline or UNet it was given."""
     unet = unet_of(pipe_or_unet)
     layers = _cross_attention_layers(unet)

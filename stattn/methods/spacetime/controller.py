@@ -1,6 +1,6 @@
 """Spatial-temporal attention control (arXiv 2304.03869) as a :class:`stattn.Controller`.
 
-Every object i of the prompt gets a region m_i (a :class:`stattn.layout.Layout`: centres, boxes,
+Every object i of the prompt gets a region m_i (a :class:`stattn.methods.spacetime.layout.Layout`: centres, boxes,
 masks, LLM-style text, or the rule-based predictor) and a local description "a photo of <phrase>",
 encoded separately by the pipeline's own text encoder(s) into its own context E_i. In every
 cross-attention layer the conditional rows compute, per pixel p (as the released code does),
@@ -32,12 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import reference as ref
-from .control import Controller, CrossAttentionCall, Generation, PromptEmbedsCheck, cond_start, project_kv
+from ... import reference as ref
+from ...integration.control import Controller, CrossAttentionCall, Generation, PromptEmbedsCheck, cond_start, project_kv
 from .layout import (Layout, LayoutPredictor, Phrase, RuleLayoutPredictor, _locate, as_region, check_layout_names,
                      expand_to_phrase, match_layout_names, parse_layout_text, region_from_json, region_to_json)
-from .ops import region_attention
-from .processors import accelerate, restore, unet_of
+from ...ops import region_attention
+from ...integration.processors import accelerate, restore, unet_of
 
 __all__ = ["SpatialTemporal", "combine", "region_kv", "ClipLoss", "OptimizationResult", "clip_resize",
            "sample_images", "max_weight_sum", "MODES", "TEMPLATE"]
@@ -91,8 +91,8 @@ class SpatialTemporal(Controller):
     objects   ``"auto"`` (the object phrases the layout predictor finds, or the names of a given
               layout) or a list of words / phrases of the prompt (a word is widened to the phrase
               containing it: "cat" -> "a black cat"; repeated words take successive occurrences).
-    layout    None / ``"auto"`` (the predictor), a :class:`~stattn.layout.LayoutPredictor`, a
-              :class:`~stattn.layout.Layout`, LLM-style text ("name [x, y, w, h]" lines on a 512
+    layout    None / ``"auto"`` (the predictor), a :class:`~stattn.methods.spacetime.layout.LayoutPredictor`, a
+              :class:`~stattn.methods.spacetime.layout.Layout`, LLM-style text ("name [x, y, w, h]" lines on a 512
               canvas), a list of regions in object order — centres (x, y), boxes (x0, y0, x1, y1)
               in [0, 1], mask tensors [H, W] — or a dict object -> region. A named layout's regions
               go to the objects by name, in any order ("a cat [...]" to object "cat"); its names
@@ -105,8 +105,8 @@ class SpatialTemporal(Controller):
     cfg       None (default): classifier-free guidance as the pipeline / Runner call runs it (on a
               bare UNet: True, the batch [uncond; cond]); a bool is for bare UNets and must agree
               with a pipeline's guidance. uncond_ref needs guidance.
-    predictor the :class:`~stattn.layout.LayoutPredictor` used for ``layout="auto"`` (default
-              :class:`~stattn.layout.RuleLayoutPredictor`).
+    predictor the :class:`~stattn.methods.spacetime.layout.LayoutPredictor` used for ``layout="auto"`` (default
+              :class:`~stattn.methods.spacetime.layout.RuleLayoutPredictor`).
     template  the local description ("a photo of {}").
 
     After :meth:`apply`: ``phrases`` (the object phrases), ``descriptions``, ``layout_used``.
@@ -133,7 +133,7 @@ class SpatialTemporal(Controller):
             raise ValueError("mode: 'uncond_ref' needs classifier-free guidance (cfg=True)")
         self.cfg = cfg
         if predictor is not None and not isinstance(predictor, LayoutPredictor):
-            raise TypeError(f"predictor: expected a stattn.layout.LayoutPredictor, got {type(predictor).__name__}")
+            raise TypeError(f"predictor: expected a stattn.methods.spacetime.layout.LayoutPredictor, got {type(predictor).__name__}")
         if isinstance(layout, LayoutPredictor):
             predictor, layout = layout, None
         self.predictor = predictor if predictor is not None else RuleLayoutPredictor()
@@ -222,7 +222,7 @@ class SpatialTemporal(Controller):
     def _resolve(self, prompt: str) -> tuple[list, Layout]:
         """(object phrases, layout) for the prompt. User objects must be in the prompt; a named
         layout (a Layout, layout text, a dict) gives each object the region named after it, in
-        whatever order the names come (:func:`~stattn.layout.match_layout_names`); a list of
+        whatever order the names come (:func:`~stattn.methods.spacetime.layout.match_layout_names`); a list of
         regions goes in object order. With objects="auto" a named layout's names are the objects
         and must name objects of the prompt."""
         layout = self.layout
@@ -656,7 +656,7 @@ def _load_clip(clip):
 
 
 def _runner_of(x):
-    from .runner import Runner
+    from ...integration.runner import Runner
 
     return x if isinstance(x, Runner) else Runner(x, accelerate=False)
 
@@ -671,7 +671,7 @@ def sample_images(runner, prompt: str, latents: Tensor, *, steps: int, guidance_
     from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
     from torch.utils.checkpoint import checkpoint as ckpt
 
-    from .processors import tracker_of
+    from ...integration.processors import tracker_of
 
     pipe, unet, device = runner.pipe, runner.unet, runner.device
     cfg = guidance_scale > 1.0

@@ -232,7 +232,7 @@ class StepTracker:
     ``i`` diffusers' ``callback_on_step_end`` reports), for every scheduler. Where a generation starts:
 
     - a pipeline call, when stattn was given the pipeline (:func:`stattn.accelerate(pipe)`,
-      ``controller.apply(pipe)``): :mod:`stattn.pipeline_calls` hooks its ``__call__``; the call's
+      ``controller.apply(pipe)``): :mod:`stattn.integration.pipeline_calls` hooks its ``__call__``; the call's
       guidance, prompts and number of loop turns are read from the pipeline (:class:`Generation`);
     - :class:`stattn.Runner`: it drives the steps itself (``driven``) and says what it runs;
     - a bare UNet: the first evaluation after ``accelerate`` / :meth:`reset`, and every evaluation
@@ -266,7 +266,7 @@ class StepTracker:
             self.controller.reset()
             self.controller.begin_generation(generation)
 
-    # the pipeline-call hook (stattn.pipeline_calls) brackets every call of a hooked pipeline
+    # the pipeline-call hook (stattn.integration.pipeline_calls) brackets every call of a hooked pipeline
     def begin_pipeline_call(self, pipe, arguments: dict) -> None:
         self._call = (pipe, arguments)
         self.reset()

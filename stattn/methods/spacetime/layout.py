@@ -207,7 +207,7 @@ def as_region(spec: RegionLike, name: str = "layout") -> Region:
     if isinstance(spec, (list, tuple)) and len(spec) == 4:
         return Box(*spec)
     raise ValueError(f"{name}: expected a centre (x, y), a box (x0, y0, x1, y1) in [0, 1], a mask tensor [H, W] "
-                     f"or a stattn.layout.Region, got {spec!r}")
+                     f"or a stattn.methods.spacetime.layout.Region, got {spec!r}")
 
 
 def region_to_json(region: Region) -> dict:

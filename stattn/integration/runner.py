@@ -106,7 +106,7 @@ def _unsupported(cls: type, why: str, pipeline: bool = True) -> TypeError:
 
 def _family_of(pipe) -> _Family:
     """The supported class ``pipe`` is, decided by its class alone: a subclass counts only when its
-    ``__call__`` is the stock one (stattn.pipeline_calls' hook is seen through: it wraps the stock loop)."""
+    ``__call__`` is the stock one (stattn.integration.pipeline_calls' hook is seen through: it wraps the stock loop)."""
     families = _families()
     cls = type(pipe)
     cls = cls.__dict__.get("_stattn_stock_class", cls)
@@ -211,7 +211,7 @@ class Runner:
     def from_pretrained(cls, model: Union[str, Path], *, dtype=None, torch_dtype=None, device=None,
                         scheduler=None, cuda_graphs: bool = False, accelerate: bool = True,
                         local_files_only: Optional[bool] = None, config=None) -> "Runner":
-        """Load what ``stattn.models.resolve`` accepts — ``"tiny"``, ``"tiny-sdxl"``, ``"full:sd15"``
+        """Load what ``stattn.integration.models.resolve`` accepts — ``"tiny"``, ``"tiny-sdxl"``, ``"full:sd15"``
         ..., a diffusers directory, a single-file checkpoint (``config``: a diffusers directory or
         Hub id with its component configs), a Hub repo id (``local_files_only`` None follows
         HF_HUB_OFFLINE) — and run it text-to-image. An SD / SDXL img2img or inpainting pipeline (with
@@ -724,7 +724,7 @@ class Runner:
     def _settings(self, call: _Call) -> dict:
         import diffusers
 
-        from . import __version__
+        from .. import __version__
 
         ctrl = self.controller
         return {

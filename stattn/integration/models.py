@@ -44,8 +44,9 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 __all__ = ["tiny", "tiny_clip", "random_clip", "full", "save", "load", "resolve", "tokenizer", "TINY_KINDS", "FULL_NAMES",
            "TOKENIZER_DIR", "CONFIGS_DIR", "CHECKPOINT_SUFFIXES"]
 
-TOKENIZER_DIR = Path(__file__).parent / "data" / "tokenizer"
-CONFIGS_DIR = Path(__file__).parent / "configs"
+PACKAGE_DIR = Path(__file__).resolve().parent.parent   # stattn/: data/ and configs/ ship with the package
+TOKENIZER_DIR = PACKAGE_DIR / "data" / "tokenizer"
+CONFIGS_DIR = PACKAGE_DIR / "configs"
 
 # diffusers renamed from_pretrained's `torch_dtype` to `dtype` (the old name warns); detect which.
 _DTYPE_KWARG = "dtype" if hasattr(diffusers.utils.deprecation_utils, "_resolve_dtype") else "torch_dtype"
