@@ -48,11 +48,11 @@ def device_slug(device: str) -> str:
 
 
 def git_state() -> dict:
-    """HEAD and whether the working tree differs from it (results themselves excluded)."""
-    status = _command("git", "status", "--porcelain", "--", ".", ":(exclude)bench/results")
-    dirty_paths = [line[3:] for line in status.splitlines()] if status else []
-    return {"commit": _command("git", "rev-parse", "HEAD"), "dirty": bool(dirty_paths),
-            "dirty_paths": dirty_paths[:50]}
+    """The commit and whether the tree is dirty (bench.commit.tree_state: git, or the COMMIT file of a
+    copy without .git)."""
+    from .commit import tree_state
+
+    return tree_state(REPO)
 
 
 def provenance(env: dict) -> str:

@@ -72,6 +72,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
+from .commit import tree_state
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_BUDGET_S = {"gpu": 480.0, "dry": 1200.0}   # the dry run's are loose (DRY_STAGE_BUDGET_S)
 SITE = Path("/tmp/stattn-site")                    # where the carried wheels are installed
@@ -266,22 +268,6 @@ def _pct(x) -> str:
 
 # ------------------------------------------------------------------------------------ stage 1: env
 
-def commit_of(root: Path) -> dict:
-    """The tree's commit: git where root has a .git, else the first word of root/COMMIT, else unknown."""
-    if (root / ".git").exists():
-        try:
-            git = lambda *a: subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True,  # noqa: E731
-                                            timeout=20, check=True).stdout.strip()
-            return {"commit": git("rev-parse", "HEAD"), "source": "git",
-                    "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
-        except (OSError, subprocess.SubprocessError):
-            pass
-    words = (root / "COMMIT").read_text().split() if (root / "COMMIT").is_file() else []
-    if words:
-        return {"commit": words[0], "source": "COMMIT file", "dirty": None}
-    return {"commit": "unknown", "source": "no .git, no COMMIT file", "dirty": None}
-
-
 VERSIONS = r"""
 import json, platform, sys
 out = {"python": platform.python_version(), "executable": sys.executable}
@@ -325,7 +311,7 @@ def _nvidia_smi(ctx: StageContext) -> str:
 
 def stage_env(ctx: StageContext, wheels: Path = REPO / ".whl") -> None:
     """GPU, versions and commit; diffusers from the wheels, and stattn itself, where not importable."""
-    ctx.facts["commit"] = commit_of(REPO)
+    ctx.facts["commit"] = tree_state(REPO)
     ctx.facts["gpu"] = _nvidia_smi(ctx)
     versions, install = _versions(ctx), []
     if not versions.get("diffusers"):

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from bench import gpu_check as gc
+from bench.commit import tree_state
 
 
 def _stage(name, budget_s, *argvs, keys=lambda d: {}):
@@ -128,9 +129,9 @@ def test_junit_counts(tmp_path):
 
 
 def test_commit_without_git(tmp_path):
-    assert gc.commit_of(tmp_path)["commit"] == "unknown"
+    assert tree_state(tmp_path)["commit"] == "unknown"
     (tmp_path / "COMMIT").write_text("0123abc\n")
-    assert gc.commit_of(tmp_path) == {"commit": "0123abc", "source": "COMMIT file", "dirty": None}
+    assert tree_state(tmp_path) == {"commit": "0123abc", "source": "COMMIT file", "dirty": None, "dirty_paths": []}
 
 
 def test_commit_from_git(tmp_path):
@@ -140,8 +141,10 @@ def test_commit_from_git(tmp_path):
     (tmp_path / "f").write_text("x")
     git("add", "f")
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "m")
-    (tmp_path / "COMMIT").write_text("not this one\n")
-    assert gc.commit_of(tmp_path) == {"commit": git("rev-parse", "HEAD"), "source": "git", "dirty": False}
+    head = git("rev-parse", "HEAD")
+    assert tree_state(tmp_path) == {"commit": head, "source": "git", "dirty": False, "dirty_paths": []}
+    (tmp_path / "COMMIT").write_text("not this one\n")   # git wins; the untracked file makes the tree dirty
+    assert tree_state(tmp_path) == {"commit": head, "source": "git", "dirty": True, "dirty_paths": ["COMMIT"]}
 
 
 def test_gpu_budgets_fit_eight_minutes_and_the_dry_run_gets_loose_ones():
