@@ -247,3 +247,52 @@ def check_op_indices(tokens, pin, lengths, B: int, R: int, T: int, N: int) -> No
         if _shape(t) not in [(size,)] + ([(B, size)] if per_row else []):
             want = f"[{dim}={size}]" + (f" or [B={B}, {dim}={size}]" if per_row else "")
             raise ValueError(f"{name} must have shape {want}, got {_shape(t)}")
+
+
+def probs_columns(cols, N: int, n_first, device):
+    """return_probs given as something other than None / False: True (every column: returns None),
+    or region 0's column indices, a sequence of ints or a 1-D integer tensor, each in [0, N) (in
+    [0, n_first) when region 0's key length is known; repeats allowed). Returns the columns as a
+    tuple of ints, or a tensor's as an int64 tensor on ``device`` (unchecked where its values cannot
+    be read now: CUDA-graph capture, torch.compile)."""
+    if cols is True:
+        return None
+    what = ("return_probs must be a bool or region 0's column indices (a sequence of ints or a 1-D integer "
+            "tensor)")
+    if isinstance(cols, torch.Tensor):
+        if cols.dim() != 1 or cols.dtype.is_floating_point or cols.dtype.is_complex or cols.dtype == torch.bool:
+            raise TypeError(f"{what}, got a {cols.dtype} tensor of shape {_shape(cols)}")
+        if cols.device != device and cols.device.type != "cpu":
+            raise ValueError(f"return_probs' column tensor must be on q's device {device} (or the CPU), got "
+                             f"{cols.device}")
+        index = cols.to(device=device, dtype=torch.int64)
+        if cols.device == device and _capturing(cols):  # its values cannot be read now
+            return index
+        values = cols.tolist()
+    else:
+        if isinstance(cols, (str, bytes, bool)) or not hasattr(cols, "__len__"):
+            raise TypeError(f"{what}, got {type(cols).__name__}")
+        values = list(cols)
+        if not all(_is_int(v) for v in values):
+            raise TypeError(f"{what}, got {values!r}")
+        values = [int(v) for v in values]
+        index = tuple(values)
+    if not values:
+        raise ValueError("return_probs: the column list is empty (give at least one column, or True for all)")
+    bound, name = (N, f"N = {N}") if n_first is None else (n_first, f"key_lengths[0] = {n_first}")
+    bad = [v for v in values if not 0 <= v < bound]
+    if bad:
+        raise ValueError(f"return_probs columns {bad} out of range: region 0's columns are [0, {name})")
+    return index
+
+
+def check_grad_probs(g, q: torch.Tensor, N: int) -> None:
+    """The backward op's grad_probs: [B, H, M, N] in the compute dtype, on q's device."""
+    B, H, M, _ = q.shape
+    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if not isinstance(g, torch.Tensor):
+        raise TypeError(f"grad_probs must be a tensor [B, H, M, N] or None, got {type(g).__name__}")
+    if _shape(g) != (B, H, M, N):
+        raise ValueError(f"grad_probs must have shape [B={B}, H={H}, M={M}, N={N}], got {_shape(g)}")
+    if g.dtype != ct or g.device != q.device:
+        raise TypeError(f"grad_probs must be {ct} on q's device {q.device}, got {g.dtype} on {g.device}")

@@ -1,7 +1,8 @@
 """The public op ``region_attention`` and its torch.library registration.
 
-Two custom ops carry the work: ``stattn::region_attention`` (forward, returns the output and the
-per-region log-sum-exps the backward re-uses) and ``stattn::region_attention_backward``. Both
+Two custom ops carry the work: ``stattn::region_attention`` (forward, returns the output, the
+per-region log-sum-exps the backward re-uses and, when asked, region 0's probabilities per head) and
+``stattn::region_attention_backward`` (which takes those probabilities' gradient). Both
 dispatch on the device: CUDA -> Triton kernels (float64: the reference); CPU -> the native C++
 kernels of csrc/ (stattn.native; the reference, with one warning, if they cannot be loaded), or
 the Triton kernels under the interpreter when STATTN_BACKEND=triton (with TRITON_INTERPRET=1).
@@ -110,9 +111,13 @@ def _check_indices(q, k, theta, tokens, pin, lengths):
                        k.shape[3])
 
 
-def _native_lengths(lengths):
-    """The native ops' trailing ``lengths`` argument, passed only when given (None: the call as before)."""
-    return () if lengths is None else (lengths,)
+def _native_extra(lengths, last):
+    """The native ops' trailing ``lengths`` and ``want_probs`` (forward) / ``grad_probs`` (backward)
+    arguments, passed only up to the last one given (None / False: not given), so that a call
+    without them is as before."""
+    if last is None or last is False:
+        return () if lengths is None else (lengths,)
+    return lengths, last
 
 
 def _logits(q: Tensor, k: Tensor, scale: float, lengths: Optional[Tensor]) -> Tensor:
@@ -126,31 +131,48 @@ def _logits(q: Tensor, k: Tensor, scale: float, lengths: Optional[Tensor]) -> Te
 def _region_attention_op(q: Tensor, k: Tensor, v: Tensor, weights: Tensor, masks: Tensor, affine: bool,
                          theta: Optional[Tensor], tokens: Optional[Tensor], gy: Optional[Tensor],
                          gx: Optional[Tensor], pin: Optional[Tensor], scale: float,
-                         save_logits: bool = False, lengths: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
-    """(o, lse, logits): logits (see _logits) when save_logits, for the native backward to skip its
-    first product; else empty. Only the native CPU backend is asked for them (see _save_logits).
+                         save_logits: bool = False, lengths: Optional[Tensor] = None,
+                         want_probs: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(o, lse, logits, probs): logits (see _logits) when save_logits, for the native backward to
+    skip its first product; else empty. Only the native CPU backend is asked for them (see
+    _save_logits). probs [B, H, M, N] (contiguous, compute dtype) when want_probs: region 0's
+    probabilities as applied, per head (reference.region0_probs), from the same pass; else empty.
     tokens int32 [T] or [B, T] (per batch row), pin int32 flags [N] or [B, N], lengths int32 [R]
     (region r's valid keys; None: all N)."""
-    return _forward(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, save_logits, lengths)
+    o, lse, logits, probs = _forward(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale,
+                                     save_logits, lengths, want_probs)
+    if probs is None:
+        probs = q.new_empty(0, dtype=ref.compute_dtype(q))
+    return o, lse, logits, probs
 
 
 def _forward(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, save_logits, lengths,
-             lse_needed: bool = True):
+             want_probs: bool = False, lse_needed: bool = True):
     """The forward on the backend for q: the custom op's body, and the direct path's
-    (lse_needed=False: the reference then skips its log-sum-exps, returned as None)."""
+    (lse_needed=False: the reference then skips its log-sum-exps, returned as None); probs None
+    unless want_probs."""
     _check_indices(q, k, theta, tokens, pin, lengths)
     backend = backend_for(q)
     if backend == "native":
-        return native.forward(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, save_logits,
-                              *_native_lengths(lengths))
+        out = native.forward(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, save_logits,
+                             *_native_extra(lengths, want_probs))
+        return out if want_probs else (*out, None)
+    probs = None
     if backend == "triton":
-        o, lse = _kernels().forward(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, lengths)
+        if want_probs:
+            o, lse, probs = _kernels().forward(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale,
+                                               lengths, want_probs=True)
+        else:
+            o, lse = _kernels().forward(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale,
+                                        lengths)
     else:
         off = _ref_offset(theta, tokens, gy, gx, pin)
         o = _in_output_layout(ref.region_attention(q, k, v, masks, weights, affine, off, scale, lengths), q)
         lse = ref.region_lse(q, k, scale, off, lengths) if lse_needed else None
+        if want_probs:
+            probs = ref.region0_probs(q, k, scale, off, lengths).contiguous()
     logits = _logits(q, k, scale, lengths) if save_logits else q.new_empty(0, dtype=ref.compute_dtype(q))
-    return o, lse, logits
+    return o, lse, logits, probs
 
 
 def _direct(*tensors: Optional[Tensor]) -> bool:
@@ -171,11 +193,14 @@ def _direct(*tensors: Optional[Tensor]) -> bool:
 
 
 @_region_attention_op.register_fake
-def _(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, save_logits=False, lengths=None):
+def _(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, save_logits=False, lengths=None,
+      want_probs=False):
     B, H, M, _ = q.shape
     R, N = k.shape[1], k.shape[3]
+    ct = ref.compute_dtype(q)
     return (empty_output(q), q.new_empty((B, R + (pin is not None), H, M), dtype=torch.float32),
-            q.new_empty((B, H, M, R * N) if save_logits else (0,), dtype=ref.compute_dtype(q)))
+            q.new_empty((B, H, M, R * N) if save_logits else (0,), dtype=ct),
+            q.new_empty((B, H, M, N) if want_probs else (0,), dtype=ct))
 
 
 @torch.library.custom_op("stattn::region_attention_backward", mutates_args=())
@@ -183,23 +208,29 @@ def _region_attention_backward_op(
         grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, weights: Tensor, masks: Tensor, affine: bool,
         theta: Optional[Tensor], tokens: Optional[Tensor], gy: Optional[Tensor], gx: Optional[Tensor],
         pin: Optional[Tensor], scale: float, lse: Tensor, needs: list[bool],
-        logits: Optional[Tensor] = None,
-        lengths: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        logits: Optional[Tensor] = None, lengths: Optional[Tensor] = None,
+        grad_probs: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv, dweights, dmasks, dtheta); ``needs`` flags them in that order
     (dk and dv share one flag slot each); an unneeded one comes back as an empty tensor. ``logits``:
-    the forward's saved logits (used by the native backend; the others recompute). dk/dv are
-    exactly zero on the padded keys (index >= lengths[r]). grad_out is read with its strides; dq
-    comes in o's layout (empty_output), whatever q's strides, the others contiguous."""
+    the forward's saved logits (used by the native backend; the others recompute). ``grad_probs``:
+    None or the gradient [B, H, M, N] (compute dtype) w.r.t. the forward's probs (want_probs); it
+    adds to region 0's dL/dp, so reaches dq, dk and dtheta. dk/dv are exactly zero on the padded
+    keys (index >= lengths[r]). grad_out is read with its strides; dq comes in o's layout
+    (empty_output), whatever q's strides, the others contiguous."""
     need_q, need_k, need_v, need_w, need_m, need_t = needs
     _check_indices(q, k, theta, tokens, pin, lengths)
+    if grad_probs is not None:
+        V.check_grad_probs(grad_probs, q, k.shape[3])
+        grad_probs = grad_probs.contiguous()
     backend = backend_for(q)
     if backend == "native":
         grads = native.backward(grad_out, q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale,
-                                lse, needs, logits, *_native_lengths(lengths))
+                                lse, needs, logits, *_native_extra(lengths, grad_probs))
     elif backend == "triton":
         dq, dk, dv, dbuf, dtheta = _kernels().backward(
             grad_out, q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, lse,
-            need_q, need_k or need_v, need_w or need_m, need_t and theta is not None, lengths)
+            need_q, need_k or need_v, need_w or need_m, need_t and theta is not None, lengths,
+            **({} if grad_probs is None else {"grad_probs": grad_probs}))
         dweights = dmasks = None
         if need_w or need_m:
             dalpha = _dalpha(dbuf, pin is not None, affine)
@@ -208,7 +239,7 @@ def _region_attention_backward_op(
         grads = (dq, dk, dv, dweights, dmasks, dtheta)
     else:
         grads = _reference_backward(grad_out, q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin,
-                                    scale, needs, lengths)
+                                    scale, needs, lengths, grad_probs)
     out = []
     for i, (g, t, n) in enumerate(zip(grads, (q, k, v, weights, masks, theta), needs)):
         if not n or t is None:
@@ -230,10 +261,11 @@ def _dalpha(dbuf: Tensor, has_pin: bool, affine: bool) -> Tensor:
 
 
 def _reference_backward(grad_out, q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, needs,
-                        lengths):
+                        lengths, grad_probs=None):
     """The reference's closed-form gradients, cast to the inputs' dtypes; unneeded ones None."""
     off = _ref_offset(theta, tokens, gy, gx, pin)
-    grads = ref.region_attention_backward(grad_out, q, k, v, masks, weights, affine, off, scale, lengths)
+    grads = ref.region_attention_backward(grad_out, q, k, v, masks, weights, affine, off, scale, lengths,
+                                          grad_probs)
     like = (q, k, v, weights, masks, theta)
     return [g.to(t.dtype) if (n and t is not None and g is not None) else None
             for g, t, n in zip(grads, like, needs)]
@@ -241,7 +273,7 @@ def _reference_backward(grad_out, q, k, v, weights, masks, affine, theta, tokens
 
 @_region_attention_backward_op.register_fake
 def _(grad_out, q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, lse, needs, logits=None,
-      lengths=None):
+      lengths=None, grad_probs=None):
     like = (q, k, v, weights, masks, theta)
     return tuple(q.new_empty(0) if not (n and t is not None) else
                  empty_output(q) if i == 0 else q.new_empty(t.shape, dtype=t.dtype)
@@ -249,21 +281,27 @@ def _(grad_out, q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, sca
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, _save, lengths = inputs
+    q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, _save, lengths, want_probs = inputs
     ctx.save_for_backward(q, k, v, weights, masks, theta, tokens, gy, gx, pin, output[1], output[2], lengths)
     ctx.affine, ctx.scale = affine, scale
-    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.mark_non_differentiable(output[1], output[2], *(() if want_probs else (output[3],)))
+    # an output the loss does not use gets None, not zeros: no B H M N zeros for unused maps
+    ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_out, _grad_lse, _grad_logits):
+def _backward(ctx, grad_out, _grad_lse, _grad_logits, grad_probs):
     q, k, v, weights, masks, theta, tokens, gy, gx, pin, lse, logits, lengths = ctx.saved_tensors
     ng = ctx.needs_input_grad
     needs = [ng[0], ng[1], ng[2], ng[3], ng[4], ng[6] and theta is not None]
+    if grad_probs is not None and grad_probs.numel() == 0:   # (materialised by a tracer: no maps)
+        grad_probs = None
+    if grad_out is None:   # only the maps reach the loss: o's gradient is zero (one stride-0 zero)
+        grad_out = q.new_zeros(()).expand(q.shape)
     grads = _region_attention_backward_op(grad_out, q, k, v, weights, masks, ctx.affine, theta,
                                           tokens, gy, gx, pin, ctx.scale, lse, needs,
-                                          logits if logits.numel() else None, lengths)
+                                          logits if logits.numel() else None, lengths, grad_probs)
     dq, dk, dv, dw, dm, dt = (g if n else None for g, n in zip(grads, needs))
-    return dq, dk, dv, dw, dm, None, dt, None, None, None, None, None, None, None
+    return dq, dk, dv, dw, dm, None, dt, None, None, None, None, None, None, None, None
 
 
 def _save_logits(q: Tensor, *inputs: Optional[Tensor]) -> bool:
@@ -280,9 +318,24 @@ def _save_logits(q: Tensor, *inputs: Optional[Tensor]) -> bool:
 torch.library.register_autograd("stattn::region_attention", _backward, setup_context=_setup_context)
 
 
-# int32 [R] key lengths per (lengths, device), built by scalar fills (legal inside CUDA-graph
-# capture) and kept only when built outside capture / compilation, where the fills ran at once.
-_LENGTHS_CACHE: dict = {}
+# Small index tensors (the op's int32 key lengths, return_probs' int64 columns) per (values,
+# dtype, device), built by scalar fills (legal inside CUDA-graph capture) and kept only when built
+# outside capture / compilation, where the fills ran at once.
+_INDEX_CACHE: dict = {}
+
+
+def _index_tensor(values: tuple, dtype, device) -> Tensor:
+    key = (values, dtype, device)
+    t = _INDEX_CACHE.get(key) if not torch.compiler.is_compiling() else None
+    if t is None:
+        t = torch.empty(len(values), dtype=dtype, device=device)
+        for i, n in enumerate(values):
+            t[i] = n
+        if not V._capturing(t):
+            if len(_INDEX_CACHE) >= 64:
+                _INDEX_CACHE.clear()
+            _INDEX_CACHE[key] = t
+    return t
 
 
 def _lengths_tensor(lengths, device) -> Optional[Tensor]:
@@ -290,22 +343,28 @@ def _lengths_tensor(lengths, device) -> Optional[Tensor]:
     op's ``lengths`` argument."""
     if lengths is None or isinstance(lengths, Tensor):
         return lengths
-    key = (lengths, device)
-    t = _LENGTHS_CACHE.get(key) if not torch.compiler.is_compiling() else None
-    if t is None:
-        t = torch.empty(len(lengths), dtype=torch.int32, device=device)
-        for r, n in enumerate(lengths):
-            t[r] = n
-        if not V._capturing(t):
-            if len(_LENGTHS_CACHE) >= 64:
-                _LENGTHS_CACHE.clear()
-            _LENGTHS_CACHE[key] = t
-    return t
+    return _index_tensor(lengths, torch.int32, device)
+
+
+def _columns_tensor(cols, device) -> Optional[Tensor]:
+    """return_probs' columns as checked by V.probs_columns (None: all, a tuple of ints, or an int64
+    device tensor) -> the index of the column selection."""
+    if cols is None or isinstance(cols, Tensor):
+        return cols
+    return _index_tensor(cols, torch.int64, device)
+
+
+def _head_mean(probs: Tensor, cols: Optional[Tensor]) -> Tensor:
+    """The op's per-head maps [B, H, M, N] -> their mean over heads [B, M, N], or that of the
+    columns cols [B, M, T] (selected first: the mean then runs over T columns only)."""
+    if cols is not None:
+        probs = probs.index_select(-1, cols)
+    return probs.mean(1)
 
 
 def region_attention(q: Tensor, k: Tensor, v: Tensor, *, masks: Optional[Tensor] = None,
                      region_weights: Optional[Tensor] = None, affine: bool = False, offset=None,
-                     scale: Optional[float] = None, key_lengths=None) -> Tensor:
+                     scale: Optional[float] = None, key_lengths=None, return_probs=None):
     """Masked multi-region cross-attention with per-region weights and a Gaussian-basis offset.
 
     q [B, H, M, D]; k, v [B, R, H, N, D] (region r's keys/values); masks [R, M] or [B, R, M]
@@ -317,6 +376,12 @@ def region_attention(q: Tensor, k: Tensor, v: Tensor, *, masks: Optional[Tensor]
     to its first L_r keys only (a softmax of its own; e.g. IP-Adapter's text and image-prompt
     branches in one call), the rest are padding (probability 0, zero dk/dv, contents ignored);
     offset indices must be < L_0.
+    return_probs: None / False (default): return o only; True: return (o, P) with P [B, M, N] region
+    0's probabilities as applied (the edited softmax with the offset, pinned columns from the
+    un-offset softmax, 0 on padded keys) averaged over heads, from the same pass as o; column
+    indices (a sequence of ints or a 1-D integer tensor, each in [0, N), in [0, L_0) with
+    key_lengths): return (o, P[..., cols]) [B, M, len(cols)]. P is float32 (float64 for float64
+    inputs) and differentiable w.r.t. q, k and offset.theta (a loss on P alone or on P and o).
     Returns o [B, H, M, D] = sum_r alpha_r * softmax(z_r) @ v_r (see stattn/reference.py), in
     [B, M, H, D] memory order on every backend (as SDPA's output), so ``o.transpose(1, 2).reshape(B,
     M, H * D)`` is a view. q and the incoming gradient are read with their strides (the processors'
@@ -343,10 +408,20 @@ def region_attention(q: Tensor, k: Tensor, v: Tensor, *, masks: Optional[Tensor]
     elif theta is not None and theta.dtype == torch.float64:
         raise TypeError(f"offset.theta must be float32 for {q.dtype} inputs (float64 only with float64 q)")
     lengths_t = _lengths_tensor(lengths, q.device)
+    if return_probs is None or return_probs is False:
+        if _direct(q, k, v, weights_f, masks_f, theta):
+            return _forward(q, k, v, weights_f, masks_f, affine, theta, tokens, gy, gx, pin, scale, False,
+                            lengths_t, lse_needed=False)[0]
+        save = _save_logits(q, k, v, weights_f, masks_f, theta)
+        return _region_attention_op(q, k, v, weights_f, masks_f, affine, theta, tokens, gy, gx, pin, scale, save,
+                                    lengths_t)[0]
+    cols = V.probs_columns(return_probs, N, lengths[0] if isinstance(lengths, tuple) else None, q.device)
+    cols = _columns_tensor(cols, q.device)
     if _direct(q, k, v, weights_f, masks_f, theta):
-        return _forward(q, k, v, weights_f, masks_f, affine, theta, tokens, gy, gx, pin, scale, False, lengths_t,
-                        lse_needed=False)[0]
-    save = _save_logits(q, k, v, weights_f, masks_f, theta)
-    o, _, _ = _region_attention_op(q, k, v, weights_f, masks_f, affine, theta, tokens, gy, gx, pin, scale, save,
-                                   lengths_t)
-    return o
+        o, _, _, probs = _forward(q, k, v, weights_f, masks_f, affine, theta, tokens, gy, gx, pin, scale, False,
+                                  lengths_t, True, lse_needed=False)
+    else:
+        save = _save_logits(q, k, v, weights_f, masks_f, theta)
+        o, _, _, probs = _region_attention_op(q, k, v, weights_f, masks_f, affine, theta, tokens, gy, gx, pin,
+                                              scale, save, lengths_t, True)
+    return o, _head_mean(probs, cols)

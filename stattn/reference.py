@@ -10,14 +10,16 @@ head h, pixel m (row-major, m = y*w + x) and region r with L_r valid keys (key_l
     alpha_r = region_weights[b,r] * masks[b,r,m];  affine: alpha_0 = 1 - sum_{r>=1} alpha_r
     o       = sum_r alpha_r * sum_n p_r[n] * v[b,r,h,n]
 tokens / pinned are shared by all batch rows or given per row (ScoreOffset); padded keys and values
-are ignored whatever they hold (their gradients are zero).
+are ignored whatever they hold (their gradients are zero). Region 0's p_0 (edited, pinned columns
+restored, 0 on its padding) is also an output of the op (return_probs): region0_probs; its gradient
+G enters the backward beside alpha_0 dO v_0^T (region_attention_backward's grad_probs).
 """
 from __future__ import annotations
 
 import torch
 
 __all__ = ["score_offset", "region_alpha", "alpha_backward", "index_rows", "key_valid", "pinned_mask",
-           "region_logits", "region_probs", "region_attention", "region_lse", "region_attention_backward"]
+           "region_logits", "region_probs", "region0_probs", "region_attention", "region_lse", "region_attention_backward"]
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -108,6 +110,12 @@ def region_probs(q, k, scale, offset=None, lengths=None):
     return p
 
 
+def region0_probs(q, k, scale, offset=None, lengths=None):
+    """Region 0's probabilities as applied [B, H, M, N] (compute dtype): region_probs of region 0
+    alone (its keys only, so no other region's product is computed)."""
+    return region_probs(q, k[:, :1], scale, offset, None if lengths is None else tuple(lengths)[:1])[:, 0]
+
+
 def region_attention(q, k, v, masks, region_weights, affine=False, offset=None, scale=None, lengths=None):
     """Reference of :func:`stattn.region_attention` on already-normalised arguments:
     masks [B, R, M] float, region_weights [B, R] float, lengths R ints or None (see the module
@@ -133,11 +141,14 @@ def region_lse(q, k, scale, offset=None, lengths=None):
 
 
 def region_attention_backward(grad_out, q, k, v, masks, region_weights, affine=False, offset=None, scale=None,
-                              lengths=None):
+                              lengths=None, grad_probs=None):
     """Closed-form gradients of :func:`region_attention`: (dq, dk, dv, d_region_weights, d_masks,
     d_theta | None), in the compute dtype. The same algebra as the fused backward kernels:
-    dp_r = alpha_r * dO . v_r^T, D_r = <dO, O_r>, dz_r = p_r * (dp_r - alpha_r * D_r); region 0's
-    pinned columns back-propagate through the un-offset softmax, the others through the edited one."""
+    dp_r = alpha_r * dO . v_r^T, D_r = <dO, O_r>, dz_r = p_r * (dp_r - <p_r, dp_r>); region 0's
+    pinned columns back-propagate through the un-offset softmax, the others through the edited one.
+    grad_probs: None or G [B, H, M, N], the gradient w.r.t. region 0's probabilities as applied
+    (region0_probs); it adds to region 0's dp (dp_0 = alpha_0 dO . v_0^T + G), so it reaches dq, dk
+    and dtheta, not dv, the weights or the masks."""
     ct = compute_dtype(q)
     if scale is None:
         scale = q.shape[-1] ** -0.5
@@ -155,13 +166,13 @@ def region_attention_backward(grad_out, q, k, v, masks, region_weights, affine=F
     pe0 = p[:, 0] if z0_edited is None else z0_edited.softmax(-1)             # region 0, edited softmax
     p_used = torch.cat([torch.where(pin, p[:, 0], pe0)[:, None], p[:, 1:]], 1)
     D = (p_used * dpv).sum(-1)                                                # <dO, O_r>  [B, R, H, M]
+    dp = dpv * a                                                              # dL/dp_r from the output
+    dp0 = dp[:, 0] if grad_probs is None else dp[:, 0] + grad_probs.to(ct)
     # softmax backward; region 0 splits into its edited (non-pinned) and un-offset (pinned) parts
-    dz = p * (dpv - D[..., None])
-    De = (pe0 * dpv[:, 0] * ~pin).sum(-1, keepdim=True)
-    Dp = (p[:, 0] * dpv[:, 0] * pin).sum(-1, keepdim=True)
-    dze0 = pe0 * (dpv[:, 0] * ~pin - De)
-    dz0 = dze0 + p[:, 0] * (dpv[:, 0] * pin - Dp)
-    dz = torch.cat([dz0[:, None], dz[:, 1:]], 1) * a                          # [B, R, H, M, N]
+    dz = p * (dp - (p * dp).sum(-1, keepdim=True))
+    dze0 = pe0 * (dp0 * ~pin - (pe0 * dp0 * ~pin).sum(-1, keepdim=True))
+    dz0 = dze0 + p[:, 0] * (dp0 * pin - (p[:, 0] * dp0 * pin).sum(-1, keepdim=True))
+    dz = torch.cat([dz0[:, None], dz[:, 1:]], 1)                              # [B, R, H, M, N]
     dq = torch.einsum("brhmn,brhnd->bhmd", dz, k) * scale
     dk = torch.einsum("brhmn,bhmd->brhnd", dz, q) * scale
     dv = torch.einsum("brhmn,bhmd->brhnd", p_used * a, do)
@@ -172,7 +183,6 @@ def region_attention_backward(grad_out, q, k, v, masks, region_weights, affine=F
     if z0_edited is not None:
         tokens = torch.tensor(index_rows(offset.tokens), device=q.device)  # [B or 1, T]
         dS = dze0.gather(-1, tokens[:, None, None].expand(*dze0.shape[:3], -1))  # [B, H, M, T]
-        dS = dS * alpha[:, 0, None, :, None]
         h, w = offset.gy.shape[0], offset.gx.shape[0]
         dS = dS.reshape(*dS.shape[:2], h, w, dS.shape[-1])
         dtheta = torch.einsum("yi,bhyxt,xj->bhtij", offset.gy.to(ct), dS, offset.gx.to(ct))
