@@ -44,9 +44,11 @@ class Problem:
     H: int = 8
     per_row: bool = False     # tokens [B, T] and pin [B, N] (a batch of different prompts)
     lengths: bool = False     # per-region key lengths (IP-Adapter's image-token regions)
+    probs: bool = False       # region 0's maps out of the forward, their gradient into the backward
 
     def __str__(self):
-        extra = (" rows" if self.per_row else "") + (" lengths" if self.lengths else "")
+        extra = (" rows" if self.per_row else "") + (" lengths" if self.lengths else "") + \
+            (" probs" if self.probs else "")
         return (f"M={self.M} D={self.D} N={self.N} R={self.R} T={self.T} pin={int(self.pinned)} "
                 f"{str(self.dtype).split('.')[-1]}{extra}")
 
@@ -77,10 +79,12 @@ def capture(p: Problem):
     gy = torch.empty(side, 7, dtype=torch.float32, **meta)
     pin = torch.empty(*rows, p.N, dtype=torch.int32, **meta) if p.pinned else None
     lengths = torch.empty(p.R, dtype=torch.int32, **meta) if p.lengths else None
+    grad_probs = torch.empty(p.B, p.H, p.M, p.N, dtype=torch.float32, **meta) if p.probs else None
     with _captured() as launches:
-        o, lse = launch.forward(q, k, k, w, masks, p.affine, theta, tokens, gy, gy, pin, p.D ** -0.5, lengths)
+        o, lse, *_ = launch.forward(q, k, k, w, masks, p.affine, theta, tokens, gy, gy, pin, p.D ** -0.5, lengths,
+                                    want_probs=p.probs)
         launch.backward(o, q, k, k, w, masks, p.affine, theta, tokens, gy, gy, pin, p.D ** -0.5, lse,
-                        True, True, True, True, lengths)
+                        True, True, True, True, lengths, grad_probs=grad_probs)
     return launches
 
 
@@ -130,8 +134,9 @@ PROBLEMS = [Problem(M=4096, D=40), Problem(M=1024, D=80), Problem(M=256, D=160),
             Problem(M=4096, D=40, R=1, T=0, pinned=False, affine=False),
             Problem(M=256, D=64, N=154), Problem(M=1024, D=64, dtype=torch.bfloat16),
             Problem(M=256, D=40, dtype=torch.float32),
-            Problem(M=4096, D=40, R=3, per_row=True, lengths=True), Problem(M=256, D=160, R=3, lengths=True)]
-QUICK = [PROBLEMS[0], PROBLEMS[2], PROBLEMS[5], PROBLEMS[8]]
+            Problem(M=4096, D=40, R=3, per_row=True, lengths=True), Problem(M=256, D=160, R=3, lengths=True),
+            Problem(M=4096, D=40, probs=True), Problem(M=256, D=160, R=3, lengths=True, probs=True)]
+QUICK = [PROBLEMS[0], PROBLEMS[2], PROBLEMS[5], PROBLEMS[8], PROBLEMS[11]]   # 11: the probs variants
 
 
 def report(problems, arch: int):
@@ -154,7 +159,7 @@ def report(problems, arch: int):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (90 = H100/H200)")
-    ap.add_argument("--quick", action="store_true", help="three problems only")
+    ap.add_argument("--quick", action="store_true", help="five problems only (every kernel variant kind)")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("stattn.kernels.aot: unset TRITON_INTERPRET (it replaces the kernels this compiles)")

@@ -3,7 +3,8 @@
 Arguments are already validated and normalised by stattn.ops: weights [B, R] and masks [B, R, M]
 float32 (any strides), theta/tokens/gy/gx/pin present only with an offset, k/v [B, R, H, N, D];
 tokens int32 [T] or [B, T] and pin int32 [N] or [B, N] (shared by the batch rows, or per row);
-lengths None or int32 [R] (region r's valid keys). q and do are read with their strides; o and dq
+lengths None or int32 [R] (region r's valid keys); grad_probs None or float32 [B, H, M, N].
+q and do are read with their strides; o and dq
 are written in [B, M, H, D] memory order (stattn.ops.empty_output: the kernels take o's / dq's strides).
 """
 import functools
@@ -99,16 +100,18 @@ def _indices(tokens, pin, lengths):
     return tuple(None if t is None else t.contiguous() for t in (tokens, pin, lengths))
 
 
-def forward(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, lengths=None):
+def forward(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, lengths=None, want_probs=False):
     """Returns (o [B, H, M, D] in q's dtype and empty_output's layout, lse [B, R + has_pin, H, M]
-    float32); the extra slot
-    holds region 0's un-offset log-sum-exp used by its pinned columns."""
+    float32); the extra slot holds region 0's un-offset log-sum-exp used by its pinned columns.
+    want_probs: also region 0's probabilities as applied, probs [B, H, M, N] float32 contiguous
+    (edited softmax, pinned columns from the un-offset one, 0 on keys past lengths[0])."""
     k, v = k.contiguous(), v.contiguous()
     tokens, pin, lengths = _indices(tokens, pin, lengths)
     cfg, strides, (B, H, R, M, N, D, T, W, Ky, Kx) = _common(q, k, v, weights, masks, theta, tokens, gy, gx, pin)
     has_pin = pin is not None
     o = empty_output(q, _empty)
     lse = _empty(B, R + has_pin, H, M, device=q.device, dtype=torch.float32)
+    probs = _empty(B, H, M, N, device=q.device, dtype=torch.float32) if want_probs else None
     dummy = lse
     k_s, v_s = strides[:5], strides[5:10]
     rest = strides[10:]
@@ -116,28 +119,45 @@ def forward(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, 
     _launch(_fwd_kernel, grid, (
         q, k, v, o, lse, weights, masks,
         tokens if T else dummy, theta if T else dummy, gy if T else dummy, gx if T else dummy,
-        pin if has_pin else dummy, lengths if lengths is not None else dummy,
+        pin if has_pin else dummy, lengths if lengths is not None else dummy, probs if want_probs else dummy,
         *q.stride(), *k_s, *v_s, *o.stride(), *lse.stride(), *rest,
         H, R, M, N, D, T, W, Ky, Kx, float(scale)),
-        dict(AFFINE=bool(affine), HAS_OFFSET=T > 0, HAS_PIN=has_pin, HAS_LENGTHS=lengths is not None, **cfg))
-    return o, lse
+        dict(AFFINE=bool(affine), HAS_OFFSET=T > 0, HAS_PIN=has_pin, HAS_LENGTHS=lengths is not None,
+             WANT_PROBS=bool(want_probs), **cfg))
+    return (o, lse, probs) if want_probs else (o, lse)
+
+
+def _grad_probs(grad_probs, B, H, M, N):
+    """grad_probs checked against the maps' shape [B, H, M, N] float32, unit-stride rows."""
+    if grad_probs is None:
+        return None
+    if tuple(grad_probs.shape) != (B, H, M, N):
+        raise ValueError(f"grad_probs must have shape {(B, H, M, N)} (region 0's maps), got {tuple(grad_probs.shape)}")
+    if grad_probs.dtype != torch.float32:
+        raise TypeError(f"grad_probs must be float32 (the maps' compute dtype), got {grad_probs.dtype}")
+    return grad_probs.contiguous()
 
 
 def backward(do, q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, lse,
-             need_dq, need_dkv, need_dalpha, need_dtheta, lengths=None):
+             need_dq, need_dkv, need_dalpha, need_dtheta, lengths=None, grad_probs=None):
     """Returns (dq | None, dk | None, dv | None, D [B, R + has_pin, H, M] | None, dtheta | None).
 
     D[:, r] = <dO, O_r> per head and pixel (region 0: its non-pinned part, slot R its pinned
     part); dalpha follows from it on the host side without another kernel over Q. dk / dv are
-    exact zeros on the keys past each region's length."""
+    exact zeros on the keys past each region's length. grad_probs: None or dL/dprobs [B, H, M, N]
+    of forward(want_probs=True)'s maps, added to region 0's dp (dq, dk, dtheta; dv, D unchanged)."""
     k, v = k.contiguous(), v.contiguous()
     tokens, pin, lengths = _indices(tokens, pin, lengths)
     cfg, strides, (B, H, R, M, N, D, T, W, Ky, Kx) = _common(q, k, v, weights, masks, theta, tokens, gy, gx, pin)
     has_pin = pin is not None
+    grad_probs = _grad_probs(grad_probs, B, H, M, N)
+    has_gp = grad_probs is not None
     need_dtheta = need_dtheta and T > 0
     store_d = need_dalpha or need_dkv
+    store_dg = has_gp and need_dkv
     dq = empty_output(q, _empty) if need_dq else None
     dbuf = _empty(lse.shape, dtype=lse.dtype, device=lse.device) if store_d else None
+    dgbuf = _empty(lse.shape, dtype=lse.dtype, device=lse.device) if store_dg else None
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), B * H)
     dth_part = (_empty(B, H, grid[0], T, Ky, Kx, device=q.device, dtype=torch.float32)
                 if need_dtheta else None)
@@ -151,22 +171,25 @@ def backward(do, q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, sc
     if need_dq or store_d or need_dtheta:
         _launch(_bwd_dq_kernel, grid, (
             q, k, v, do, dq if need_dq else dummy, lse, dbuf if store_d else dummy, weights, masks,
-            *ptrs, dth_part if need_dtheta else dummy, *common, *(dq.stride() if need_dq else (0,) * 4),
+            *ptrs, dth_part if need_dtheta else dummy, grad_probs if has_gp else dummy,
+            dgbuf if store_dg else dummy, *common, *(dq.stride() if need_dq else (0,) * 4),
             H, R, M, N, D, T, W, Ky, Kx, float(scale)),
             dict(AFFINE=bool(affine), HAS_OFFSET=T > 0, HAS_PIN=has_pin, HAS_LENGTHS=has_len,
-                 NEED_DQ=need_dq, STORE_D=store_d, NEED_DTHETA=need_dtheta, **cfg))
+                 NEED_DQ=need_dq, STORE_D=store_d, NEED_DTHETA=need_dtheta, HAS_GP=has_gp, STORE_DG=store_dg,
+                 **cfg))
     dk = dv = None
     if need_dkv:
         dk = _empty_like(k)
         dv = _empty_like(v)
         n_blocks = triton.cdiv(N, cfg["BLOCK_N"])
-        for r_first, n_r, offset, pinned in ((0, 1, T > 0, has_pin), (1, R - 1, False, False)):
+        for r_first, n_r, offset, pinned, gp in ((0, 1, T > 0, has_pin, has_gp), (1, R - 1, False, False, False)):
             if n_r == 0:
                 continue
-            # region 0 alone (offset, pins), then regions 1.. together; R_FIRST selects which
+            # region 0 alone (offset, pins, maps' gradient), then regions 1.. together; R_FIRST selects which
             _launch(_bwd_dkdv_kernel, (n_blocks, B * n_r * H), (
-                q, k, v, do, dk, dv, lse, dbuf, weights, masks, *ptrs, *common,
+                q, k, v, do, dk, dv, lse, dbuf, weights, masks, *ptrs,
+                grad_probs if gp else dummy, dgbuf if gp else dummy, *common,
                 H, R, r_first, n_r, M, N, D, T, W, Ky, Kx, float(scale)),
-                dict(AFFINE=bool(affine), HAS_OFFSET=offset, HAS_PIN=pinned, HAS_LENGTHS=has_len, **cfg))
+                dict(AFFINE=bool(affine), HAS_OFFSET=offset, HAS_PIN=pinned, HAS_LENGTHS=has_len, HAS_GP=gp, **cfg))
     dtheta = dth_part.sum(2) if need_dtheta else None
     return dq, dk, dv, dbuf, dtheta

@@ -14,6 +14,12 @@ and per-pixel-block partials of dTheta (summed deterministically afterwards);
 Per-row targets and pins: TOK / PIN advance by s_tokb / s_pinb per batch row (0 when shared).
 Key lengths (HAS_LENGTHS): region r's columns >= LEN[r] are masked like those >= N (never loaded,
 -inf logits, zero dK/dV) and its key loop stops at LEN[r].
+Region 0's probabilities (WANT_PROBS, forward): after its online softmax a second pass over its
+key blocks (Q's tile still loaded) writes exp(z - lse) as applied (edited softmax, pinned columns
+from the un-offset one, 0 on padded keys) to PROBS [B, H, M, N] contiguous, fp32. Their gradient
+(HAS_GP, backward): GP = dL/dP0 of the same layout adds to dp0 = alpha0 * dO.v0; the dQ kernel also
+writes its row sums <p, GP> (edited / pinned part) to DG for the dK kernel. Without the flags the
+kernels specialise exactly as before.
 Every [B, H, M, D] tensor (Q, O, dO, dQ) is addressed by its four strides: the launcher writes O and
 dQ in [B, M, H, D] memory order (rows H * D apart) and passes Q and dO as they come.
 Semantics: stattn/reference.py.
@@ -142,7 +148,29 @@ def _region_fwd(q, K, V, s_kn, s_kd, s_vn, s_vd, N, scale, offs_d, d_mask,
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, Wt, Mk, TOK, TH, GY, GX, PIN, LEN,
+def _store_probs(q, K, s_kn, s_kd, n_keys, N, scale, offs_d, d_mask, lse_e, lse_0,
+                 gyr, gxr, TOK, T, TH, s_tt, s_ti, s_tj, KY, KX, PIN, P, offs_m, m_mask,
+                 HAS_OFFSET: tl.constexpr, HAS_PIN: tl.constexpr, BLOCK_N: tl.constexpr,
+                 KYP: tl.constexpr, KXP: tl.constexpr):
+    """Region 0's probabilities as applied over all N columns (exact zeros past n_keys) into P,
+    its [M, N] rows of the (b, h) pair: a second pass over the keys with the final statistics."""
+    for n0 in range(0, N, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        c_mask = cols < n_keys
+        k, z, ze = _logits(q, K, s_kn, s_kd, cols, c_mask, offs_d, d_mask, scale,
+                           gyr, gxr, TOK, T, TH, s_tt, s_ti, s_tj, KY, KX, HAS_OFFSET, KYP, KXP)
+        pin = tl.zeros([BLOCK_N], tl.int32) != 0
+        if HAS_PIN:
+            pin = tl.load(PIN + cols, mask=c_mask, other=0) != 0
+        pe, p0 = _probs(z, ze, lse_e, lse_0, pin, HAS_PIN)
+        p = pe
+        if HAS_PIN:
+            p = tl.where(pin[None, :], p0, pe)
+        tl.store(P + offs_m[:, None] * N + cols[None, :], p, mask=m_mask[:, None] & (cols < N)[None, :])
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, Wt, Mk, TOK, TH, GY, GX, PIN, LEN, PROBS,
                 s_qb, s_qh, s_qm, s_qd,
                 s_kb, s_kr, s_kh, s_kn, s_kd,
                 s_vb, s_vr, s_vh, s_vn, s_vd,
@@ -152,7 +180,8 @@ def _fwd_kernel(Q, K, V, O, LSE, Wt, Mk, TOK, TH, GY, GX, PIN, LEN,
                 s_tb, s_th, s_tt, s_ti, s_tj, s_gy, s_gx, s_tokb, s_pinb,
                 H, R, M, N, D, T, W, KY, KX, scale,
                 AFFINE: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_PIN: tl.constexpr,
-                HAS_LENGTHS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                HAS_LENGTHS: tl.constexpr, WANT_PROBS: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 KYP: tl.constexpr, KXP: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -184,6 +213,11 @@ def _fwd_kernel(Q, K, V, O, LSE, Wt, Mk, TOK, TH, GY, GX, PIN, LEN,
                                             HAS_OFFSET, HAS_PIN, BLOCK_M, BLOCK_N, BLOCK_D, KYP, KXP)
             if HAS_PIN:
                 tl.store(lse_ptr + R * s_lr, lse_0, mask=m_mask)
+            if WANT_PROBS:
+                P_bh = PROBS + (b * H + h).to(tl.int64) * M * N
+                _store_probs(q, Kr, s_kn, s_kd, n_r, N, scale, offs_d, d_mask, lse_e, lse_0,
+                             gyr, gxr, TOK_b, T, TH_bh, s_tt, s_ti, s_tj, KY, KX, PIN_b, P_bh, offs_m, m_mask,
+                             HAS_OFFSET, HAS_PIN, BLOCK_N, KYP, KXP)
         else:
             o_r, lse_e, lse_0 = _region_fwd(q, Kr, Vr, s_kn, s_kd, s_vn, s_vd, n_r, scale, offs_d, d_mask,
                                             gyr, gxr, TOK_b, T, TH_bh, s_tt, s_ti, s_tj, KY, KX, PIN_b,
@@ -205,15 +239,31 @@ def _probs(z, ze, lse_e, lse_0, pin, HAS_PIN: tl.constexpr):
 
 
 @triton.jit
-def _dlogits(pe, p0, dpv, a, De, D0, pin, HAS_PIN: tl.constexpr):
-    """(dz, dz_edited): softmax backward of both statistics; dp = a * dpv."""
-    if HAS_PIN:
+def _dlogits(pe, p0, dpv, a, De, D0, g, Ge, G0, pin, HAS_PIN: tl.constexpr, HAS_GP: tl.constexpr):
+    """(dz, dz_edited): softmax backward of both statistics; dp = a * dpv, plus g (the maps'
+    gradient, its row sums Ge / G0 over the edited / pinned columns) with HAS_GP."""
+    if HAS_GP:
+        if HAS_PIN:
+            dze = pe * (a[:, None] * (tl.where(pin[None, :], 0.0, dpv) - De[:, None])
+                        + tl.where(pin[None, :], 0.0, g) - Ge[:, None])
+            dz = dze + p0 * (a[:, None] * (tl.where(pin[None, :], dpv, 0.0) - D0[:, None])
+                             + tl.where(pin[None, :], g, 0.0) - G0[:, None])
+        else:
+            dze = pe * (a[:, None] * (dpv - De[:, None]) + g - Ge[:, None])
+            dz = dze
+    elif HAS_PIN:
         dze = pe * a[:, None] * (tl.where(pin[None, :], 0.0, dpv) - De[:, None])
         dz = dze + p0 * a[:, None] * (tl.where(pin[None, :], dpv, 0.0) - D0[:, None])
     else:
         dze = pe * a[:, None] * (dpv - De[:, None])
         dz = dze
     return dz, dze
+
+
+@triton.jit
+def _gp_tile(GP, s_gpm, offs_m, m_mask, cols, c_mask):
+    """The maps' gradient on one (pixel block, key block) tile; 0 outside the valid keys."""
+    return tl.load(GP + offs_m[:, None] * s_gpm + cols[None, :], mask=m_mask[:, None] & c_mask[None, :], other=0.0)
 
 
 @triton.jit
@@ -239,12 +289,17 @@ def _bwd_tile(q, do, K, V, s_kn, s_kd, s_vn, s_vd, n0, N, scale, offs_d, d_mask,
 @triton.jit
 def _region_bwd_dq(q, do, a, K, V, s_kn, s_kd, s_vn, s_vd, N, scale, offs_d, d_mask,
                    lse_e, lse_0, gyr, gxr, TOK, T, TH, s_tt, s_ti, s_tj, KY, KX, PIN, DTH, s_dt,
+                   GP, s_gpm, offs_m, m_mask,
                    HAS_OFFSET: tl.constexpr, HAS_PIN: tl.constexpr, NEED_DTHETA: tl.constexpr,
+                   HAS_GP: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    KYP: tl.constexpr, KXP: tl.constexpr):
-    """dQ contribution of one region, and D = <dO, O_r> split into edited / pinned parts."""
+    """dQ contribution of one region, D = <dO, O_r> split into edited / pinned parts, and (HAS_GP)
+    the maps' gradient's row sums Ge = <pe, g> (edited columns) and G0 = <p0, g> (pinned ones)."""
     De = tl.zeros([BLOCK_M], tl.float32)
     D0 = tl.zeros([BLOCK_M], tl.float32)
+    Ge = tl.zeros([BLOCK_M], tl.float32)
+    G0 = tl.zeros([BLOCK_M], tl.float32)
     # pass 1: D over all key blocks (needed by every column's softmax backward)
     for n0 in range(0, N, BLOCK_N):
         cols, k, pin, pe, p0, dpv = _bwd_tile(q, do, K, V, s_kn, s_kd, s_vn, s_vd, n0, N, scale, offs_d, d_mask,
@@ -255,13 +310,23 @@ def _region_bwd_dq(q, do, a, K, V, s_kn, s_kd, s_vn, s_vd, N, scale, offs_d, d_m
             D0 += tl.sum(tl.where(pin[None, :], p0 * dpv, 0.0), axis=1)
         else:
             De += tl.sum(pe * dpv, axis=1)
+        if HAS_GP:
+            g = _gp_tile(GP, s_gpm, offs_m, m_mask, cols, cols < N)
+            if HAS_PIN:
+                Ge += tl.sum(tl.where(pin[None, :], 0.0, pe * g), axis=1)
+                G0 += tl.sum(tl.where(pin[None, :], p0 * g, 0.0), axis=1)
+            else:
+                Ge += tl.sum(pe * g, axis=1)
     # pass 2: dz, dQ and dTheta
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for n0 in range(0, N, BLOCK_N):
         cols, k, pin, pe, p0, dpv = _bwd_tile(q, do, K, V, s_kn, s_kd, s_vn, s_vd, n0, N, scale, offs_d, d_mask,
                                               lse_e, lse_0, gyr, gxr, TOK, T, TH, s_tt, s_ti, s_tj, KY, KX, PIN,
                                               HAS_OFFSET, HAS_PIN, BLOCK_N, KYP, KXP)
-        dz, dze = _dlogits(pe, p0, dpv, a, De, D0, pin, HAS_PIN)
+        g = dpv
+        if HAS_GP:
+            g = _gp_tile(GP, s_gpm, offs_m, m_mask, cols, cols < N)
+        dz, dze = _dlogits(pe, p0, dpv, a, De, D0, g, Ge, G0, pin, HAS_PIN, HAS_GP)
         dq += tl.dot(dz.to(k.dtype), k)
         if NEED_DTHETA:
             ki = tl.arange(0, KYP)
@@ -273,11 +338,11 @@ def _region_bwd_dq(q, do, a, K, V, s_kn, s_kd, s_vn, s_vd, N, scale, offs_d, d_m
                     dth = tl.dot(tl.trans(gyr * ds[:, None]), gxr, input_precision="ieee")
                     tl.store(DTH + t * s_dt + ki[:, None] * KX + kj[None, :], dth,
                              mask=(ki[:, None] < KY) & (kj[None, :] < KX))
-    return dq * scale, De, D0
+    return dq * scale, De, D0, Ge, G0
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DB, Wt, Mk, TOK, TH, GY, GX, PIN, LEN, DTH,
+def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DB, Wt, Mk, TOK, TH, GY, GX, PIN, LEN, DTH, GP, DG,
                    s_qb, s_qh, s_qm, s_qd,
                    s_kb, s_kr, s_kh, s_kn, s_kd,
                    s_vb, s_vr, s_vh, s_vn, s_vd,
@@ -289,11 +354,12 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DB, Wt, Mk, TOK, TH, GY, GX, PIN, LEN, 
                    H, R, M, N, D, T, W, KY, KX, scale,
                    AFFINE: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_PIN: tl.constexpr,
                    HAS_LENGTHS: tl.constexpr, NEED_DQ: tl.constexpr, STORE_D: tl.constexpr, NEED_DTHETA: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   HAS_GP: tl.constexpr, STORE_DG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    KYP: tl.constexpr, KXP: tl.constexpr):
     """DO is read through the O stride slots (its own strides), DQ through its own (the launcher
     allocates it in [B, M, H, D] memory order, as O); DB [B, R + HAS_PIN, H, M] like LSE;
-    DTH partials [B, H, n_mblocks, T, KY, KX] contiguous."""
+    DTH partials [B, H, n_mblocks, T, KY, KX] contiguous; GP [B, H, M, N] contiguous (HAS_GP);
+    DG like DB, slots 0 and R (pins) only: region 0's Ge / G0 for the dK kernel (STORE_DG)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -315,6 +381,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DB, Wt, Mk, TOK, TH, GY, GX, PIN, LEN, 
     DTH_blk = DTH + ((b * H + h) * tl.num_programs(0) + pid_m) * T * KY * KX
     lse_ptr = LSE + b * s_lb + h * s_lh + offs_m * s_lm
     db_ptr = DB + b * s_lb + h * s_lh + offs_m * s_lm
+    GP_bh = GP + (b * H + h).to(tl.int64) * M * N
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for r in range(0, R):
         Kr = K + b * s_kb + r * s_kr + h * s_kh
@@ -326,17 +393,24 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DB, Wt, Mk, TOK, TH, GY, GX, PIN, LEN, 
             lse_0 = lse_e
             if HAS_PIN:
                 lse_0 = tl.load(lse_ptr + R * s_lr, mask=m_mask, other=0.0)
-            dq_r, De, D0 = _region_bwd_dq(q, do, a, Kr, Vr, s_kn, s_kd, s_vn, s_vd, n_r, scale, offs_d, d_mask,
-                                          lse_e, lse_0, gyr, gxr, TOK_b, T, TH_bh, s_tt, s_ti, s_tj, KY, KX,
-                                          PIN_b, DTH_blk, KY * KX, HAS_OFFSET, HAS_PIN, NEED_DTHETA,
-                                          BLOCK_M, BLOCK_N, BLOCK_D, KYP, KXP)
+            dq_r, De, D0, Ge, G0 = _region_bwd_dq(
+                q, do, a, Kr, Vr, s_kn, s_kd, s_vn, s_vd, n_r, scale, offs_d, d_mask,
+                lse_e, lse_0, gyr, gxr, TOK_b, T, TH_bh, s_tt, s_ti, s_tj, KY, KX,
+                PIN_b, DTH_blk, KY * KX, GP_bh, N, offs_m, m_mask, HAS_OFFSET, HAS_PIN, NEED_DTHETA, HAS_GP,
+                BLOCK_M, BLOCK_N, BLOCK_D, KYP, KXP)
             if STORE_D and HAS_PIN:
                 tl.store(db_ptr + R * s_lr, D0, mask=m_mask)
+            if STORE_DG:
+                dg_ptr = DG + b * s_lb + h * s_lh + offs_m * s_lm
+                tl.store(dg_ptr, Ge, mask=m_mask)
+                if HAS_PIN:
+                    tl.store(dg_ptr + R * s_lr, G0, mask=m_mask)
         else:
-            dq_r, De, D0 = _region_bwd_dq(q, do, a, Kr, Vr, s_kn, s_kd, s_vn, s_vd, n_r, scale, offs_d, d_mask,
-                                          lse_e, lse_e, gyr, gxr, TOK_b, T, TH_bh, s_tt, s_ti, s_tj, KY, KX,
-                                          PIN_b, DTH_blk, KY * KX, False, False, False,
-                                          BLOCK_M, BLOCK_N, BLOCK_D, KYP, KXP)
+            dq_r, De, D0, Ge, G0 = _region_bwd_dq(
+                q, do, a, Kr, Vr, s_kn, s_kd, s_vn, s_vd, n_r, scale, offs_d, d_mask,
+                lse_e, lse_e, gyr, gxr, TOK_b, T, TH_bh, s_tt, s_ti, s_tj, KY, KX,
+                PIN_b, DTH_blk, KY * KX, GP_bh, N, offs_m, m_mask, False, False, False, False,
+                BLOCK_M, BLOCK_N, BLOCK_D, KYP, KXP)
         if STORE_D:
             tl.store(db_ptr + r * s_lr, De, mask=m_mask)
         dq += dq_r
@@ -346,7 +420,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DB, Wt, Mk, TOK, TH, GY, GX, PIN, LEN, 
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DB, Wt, Mk, TOK, TH, GY, GX, PIN, LEN,
+def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DB, Wt, Mk, TOK, TH, GY, GX, PIN, LEN, GP, DG,
                      s_qb, s_qh, s_qm, s_qd,
                      s_kb, s_kr, s_kh, s_kn, s_kd,
                      s_vb, s_vr, s_vh, s_vn, s_vd,
@@ -356,12 +430,14 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DB, Wt, Mk, TOK, TH, GY, GX, PIN,
                      s_tb, s_th, s_tt, s_ti, s_tj, s_gy, s_gx, s_tokb, s_pinb,
                      H, R, R_FIRST, R_COUNT, M, N, D, T, W, KY, KX, scale,
                      AFFINE: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_PIN: tl.constexpr,
-                     HAS_LENGTHS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     HAS_LENGTHS: tl.constexpr, HAS_GP: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      KYP: tl.constexpr, KXP: tl.constexpr):
     """dK, dV of one key block of region r for (b, h); DK/DV share strides with K/V.
     Launched once for region 0 (with its offset / pins) and once for the R_COUNT regions from
     R_FIRST = 1 on. Keys past the region's length (HAS_LENGTHS) get exact zeros; a block of
-    them only (m_end = 0) skips the pixel loop."""
+    them only (m_end = 0) skips the pixel loop. HAS_GP (region 0's launch only): the maps'
+    gradient GP and its row sums DG from the dQ kernel enter dK."""
     pid_n = tl.program_id(0)
     brh = tl.program_id(1)
     b = brh // (R_COUNT * H)
@@ -386,6 +462,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DB, Wt, Mk, TOK, TH, GY, GX, PIN,
         pin = tl.load(PIN + b * s_pinb + cols, mask=c_mask, other=0) != 0
     TH_bh = TH + b * s_tb + h * s_th
     TOK_b = TOK + b * s_tokb
+    GP_bh = GP + (b * H + h).to(tl.int64) * M * N
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for m0 in range(0, m_end, BLOCK_M):
@@ -416,7 +493,16 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DB, Wt, Mk, TOK, TH, GY, GX, PIN,
             p = tl.where(pin[None, :], p0, pe)
         dv += tl.dot(tl.trans((p * a[:, None]).to(do.dtype)), do)
         dpv = tl.dot(do, tl.trans(v))
-        dz, dze = _dlogits(pe, p0, dpv, a, De, D0, pin, HAS_PIN)
+        g = dpv
+        Ge = De
+        G0 = D0
+        if HAS_GP:
+            g = _gp_tile(GP_bh, N, offs_m, m_mask, cols, c_mask)
+            dg_ptr = DG + b * s_lb + h * s_lh + offs_m * s_lm
+            Ge = tl.load(dg_ptr + r * s_lr, mask=m_mask, other=0.0)
+            if HAS_PIN:
+                G0 = tl.load(dg_ptr + R * s_lr, mask=m_mask, other=0.0)
+        dz, dze = _dlogits(pe, p0, dpv, a, De, D0, g, Ge, G0, pin, HAS_PIN, HAS_GP)
         dk += tl.dot(tl.trans(dz.to(q.dtype)), q)
     tl.store(DK + b * s_kb + r * s_kr + h * s_kh + cols[:, None] * s_kn + offs_d[None, :] * s_kd,
              (dk * scale).to(DK.dtype.element_ty), mask=store_mask)
