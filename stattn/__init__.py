@@ -17,6 +17,8 @@ _LAZY = {
     "token_indices": ("integration.tokens", "token_indices"),
     "eos_index": ("integration.tokens", "eos_index"),
     "SpatialTemporal": ("methods.spacetime", "SpatialTemporal"),
+    "AttendAndExcite": ("methods.attend_excite", "AttendAndExcite"),
+    "compose": ("methods.compose", "compose"),
     "Layout": ("methods.spacetime.layout", "Layout"),
     "LayoutPredictor": ("methods.spacetime.layout", "LayoutPredictor"),
     "RuleLayoutPredictor": ("methods.spacetime.layout", "RuleLayoutPredictor"),

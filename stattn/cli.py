@@ -34,7 +34,7 @@ from typing import Optional
 
 import torch
 
-METHODS = ("none", "regulation", "spacetime")
+METHODS = ("none", "regulation", "spacetime", "regulation+spacetime")  # the last: stattn.compose
 BENCH_SUITES = ("micro", "e2e", "native", "regulation", "spacetime", "host")  # modules of stattn.bench
 BENCH_OUT = "bench-results"  # `stattn bench`'s default --out, under the current directory
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -194,8 +194,11 @@ def _check_args(args) -> None:
             models._scheduler_class(args.scheduler)
         except ValueError as e:
             raise UsageError(f"--scheduler {args.scheduler}: {_one_line(e)}") from e
-    if args.method == "regulation" and not args.targets and not args.prompts and not args.from_report:
-        raise UsageError("--method regulation needs --targets (the words whose attention to regulate)")
+    if _uses(args, "regulation") and not args.targets and not args.prompts and not args.from_report:
+        raise UsageError(f"--method {args.method} needs --targets (the words whose attention to regulate)")
+    if args.optimize and args.method != "spacetime":
+        raise UsageError(f"--optimize optimises spatial-temporal's weights: it needs --method spacetime, got "
+                         f"--method {args.method}")
     if args.optimize and not args.clip:
         raise UsageError("--optimize needs --clip DIR (a CLIP model directory; the released code uses ViT-B/32)")
 
@@ -254,8 +257,8 @@ def _items(args) -> list:
     for item in items:
         if not isinstance(item.prompt, str) or not item.prompt.strip():
             raise UsageError(f"{item.where}: expected some text, got {item.prompt!r}")
-        if args.method == "regulation" and not item.targets:
-            raise UsageError(f"{item.where}: --method regulation needs targets (--targets, or a \"targets\" key)")
+        if _uses(args, "regulation") and not item.targets:
+            raise UsageError(f"{item.where}: --method {args.method} needs targets (--targets, or a \"targets\" key)")
     return items
 
 
@@ -379,11 +382,11 @@ def _resolve(runner, args, item: Item) -> None:
         tokens = [c for cols in content for c in cols]
     ids = prompt_ids(tok, item.prompt)
     item.tokens, item.labels = tokens, [tok.decode([ids[i]]).strip() for i in tokens]
-    if args.method == "spacetime" and item.method is None:
+    if _uses(args, "spacetime") and item.method is None:
         try:
             _spacetime(item, args)._resolve(item.prompt)
         except ValueError as e:
-            raise UsageError(f"{item.where}: --method spacetime: {_one_line(e)}") from e
+            raise UsageError(f"{item.where}: --method {args.method}: {_one_line(e)}") from e
 
 
 def _layout_text(layout: Optional[str]) -> Optional[str]:
@@ -396,12 +399,26 @@ def _spacetime(item: Item, args):
     from .methods.spacetime.controller import SpatialTemporal
 
     try:
-        if item.method is not None:
+        if item.method is not None and args.method == "spacetime":     # from a report
             return SpatialTemporal.from_settings(item.method)
         return SpatialTemporal(objects=list(item.targets) if item.targets else "auto", layout=_layout_text(item.layout),
                                mode=args.spacetime_mode)
     except (ValueError, TypeError) as e:
         raise UsageError(f"{item.where}: --method spacetime: {_one_line(e)}") from e
+
+
+def _uses(args, part: str) -> bool:
+    """Whether --method runs ``part`` ("regulation" / "spacetime"), alone or composed."""
+    return part in args.method.split("+")
+
+
+def _regulation(item: Item, args):
+    from .methods.regulation.controller import AttentionRegulation
+
+    if item.method is not None and args.method == "regulation":     # from a report
+        return AttentionRegulation.from_settings(item.method)
+    # released defaults; edits the first 25 steps (all of them in a shorter run)
+    return AttentionRegulation(targets=list(item.targets), edit_steps=min(25, args.steps))
 
 
 def _controller(runner, args, item: Item):
@@ -410,12 +427,14 @@ def _controller(runner, args, item: Item):
         return None
     try:
         if args.method == "regulation":
-            from .methods.regulation.controller import AttentionRegulation
+            method = _regulation(item, args)
+            method.apply(runner, prompt=item.prompt)
+            return method
+        if args.method == "regulation+spacetime":
+            from .methods.compose import Composed, compose
 
-            if item.method is not None:
-                method = AttentionRegulation.from_settings(item.method)
-            else:   # released defaults; edits the first 25 steps (all of them in a shorter run)
-                method = AttentionRegulation(targets=list(item.targets), edit_steps=min(25, args.steps))
+            method = (Composed.from_settings(item.method) if item.method is not None else
+                      compose(_regulation(item, args), _spacetime(item, args)))
             method.apply(runner, prompt=item.prompt)
             return method
         method = _spacetime(item, args)

@@ -58,6 +58,7 @@ class _LayerState:
     theta_prev: Tensor           # [Bc, H, T, Ky, Kx]: the best θ of the previous step (carried raw)
     theta_full: Tensor           # [B, H, T, Ky, Kx]: applied θ_eff; zeros on the unconditional rows
     offset: ScoreOffset          # over theta_full, pinned SOS and first EOS
+    cond_offset: ScoreOffset     # the same over the conditional rows only (theta_full[c0:], a view)
     ref_prev: Optional[Tensor] = None  # the reference path's carried θ_best (Python-held)
     theta_zero: Optional[Tensor] = None  # θ0 of init="zeros", allocated once (no fill launch per call)
 
@@ -296,6 +297,18 @@ class AttentionRegulation(Controller):
     def attention(self, call: CrossAttentionCall) -> Optional[Tensor]:
         if not self._is_selected(call.name):
             return None
+        self.check_call(call)
+        if not self.fused:
+            return self._reference_call(call)
+        if call.step >= self.edit_steps:
+            if self.record_maps:
+                self._record(call, None)
+            return None
+        return self._fused_call(call)
+
+    def check_call(self, call: CrossAttentionCall) -> None:
+        """What a selected layer call needs: resolved targets, the layer's grid, no map recording
+        under CUDA-graph capture."""
         if self.rows is None and (self.tokens is None or (self.eos is None and not self.renormalize)):
             raise ValueError("targets: not resolved to key indices yet; install the controller with "
                              "ctrl.apply(pipe, prompt=...) (or construct it with token_indices= and eos_index=)")
@@ -305,19 +318,25 @@ class AttentionRegulation(Controller):
         if call.grid is None:
             raise ValueError(f"layer {call.name}: the controller needs the feature-map grid (h, w) of "
                              f"M = {call.q.shape[2]} pixels, which the step tracker could not determine")
-        if not self.fused:
-            return self._reference_call(call)
-        if call.step >= self.edit_steps:
-            if self.record_maps:
-                self._record(call, None)
-            return None
-        return self._fused_call(call)
 
     # ------------------------------------------------------------------ the two paths
     def _fused_call(self, call: CrossAttentionCall) -> Tensor:
         """θ0 draw, then 3 launches: the inner loop (Triton: logits + 20 iterations on-chip), the
         best-iterate choice with the across-steps blend written straight into the offset's θ, and
         the edited attention through region_attention. No host synchronisation."""
+        st, c0 = self.optimise(call)
+        with _no_value_checks():   # θ_eff is ours: reading it back for NaNs would sync the host per call
+            out = region_attention(call.q, call.k, call.v, offset=st.offset, scale=call.scale)
+        if self.record_maps:
+            self._record(call, st.theta_full[c0:], st.basis)
+        return out
+
+    def optimise(self, call: CrossAttentionCall) -> tuple[_LayerState, int]:
+        """This step's inner loop on the call's conditional rows (2 launches after the θ0 draw):
+        θ_eff is written in place into the layer state's offsets (``offset`` over the whole batch,
+        ``cond_offset`` over the conditional rows, which start at the returned row index). The
+        edited attention is then the caller's: AttentionRegulation's own region 0, or the prompt
+        region of a composed method (:func:`stattn.compose`)."""
         from .core import inner_loop_blend
 
         st, c0 = self._state(call)
@@ -334,11 +353,7 @@ class AttentionRegulation(Controller):
                          scale=call.scale, iters=self.iters, lr=self.lr, quantile=self.quantile,
                          loss_weights=self.loss_weights, thr=self.thr, decay=self.decay,
                          w_prev=self.prev_weight, out=st.theta_full[c0:])
-        with _no_value_checks():   # θ_eff is ours: reading it back for NaNs would sync the host per call
-            out = region_attention(q, k, call.v, offset=st.offset, scale=call.scale)
-        if self.record_maps:
-            self._record(call, st.theta_full[c0:], st.basis)
-        return out
+        return st, c0
 
     def _theta0(self, st: _LayerState, Bc: int, device) -> Tensor:
         shape, dt = st.theta_prev.shape, st.theta_prev.dtype
@@ -418,10 +433,14 @@ class AttentionRegulation(Controller):
             # the uncond rows (θ = 0: plain attention whatever their columns) take the first cond row's
             full_t = [rows_t[0]] * c0 + rows_t
             pins = [() if self.renormalize else (0, e) for e in [rows_e[0]] * c0 + rows_e]
-            offset = (ScoreOffset(theta_full, full_t, (gy, gx), pinned=pins) if per_row else
-                      ScoreOffset(theta_full, shared, (gy, gx), pinned=pins[0]))
+            offset, cond_offset = (
+                (ScoreOffset(theta_full, full_t, (gy, gx), pinned=pins),
+                 ScoreOffset(theta_full[c0:], rows_t, (gy, gx), pinned=pins[c0:])) if per_row else
+                (ScoreOffset(theta_full, shared, (gy, gx), pinned=pins[0]),
+                 ScoreOffset(theta_full[c0:], shared, (gy, gx), pinned=pins[0])))
             st = _LayerState((gy, gx), tokens_t, order_t,
-                             torch.zeros(B - c0, H, T, Ky, Kx, dtype=dt, device=q.device), theta_full, offset)
+                             torch.zeros(B - c0, H, T, Ky, Kx, dtype=dt, device=q.device), theta_full, offset,
+                             cond_offset)
             self._states[key] = st
         return st, c0
 

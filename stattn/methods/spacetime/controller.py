@@ -49,12 +49,14 @@ MAX_EVALUATIONS = 4096              # UNet evaluations per run that per-step wei
 
 
 def combine(q: Tensor, k: Tensor, v: Tensor, k_regions: Tensor, v_regions: Tensor, masks: Tensor, c: Tensor, *,
-            mode: str = "same_branch", cond_start: int, scale: Optional[float] = None) -> Tensor:
+            mode: str = "same_branch", cond_start: int, scale: Optional[float] = None, offset=None) -> Tensor:
     """One cross-attention layer of spatial-temporal control.
 
     q [B, H, M, D], rows [uncond (``cond_start`` rows); cond]; k, v [B, 1, H, N, D] the prompt's;
     k_regions, v_regions [B - cond_start, 1 + n, H, N, D]: the cond rows' prompt K/V followed by
-    the n objects' (:func:`region_kv`); masks float [n, M]; c [n] this step's weights.
+    the n objects' (:func:`region_kv`); masks float [n, M]; c [n] this step's weights; offset: a
+    :class:`stattn.ScoreOffset` over the cond rows acting on the prompt region (region 0; a composed
+    method's, :func:`stattn.compose`), None for none.
     Returns [B, H, M, D]: plain attention on the uncond rows, the combination on the cond rows."""
     c0 = cond_start
     if mode not in MODES:
@@ -66,7 +68,7 @@ def combine(q: Tensor, k: Tensor, v: Tensor, k_regions: Tensor, v_regions: Tenso
     region_masks = torch.cat([ones.expand(1, masks.shape[1]).to(masks.dtype), masks])
     weights = torch.cat([ones, c])
     out_c = region_attention(q[c0:], k_regions, v_regions, masks=region_masks, region_weights=weights,
-                             affine=(mode == "same_branch"), scale=scale)
+                             affine=(mode == "same_branch"), scale=scale, offset=offset)
     if c0 == 0:
         return out_c
     out_u = region_attention(q[:c0], k[:c0], v[:c0], scale=scale)
@@ -305,7 +307,9 @@ class SpatialTemporal(Controller):
             raise ValueError(f"weights: per-step weights for {S} steps, but this run has {steps} denoising steps "
                              f"({E} UNet evaluations); give W one column per step or per evaluation")
 
-    def attention(self, call: CrossAttentionCall) -> Optional[Tensor]:
+    def attention(self, call: CrossAttentionCall, offset=None) -> Optional[Tensor]:
+        """The combination of this layer call; ``offset`` (a :class:`stattn.ScoreOffset` over the
+        conditional rows, on the prompt region) is a composed method's (:func:`stattn.compose`)."""
         if self._context is None:
             raise ValueError("SpatialTemporal: not applied; install it with ctrl.apply(pipe_or_runner, prompt=...)")
         if call.grid is None:
@@ -314,7 +318,7 @@ class SpatialTemporal(Controller):
         c0 = self._cond_start(call)
         kc, vc = self._region_kv(call, c0)
         return combine(call.q, call.k, call.v, kc, vc, self._grid_masks(call), self.step_weights(call),
-                       mode=self.mode, cond_start=c0, scale=call.scale)
+                       mode=self.mode, cond_start=c0, scale=call.scale, offset=offset)
 
     def step_weights(self, call: CrossAttentionCall) -> Tensor:
         """c[t] [n]: this step's column of W, picked on the device (no host sync)."""
