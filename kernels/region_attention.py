@@ -354,7 +354,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DB, Wt, Mk, TOK, TH, GY, GX, PIN, LEN, 
                    H, R, M, N, D, T, W, KY, KX, scale,
                    AFFINE: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_PIN: tl.constexpr,
                    HAS_LENGTHS: tl.constexpr, NEED_DQ: tl.constexpr, STORE_D: tl.constexpr, NEED_DTHETA: tl.constexpr,
-                   HAS_GP: tl.constexpr, STORE_DG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   HAS_GP: tl.constexpr, STORE_DG: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    KYP: tl.constexpr, KXP: tl.constexpr):
     """DO is read through the O stride slots (its own strides), DQ through its own (the launcher
     allocates it in [B, M, H, D] memory order, as O); DB [B, R + HAS_PIN, H, M] like LSE;
