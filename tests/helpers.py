@@ -150,7 +150,7 @@ def op_call(case: Case, leaves: dict, tokens, basis):
     gy, gx = (b.to(ct).contiguous() for b in basis)
     lengths = None if case.key_lengths is None else torch.tensor(case.key_lengths, dtype=torch.int32, device=dev)
     save = stattn.ops._save_logits(q, k, leaves["v"], weights, masks, leaves["theta"])
-    o, _, _ = torch.ops.stattn.region_attention(q, k, leaves["v"], weights, masks, case.affine, leaves["theta"], tok,
+    o, _, _, _ = torch.ops.stattn.region_attention(q, k, leaves["v"], weights, masks, case.affine, leaves["theta"], tok,
                                                 gy, gx, pin, D ** -0.5, save, lengths)
     return o
 

@@ -86,7 +86,7 @@ def test_the_custom_op_still_computes_a_pinned_target_as_the_reference(backend, 
     for b, row in enumerate(pinned):
         pin[b, list(row)] = 1
     weights, masks = torch.rand(B, R, device=device), torch.rand(B, R, M, device=device)
-    o, _, _ = torch.ops.stattn.region_attention(q, k, v, weights, masks, True, theta,
+    o, _, _, _ = torch.ops.stattn.region_attention(q, k, v, weights, masks, True, theta,
                                                 torch.tensor(tokens, dtype=torch.int32, device=device), gy, gx,
                                                 pin.to(device), D ** -0.5)
     dtheta, = torch.autograd.grad(o.square().sum(), theta)

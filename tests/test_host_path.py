@@ -35,7 +35,7 @@ def test_no_grad_and_grad_free_calls_skip_the_custom_op_with_the_same_result(cou
         direct = stattn.region_attention(q, k, v, masks=masks)
     direct_grad_mode = stattn.region_attention(q, k, v, masks=masks)     # grad mode, nothing requires grad
     assert counted == []
-    o, _, _ = ops._region_attention_op(q, k, v, torch.ones(B, 2), masks.expand(B, 2, M), False, None, None, None,
+    o, _, _, _ = ops._region_attention_op(q, k, v, torch.ones(B, 2), masks.expand(B, 2, M), False, None, None, None,
                                        None, None, D ** -0.5)
     assert torch.equal(direct, o) and torch.equal(direct_grad_mode, o)   # one kernel, the same inputs
     assert direct.stride() == o.stride()

@@ -259,13 +259,13 @@ def _op_args(q_layout):
 def test_fake_strides_equal_real(q_layout, backend):
     """The register_fake implementations give the strides the backend gives (forward, backward)."""
     args = _op_args(q_layout)
-    o, lse, logits = torch.ops.stattn.region_attention(*args)
+    o, lse, logits, _ = torch.ops.stattn.region_attention(*args)
     do = with_layout(torch.randn_like(o), "bmhd")
     needs = [True, True, True, True, True, True]
     grads = torch.ops.stattn.region_attention_backward(do, *args, lse, needs)
     with FakeTensorMode() as mode:
         fargs = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
-        fo, flse, flogits = torch.ops.stattn.region_attention(*fargs)
+        fo, flse, flogits, _ = torch.ops.stattn.region_attention(*fargs)
         fgrads = torch.ops.stattn.region_attention_backward(mode.from_tensor(do), *fargs, mode.from_tensor(lse), needs)
     for real, fake in zip((o, lse, logits, *grads), (fo, flse, flogits, *fgrads)):
         assert (fake.shape, fake.stride(), fake.dtype) == (real.shape, real.stride(), real.dtype)
@@ -283,7 +283,7 @@ def test_opcheck(q_layout, backend, monkeypatch):
         args[i].requires_grad_(True)
     torch.library.opcheck(torch.ops.stattn.region_attention.default, args)
     with torch.no_grad():
-        o, lse, _ = torch.ops.stattn.region_attention(*args)
+        o, lse, _, _ = torch.ops.stattn.region_attention(*args)
     detached = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
     do = with_layout(torch.randn_like(o), "bmhd")
     torch.library.opcheck(torch.ops.stattn.region_attention_backward.default,

@@ -176,7 +176,7 @@ def test_kernel_lse_matches_reference(device, triton_backend, poisoned):
     inp = make_inputs(case, device, seed=2)
     args, lengths = _op_args(case, inp)
     assert args[7].dim() == 2 and args[10].dim() == 2
-    _, lse, _ = torch.ops.stattn.region_attention(*args, lengths=lengths)
+    _, lse, _, _ = torch.ops.stattn.region_attention(*args, lengths=lengths)
     off = stattn.ScoreOffset(inp["theta"], inp["tokens"], inp["basis"], pinned=case.pinned)
     expected = ref.region_lse(inp["q"], inp["k"], case.D ** -0.5, off, lengths=case.key_lengths)
     assert lse.shape == expected.shape == (case.B, case.R + 1, case.H, case.M)
@@ -260,7 +260,7 @@ def test_native_gets_lengths_only_when_given(monkeypatch):
     args, lens = _small_op_args(False, False, (6, 11, 1))
     for given in (None, lens):
         calls.clear()
-        o, _, _ = torch.ops.stattn.region_attention(*args, lengths=given)
+        o, _, _, _ = torch.ops.stattn.region_attention(*args, lengths=given)
         torch.autograd.grad(o.sum(), args[0])
         n_fwd, n_bwd = 13 + (given is not None), 16 + (given is not None)
         assert [c[:2] for c in calls] == [("fwd", n_fwd), ("bwd", n_bwd)]
