@@ -537,11 +537,25 @@ void pack_head_t(const Problem<double>& p, const Tensor& x, int64_t b, int64_t h
   pack_head_t_impl(p, x, b, h, dst);
 }
 
+// Region 0's probabilities of a block (z [rows, ldz], alpha = 1) -> their first N columns in probs
+// (rows N apart), then z scaled by each row's alpha: the forward's want_probs.
+template <typename acc_t>
+void store_probs_block(const Problem<acc_t>& p, acc_t* z, int64_t ldz, int64_t rows, const acc_t* al,
+                       acc_t* probs) {
+  for (int64_t i = 0; i < rows; ++i) {
+    std::copy(z + i * ldz, z + i * ldz + p.N, probs + i * p.N);
+    scale_row<acc_t>(z + i * ldz, al[i], p.Np);
+  }
+}
+
 // Per block: one product for the logits of all regions (z [rows, R * Np] = scale q Kp^T), the
 // softmax of each region in place, then o = sum_r (alpha_r p_r) V_r as one product per region on
 // V_r in place (accumulating into o; packing V cost more than the extra calls: -3..-10 % at M <= 256).
+// probs (or nullptr): region 0's probabilities [B, H, M, N], taken from the same softmax (computed
+// at alpha = 1, then scaled: alpha may be 0).
 template <typename in_t, typename acc_t>
-void forward_kernel(const Problem<acc_t>& p, const Tensor& q, Tensor& o, Tensor& lse, acc_t* logits) {
+void forward_kernel(const Problem<acc_t>& p, const Tensor& q, Tensor& o, Tensor& lse, acc_t* logits,
+                    acc_t* probs) {
   const int64_t nblk = (p.M + kBlockM - 1) / kBlockM;
   const int64_t Np = p.Np, D = p.D, T = p.T, L = p.R + p.has_pin, RN = p.R * Np;
   float* lse_p = lse.data_ptr<float>();
@@ -552,7 +566,8 @@ void forward_kernel(const Problem<acc_t>& p, const Tensor& q, Tensor& o, Tensor&
     TaskScope<acc_t> scope;
     constexpr bool in_place = std::is_same_v<in_t, acc_t>;  // o written by its product directly
     Scratch<acc_t> qb(kBlockM * D), ob(in_place ? 0 : kBlockM * D), z(kBlockM * RN), work(Np + kBlockM * (7 + T)),
-        al(kBlockM), S(kBlockM * T), A(T * p.Ky * p.W), kh(keys_in_place ? 0 : RN * D);
+        al(kBlockM), S(kBlockM * T), A(T * p.Ky * p.W), kh(keys_in_place ? 0 : RN * D), ones(probs ? kBlockM : 0);
+    std::fill(ones.begin(), ones.end(), acc_t(1));
     int64_t cur_bh = -1;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / nblk, b = bh / p.H, h = bh % p.H;
@@ -575,7 +590,12 @@ void forward_kernel(const Problem<acc_t>& p, const Tensor& q, Tensor& o, Tensor&
         block_alpha(p, b, r, m0, rows, al.data());
         float* lse_r = lse_p + ((b * L + r) * p.H + h) * p.M + m0;
         float* lse_0 = lse_p + ((b * L + p.R) * p.H + h) * p.M + m0;
-        fwd_rows(p, b, r, rows, z.data() + r * Np, RN, work.data(), al.data(), S.data(), lse_r, lse_0);
+        if (probs && r == 0) {
+          fwd_rows(p, b, r, rows, z.data(), RN, work.data(), ones.data(), S.data(), lse_r, lse_0);
+          store_probs_block(p, z.data(), RN, rows, al.data(), probs + ((b * p.H + h) * p.M + m0) * p.N);
+        } else {
+          fwd_rows(p, b, r, rows, z.data() + r * Np, RN, work.data(), al.data(), S.data(), lse_r, lse_0);
+        }
       }
       in_t* dst = out_rows<in_t>(o, b, h, m0, ldo);
       acc_t* out = in_place ? reinterpret_cast<acc_t*>(dst) : ob.data();
@@ -588,10 +608,13 @@ void forward_kernel(const Problem<acc_t>& p, const Tensor& q, Tensor& o, Tensor&
   });
 }
 
-// (o, lse, logits): o [B, H, M, D] in [B, M, H, D] memory order (output_bmhd); logits [B, H, M, R * N] (scale q k_r^T, region r at columns r * N, -inf from
-// lengths[r] on; float32, float64 for float64 inputs) when save_logits, else empty. tokens [T] or
-// [B, T], pin [N] or [B, N] (per batch row), lengths [R] or none (every region uses its N keys).
-std::tuple<Tensor, Tensor, Tensor> region_attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
+// (o, lse, logits, probs): o [B, H, M, D] in [B, M, H, D] memory order (output_bmhd); logits
+// [B, H, M, R * N] (scale q k_r^T, region r at columns r * N, -inf from lengths[r] on; float32,
+// float64 for float64 inputs) when save_logits, else empty; probs [B, H, M, N] (region 0's
+// probabilities as applied, 0 from lengths[0] on; the logits' dtype) when want_probs, else the
+// logits tensor again (one allocation less on the plain path; stattn.native drops it). tokens [T]
+// or [B, T], pin [N] or [B, N] (per batch row), lengths [R] or none (every region uses its N keys).
+std::tuple<Tensor, Tensor, Tensor, Tensor> region_attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
                                                         const Tensor& weights, const Tensor& masks, bool affine,
                                                         const c10::optional<Tensor>& theta,
                                                         const c10::optional<Tensor>& tokens,
@@ -599,10 +622,10 @@ std::tuple<Tensor, Tensor, Tensor> region_attention_fwd(const Tensor& q, const T
                                                         const c10::optional<Tensor>& gx,
                                                         const c10::optional<Tensor>& pin, double scale,
                                                         bool save_logits,
-                                                        const c10::optional<Tensor>& lengths) {
+                                                        const c10::optional<Tensor>& lengths, bool want_probs) {
   TORCH_CHECK(q.device().is_cpu(), "stattn native: CPU tensors only");
   Tensor o = output_bmhd(q);
-  Tensor lse, logits;
+  Tensor lse, logits, probs;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "stattn_native_fwd", [&] {
     using in_t = scalar_t;
     using acc_t = std::conditional_t<std::is_same_v<in_t, double>, double, float>;
@@ -611,9 +634,11 @@ std::tuple<Tensor, Tensor, Tensor> region_attention_fwd(const Tensor& q, const T
     lse = output({p.B, p.R + p.has_pin, p.H, p.M}, q.options().dtype(at::kFloat));
     logits = save_logits ? output({p.B, p.H, p.M, p.R * p.N}, q.options().dtype(acc))
                          : at::empty({0}, q.options().dtype(acc));
-    forward_kernel<in_t, acc_t>(p, q, o, lse, save_logits ? logits.data_ptr<acc_t>() : nullptr);
+    probs = want_probs ? output({p.B, p.H, p.M, p.N}, q.options().dtype(acc)) : logits;
+    forward_kernel<in_t, acc_t>(p, q, o, lse, save_logits ? logits.data_ptr<acc_t>() : nullptr,
+                                want_probs ? probs.data_ptr<acc_t>() : nullptr);
   });
-  return {o, lse, logits};
+  return {o, lse, logits, probs};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -626,12 +651,14 @@ struct Needs {
 // Softmax backward of one row of region r, the general way: the edited probabilities pe and the
 // un-offset ones p0 from two exp passes. The fallback of bwd_rows for what its shared-exp path does
 // not take (fp64's recomputed log-sum-exps, > kMaxT targets or pins, a pinned target, log-sum-exps
-// more than kMaxShift apart). In: zi = logits, dpi = dO . V^T; out as bwd_rows.
+// more than kMaxShift apart, a gradient on the probabilities). In: zi = logits, dpi = dO . V^T,
+// Gi = nullptr or the gradient w.r.t. this row's probabilities as applied [N] (region 0's maps);
+// out as bwd_rows.
 template <typename acc_t, typename V>
 STATTN_INLINE void bwd_row_general(const Problem<acc_t>& p, const Cols<acc_t>& cs, bool off, bool pinr,
                                    bool need_v, bool need_th, bool recompute_lse, acc_t* zi, acc_t* dpi, acc_t* pe,
                                    acc_t* p0, acc_t a, const acc_t* Si, acc_t* dSi, float lse_r, float lse_0,
-                                   acc_t* dfull) {
+                                   acc_t* dfull, const acc_t* Gi) {
   const int64_t Np = p.Np, T = p.T;
   std::copy(zi, zi + Np, pe);
   if (off)
@@ -649,15 +676,28 @@ STATTN_INLINE void bwd_row_general(const Problem<acc_t>& p, const Cols<acc_t>& c
   if (pinr)
     for (int64_t k = 0; k < cs.P; ++k) De -= pe[cs.pinned[k]] * dpi[cs.pinned[k]];
   *dfull = De + D0;
-  // dze = a pe (dpv [not pinned] - De) -> z; dtheta reads it at the target columns
-  softmax_bwd_row<acc_t, V>(pe, dpi, a, De, zi, Np);
+  // dL/dp = s dpv: s = a; with the maps' gradient dL/dp = a dpv + G, held in dpv with s = 1 (De, D0
+  // the same dots of it; the pad columns from N on have p = 0 whatever dpv holds)
+  acc_t s = a;
+  if (Gi) {
+    acc_t Ge = row_dot<acc_t, V>(pe, Gi, p.N), G0 = 0;
+    for (int64_t k = 0; k < cs.P; ++k) {
+      Ge -= pe[cs.pinned[k]] * Gi[cs.pinned[k]];
+      G0 += p0[cs.pinned[k]] * Gi[cs.pinned[k]];
+    }
+    scale_row<acc_t, V>(dpi, a, Np);
+    axpy_row<acc_t, V>(dpi, acc_t(1), Gi, p.N);
+    De = a * De + Ge, D0 = a * D0 + G0, s = 1;
+  }
+  // dze = s pe (dpv [not pinned] - De) -> z; dtheta reads it at the target columns
+  softmax_bwd_row<acc_t, V>(pe, dpi, s, De, zi, Np);
   if (pinr)
-    for (int64_t k = 0; k < cs.P; ++k) zi[cs.pinned[k]] = -a * pe[cs.pinned[k]] * De;
+    for (int64_t k = 0; k < cs.P; ++k) zi[cs.pinned[k]] = -s * pe[cs.pinned[k]] * De;
   if (need_th)
     for (int64_t t = 0; t < T; ++t) dSi[t] = zi[cs.tokens[t]];
-  if (pinr) {  // + a p0 (dpv [pinned] - D0): pinned columns go through the un-offset softmax
-    axpy_row<acc_t, V>(zi, -a * D0, p0, Np);
-    for (int64_t k = 0; k < cs.P; ++k) zi[cs.pinned[k]] += a * p0[cs.pinned[k]] * dpi[cs.pinned[k]];
+  if (pinr) {  // + s p0 (dpv [pinned] - D0): pinned columns go through the un-offset softmax
+    axpy_row<acc_t, V>(zi, -s * D0, p0, Np);
+    for (int64_t k = 0; k < cs.P; ++k) zi[cs.pinned[k]] += s * p0[cs.pinned[k]] * dpi[cs.pinned[k]];
   }
   if (need_v) {  // dv uses alpha * p_used: overwrite dpv (no longer needed for this row)
     for (int64_t n = 0; n < Np; ++n) dpi[n] = a * pe[n];
@@ -669,8 +709,10 @@ STATTN_INLINE void bwd_row_general(const Problem<acc_t>& p, const Cols<acc_t>& c
 // Softmax backward of one region for a block of rows of batch row b, on the padded layout of the
 // forward (rows of stride ld, this region's Np columns; pad logits, and those from the region's
 // length on, -inf, so their probabilities and gradients are 0).
-// In: z = logits, dpv = dO . V^T. Out: z = dz (pinned columns through the un-offset softmax), dS =
-// dz_edited at the target columns, dpv = alpha * p_used (for dv), dfull = <dO, O_r>.
+// In: z = logits, dpv = dO . V^T, G = nullptr or (region 0) the gradient w.r.t. its probabilities
+// as applied [rows, N] (the general path then takes every row). Out: z = dz (pinned columns through
+// the un-offset softmax), dS = dz_edited at the target columns, dpv = alpha * p_used (for dv),
+// dfull = <dO, O_r>.
 // Two passes per row, as the forward: pe = exp(z - lse) in place with <pe, dpv>, then dz and dv.
 // With an offset, pe off the targets is exact from the un-offset logits, the few target columns are
 // fixed up, and the un-offset probabilities the pins need are p0 = pe * exp(lse_e - lse_0) off the
@@ -679,13 +721,13 @@ template <typename acc_t, typename V>
 STATTN_INLINE void bwd_rows_impl(const Problem<acc_t>& p, int64_t b, int64_t r, int64_t rows, bool need_v,
                                  bool need_th, bool recompute_lse, acc_t* z, acc_t* dpv, int64_t ld, acc_t* pe,
                                  acc_t* p0, const acc_t* al, const acc_t* S, acc_t* dS, const float* lse_r,
-                                 const float* lse_0, acc_t* dfull_r) {
+                                 const float* lse_0, acc_t* dfull_r, const acc_t* G) {
   const Cols<acc_t> cs = p.cols(b);
   const int64_t Np = p.Np, T = p.T, P = cs.P;
   constexpr int64_t kMax = 16;       // targets and pins held in registers on the shared-exp path
   constexpr acc_t kMaxShift = 60;    // as the forward's
   const bool off = p.offset_on(r), pinr = p.pin_on(r);
-  const bool general = recompute_lse || (off && (T > kMax || P > kMax || cs.pin_is_target));
+  const bool general = recompute_lse || G || (off && (T > kMax || P > kMax || cs.pin_is_target));
   for (int64_t i = 0; i < rows; ++i) {
     acc_t* zi = z + i * ld;
     acc_t* dpi = dpv + i * ld;
@@ -694,7 +736,7 @@ STATTN_INLINE void bwd_rows_impl(const Problem<acc_t>& p, int64_t b, int64_t r, 
     const acc_t l0 = pinr ? static_cast<acc_t>(lse_0[i]) : le;
     if (general || (off && pinr && !(std::abs(le - l0) <= kMaxShift))) {
       bwd_row_general<acc_t, V>(p, cs, off, pinr, need_v, need_th, recompute_lse, zi, dpi, pe, p0, a, S + i * T,
-                                dS + i * T, lse_r[i], pinr ? lse_0[i] : 0.0f, dfull_r + i);
+                                dS + i * T, lse_r[i], pinr ? lse_0[i] : 0.0f, dfull_r + i, G ? G + i * p.N : nullptr);
       continue;
     }
     if (!off) {  // plain softmax (pins without an offset see the same probabilities)
@@ -743,43 +785,45 @@ STATTN_INLINE void bwd_rows_impl(const Problem<acc_t>& p, int64_t b, int64_t r, 
 STATTN_MULTIVERSION void bwd_rows_w8(const Problem<float>& p, int64_t b, int64_t r, int64_t rows, bool need_v,
                                      bool need_th, bool recompute_lse, float* z, float* dpv, int64_t ld, float* pe,
                                      float* p0, const float* al, const float* S, float* dS, const float* lse_r,
-                                     const float* lse_0, float* dfull_r) {
+                                     const float* lse_0, float* dfull_r, const float* G) {
   bwd_rows_impl<float, f32x8>(p, b, r, rows, need_v, need_th, recompute_lse, z, dpv, ld, pe, p0, al, S, dS, lse_r,
-                              lse_0, dfull_r);
+                              lse_0, dfull_r, G);
 }
 #if STATTN_HAVE_V4
 STATTN_V4 void bwd_rows_w16(const Problem<float>& p, int64_t b, int64_t r, int64_t rows, bool need_v, bool need_th,
                             bool recompute_lse, float* z, float* dpv, int64_t ld, float* pe, float* p0,
                             const float* al, const float* S, float* dS, const float* lse_r, const float* lse_0,
-                            float* dfull_r) {
+                            float* dfull_r, const float* G) {
   bwd_rows_impl<float, f32x16>(p, b, r, rows, need_v, need_th, recompute_lse, z, dpv, ld, pe, p0, al, S, dS, lse_r,
-                               lse_0, dfull_r);
+                               lse_0, dfull_r, G);
 }
 #endif
 void bwd_rows(const Problem<float>& p, int64_t b, int64_t r, int64_t rows, bool need_v, bool need_th,
               bool recompute_lse, float* z, float* dpv, int64_t ld, float* pe, float* p0, const float* al,
-              const float* S, float* dS, const float* lse_r, const float* lse_0, float* dfull_r) {
+              const float* S, float* dS, const float* lse_r, const float* lse_0, float* dfull_r, const float* G) {
 #if STATTN_HAVE_V4
   if (has_v4())
     return bwd_rows_w16(p, b, r, rows, need_v, need_th, recompute_lse, z, dpv, ld, pe, p0, al, S, dS, lse_r, lse_0,
-                        dfull_r);
+                        dfull_r, G);
 #endif
-  bwd_rows_w8(p, b, r, rows, need_v, need_th, recompute_lse, z, dpv, ld, pe, p0, al, S, dS, lse_r, lse_0, dfull_r);
+  bwd_rows_w8(p, b, r, rows, need_v, need_th, recompute_lse, z, dpv, ld, pe, p0, al, S, dS, lse_r, lse_0, dfull_r, G);
 }
 void bwd_rows(const Problem<double>& p, int64_t b, int64_t r, int64_t rows, bool need_v, bool need_th,
               bool recompute_lse, double* z, double* dpv, int64_t ld, double* pe, double* p0, const double* al,
-              const double* S, double* dS, const float* lse_r, const float* lse_0, double* dfull_r) {
+              const double* S, double* dS, const float* lse_r, const float* lse_0, double* dfull_r,
+              const double* G) {
   bwd_rows_impl<double, f32x8>(p, b, r, rows, need_v, need_th, recompute_lse, z, dpv, ld, pe, p0, al, S, dS, lse_r,
-                               lse_0, dfull_r);
+                               lse_0, dfull_r, G);
 }
 
 // Per block, as the forward: one product each for the logits (or the forward's saved ones) and
 // dO . V^T of all regions, the softmax backward per region, one product each for dq and the dk / dv
 // partials of all regions (per task, [R * Np, D] with the pad rows ignored by the final sum).
+// gprobs (or nullptr): the gradient w.r.t. region 0's probabilities [B, H, M, N] (the forward's probs).
 template <typename in_t, typename acc_t>
 void backward_kernel(const Problem<acc_t>& p, const Needs& need, const Tensor& q, const Tensor& dout,
                      const Tensor& lse, bool recompute_lse, const acc_t* logits, Tensor& dq, acc_t* dk_part,
-                     acc_t* dv_part, acc_t* dth_part, acc_t* dfull, int64_t nchunk) {
+                     acc_t* dv_part, acc_t* dth_part, acc_t* dfull, int64_t nchunk, const acc_t* gprobs) {
   const int64_t Np = p.Np, D = p.D, T = p.T, L = p.R + p.has_pin, RN = p.R * Np;
   const int64_t KK = p.Ky * p.Kx;
   const bool need_th = need.t && T > 0;
@@ -823,8 +867,9 @@ void backward_kernel(const Problem<acc_t>& p, const Needs& need, const Tensor& q
           const float* lse_r = lse_p + ((b * L + r) * p.H + h) * p.M + m0;
           const float* lse_0 = lse_p + ((b * L + p.R) * p.H + h) * p.M + m0;
           acc_t* dfull_r = dfull + ((b * p.H + h) * p.R + r) * p.M + m0;
+          const acc_t* G = gprobs && r == 0 ? gprobs + ((b * p.H + h) * p.M + m0) * p.N : nullptr;
           bwd_rows(p, b, r, rows, need.v, need_th, recompute_lse, z.data() + r * Np, dpv.data() + r * Np, RN, pe.data(),
-                   p0.data(), al.data(), S.data(), dS.data(), lse_r, lse_0, dfull_r);
+                   p0.data(), al.data(), S.data(), dS.data(), lse_r, lse_0, dfull_r, G);
           if (need_th && p.offset_on(r)) {  // C[t, y] += dS[m, t] gx[x]: the x-half of dtheta, per image row y
             for (int64_t i = 0, y = m0 / p.W, x = m0 % p.W; i < rows; ++i) {
               for (int64_t t = 0; t < T; ++t)
@@ -874,7 +919,8 @@ std::vector<Tensor> region_attention_bwd(const Tensor& grad_out, const Tensor& q
                                          const c10::optional<Tensor>& gy, const c10::optional<Tensor>& gx,
                                          const c10::optional<Tensor>& pin, double scale, const Tensor& lse,
                                          const c10::List<bool>& needs, const c10::optional<Tensor>& logits,
-                                         const c10::optional<Tensor>& lengths) {
+                                         const c10::optional<Tensor>& lengths,
+                                         const c10::optional<Tensor>& grad_probs) {
   TORCH_CHECK(q.device().is_cpu(), "stattn native: CPU tensors only");
   TORCH_CHECK(needs.size() == 6, "stattn native: needs must hold 6 flags");
   TORCH_CHECK(grad_out.sizes() == q.sizes(), "stattn native: grad_out must have q's shape");
@@ -896,6 +942,12 @@ std::vector<Tensor> region_attention_bwd(const Tensor& grad_out, const Tensor& q
     TORCH_CHECK(!saved || (logits->sizes() == at::IntArrayRef({p.B, p.H, p.M, p.R * p.N}) &&
                            logits->scalar_type() == acc && logits->is_contiguous()),
                 "stattn native: logits must be the forward's saved logits [B, H, M, R * N], contiguous");
+    const bool has_g = grad_probs.has_value() && grad_probs->defined();
+    TORCH_CHECK_VALUE(!has_g || (grad_probs->sizes() == at::IntArrayRef({p.B, p.H, p.M, p.N}) &&
+                                 grad_probs->scalar_type() == acc),
+                      "stattn native: grad_probs must be [B, H, M, N] = [", p.B, ", ", p.H, ", ", p.M, ", ", p.N,
+                      "] in the compute dtype ", acc, ", got ", grad_probs->sizes(), " ", grad_probs->scalar_type());
+    Tensor g_c = has_g ? grad_probs->contiguous() : Tensor();
     Tensor dq = need.q ? output_bmhd(q) : Tensor();  // in o's layout
     Tensor dk_part = need.k ? at::zeros({tasks, NDR}, opts) : Tensor();
     Tensor dv_part = need.v ? at::zeros({tasks, NDR}, opts) : Tensor();
@@ -907,7 +959,7 @@ std::vector<Tensor> region_attention_bwd(const Tensor& grad_out, const Tensor& q
                                  need.k ? dk_part.data_ptr<acc_t>() : nullptr,
                                  need.v ? dv_part.data_ptr<acc_t>() : nullptr,
                                  dth_part.defined() ? dth_part.data_ptr<acc_t>() : nullptr,
-                                 dfull.data_ptr<acc_t>(), nchunk);
+                                 dfull.data_ptr<acc_t>(), nchunk, has_g ? g_c.data_ptr<acc_t>() : nullptr);
     out[0] = need.q ? dq : at::empty({0}, q.options());
     // dk / dv [B, R, H, N, D] from the per-(b, h, chunk) partials [B, H, C, R, Np, D]
     for (int which = 0; which < 2; ++which) {
@@ -1002,10 +1054,11 @@ std::vector<Tensor> region_attention_bwd(const Tensor& grad_out, const Tensor& q
 TORCH_LIBRARY(stattn_native, m) {
   m.def("region_attention(Tensor q, Tensor k, Tensor v, Tensor weights, Tensor masks, bool affine, "
         "Tensor? theta, Tensor? tokens, Tensor? gy, Tensor? gx, Tensor? pin, float scale, bool save_logits=False, "
-        "Tensor? lengths=None) -> (Tensor, Tensor, Tensor)");
+        "Tensor? lengths=None, bool want_probs=False) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("region_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor weights, "
         "Tensor masks, bool affine, Tensor? theta, Tensor? tokens, Tensor? gy, Tensor? gx, Tensor? pin, "
-        "float scale, Tensor lse, bool[] needs, Tensor? logits=None, Tensor? lengths=None) -> Tensor[]");
+        "float scale, Tensor lse, bool[] needs, Tensor? logits=None, Tensor? lengths=None, "
+        "Tensor? grad_probs=None) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(stattn_native, CPU, m) {

@@ -139,26 +139,31 @@ def _ops():
 
 
 def forward(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale,
-            save_logits: bool = False, lengths=None) -> tuple[Tensor, Tensor, Tensor]:
-    """(o [B, H, M, D] in q's dtype, lse [B, R + has_pin, H, M] float32, logits): lse as the Triton
-    forward; logits [B, H, M, R * N] (scale q k_r^T, float32, float64 for float64 inputs; -inf at
-    the padding keys of ``lengths``) when ``save_logits``, for :func:`backward` to skip recomputing
-    them, else an empty tensor. ``tokens`` int32 [T] or [B, T] and ``pin`` int32 flags [N] or
-    [B, N]: shared by the batch rows or one row each; ``lengths`` int32 [R] or None: region r
+            save_logits: bool = False, lengths=None, want_probs: bool = False) -> tuple[Tensor, ...]:
+    """(o [B, H, M, D] in q's dtype, lse [B, R + has_pin, H, M] float32, logits), and probs with
+    ``want_probs``: lse as the Triton forward; logits [B, H, M, R * N] (scale q k_r^T, float32,
+    float64 for float64 inputs; -inf at the padding keys of ``lengths``) when ``save_logits``, for
+    :func:`backward` to skip recomputing them, else an empty tensor; probs [B, H, M, N] (logits'
+    dtype, contiguous): region 0's probabilities as applied (pinned columns un-offset, 0 on its
+    padding), from the same softmax as o. ``tokens`` int32 [T] or [B, T] and ``pin`` int32 flags
+    [N] or [B, N]: shared by the batch rows or one row each; ``lengths`` int32 [R] or None: region r
     attends to its first lengths[r] keys (None: all N)."""
-    return _ops().region_attention(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, float(scale),
-                                   bool(save_logits), lengths)
+    # want_probs is passed only when set: the call without it is the one an older build knows
+    out = _ops().region_attention(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, float(scale),
+                                  bool(save_logits), lengths, *((True,) if want_probs else ()))
+    return out if want_probs else out[:3]
 
 
 def backward(grad_out, q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, lse, needs,
-             logits=None, lengths=None):
+             logits=None, lengths=None, grad_probs=None):
     """(dq, dk, dv, dweights, dmasks, dtheta) with None where ``needs`` is False (dtheta is zeros
     when theta is given but no token is targeted; dk and dv are 0 at the padding keys of
-    ``lengths``); ``logits``: the forward's saved logits, if any; the other arguments as
-    :func:`forward`'s."""
+    ``lengths``); ``logits``: the forward's saved logits, if any; ``grad_probs``: None or the
+    gradient [B, H, M, N] (logits' dtype) w.r.t. the forward's probs, added to region 0's dL/dp (it
+    reaches dq, dk and dtheta); the other arguments as :func:`forward`'s."""
     grads = _ops().region_attention_backward(
         grad_out, q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, float(scale), lse,
-        [bool(n) for n in needs], logits, lengths)
+        [bool(n) for n in needs], logits, lengths, *(() if grad_probs is None else (grad_probs,)))
     return [g if n else None for g, n in zip(grads, needs)]
 
 
