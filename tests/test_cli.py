@@ -9,7 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from stattn import cli, models
+import stattn
+from stattn import cli
+from stattn.integration import models
 from stattn.integration.maps import AttentionMaps, heatmap_figure
 
 PROMPT = "a photo of a cat and a frog"
@@ -149,6 +151,18 @@ def test_attention_maps_average_the_cond_rows_over_heads_and_calls():
     q, k = torch.randn(2, 3, 16, 8), torch.randn(2, 1, 3, 5, 8)
     call = CrossAttentionCall("x.attn2", None, q, k, k, None, (4, 4), 0, None, 0.5)
     rec = AttentionMaps([1, 3], cfg=True)
-    assert rec.attention(call) is None and rec.attention(call) is None  # plain attention either way
-    p = torch.softmax(0.5 * q[1:] @ k[1:, 0].transpose(-1, -2), -1)[..., [1, 3]].mean(1)  # [1, 16, 2]
-    torch.testing.assert_close(rec.maps(), p.transpose(1, 2).reshape(1, 2, 4, 4))
+    probs = torch.softmax(0.5 * q.double() @ k[:, 0].double().transpose(-1, -2), -1)        # [2, 3, 16, 5]
+    plain = (probs @ k[:, 0].double()).float()
+    # the layer is plain: the recorder makes its call, output and maps from one pass of the op
+    for _ in range(2):
+        torch.testing.assert_close(rec.attention(call), plain, rtol=1e-5, atol=1e-6)
+    p = probs[1:, ..., [1, 3]].mean(1).float()                                                # [1, 16, 2]
+    torch.testing.assert_close(rec.maps(), p.transpose(1, 2).reshape(1, 2, 4, 4), rtol=1e-5, atol=1e-6)
+
+    class Edit(stattn.Controller):           # an inner method's output passes through unchanged
+        def attention(self, call):
+            return torch.full_like(call.q, 7.0)
+
+    rec = AttentionMaps([1, 3], cfg=True, inner=Edit())
+    assert torch.equal(rec.attention(call), torch.full_like(q, 7.0))
+    torch.testing.assert_close(rec.maps(), p.transpose(1, 2).reshape(1, 2, 4, 4), rtol=1e-5, atol=1e-6)

@@ -156,3 +156,13 @@ def test_cli_method_regulation_plus_spacetime(tmp_path):
     assert rc in (0, None)
     first, second = sorted(out.glob("*.png")), sorted(again.glob("*.png"))
     assert first and [p.read_bytes() for p in first] == [p.read_bytes() for p in second]
+
+
+def test_recorded_maps_with_zero_spatial_weights_equal_regulation_alone(sd):
+    alone = _ar(record_maps=True)
+    _latents(sd, alone)
+    both = compose(_ar(record_maps=True), SpatialTemporal(["cat", "frog"], weights=0.0))
+    _latents(sd, both)
+    assert len(alone.maps) == len(both.regulation.maps) == 3
+    for ma, mb in zip(alone.maps, both.regulation.maps):
+        torch.testing.assert_close(mb, ma, rtol=1e-6, atol=1e-9)     # fp32 maps of fp64 runs

@@ -565,3 +565,26 @@ def test_a_tokenizer_without_offsets_finds_the_same_words(tok):
         assert [cols for _, cols in slow_words] == [cols for _, cols in fast_words], prompt
         assert [w.lower() for w, _ in slow_words] == [w.lower() for w, _ in fast_words], prompt
     assert token_indices(slow, "a catfish and a fish", ["fish"]) == token_indices(tok, "a catfish and a fish", ["fish"])
+
+
+def test_maps_of_different_prompts_fused_equal_reference(sd):
+    """Rows of different prompts put the targets at different key columns: the fused path's maps (the
+    op's probability side output, all columns then each row's targets) equal the eager reference's."""
+    prompts = [PROMPT, "a small frog and a cat"]
+
+    def run(fused):
+        ctrl = AttentionRegulation(["cat", "frog"], edit_steps=2, iters=4, fused=fused, record_maps=True,
+                                   init="zeros")
+        ctrl.apply(sd, prompt=PROMPT)
+        try:
+            gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
+            sd(prompts, num_inference_steps=3, generator=gens, height=64, width=64, output_type="latent")
+        finally:
+            ctrl.remove(sd)
+        return ctrl
+
+    fused, reference = run(True), run(False)
+    assert fused.rows is not None and fused.rows[0][0] != fused.rows[1][0]      # per-row columns
+    assert len(fused.maps) == 3
+    for ma, mb in zip(fused.maps, reference.maps):
+        torch.testing.assert_close(ma, mb, rtol=1e-9, atol=1e-12)

@@ -6,7 +6,8 @@ averaged over heads; per grid size it keeps a running sum on the device (no host
 :meth:`AttentionMaps.maps` resizes every grid to the largest and averages. It can wrap the
 controller of a method (``inner``), whose output it passes through unchanged, so the maps of an
 edited generation are recorded along the edited trajectory (the probabilities recorded are those of
-the unedited logits of each call).
+the unedited logits of each call). The maps are the fused op's probability side output
+(``region_attention(..., return_probs=tokens)``), never an eager softmax.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..ops import region_attention
 from .control import Controller, CrossAttentionCall, cond_start
 
 __all__ = ["AttentionMaps", "heatmap_figure"]
@@ -54,18 +56,24 @@ class AttentionMaps(Controller):
     def attention(self, call: CrossAttentionCall):
         out = self.inner.attention(call) if self.inner is not None else None
         if call.grid is not None and call.grid[0] * call.grid[1] <= self.max_pixels:
-            self._record(call)
+            out = self._record(call, out)
         return out
 
-    def _record(self, call: CrossAttentionCall) -> None:
-        q, k = call.q, call.k[:, 0]
-        N = k.shape[-2]
+    def _record(self, call: CrossAttentionCall, out):
+        """The maps from the op's probability side output: where the layer is plain (``out`` None)
+        the recorder makes the layer's call itself and takes output and maps from that one pass;
+        where the inner controller computed the output, one call on the conditional rows."""
+        N = call.k.shape[-2]
         if max(self.tokens) >= N:
             raise ValueError(f"tokens: index {max(self.tokens)} is out of range for {N} prompt keys")
         c0 = cond_start(call, self.cfg)
-        q, k = q[c0:], k[c0:]
-        logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * call.scale
-        p = logits.softmax(-1)[..., self.tokens].mean(1)          # [b, M, T]
+        if out is None:
+            out, p = region_attention(call.q, call.k, call.v, scale=call.scale, return_probs=self.tokens)
+            p = p[c0:]                                                 # [b, M, T]
+        else:
+            _, p = region_attention(call.q[c0:], call.k[c0:], call.v[c0:], scale=call.scale,
+                                    return_probs=self.tokens)
+        p = p.float()
         h, w = call.grid
         m = p.transpose(1, 2).reshape(p.shape[0], len(self.tokens), h, w)
         if call.grid in self._sums:
@@ -73,6 +81,7 @@ class AttentionMaps(Controller):
             self._counts[call.grid] += 1
         else:
             self._sums[call.grid], self._counts[call.grid] = m.clone(), 1
+        return out
 
     def maps(self) -> torch.Tensor:
         """[images, T, h, w] on the CPU: the average over steps, layers and heads, at the largest

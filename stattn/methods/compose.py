@@ -101,11 +101,11 @@ class Composed(Controller):
             if reg.record_maps:
                 reg._record(call, None)
             return self.spacetime.attention(call)
-        st, c0 = reg.optimise(call)
+        st, _ = reg.optimise(call)
         with _no_value_checks():   # θ_eff is ours: reading it back for NaNs would sync the host per call
             out = self.spacetime.attention(call, offset=st.cond_offset)
-        if reg.record_maps:
-            reg._record(call, st.theta_full[c0:], st.basis)
+            if reg.record_maps:   # the prompt region's maps as Attention Regulation alone records them
+                reg._record(call, st.cond_offset)
         return out
 
     def __repr__(self) -> str:

@@ -301,9 +301,7 @@ class AttentionRegulation(Controller):
         if not self.fused:
             return self._reference_call(call)
         if call.step >= self.edit_steps:
-            if self.record_maps:
-                self._record(call, None)
-            return None
+            return self._attend(call, None) if self.record_maps else None
         return self._fused_call(call)
 
     def check_call(self, call: CrossAttentionCall) -> None:
@@ -324,12 +322,9 @@ class AttentionRegulation(Controller):
         """θ0 draw, then 3 launches: the inner loop (Triton: logits + 20 iterations on-chip), the
         best-iterate choice with the across-steps blend written straight into the offset's θ, and
         the edited attention through region_attention. No host synchronisation."""
-        st, c0 = self.optimise(call)
+        st, _ = self.optimise(call)
         with _no_value_checks():   # θ_eff is ours: reading it back for NaNs would sync the host per call
-            out = region_attention(call.q, call.k, call.v, offset=st.offset, scale=call.scale)
-        if self.record_maps:
-            self._record(call, st.theta_full[c0:], st.basis)
-        return out
+            return self._attend(call, st.offset)
 
     def optimise(self, call: CrossAttentionCall) -> tuple[_LayerState, int]:
         """This step's inner loop on the call's conditional rows (2 launches after the θ0 draw):
@@ -381,7 +376,7 @@ class AttentionRegulation(Controller):
             prev_weight=self.prev_weight, decay=self.decay, renormalize=self.renormalize)
         st.ref_prev = res.theta_best
         if self.record_maps:
-            self._add_map(call, _take_columns(res.cond_probs, tokens).float().mean(1))
+            self._add_map(call, _take_columns(res.cond_probs, tokens).mean(1))
         return res.out
 
     # ------------------------------------------------------------------ state
@@ -470,22 +465,42 @@ class AttentionRegulation(Controller):
                              "edit the released rule overwrites; target prompt words, or use renormalize=True")
 
     # ------------------------------------------------------------------ maps
-    def _record(self, call: CrossAttentionCall, theta: Optional[Tensor], basis=None) -> None:
-        """Target-token attention of the conditional rows, as applied (the edited softmax's target
-        columns; pinning touches only SOS and EOS), averaged over heads."""
+    # The maps are the target columns' probabilities as applied (the edited softmax there; pinning
+    # touches only SOS and EOS), averaged over heads: the op's side output (return_probs), from the
+    # pass that computes the layer's output.
+    def _attend(self, call: CrossAttentionCall, offset: Optional[ScoreOffset]) -> Tensor:
+        """The layer's output, edited by ``offset`` (over the whole batch) or plain, and with
+        record_maps the conditional rows' maps from the same region_attention call."""
+        if not self.record_maps:
+            return region_attention(call.q, call.k, call.v, offset=offset, scale=call.scale)
         c0 = self._cond_start(call)
-        q, k = call.q[c0:], call.k[c0:]
-        tokens, _ = self._layout(q.shape[0])
-        offset = None
-        if theta is not None:
-            offset = ScoreOffset(theta, tokens, basis)
-        P = ref.region_probs(q, k, call.scale, offset)[:, 0]          # [Bc, H, M, N]
-        self._add_map(call, _take_columns(P, tokens).float().mean(1))
+        out, P = region_attention(call.q, call.k, call.v, offset=offset, scale=call.scale,
+                                  return_probs=self._map_columns(call.q.shape[0] - c0))
+        self._add_map(call, self._target_maps(P[c0:]))
+        return out
+
+    def _record(self, call: CrossAttentionCall, cond_offset: Optional[ScoreOffset]) -> None:
+        """Maps of a call whose output another method computes (:func:`stattn.compose`): one
+        region_attention call on the conditional rows with ``cond_offset`` (or none)."""
+        c0 = self._cond_start(call)
+        _, P = region_attention(call.q[c0:], call.k[c0:], call.v[c0:], offset=cond_offset, scale=call.scale,
+                                return_probs=self._map_columns(call.q.shape[0] - c0))
+        self._add_map(call, self._target_maps(P))
+
+    def _map_columns(self, Bc: int):
+        """return_probs for the maps: the target columns when every row shares them, else all."""
+        tokens, _ = self._layout(Bc)
+        return list(tokens) if tokens and isinstance(tokens[0], int) else True
+
+    def _target_maps(self, P: Tensor) -> Tensor:
+        """[Bc, M, T] from the op's maps of the conditional rows (already at the targets when shared)."""
+        tokens, _ = self._layout(P.shape[0])
+        return P if tokens and isinstance(tokens[0], int) else _take_columns(P, tokens)
 
     def _add_map(self, call: CrossAttentionCall, P: Tensor) -> None:
         h, w = call.grid
         Bc, _, T = P.shape
-        m = P.detach().transpose(1, 2).reshape(Bc, T, h, w)
+        m = P.detach().float().transpose(1, 2).reshape(Bc, T, h, w)
         acc = self._maps.setdefault(call.step, {}).setdefault((h, w), [torch.zeros_like(m), 0])
         acc[0] += m
         acc[1] += 1
@@ -524,11 +539,11 @@ def _no_value_checks():
 
 
 def _take_columns(P: Tensor, tokens) -> Tensor:
-    """P [B, H, M, N] at the target columns: shared (T ints) or per row (B lists) -> [B, H, M, T]."""
+    """P [B, ..., N] at the target columns: shared (T ints) or per row (B lists) -> [B, ..., T]."""
     if tokens and isinstance(tokens[0], int):
         return P[..., list(tokens)]
     idx = torch.tensor(tokens, dtype=torch.int64, device=P.device)          # [B, T]
-    return torch.take_along_dim(P, idx[:, None, None, :], dim=-1)
+    return torch.take_along_dim(P, idx.view(idx.shape[0], *[1] * (P.dim() - 2), idx.shape[1]), dim=-1)
 
 
 def _step_tensor(call: CrossAttentionCall) -> Tensor:
