@@ -84,9 +84,11 @@ def test_substitution_is_whole_token():
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
+    from stattn.integration import models
+
     root = tmp_path_factory.mktemp("readme")
-    stattn.integration.models.save(stattn.integration.models.tiny(0), root / MODEL_DIR)
-    clip, tok = stattn.integration.models.tiny_clip()
+    models.save(models.tiny(0), root / MODEL_DIR)
+    clip, tok = models.tiny_clip()
     clip.save_pretrained(root / CLIP_DIR)
     tok.save_pretrained(root / CLIP_DIR)
     return root
