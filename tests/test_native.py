@@ -138,18 +138,18 @@ def test_forward_returns_the_logits_when_asked(backend, monkeypatch):
     monkeypatch.setenv("STATTN_NATIVE_POISON", "1")
     args = _opcheck_args()
     q, k, scale = args[0], args[1], args[11]
-    o, lse, logits = torch.ops.stattn.region_attention(*args, save_logits=True)
+    o, lse, logits, _ = torch.ops.stattn.region_attention(*args, save_logits=True)
     expected = torch.einsum("bhmd,brhnd->bhmrn", q.double(), k.double()).flatten(3) * scale
     assert logits.shape == expected.shape and logits.dtype == F32
     torch.testing.assert_close(logits.double(), expected, rtol=1e-5, atol=1e-5)
-    o2, lse2, none = torch.ops.stattn.region_attention(*args)
+    o2, lse2, none, _ = torch.ops.stattn.region_attention(*args)
     assert none.numel() == 0
     torch.testing.assert_close(o2, o, rtol=0, atol=0)   # saving only copies the logits out: the same output
 
 
 def test_native_backward_rejects_foreign_logits(native_backend):
     args = _opcheck_args()
-    o, lse, logits = torch.ops.stattn.region_attention(*args, save_logits=True)
+    o, lse, logits, _ = torch.ops.stattn.region_attention(*args, save_logits=True)
     with pytest.raises(RuntimeError, match="logits must be the forward's saved logits"):
         native.backward(torch.ones_like(o), *args, lse, [True] * 6, logits[..., :-1].contiguous())
 
