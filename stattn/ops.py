@@ -93,7 +93,7 @@ def _index_rows(t: Optional[Tensor], flags: bool):
     a tuple of ints, or a tuple of per-row tuples."""
     if t is None:
         return ()
-    rows = t.reshape(-1, t.shape[-1])
+    rows = t if t.dim() == 2 else t[None]   # (not reshape(-1, T): T may be 0, pins without targets)
     rows = tuple(tuple((row.nonzero().flatten() if flags else row).tolist()) for row in rows)
     return collapse_rows(rows) if t.dim() == 2 else rows[0]
 
@@ -136,7 +136,7 @@ def _region_attention_op(q: Tensor, k: Tensor, v: Tensor, weights: Tensor, masks
     """(o, lse, logits, probs): logits (see _logits) when save_logits, for the native backward to
     skip its first product; else empty. Only the native CPU backend is asked for them (see
     _save_logits). probs [B, H, M, N] (contiguous, compute dtype) when want_probs: region 0's
-    probabilities as applied, per head (reference.region0_probs), from the same pass; else empty.
+    probabilities as applied, per head (reference.region0_probs), from the same call; else empty.
     tokens int32 [T] or [B, T] (per batch row), pin int32 flags [N] or [B, N], lengths int32 [R]
     (region r's valid keys; None: all N)."""
     o, lse, logits, probs = _forward(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale,
@@ -378,7 +378,7 @@ def region_attention(q: Tensor, k: Tensor, v: Tensor, *, masks: Optional[Tensor]
     offset indices must be < L_0.
     return_probs: None / False (default): return o only; True: return (o, P) with P [B, M, N] region
     0's probabilities as applied (the edited softmax with the offset, pinned columns from the
-    un-offset softmax, 0 on padded keys) averaged over heads, from the same pass as o; column
+    un-offset softmax, 0 on padded keys) averaged over heads, from the same call as o; column
     indices (a sequence of ints or a 1-D integer tensor, each in [0, N), in [0, L_0) with
     key_lengths): return (o, P[..., cols]) [B, M, len(cols)]. P is float32 (float64 for float64
     inputs) and differentiable w.r.t. q, k and offset.theta (a loss on P alone or on P and o).
