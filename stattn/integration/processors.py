@@ -2,8 +2,9 @@
 
 ``stattn.accelerate(pipe_or_unet, controller=None)`` puts :class:`StattnAttnProcessor` on every
 cross-attention module (``attn2``) whose processor stattn reproduces exactly (:func:`exact_processors`:
-the stock ``AttnProcessor2_0`` and ``AttnProcessor``, and IP-Adapter's two processors through
-:mod:`stattn.integration.ip_adapter`); every other processor (sliced, fused QKV, xformers, Custom Diffusion,
+the stock ``AttnProcessor2_0`` and ``AttnProcessor``, IP-Adapter's two processors through
+:mod:`stattn.integration.ip_adapter`, and the Attend-and-Excite pipeline's ``AttendExciteAttnProcessor``
+through :mod:`stattn.methods.attend_excite.stock`, its maps from the fused op); every other processor (sliced, fused QKV, xformers, Custom Diffusion,
 a user's own class) stays in place, named in a :class:`NotAcceleratedWarning` and in :func:`status`.
 A UNet forward pre-hook (a few identity checks) notices processors installed later
 (``enable_attention_slicing``, ``fuse_qkv_projections``, ``set_attn_processor``, ``load_ip_adapter``,
@@ -48,6 +49,7 @@ class _Exact(NamedTuple):
     qk_norm: bool           # whether it applies attn.norm_q / attn.norm_k
     why: str
     wrapper: Callable       # (name, original, controller, tracker) -> stattn's processor
+    module_check: Optional[Callable] = None   # attn -> why this module differs under this processor, or None
 
 
 _EXACT: Optional[dict] = None
@@ -61,6 +63,7 @@ def exact_processors() -> dict:
         from diffusers.models.attention_processor import (
             AttnProcessor, AttnProcessor2_0, IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0)
 
+        from ..methods.attend_excite import stock as attend_excite
         from .ip_adapter import wrapper_class
 
         sdpa, classic = (lambda attn, d: d ** -0.5), (lambda attn, d: attn.scale)
@@ -80,6 +83,11 @@ def exact_processors() -> dict:
             IPAdapterAttnProcessor: _Exact(
                 classic, False, "the same sum with attn.scale and get_attention_scores' softmax "
                 "(stattn.integration.ip_adapter); no norm_q / norm_k", wrapper_class(IPAdapterAttnProcessor)),
+            attend_excite.processor_class(): _Exact(
+                classic, False, "the Attend-and-Excite pipeline's plain softmax(q k^T attn.scale) v, its AttentionStore "
+                "fed region 0's probabilities from the same fused call (return_probs) where it keeps them "
+                "(stattn.methods.attend_excite.stock); no norms, residual or rescale on the module",
+                attend_excite.StattnAttendExciteProcessor, attend_excite.module_reason),
         }
     return _EXACT
 
@@ -129,7 +137,7 @@ def _why_not(attn, proc) -> Optional[str]:
         return f"head size {inner // heads} > {MAX_HEAD_DIM}"
     if not exact.qk_norm and (attn.norm_q is not None or attn.norm_k is not None):
         return f"{type(proc).__name__} ignores norm_q / norm_k"
-    return None
+    return exact.module_check(attn) if exact.module_check is not None else None
 
 
 def _stock_of(proc):
@@ -381,6 +389,7 @@ class _State:
         self.seen = [None] * len(layers)
         self.left: dict = {}
         self.controller, self.tracker, self.pipe = controller, tracker, None
+        self.attend_excite = None  # the Attend-and-Excite pipeline whose self-attention registration is patched
         self.counts = _Counts()
         self.revision = 0          # bumped at every processor change noticed
         self.closed = False
@@ -539,6 +548,13 @@ def accelerate(pipe_or_unet, controller: Optional[Controller] = None):
             pipeline_calls.attach(state.pipe, tracker)
     if callable(getattr(type(unet), "set_default_attn_processor", None)):
         object.__setattr__(unet, "set_default_attn_processor", functools.partial(_set_default_attn_processor, state))
+    pipe = _pipeline_of(pipe_or_unet)
+    if pipe is not None and "diffusers.pipelines.deprecated" in sys.modules:
+        from ..methods.attend_excite import stock as attend_excite
+
+        if attend_excite.is_pipeline(pipe):          # SDPA on its self-attention layers too, at every call
+            attend_excite.attach(pipe)
+            state.attend_excite = pipe
     unet._stattn = state
     return pipe_or_unet
 
@@ -561,6 +577,10 @@ def restore(pipe_or_unet):
         handle.remove()
     if state.pipe is not None:
         pipeline_calls.detach(state.pipe, state.tracker)
+    if state.attend_excite is not None:
+        from ..methods.attend_excite import stock as attend_excite
+
+        attend_excite.detach(state.attend_excite)
     patched = unet.__dict__.get("set_default_attn_processor")
     if isinstance(patched, functools.partial) and patched.func is _set_default_attn_processor:
         del unet.__dict__["set_default_attn_processor"]
