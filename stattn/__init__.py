@@ -1,5 +1,5 @@
 """stattn: fused attention-control kernels for text-to-image diffusion."""
-from ._validate import set_value_checks
+from ._validate import set_value_checks, value_checks
 from .basis import ScoreOffset, gaussian_basis
 from .integration.control import Controller, CrossAttentionCall
 from .ops import backend_for, region_attention
@@ -24,7 +24,7 @@ _LAZY = {
     "RuleLayoutPredictor": ("methods.spacetime.layout", "RuleLayoutPredictor"),
 }
 
-__all__ = ["region_attention", "ScoreOffset", "gaussian_basis", "set_value_checks", "backend_for",
+__all__ = ["region_attention", "ScoreOffset", "gaussian_basis", "set_value_checks", "value_checks", "backend_for",
            "Controller", "CrossAttentionCall", "accelerate", "restore", "status", "Status", "NotAcceleratedWarning",
            *_LAZY]
 

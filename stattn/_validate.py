@@ -1,6 +1,7 @@
 """Argument checking for the public ops: every error names the argument and what was expected."""
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import os
@@ -22,6 +23,18 @@ def set_value_checks(enabled: bool) -> bool:
     global _value_checks
     previous, _value_checks = _value_checks, bool(enabled)
     return previous
+
+
+@contextlib.contextmanager
+def value_checks(enabled: bool):
+    """A block with the value checks on or off (:func:`set_value_checks`), the previous state put back
+    after it: ``with stattn.value_checks(False): ...`` around calls whose θ / weights the caller made
+    itself, where reading them back for NaNs would cost a host sync per call."""
+    previous = set_value_checks(enabled)
+    try:
+        yield
+    finally:
+        set_value_checks(previous)
 
 
 def _capturing(t: torch.Tensor) -> bool:

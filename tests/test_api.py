@@ -177,3 +177,19 @@ def test_torch_compile_matches_eager(backend, monkeypatch):
     torch.testing.assert_close(compiled, eager)
     for a, b in zip(compiled_grads, eager_grads):
         torch.testing.assert_close(a, b)
+
+
+def test_value_checks_block_restores_the_previous_state():
+    from stattn import _validate as V
+
+    before = V._value_checks
+    with stattn.value_checks(False):
+        assert V._value_checks is False
+        with stattn.value_checks(True):
+            assert V._value_checks is True
+        assert V._value_checks is False
+    assert V._value_checks is before
+    with pytest.raises(KeyError):
+        with stattn.value_checks(False):
+            raise KeyError("inside")
+    assert V._value_checks is before

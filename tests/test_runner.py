@@ -124,6 +124,20 @@ def test_controller_sees_every_step_and_grid(sd):
     assert len(spy.seen) >= 2  # cross-attention at two resolutions
 
 
+def test_runner_keeps_a_controller_installed_on_the_pipeline(sd):
+    """stattn.accelerate(pipe, controller=c) then Runner(pipe): c stays installed and sees the runner's
+    steps (Runner's own accelerate used to drop it silently)."""
+    spy = _Spy()
+    stattn.accelerate(sd, controller=spy)
+    try:
+        runner = Runner(sd)
+        assert runner.controller is spy
+        runner(PROMPT, steps=STEPS, seed=0, output_type="latent")
+    finally:
+        stattn.restore(sd)
+    assert spy.resets == 1 and spy.steps == list(range(len(sd.scheduler.timesteps)))
+
+
 def test_timing_and_profile(sd, tmp_path):
     runner = Runner(sd)
     res = runner(PROMPT, steps=STEPS, seed=0, output_type="pil", profile=tmp_path)

@@ -202,8 +202,12 @@ class Runner:
         self._cond_cache: dict = {}
         self._graphs = _GraphCache()
         if accelerate:
+            # a controller installed on the pipeline before (stattn.accelerate(pipe, controller=c))
+            # stays installed: the Runner's accelerate would otherwise drop it without a word
+            installed = tracker_of(self.unet)
+            controller = installed.controller if installed is not None else None
             try:
-                _accelerate(self.unet)
+                _accelerate(pipe if controller is not None else self.unet, controller=controller)
             except ValueError as e:   # no layer stattn reproduces (e.g. IP-Adapter attention): the stock path
                 warnings.warn(f"stattn.Runner: the UNet keeps its stock attention processors ({e})", stacklevel=2)
 

@@ -23,7 +23,8 @@ import torch
 
 from ..integration.control import Controller, CrossAttentionCall
 from ..integration.processors import accelerate, restore
-from .regulation.controller import AttentionRegulation, _no_value_checks
+from .._validate import value_checks
+from .regulation.controller import AttentionRegulation
 from .spacetime.controller import SpatialTemporal
 
 __all__ = ["compose", "Composed", "METHOD"]
@@ -102,7 +103,7 @@ class Composed(Controller):
                 reg._record(call, None)
             return self.spacetime.attention(call)
         st, _ = reg.optimise(call)
-        with _no_value_checks():   # θ_eff is ours: reading it back for NaNs would sync the host per call
+        with value_checks(False):   # θ_eff is ours: reading it back for NaNs would sync the host per call
             out = self.spacetime.attention(call, offset=st.cond_offset)
             if reg.record_maps:   # the prompt region's maps as Attention Regulation alone records them
                 reg._record(call, st.cond_offset)

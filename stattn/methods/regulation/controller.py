@@ -25,7 +25,6 @@ the pipeline's tokenizer (the controller never sees the prompt text later), or g
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
@@ -34,7 +33,7 @@ import torch
 from torch import Tensor
 
 from ... import reference as ref
-from ..._validate import set_value_checks
+from ..._validate import value_checks
 from . import reference as rr
 from .core import check_loss_weights
 from ...basis import ScoreOffset, gaussian_basis
@@ -323,7 +322,7 @@ class AttentionRegulation(Controller):
         best-iterate choice with the across-steps blend written straight into the offset's θ, and
         the edited attention through region_attention. No host synchronisation."""
         st, _ = self.optimise(call)
-        with _no_value_checks():   # θ_eff is ours: reading it back for NaNs would sync the host per call
+        with value_checks(False):   # θ_eff is ours: reading it back for NaNs would sync the host per call
             return self._attend(call, st.offset)
 
     def optimise(self, call: CrossAttentionCall) -> tuple[_LayerState, int]:
@@ -529,15 +528,6 @@ class AttentionRegulation(Controller):
 
 
 # ---------------------------------------------------------------------- helpers
-@contextlib.contextmanager
-def _no_value_checks():
-    previous = set_value_checks(False)
-    try:
-        yield
-    finally:
-        set_value_checks(previous)
-
-
 def _take_columns(P: Tensor, tokens) -> Tensor:
     """P [B, ..., N] at the target columns: shared (T ints) or per row (B lists) -> [B, ..., T]."""
     if tokens and isinstance(tokens[0], int):
