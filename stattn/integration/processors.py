@@ -524,7 +524,12 @@ def accelerate(pipe_or_unet, controller: Optional[Controller] = None):
     With a controller, a UNet pre-hook tracks the step and latent size and the controller sees
     every accelerated call; given a pipeline (or a Runner), its calls are hooked so that every call
     starts a new generation (:mod:`stattn.integration.pipeline_calls`). Calling again replaces the controller;
-    :func:`restore` undoes everything. Returns the pipeline or UNet it was given."""
+    :func:`restore` undoes everything. Returns the pipeline or UNet it was given.
+
+    diffusers' ``StableDiffusionAttendAndExcitePipeline`` installs its own processors at every call:
+    on cross-attention they are wrapped as any other (its AttentionStore then gets the fused op's
+    maps); given the pipeline itself, its self-attention layers run SDPA during its calls too
+    (:mod:`stattn.methods.attend_excite.stock`)."""
     unet = unet_of(pipe_or_unet)
     layers = _cross_attention_layers(unet)
     if not layers:

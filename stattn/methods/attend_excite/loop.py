@@ -172,14 +172,17 @@ class _Excite:
             return latents
         reuse = not self.cak      # the refinement's first forward equals this one
         x, L = self.loss(latents, t, None, self.cak, grad=alter or (thr is not None and reuse))
-        grad0 = _Lazy(lambda: _grad(L, x))
-        out = latents.clone()
-        used = L.detach().clone()               # the loss the update uses, per image
         refine = torch.zeros_like(L, dtype=torch.bool) if thr is None else (L > 1.0 - thr)
-        R = refine.nonzero().flatten()
-        if len(R):
-            xr, counts = self._refine(latents[R], t, L[R], R, grad0 if reuse else None, thr, step)
+        keep, R = ~refine, refine.nonzero().flatten()
+        # the first forward's gradient, at once (its graph is freed before any refinement forward)
+        g0 = _grad(L, x) if (alter and bool(keep.any())) or (reuse and len(R)) else None
+        L = L.detach()
+        del x
+        out, used = latents.clone(), L.clone()        # used: the loss each image's update follows
+        if thr is not None:
             ae.refinement_iterations[i] = [0] * len(L)
+        if len(R):
+            xr, counts = self._refine(latents[R], t, L[R], R, g0[R] if reuse else None, thr, step)
             for r, n in zip(R.tolist(), counts):
                 ae.refinement_iterations[i][r] = n
             if alter:          # the loss at the refined latents, and its step
@@ -188,33 +191,31 @@ class _Excite:
                 used[R] = Lf.detach()
             else:
                 out[R] = xr
-        elif thr is not None:
-            ae.refinement_iterations[i] = [0] * len(L)
         if alter:
-            keep = ~refine
             if keep.any():
-                out[keep] = (latents[keep] - step * grad0()[keep]).to(out.dtype)
+                out[keep] = (latents[keep] - step * g0[keep]).to(out.dtype)
             ae.losses[i] = used.tolist()
         return out
 
-    def _refine(self, x: Tensor, t, L: Tensor, R: Tensor, grad0, thr: float, step: float) -> tuple[Tensor, list]:
-        """The pipeline's _perform_iterative_refinement_step loop for images R (latents x, losses L at
-        them): while an image's loss before its step > max(0, 1 - thr), at most max_refinement_steps
-        times. Returns the refined latents and each image's iteration count."""
+    def _refine(self, x: Tensor, t, L: Tensor, R: Tensor, g0: Optional[Tensor], thr: float,
+                step: float) -> tuple[Tensor, list]:
+        """The pipeline's _perform_iterative_refinement_step loop for images R (latents x, losses L
+        and, when its first forward is reused, gradients g0 at them): while an image's loss before
+        its step > max(0, 1 - thr), at most max_refinement_steps times. Returns the refined latents
+        and each image's iteration count."""
         target = max(0, 1.0 - thr)
         x = x.clone()
         counts = torch.zeros(len(R), dtype=torch.int64)
         active = (L > target).cpu()
-        first = True
         while bool(active.any()):
             A = active.nonzero().flatten()
-            if first and grad0 is not None:      # the same latents as the turn's first forward
-                La, g = L[A.to(L.device)], grad0()[R[A.to(R.device)]]
+            Ad = A.to(x.device)
+            if g0 is not None:                 # the first iteration: the turn's first forward
+                La, g, g0 = L[Ad], g0[Ad], None
             else:
-                xa, La = self.loss(x[A.to(x.device)], t, R[A.to(R.device)], None, grad=True)
+                xa, La = self.loss(x[Ad], t, R[Ad], None, grad=True)
                 g = _grad(La, xa)
-            first = False
-            x[A.to(x.device)] = (x[A.to(x.device)] - step * g).to(x.dtype)
+            x[Ad] = (x[Ad] - step * g).to(x.dtype)
             counts[A] += 1
             active[A] = (La > target).cpu() & (counts[A] < self.ae.max_refinement_steps)
         return x, counts.tolist()
@@ -224,18 +225,6 @@ def _grad(losses: Tensor, x: Tensor) -> Tensor:
     """d sum(losses) / d x: each image's own gradient (its loss depends on its latents only)."""
     with torch.enable_grad():
         return torch.autograd.grad(losses.sum(), x)[0]
-
-
-class _Lazy:
-    """A value computed at its first use (the first forward's gradient, when some image needs it)."""
-
-    def __init__(self, make):
-        self.make, self.value = make, None
-
-    def __call__(self):
-        if self.value is None:
-            self.value = self.make()
-        return self.value
 
 
 @contextlib.contextmanager
