@@ -18,15 +18,18 @@ before and after every stage, so a call cut short still leaves everything done b
   02-correctness     100 s   pytest -m gpu over the test files with gpu-marked tests (the kernels vs
                              fp64 in fp32/fp16/bf16, rows/lengths, the inner loop, CUDA graphs); -n 4
                              with pytest-xdist (in the GPU image): the cold Triton compiles in parallel
-  03-micro            90 s   bench.micro --quick at the SD 1.5 shapes (R = 1/2/4, offset; stattn, SDPA,
+  03-micro            80 s   bench.micro --quick at the SD 1.5 shapes (R = 1/2/4, offset; stattn, SDPA,
                              R x SDPA + combine, FlexAttention), one run per M: a time-out keeps the rest
   04-regulation      100 s   bench.regulation --quick (inner loop per layer call), then bench.e2e
                              --variants regulation on SD 2-base 512 px, DPM-Solver++, 50 steps, fp16,
                              1 repeat (plain vs fused, eager and CUDA graphs, vs the eager reference)
   05-spacetime        60 s   bench.spacetime, SD 1.5 512 px, 20 steps (not 50: the budget), 1 repeat,
                              1/3/5 objects fixed weights and the optimisation pass (time, peak memory)
-  06-e2e              95 s   bench.e2e stock vs accelerate vs Runner (eager, graphs): SD 1.5 512 px,
-                             2 repeats; SDXL 1024 px, 1 repeat, only if >= 60 s of the stage are left
+  06-e2e              65 s   bench.e2e stock vs accelerate vs Runner (eager, graphs): SD 1.5 512 px,
+                             2 repeats; SDXL 1024 px, 1 repeat, only if >= 30 s of the stage are left
+  07-attend-excite    40 s   bench.attend_excite: diffusers' A&E pipeline vs it after stattn.accelerate vs
+                             stattn.AttendAndExcite, SD 1.5 512 px, 10 steps, fp16, 1 repeat (time per
+                             image, peak memory, refinement counts, latents vs diffusers)
   summary              —     OUT/summary.md: each stage's status, time and key numbers, and every GPU
                              target of the README's Status table with its measured value, met or not
   total              475 s   (--budget-s, default 480, caps the whole run: a stage gets at most what is left)
@@ -576,6 +579,47 @@ def details_spacetime(k: dict) -> list:
             *(f"| {n} | {_pct(v)} | {_fmt(peak.get(n), '.2f')} |" for n, v in o.items())]
 
 
+# -------------------------------------------------------------------------- stage 7: attend-excite
+
+def stage_attend_excite(ctx: StageContext) -> None:
+    """diffusers' Attend-and-Excite pipeline vs the same after stattn.accelerate vs stattn.AttendAndExcite."""
+    if ctx.dry:
+        model = ["--model", "tiny", "--size", "64", "--attn-res", "4", "4", "--steps", "2"]
+    else:   # the A&E paper's setting but 10 steps (the budget): every turn updates, turn 0 refines
+        model = ["--model", "full:sd15", "--size", "512", "--steps", "10", "--max-refinement-steps", "2"]
+    ctx.call([sys.executable, "-m", "bench.attend_excite", *model, "--repeats", "1", "--out", ctx.directory])
+
+
+def keys_attend_excite(directory: Path) -> dict:
+    runs = _results(directory, "attend-excite")
+    m = _get(runs[-1], "result") or {} if runs else {}
+    variants = m.get("variants") or {}
+    return {"model": m.get("model"), "size": m.get("size"), "steps": m.get("steps"),
+            "s_per_image": {n: _get(v, "s_per_image", "median") for n, v in variants.items()},
+            "speedup": {n: v.get("speedup_vs_diffusers") for n, v in variants.items()},
+            "peak_gib": {n: (v["peak_bytes"] / 2**30 if v.get("peak_bytes") else None) for n, v in variants.items()},
+            "refinements": {n: v.get("refinement_iterations") for n, v in variants.items()},
+            "latent_diff": {n: v.get("max_abs_latent_diff_vs_diffusers") for n, v in variants.items()}}
+
+
+def brief_attend_excite(k: dict) -> str:
+    if not k.get("model"):
+        return k.get("error", "n/a")
+    s = k.get("speedup") or {}
+    return (f"{k.get('model')} {k.get('size')} px {k.get('steps')} steps: stattn {_fmt(s.get('stattn'), '.2f', '×')}, "
+            f"diffusers+accelerate {_fmt(s.get('diffusers+accelerate'), '.2f', '×')} diffusers' speed")
+
+
+def details_attend_excite(k: dict) -> list:
+    t, s, peak = k.get("s_per_image") or {}, k.get("speedup") or {}, k.get("peak_gib") or {}
+    if not t:
+        return []
+    n, d = k.get("refinements") or {}, k.get("latent_diff") or {}
+    return ["| variant | s per image | × diffusers | peak GiB | refinements | max Δ latents |", "|---|---|---|---|---|---|",
+            *(f"| {v} | {_fmt(t.get(v), '.2f')} | {_fmt(s.get(v), '.2f')} | {_fmt(peak.get(v), '.2f')} | {n.get(v)} | "
+              f"{_fmt(d.get(v), '.1e')} |" for v in t)]
+
+
 # ----------------------------------------------------------------------------------- stage 6: e2e
 
 def stage_e2e(ctx: StageContext) -> None:
@@ -586,7 +630,7 @@ def stage_e2e(ctx: StageContext) -> None:
     ctx.call([sys.executable, "-m", "bench.e2e", "--model", "full:sd15", "--repeats", "2", "--out", ctx.directory],
              label="bench.e2e sd15")
     ctx.call([sys.executable, "-m", "bench.e2e", "--model", "full:sdxl", "--repeats", "1", "--out", ctx.directory],
-             label="bench.e2e sdxl", min_left_s=60)
+             label="bench.e2e sdxl", min_left_s=30)
 
 
 def keys_e2e(directory: Path) -> dict:
@@ -618,20 +662,23 @@ def default_stages(dry: bool = False) -> list:
         Stage("01-env", 30, stage_env, keys_env, details_env, note="nvidia-smi, versions, commit; install where needed"),
         Stage("02-correctness", 100, stage_correctness, keys_correctness, details_correctness,
               note="pytest -m gpu over the files with gpu-marked tests, -n 4 with pytest-xdist"),
-        Stage("03-micro", 90, stage_micro, keys_micro, details_micro,
+        Stage("03-micro", 80, stage_micro, keys_micro, details_micro,
               note="bench.micro --quick at the SD 1.5 shapes, one run per M"),
         Stage("04-regulation", 100, stage_regulation, keys_regulation, details_regulation,
               note="bench.regulation --quick; bench.e2e SD 2-base 512 px DPM-Solver++ 50 steps fp16, 1 repeat"),
         Stage("05-spacetime", 60, stage_spacetime, keys_spacetime, details_spacetime,
               note="bench.spacetime SD 1.5 512 px, 20 steps (the issue: 50; the budget), 1 repeat"),
-        Stage("06-e2e", 95, stage_e2e, keys_e2e, details_e2e,
-              note="bench.e2e SD 1.5 512 px 2 repeats; SDXL 1024 px 1 repeat if >= 60 s are left"),
+        Stage("06-e2e", 65, stage_e2e, keys_e2e, details_e2e,
+              note="bench.e2e SD 1.5 512 px 2 repeats; SDXL 1024 px 1 repeat if >= 30 s are left"),
+        Stage("07-attend-excite", 40, stage_attend_excite, keys_attend_excite, details_attend_excite,
+              note="bench.attend_excite SD 1.5 512 px 10 steps fp16: diffusers vs +accelerate vs stattn"),
     ]
     return [replace(s, budget_s=DRY_STAGE_BUDGET_S) for s in stages] if dry else stages
 
 
 BRIEFS = {"01-env": brief_env, "02-correctness": brief_correctness, "03-micro": brief_micro,
-          "04-regulation": brief_regulation, "05-spacetime": brief_spacetime, "06-e2e": brief_e2e}
+          "04-regulation": brief_regulation, "05-spacetime": brief_spacetime, "06-e2e": brief_e2e,
+          "07-attend-excite": brief_attend_excite}
 
 
 def _all_under(values, bound):
@@ -681,6 +728,11 @@ def _targets(keys: dict) -> list:
             value = m.get(key)
             rows.append((f"{label} ({m['model']}, {m['size']} px)", _pct(value),
                          None if value is None else value <= bound if key != "graphs_vs_runner" else value < bound))
+    ae = keys.get("07-attend-excite") or {}
+    speed, counts = (ae.get("speedup") or {}).get("stattn"), ae.get("refinements") or {}
+    rows.append(("Attend-and-Excite on the engine faster than diffusers' pipeline, same refinements",
+                 brief_attend_excite(ae) if ae.get("model") else "n/a",
+                 None if speed is None else speed > 1.0 and len(set(counts.values())) == 1))
     return rows
 
 
