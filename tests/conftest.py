@@ -66,13 +66,46 @@ def reference_backend(monkeypatch):
     monkeypatch.setenv("STATTN_BACKEND", "reference")
 
 
+def nan_empty(*args, **kwargs):
+    """torch.empty filled with NaN (integers: a huge negative value): what poisoned outputs start as."""
+    t = torch.empty(*args, **kwargs)
+    return t.fill_(float("nan")) if t.dtype.is_floating_point else t.fill_(-(2 ** 30))
+
+
 @pytest.fixture
 def poisoned(monkeypatch):
     """Every kernel output starts NaN-filled, so an element a kernel fails to write fails the test."""
     from stattn.kernels import launch
 
-    def nan_empty(*args, **kwargs):
-        t = torch.empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.dtype.is_floating_point else t.fill_(-(2 ** 30))
-
     monkeypatch.setattr(launch, "_empty", nan_empty)
+
+
+def require_native():
+    """Skip without the native extension, except where CI sets STATTN_REQUIRE_NATIVE=1: there a broken
+    build must fail."""
+    from stattn import native
+
+    if native.load():
+        return
+    if os.environ.get("STATTN_REQUIRE_NATIVE") == "1":
+        pytest.fail(f"native extension unavailable: {native._state.get('error')}", pytrace=False)
+    pytest.skip(f"native extension unavailable: {native._state.get('error')}")
+
+
+@pytest.fixture
+def backend(request, monkeypatch):
+    """The op routed to one backend (an indirect parameter: reference, triton, native), every output of
+    it (the reference's, the launcher's, the native kernels') NaN-poisoned before the call."""
+    from stattn import ops
+
+    name = request.param
+    if name == "native":
+        require_native()
+        monkeypatch.setenv("STATTN_NATIVE_POISON", "1")
+    if name == "triton":
+        from stattn.kernels import launch
+
+        monkeypatch.setattr(launch, "_empty", nan_empty)
+    monkeypatch.setattr(ops, "_empty", nan_empty)
+    monkeypatch.setenv("STATTN_BACKEND", name)
+    return name

@@ -19,6 +19,25 @@ TOL = {
 # gradients go through one more low-precision product (dz cast to the input dtype)
 GRAD_TOL_FACTOR = 2.5
 
+F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+GPU = DEVICE == "cuda"
+# the op tests' tolerance per dtype on this run's device; bf16 has no CPU entry in TOL: its bound is the
+# inputs' bf16 rounding (as tests/test_native.py)
+OP_TOL = {**{dt: TOL[(DEVICE, dt)] for dt in (F32, F16)}, BF16: TOL[("cuda", BF16)], F64: 1e-12}
+# the backends this run's tensors can take (the native kernels run CPU tensors): the `backend` fixture's
+OP_BACKENDS = ["reference", "triton"] + ([] if GPU else ["native"])
+
+
+def op_dtypes(backend: str) -> tuple:
+    """The dtypes a backend takes here: the Triton interpreter has neither bf16 nor (in the op) fp64
+    (fp64 runs the reference on CUDA too)."""
+    if backend == "triton":
+        return (F32, F16, BF16) if GPU else (F32, F16)
+    if backend == "native":
+        return (F32, F16, BF16, F64)
+    return (F32, F64)
+
 
 def rel_err(out: torch.Tensor, expected: torch.Tensor) -> float:
     out = out.double()

@@ -4,24 +4,18 @@ o.transpose(1, 2).reshape(B, M, H * D) is a view; q and grad_out are read with t
 (the processors' [B, M, H, D]-ordered q, a contiguous one, a slice of a fused projection, an
 expanded grad_out) with values and every gradient against autograd of the fp64 reference; the fake
 implementations give the same strides (FakeTensorMode, opcheck)."""
-import os
-
 import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import stattn
-from stattn import native, ops
+from stattn import ops
 from stattn import reference as ref
 from stattn.integration.processors import StattnAttnProcessor
-from helpers import GRAD_TOL_FACTOR, TOL, Case, make_inputs, op_args, rel_err
+from helpers import (DEVICE, F32, F64, GRAD_TOL_FACTOR, OP_BACKENDS, OP_TOL, Case, make_inputs, op_args, op_dtypes,
+                     rel_err)
 
-F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-GPU = DEVICE == "cuda"
-# bf16 has no CPU entry in helpers.TOL: its bound is the inputs' bf16 rounding (as tests/test_native.py)
-LAYOUT_TOL = {**{dt: TOL[(DEVICE, dt)] for dt in (F32, F16)}, BF16: TOL[("cuda", BF16)], F64: 1e-12}
 GRADS = ("q", "k", "v", "weights", "masks", "theta")
 
 
@@ -30,49 +24,8 @@ def bmhd_strides(B, H, M, D):
     return (M * H * D, D, H * D, 1)
 
 
-def _native_ok():
-    if native.load():
-        return True
-    # CI sets STATTN_REQUIRE_NATIVE=1: there a broken build must fail, not skip (as tests/test_native.py)
-    if os.environ.get("STATTN_REQUIRE_NATIVE") == "1":
-        pytest.fail(f"native extension unavailable: {native._state.get('error')}", pytrace=False)
-    pytest.skip(f"native extension unavailable: {native._state.get('error')}")
-
-
-@pytest.fixture
-def backend(request, monkeypatch):
-    """The op routed to one backend (indirect parameter), its outputs NaN-poisoned before the call."""
-    name = request.param
-    if name == "native":
-        _native_ok()
-        monkeypatch.setenv("STATTN_NATIVE_POISON", "1")
-    if name == "triton":
-        from stattn.kernels import launch
-        monkeypatch.setattr(launch, "_empty", _nan_empty)
-    monkeypatch.setattr(ops, "_empty", _nan_empty)
-    monkeypatch.setenv("STATTN_BACKEND", name)
-    return name
-
-
-def _nan_empty(*args, **kwargs):
-    t = torch.empty(*args, **kwargs)
-    return t.fill_(float("nan")) if t.dtype.is_floating_point else t.fill_(-(2 ** 30))
-
-
-def _dtypes(backend):
-    """The dtypes a backend takes here: the Triton interpreter has neither bf16 nor (in the op) fp64
-    (fp64 runs the reference on CUDA too)."""
-    if backend == "triton":
-        return (F32, F16, BF16) if GPU else (F32, F16)
-    if backend == "native":
-        return (F32, F16, BF16, F64)
-    return (F32, F64)
-
-
-# the backends this run's tensors can take (the native kernels run CPU tensors), and their dtypes
-BACKENDS = ["reference", "triton"] + ([] if GPU else ["native"])
-BACKEND_DTYPES = [(b, d) for b in BACKENDS for d in _dtypes(b)]
-on_each_backend = pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+BACKEND_DTYPES = [(b, d) for b in OP_BACKENDS for d in op_dtypes(b)]
+on_each_backend = pytest.mark.parametrize("backend", OP_BACKENDS, indirect=True)
 
 
 def with_layout(x, layout):
@@ -174,7 +127,7 @@ def test_layout_values_and_gradients(layouts, dtype, backend):
     assert hidden.is_contiguous() and hidden.data_ptr() == o.data_ptr(), "the processors' reshape is a view"
     assert grads["q"].stride() == bmhd_strides(B, H, M, D), "dq in o's layout"
     want, want_grads = _oracle(case, inp, do_layout)
-    tol = LAYOUT_TOL[dtype]
+    tol = OP_TOL[dtype]
     assert rel_err(o, want) < tol, "forward"
     for name, g in grads.items():
         assert g.shape == want_grads[name].shape, name
@@ -190,7 +143,7 @@ def test_q_layouts_agree(backend):
     _, o1, g1 = _op(CONTROL, inp, F32, "bmhd", "bmhd")
     _, o2, g2 = _op(CONTROL, inp, F32, "bhmd", "bhmd")
     assert o1.stride() == o2.stride()
-    tol = LAYOUT_TOL[F32]
+    tol = OP_TOL[F32]
     assert rel_err(o1, o2.double()) < tol
     for name in g1:
         assert g1[name].stride() == g2[name].stride(), name
@@ -209,8 +162,8 @@ def test_single_pixel_and_single_head(backend):
     q, o, grads = _op(case, inp, F32, "bmhd", "bhmd")
     assert o.stride() == bmhd_strides(1, 1, 1, 8) and grads["q"].stride() == bmhd_strides(1, 1, 1, 8)
     want, want_grads = _oracle(case, inp, "bhmd")
-    assert rel_err(o, want) < LAYOUT_TOL[F32]
-    assert rel_err(grads["q"], want_grads["q"]) < LAYOUT_TOL[F32] * GRAD_TOL_FACTOR
+    assert rel_err(o, want) < OP_TOL[F32]
+    assert rel_err(grads["q"], want_grads["q"]) < OP_TOL[F32] * GRAD_TOL_FACTOR
 
 
 # ------------------------------------------------------------------------- the processor path
@@ -245,7 +198,7 @@ def test_processor_hidden_states_are_a_view_of_the_op_output(backend, monkeypatc
     hidden = seen["to_out_in"]
     assert hidden.shape == (2, 35, H * D) and hidden.is_contiguous()
     assert storage(hidden) == storage(seen["o"]), "to_out's input is a view of the op's output"
-    torch.testing.assert_close(fused, stock, rtol=LAYOUT_TOL[F32] * 10, atol=1e-5)
+    torch.testing.assert_close(fused, stock, rtol=OP_TOL[F32] * 10, atol=1e-5)
 
 
 # ------------------------------------------------------------------------- fake tensors, opcheck

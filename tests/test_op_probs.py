@@ -10,51 +10,16 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import stattn
-from stattn import native, ops
+from stattn import ops
 from stattn import reference as ref
-from helpers import GRAD_TOL_FACTOR, TOL, Case, make_inputs, op_args, rel_err
+from helpers import (DEVICE, F32, F64, GPU, GRAD_TOL_FACTOR, OP_BACKENDS, OP_TOL, Case, make_inputs, op_args,
+                     op_dtypes, rel_err)
 
-F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-GPU = DEVICE == "cuda"
-# bf16 has no CPU entry in helpers.TOL: its bound is the inputs' bf16 rounding (as tests/test_native.py)
-PROBS_TOL = {**{dt: TOL[(DEVICE, dt)] for dt in (F32, F16)}, BF16: TOL[("cuda", BF16)], F64: 1e-12}
 GRADS = ("q", "k", "v", "weights", "masks", "theta")
 MAP_GRADS = ("q", "k", "theta")          # what region 0's probabilities depend on
 
 
-def _nan_empty(*args, **kwargs):
-    t = torch.empty(*args, **kwargs)
-    return t.fill_(float("nan")) if t.dtype.is_floating_point else t.fill_(-(2 ** 30))
-
-
-@pytest.fixture
-def backend(request, monkeypatch):
-    """The op routed to one backend (indirect parameter), its outputs NaN-poisoned before the call."""
-    name = request.param
-    if name == "native" and not native.load():
-        pytest.fail(f"native extension unavailable: {native._state.get('error')}", pytrace=False)
-    if name == "native":
-        monkeypatch.setenv("STATTN_NATIVE_POISON", "1")
-    if name == "triton":
-        from stattn.kernels import launch
-        monkeypatch.setattr(launch, "_empty", _nan_empty)
-    monkeypatch.setattr(ops, "_empty", _nan_empty)
-    monkeypatch.setenv("STATTN_BACKEND", name)
-    return name
-
-
-def _dtypes(backend):
-    """A backend's dtypes here: the Triton interpreter has neither bf16 nor (in the op) fp64."""
-    if backend == "triton":
-        return (F32, F16, BF16) if GPU else (F32, F16)
-    if backend == "native":
-        return (F32, F16, BF16, F64)
-    return (F32, F64)
-
-
-BACKENDS = ["reference", "triton"] + ([] if GPU else ["native"])
-on_each_backend = pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+on_each_backend = pytest.mark.parametrize("backend", OP_BACKENDS, indirect=True)
 
 # Odd sizes (no M, N, D a multiple of a tile). ALPHA0: bool masks, so some pixels have alpha_0 = 0
 # (the maps do not depend on alpha); BLOCKS: two native pixel blocks (M = 143 > 128), N = 20 (padded
@@ -70,7 +35,7 @@ COLS = {"plain": [6, 0, 3], "control": [10, 1, 0, 4], "rows": [2, 6, 2], "alpha0
 # (backend, dtype, case name, select, loss): all columns with a loss on P and o, chosen columns with a
 # loss on P alone
 VARIANTS = [("all", "P+o"), ("cols", "P")]
-COMBOS = [(b, d, c, s, l) for b in BACKENDS for d in _dtypes(b) for c in CASES for s, l in VARIANTS
+COMBOS = [(b, d, c, s, l) for b in OP_BACKENDS for d in op_dtypes(b) for c in CASES for s, l in VARIANTS
           if not (b == "triton" and c == "blocks")]
 
 
@@ -146,7 +111,7 @@ def test_probs_values_and_gradients(backend, dtype, name, select, loss):
     inp = make_inputs(case, DEVICE, seed=3)
     L, o, P = _op(case, inp, dtype, True if cols is None else cols)
     RL, ro, rP = _oracle(case, inp, cols)
-    tol = PROBS_TOL[dtype]
+    tol = OP_TOL[dtype]
     assert P.shape == rP.shape == (case.B, case.M, len(cols) if cols else case.N)
     assert P.dtype == (F64 if dtype == F64 else F32) and o.dtype == dtype
     assert rel_err(P, rP) < tol, "P"
@@ -184,7 +149,7 @@ def test_all_columns_and_chosen_columns_agree(backend):
             idx = list(cols.tolist() if isinstance(cols, torch.Tensor) else cols)
             torch.testing.assert_close(P_c, P[..., idx], rtol=1e-6, atol=1e-7)
             torch.testing.assert_close(o_c, o, rtol=1e-6, atol=1e-7)
-    assert rel_err(o, plain.double()) < PROBS_TOL[F32]      # asking for the maps leaves o as it was
+    assert rel_err(o, plain.double()) < OP_TOL[F32]      # asking for the maps leaves o as it was
     for off in (False, None):                               # the plain path returns o alone
         assert isinstance(stattn.region_attention(L["q"], L["k"], L["v"], return_probs=off), torch.Tensor)
 
@@ -249,7 +214,7 @@ def test_probs_output_and_fake_shapes(backend):
     q, k, theta, tokens, gy, gx, pin = args[0], args[1], args[6], args[7], args[8], args[9], args[10]
     off = ops._ref_offset(theta.double(), tokens, gy.double(), gx.double(), pin)
     want = ref.region0_probs(q.double(), k.double(), args[11], off)
-    assert rel_err(probs, want) < PROBS_TOL[F32]
+    assert rel_err(probs, want) < OP_TOL[F32]
     with FakeTensorMode() as mode:
         fargs = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
         fake = torch.ops.stattn.region_attention(*fargs, want_probs=True)
