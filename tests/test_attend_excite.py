@@ -6,13 +6,11 @@ weights spread attention evenly (losses ~0.98), so the thresholds below are set 
 successive refinement iterations (spaced ~1e-3, against fp32 differences ~1e-6) to make refinement stop
 early, at different counts per image, or at its cap.
 """
-import functools
 import inspect
 import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 import diffusers
 
 import stattn

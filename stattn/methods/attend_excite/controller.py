@@ -21,7 +21,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
-import torch
 from torch import Tensor
 
 from ...integration.control import Controller, CrossAttentionCall, PromptEmbedsCheck
