@@ -61,8 +61,11 @@ def quiet_accelerate(x, **kw):
 
 
 def test_registry_names_the_exactly_reproduced_classes():
+    from diffusers.pipelines.deprecated.stable_diffusion_attend_and_excite.pipeline_stable_diffusion_attend_and_excite \
+        import AttendExciteAttnProcessor
+
     assert set(exact_processors()) == {AttnProcessor2_0, AttnProcessor, IPAdapterAttnProcessor2_0,
-                                       IPAdapterAttnProcessor}
+                                       IPAdapterAttnProcessor, AttendExciteAttnProcessor}
     assert all(e.why for e in exact_processors().values())
 
 
