@@ -13,9 +13,9 @@ one) falls back on CLIP's BPE convention: a word's last piece ends in ``</w>``.
 """
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
-__all__ = ["token_indices", "eos_index", "prompt_ids", "prompt_words"]
+__all__ = ["token_indices", "eos_index", "prompt_ids", "prompt_words", "check_targets"]
 
 SUBTOKENS = ("all", "first")
 
@@ -122,3 +122,20 @@ def _encode(tokenizer, prompt: str):
 def _check_prompt(prompt) -> None:
     if not isinstance(prompt, str):
         raise TypeError(f"prompt: expected a string, got {type(prompt).__name__}")
+
+
+def check_targets(targets, token_indices) -> Optional[list]:
+    """A method's ``targets=`` (words of the prompt) against its ``token_indices=`` (key columns):
+    exactly one of them given; targets as a non-empty list of non-empty strings (one string: a list
+    of one), or None when the indices are given. The indices are the method's to check."""
+    if (targets is None) == (token_indices is None):
+        raise ValueError("targets / token_indices: give exactly one of them (target words of the prompt, "
+                         f"or key indices), got targets={targets!r}, token_indices={token_indices!r}")
+    if isinstance(targets, str):
+        targets = [targets]
+    if targets is not None:
+        if not isinstance(targets, (list, tuple)) or not targets or \
+                not all(isinstance(t, str) and t.strip() for t in targets):
+            raise ValueError(f"targets: expected a non-empty list of non-empty strings, got {targets!r}")
+        targets = list(targets)
+    return targets

@@ -24,6 +24,7 @@ from typing import Optional, Sequence, Union
 from torch import Tensor
 
 from ...integration.control import Controller, CrossAttentionCall, PromptEmbedsCheck
+from ...integration.tokens import check_targets
 from ...integration.processors import accelerate, restore, status, tracker_of, unet_of
 from ...ops import region_attention
 from .core import map_columns
@@ -73,17 +74,7 @@ class AttendAndExcite(Controller):
                  token_indices: Optional[Sequence] = None, max_iter_to_alter: int = 25,
                  thresholds: Optional[dict] = None, scale_factor: float = 20, attn_res: Optional[tuple] = (16, 16),
                  max_refinement_steps: int = 20, subtokens: str = "all"):
-        if (targets is None) == (token_indices is None):
-            raise ValueError("targets / token_indices: give exactly one of them (target words of the prompt, "
-                             f"or key indices), got targets={targets!r}, token_indices={token_indices!r}")
-        if isinstance(targets, str):
-            targets = [targets]
-        if targets is not None:
-            if not isinstance(targets, (list, tuple)) or not targets or \
-                    not all(isinstance(t, str) and t.strip() for t in targets):
-                raise ValueError(f"targets: expected a non-empty list of non-empty strings, got {targets!r}")
-            targets = list(targets)
-        self.targets = targets
+        self.targets = check_targets(targets, token_indices)
         self.token_indices = None if token_indices is None else _token_indices(token_indices)
         self.max_iter_to_alter = _int("max_iter_to_alter", max_iter_to_alter, 0)
         self.thresholds = _thresholds(DEFAULT_THRESHOLDS if thresholds is None else thresholds)

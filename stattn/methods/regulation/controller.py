@@ -38,6 +38,7 @@ from . import reference as rr
 from .core import check_loss_weights
 from ...basis import ScoreOffset, gaussian_basis
 from ...integration.control import Controller, CrossAttentionCall, PromptEmbedsCheck, cond_start
+from ...integration.tokens import check_targets
 from ...ops import region_attention
 from ...integration.processors import accelerate, restore, unet_of
 
@@ -107,17 +108,7 @@ class AttentionRegulation(Controller):
                  generator: Optional[torch.Generator] = None, prev_weight: float = 0.25, decay: float = 0.99,
                  renormalize: bool = False, fused: bool = True, record_maps: bool = False, cfg: Optional[bool] = None,
                  eos_index: Optional[int] = None, subtokens: str = "all"):
-        if (targets is None) == (token_indices is None):
-            raise ValueError("targets / token_indices: give exactly one of them (target words of the prompt, "
-                             f"or key indices), got targets={targets!r}, token_indices={token_indices!r}")
-        if isinstance(targets, str):
-            targets = [targets]
-        if targets is not None:
-            if not isinstance(targets, (list, tuple)) or not targets or \
-                    not all(isinstance(t, str) and t.strip() for t in targets):
-                raise ValueError(f"targets: expected a non-empty list of non-empty strings, got {targets!r}")
-            targets = list(targets)
-        self.targets = targets
+        self.targets = check_targets(targets, token_indices)
         self.token_indices = None if token_indices is None else _indices("token_indices", token_indices)
         self.layers = _layers(layers)
         self.edit_steps = _int("edit_steps", edit_steps, 0)
