@@ -245,3 +245,18 @@ def test_python_m_stattn_runs_the_command():
     out = subprocess.run([sys.executable, "-m", "stattn", "eval", "--help"], capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0 and "usage: stattn eval" in out.stdout, out.stderr[-2000:]
+
+
+def test_the_composed_method_is_evaluated_and_needs_targets(tmp_path, capsys):
+    out = tmp_path / "both"
+    argv = ["--model", "tiny", "--prompts", "spatial", "--limit", "1", "--seeds", "0", "--methods",
+            "regulation+spacetime", "--steps", "2", "--clip", "tiny", "--device", "cpu", "--quiet", "--out", out]
+    assert run_cli(argv) == 0
+    rec, = _records(out)
+    assert rec["method"] == "regulation+spacetime"
+    assert [p["method"] for p in rec["method_settings"]["parts"]] == ["regulation", "spacetime"]
+    bare = tmp_path / "bare.txt"
+    bare.write_text("!!!\n")                     # no object to find in it
+    assert run_cli(["--model", "tiny", "--prompts", bare, "--methods", "regulation+spacetime", "--steps", "1",
+                    "--device", "cpu", "--quiet", "--out", tmp_path / "x"]) == 2
+    assert "needs targets" in capsys.readouterr().err

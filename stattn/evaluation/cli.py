@@ -132,7 +132,7 @@ def check(args) -> list:
         raise UsageError(f"--out {args.out}: exists and is not a directory")
     prompts = P.load(args.prompts)[:args.limit]
     for method in args.methods:
-        if method in NEEDS_TARGETS:
+        if any(part in NEEDS_TARGETS for part in method.split("+")):   # alone or composed
             for i, p in enumerate(prompts):
                 if not p.targets:
                     raise UsageError(f"{p.where or f'--prompts {p.set} prompt {i}'}: --methods {method} needs "
