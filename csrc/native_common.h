@@ -205,6 +205,16 @@ STATTN_INLINE void transpose8x8(const float* src, int64_t ld_src, float* dst, in
   }
 }
 
+// dst[j * ld_dst + i] = src[i * ld_src + j] for i < rows, j < cols: 8 x 8 tiles, scalars at the edges.
+STATTN_INLINE void transpose_block(const float* src, int64_t ld_src, int64_t rows, int64_t cols, float* dst,
+                                   int64_t ld_dst) {
+  const int64_t r8 = rows - rows % 8, c8 = cols - cols % 8;
+  for (int64_t i = 0; i < r8; i += 8)
+    for (int64_t j = 0; j < c8; j += 8) transpose8x8(src + i * ld_src + j, ld_src, dst + j * ld_dst + i, ld_dst);
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = i < r8 ? c8 : 0; j < cols; ++j) dst[j * ld_dst + i] = src[i * ld_src + j];
+}
+
 // Horizontal sum and max as a tree of shuffles (a fixed order; the lane-by-lane loop was a chain
 // of seven dependent scalar adds per row). 16 lanes: the two halves first.
 STATTN_INLINE float hsum(const f32x8& v) {
@@ -566,6 +576,109 @@ STATTN_INLINE void softmax_bwd_row(const T* p, const T* g, T a, T dot, T* out, i
     for (; i + L <= n; i += L) storev(out + i, a * loadv<V>(p + i) * (loadv<V>(g + i) - dot));
   }
   for (; i < n; ++i) out[i] = a * p[i] * (g[i] - dot);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Small fp32 products C[m, n] = alpha A[m, k] B[k, n] (+ C when accumulate), all row-major with rows
+// lda / ldb / ldc apart: the forward's products at small M, where a BLAS call's fixed cost (argument
+// checks, kernel selection, packing) was as large as its arithmetic. Column chunks of CV vectors V
+// (at most CVmax, as even as possible), each swept over the rows in register tiles of RB rows x CV
+// vectors (B's chunk then comes from L1 after the first tile): per l one load of B's CV vectors, RB
+// broadcasts of A and RB * CV multiply-adds. A column rest of 8 (16-lane V) takes an 8-lane tile,
+// smaller rests scalars. Each element's sum runs over l = 0 .. k-1 in order whatever the tile, so
+// results depend on neither the tiling nor the thread count.
+template <typename V, int RB, int CV>
+STATTN_INLINE void mm_tile(int64_t k, float alpha, const float* a, int64_t lda, const float* b, int64_t ldb,
+                           float* c, int64_t ldc, bool accumulate) {
+  constexpr int64_t L = lanes_of<V>;
+  V s[RB][CV];
+#pragma GCC unroll 16
+  for (int i = 0; i < RB; ++i)
+#pragma GCC unroll 16
+    for (int j = 0; j < CV; ++j) s[i][j] = V{};
+  for (int64_t l = 0; l < k; ++l) {
+    V bl[CV];
+#pragma GCC unroll 16
+    for (int j = 0; j < CV; ++j) bl[j] = loadv<V>(b + l * ldb + j * L);
+#pragma GCC unroll 16
+    for (int i = 0; i < RB; ++i) {
+      const V ai = a[i * lda + l] - V{};  // a broadcast (x - 0 = x exactly, so it folds; V{} + x does not: -0 + 0 = +0)
+#pragma GCC unroll 16
+      for (int j = 0; j < CV; ++j) s[i][j] += ai * bl[j];
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < RB; ++i)
+#pragma GCC unroll 16
+    for (int j = 0; j < CV; ++j) {
+      const V r = s[i][j] * alpha;
+      storev(c + i * ldc + j * L, accumulate ? r + loadv<V>(c + i * ldc + j * L) : r);
+    }
+}
+
+// All m rows of one column chunk of CV vectors: tiles of RBmax rows, then one of the rest.
+template <typename V, int RBmax, int CV>
+STATTN_INLINE void mm_chunk(int64_t m, int64_t k, float alpha, const float* a, int64_t lda, const float* b,
+                            int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  static_assert(RBmax <= 12, "mm_chunk's switch covers rests of up to 11 rows");
+  int64_t i = 0;
+  for (; i + RBmax <= m; i += RBmax) mm_tile<V, RBmax, CV>(k, alpha, a + i * lda, lda, b, ldb, c + i * ldc, ldc, accumulate);
+  switch (m - i) {
+#define STATTN_MM_ROWS(RB)                                                                           \
+  case RB:                                                                                           \
+    if constexpr (RB < RBmax) mm_tile<V, RB, CV>(k, alpha, a + i * lda, lda, b, ldb, c + i * ldc, ldc, accumulate); \
+    break;
+    STATTN_MM_ROWS(1)
+    STATTN_MM_ROWS(2)
+    STATTN_MM_ROWS(3)
+    STATTN_MM_ROWS(4)
+    STATTN_MM_ROWS(5)
+    STATTN_MM_ROWS(6)
+    STATTN_MM_ROWS(7)
+    STATTN_MM_ROWS(8)
+    STATTN_MM_ROWS(9)
+    STATTN_MM_ROWS(10)
+    STATTN_MM_ROWS(11)
+#undef STATTN_MM_ROWS
+  }
+}
+
+template <typename V, int RBmax, int CVmax>
+STATTN_INLINE void small_mm_impl(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+                                 const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  static_assert(CVmax <= 6, "small_mm_impl's switch covers chunks of up to 6 vectors");
+  constexpr int64_t L = lanes_of<V>;
+  const int64_t nv = n / L, chunks = (nv + CVmax - 1) / CVmax;
+  int64_t j = 0;
+  for (int64_t ch = 0; ch < chunks; ++ch) {  // 5 vectors as 3 + 2, not 4 + 1
+    const int64_t cv = nv / chunks + (ch < nv % chunks);
+    switch (cv) {
+#define STATTN_MM_CHUNK(CV)                                                                                  \
+  case CV:                                                                                                   \
+    if constexpr (CV <= CVmax) mm_chunk<V, RBmax, CV>(m, k, alpha, a, lda, b + j, ldb, c + j, ldc, accumulate); \
+    break;
+      STATTN_MM_CHUNK(1)
+      STATTN_MM_CHUNK(2)
+      STATTN_MM_CHUNK(3)
+      STATTN_MM_CHUNK(4)
+      STATTN_MM_CHUNK(5)
+      STATTN_MM_CHUNK(6)
+#undef STATTN_MM_CHUNK
+    }
+    j += cv * L;
+  }
+  if constexpr (L > 8) {
+    if (n - j >= 8) {
+      mm_chunk<f32x8, RBmax, 1>(m, k, alpha, a, lda, b + j, ldb, c + j, ldc, accumulate);
+      j += 8;
+    }
+  }
+  for (int64_t i = 0; i < m; ++i)  // the last n % 8 columns
+    for (int64_t jj = j; jj < n; ++jj) {
+      float s = 0;
+      for (int64_t l = 0; l < k; ++l) s += a[i * lda + l] * b[l * ldb + jj];
+      c[i * ldc + jj] = s * alpha + (accumulate ? c[i * ldc + jj] : 0.0f);
+    }
 }
 
 }  // namespace stattn_native

@@ -12,7 +12,9 @@
 // the full rows of logits of every region (N is small: 77 text tokens), so no online softmax is
 // needed; the products are BLAS calls (the sgemm_/dgemm_ inside libtorch_cpu, with MKL's own
 // runtime CPU dispatch), one per block for all regions (the forward's output: one per region),
-// and the row work (softmax, softmax backward) uses the vectorised row helpers of native_common.h.
+// except at M <= kSmallM in fp32 (the host-bound calls), where the forward's products and the
+// backward's recomputed logits run in register tiles (small_mm, native_common.h), and the row work
+// (softmax, softmax backward) uses the vectorised row helpers of native_common.h.
 // Inputs of any float dtype are packed into fp32 blocks (fp64 stays fp64) where they are not fp32
 // rows already (those are read and written in place, rows any distance apart: q and grad_out are
 // read with their strides, o and dq are written in [B, M, H, D] memory order). The backward's
@@ -21,6 +23,7 @@
 // scheduling.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_strided.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -42,6 +45,10 @@ using at::Tensor;
 
 constexpr int64_t kBlockM = 128;  // pixel rows per block: the logits block kBlockM x R Np stays in L2
 constexpr int64_t kChunkM = 1024;  // pixels per backward task (a fixed partition: deterministic sums)
+// The fp32 forward's products in registers (small_mm, small_logits) up to this many pixels: per
+// call (B = 2, H = 8, N = 77, one thread) 15-20 % faster than BLAS at M = 16 .. 48, 4-20 % at
+// M = 64 (D = 160 .. 40), no faster at M = 96 and 128 (D = 160: 5-10 % slower).
+constexpr int64_t kSmallM = 64;
 
 // ---------------------------------------------------------------------------------------------
 // Problem description: sizes, flags and the inputs converted once to the compute type acc_t.
@@ -63,7 +70,11 @@ struct Problem {
   int64_t B, H, M, D, R, N, T = 0, Ky = 0, Kx = 0, W = 1;
   bool affine = false, has_pin = false;
   acc_t scale;
-  Tensor k, v, weights, masks, theta, gy, gx;  // contiguous, acc_t
+  Tensor k, v, theta, gy, gx;  // contiguous, acc_t
+  // weights [B, R] and masks [B, R, M] in acc_t, read with their strides (the default ones are an
+  // expanded 1: no copies per call)
+  Tensor weights, masks;
+  int64_t w_sb = 0, w_sr = 0, m_sb = 0, m_sr = 0, m_sm = 0;
   // Block layout (forward and backward): every region's keys padded to Np (a multiple of 16: the
   // row loops run without scalar tails) and all regions of a head side by side, so that one
   // product per block serves every region (see pack_head).
@@ -126,8 +137,10 @@ Problem<acc_t> make_problem(const Tensor& q, const Tensor& k, const Tensor& v, c
   p.scale = static_cast<acc_t>(scale);
   p.k = k.to(acc).contiguous();
   p.v = v.to(acc).contiguous();
-  p.weights = weights.to(acc).expand({p.B, p.R}).contiguous();
-  p.masks = masks.to(acc).expand({p.B, p.R, p.M}).contiguous();
+  p.weights = weights.to(acc).expand({p.B, p.R});
+  p.masks = masks.to(acc).expand({p.B, p.R, p.M});
+  p.w_sb = p.weights.stride(0), p.w_sr = p.weights.stride(1);
+  p.m_sb = p.masks.stride(0), p.m_sr = p.masks.stride(1), p.m_sm = p.masks.stride(2);
   p.len.assign(p.R, p.N);
   if (lengths.has_value() && lengths->defined()) {
     std::vector<int64_t> len;
@@ -203,17 +216,21 @@ Problem<acc_t> make_problem(const Tensor& q, const Tensor& k, const Tensor& v, c
 
 // Every output and intermediate the kernels must fully write: NaN-filled when STATTN_NATIVE_POISON=1
 // (the tests' poisoning, so that an element the kernels fail to write fails a test).
-Tensor output(at::IntArrayRef sizes, const at::TensorOptions& opts) {
-  Tensor t = at::empty(sizes, opts.memory_format(at::MemoryFormat::Contiguous));
+Tensor poisoned(Tensor t) {
   const char* poison = std::getenv("STATTN_NATIVE_POISON");
   if (poison && poison[0] == '1') t.fill_(std::numeric_limits<double>::quiet_NaN());
   return t;
 }
+Tensor output(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  return poisoned(at::empty(sizes, opts.memory_format(at::MemoryFormat::Contiguous)));
+}
 
 // o and dq: shape [B, H, M, D] in [B, M, H, D] memory order (stattn.ops.empty_output's layout), so
-// that the callers' o.transpose(1, 2).reshape(B, M, H * D) is a view, as with SDPA's output.
+// that the callers' o.transpose(1, 2).reshape(B, M, H * D) is a view, as with SDPA's output. One
+// strided allocation (a permuted view of a [B, M, H, D] one cost a second tensor per call).
 Tensor output_bmhd(const Tensor& q) {
-  return output({q.size(0), q.size(2), q.size(1), q.size(3)}, q.options()).permute({0, 2, 1, 3});
+  const int64_t B = q.size(0), H = q.size(1), M = q.size(2), D = q.size(3);
+  return poisoned(at::empty_strided({B, H, M, D}, {M * H * D, D, H * D, 1}, q.options()));
 }
 
 // 64-byte aligned per-thread scratch (BLAS may take alignment-dependent paths; aligned buffers
@@ -291,14 +308,15 @@ void store_rows(const acc_t* src, int64_t rows, int64_t D, in_t* dst, int64_t ld
 // alpha of region r for pixel rows [m0, m0 + rows).
 template <typename acc_t>
 void block_alpha(const Problem<acc_t>& p, int64_t b, int64_t r, int64_t m0, int64_t rows, acc_t* out) {
-  const acc_t* w = p.weights.template data_ptr<acc_t>() + b * p.R;
-  const acc_t* mk = p.masks.template data_ptr<acc_t>() + b * p.R * p.M + m0;
+  const acc_t* w = p.weights.template data_ptr<acc_t>() + b * p.w_sb;
+  const acc_t* mk = p.masks.template data_ptr<acc_t>() + b * p.m_sb + m0 * p.m_sm;
+  const int64_t sm = p.m_sm;
   if (p.affine && r == 0) {
     std::fill(out, out + rows, acc_t(1));
     for (int64_t rr = 1; rr < p.R; ++rr)
-      for (int64_t i = 0; i < rows; ++i) out[i] -= w[rr] * mk[rr * p.M + i];
+      for (int64_t i = 0; i < rows; ++i) out[i] -= w[rr * p.w_sr] * mk[rr * p.m_sr + i * sm];
   } else {
-    for (int64_t i = 0; i < rows; ++i) out[i] = w[r] * mk[r * p.M + i];
+    for (int64_t i = 0; i < rows; ++i) out[i] = w[r * p.w_sr] * mk[r * p.m_sr + i * sm];
   }
 }
 
@@ -537,6 +555,66 @@ void pack_head_t(const Problem<double>& p, const Tensor& x, int64_t b, int64_t h
   pack_head_t_impl(p, x, b, h, dst);
 }
 
+// The small products (M <= kSmallM, fp32): small_mm_impl for the machine. AVX-512: 16 lanes, tiles
+// of 6 rows x up to 4 vectors (24 of its 32 registers accumulate; a tile's loads are then 10 per 24
+// multiply-adds), or 12 rows x 1 vector where n is one vector. Else 8 lanes, 4 x 3 or 8 x 1 (of 16
+// registers).
+STATTN_MULTIVERSION void small_mm_w8(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+                                     const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  if (n <= 8)
+    small_mm_impl<f32x8, 8, 1>(m, n, k, alpha, a, lda, b, ldb, c, ldc, accumulate);
+  else
+    small_mm_impl<f32x8, 4, 3>(m, n, k, alpha, a, lda, b, ldb, c, ldc, accumulate);
+}
+#if STATTN_HAVE_V4
+STATTN_V4 void small_mm_w16(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+                            const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  if (n <= 16)
+    small_mm_impl<f32x16, 12, 1>(m, n, k, alpha, a, lda, b, ldb, c, ldc, accumulate);
+  else
+    small_mm_impl<f32x16, 6, 4>(m, n, k, alpha, a, lda, b, ldb, c, ldc, accumulate);
+}
+#endif
+void small_mm(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda, const float* b, int64_t ldb,
+              float* c, int64_t ldc, bool accumulate) {
+#if STATTN_HAVE_V4
+  if (has_v4()) return small_mm_w16(m, n, k, alpha, a, lda, b, ldb, c, ldc, accumulate);
+#endif
+  small_mm_w8(m, n, k, alpha, a, lda, b, ldb, c, ldc, accumulate);
+}
+
+STATTN_MULTIVERSION void transpose_rows(const float* src, int64_t ld_src, int64_t rows, int64_t cols, float* dst,
+                                        int64_t ld_dst) {
+  transpose_block(src, ld_src, rows, cols, dst, ld_dst);
+}
+
+// Whether the forward's products (and the backward's recomputed logits) are the small ones: fp32 at
+// M <= kSmallM. One decision for both, so that the recomputed logits are the forward's bit for bit,
+// as the saved ones are.
+template <typename acc_t>
+bool small_products(const Problem<acc_t>& p) {
+  return std::is_same_v<acc_t, float> && p.M <= kSmallM;
+}
+
+// A block's logits z [rows, R * Np] = scale q K_r^T with the small products: per region
+// zT [Np, rp] = scale K_r q^T, then transposed into z. One operand must be transposed for small_mm;
+// at M <= kSmallM q's block (rows x D) is the smaller one, not the keys (N x D; their transposed
+// pack cost 40 % of the products at M = 16), and zT (N x rows) is small too. K_r is read in place;
+// q^T [D, rp] has rp = rows rounded up to a multiple of 8, zero pad columns. zT's rows from the
+// region's length on are -inf first, so z's pad columns are. qt [D, rp], zt [Np, rp]: scratch.
+void small_logits(const Problem<float>& p, int64_t b, int64_t h, const float* qrows, int64_t ldq, int64_t rows,
+                  float* qt, float* zt, float* z) {
+  const int64_t rp = (rows + 7) / 8 * 8, D = p.D, Np = p.Np;
+  transpose_rows(qrows, ldq, rows, D, qt, rp);
+  if (rp > rows)
+    for (int64_t d = 0; d < D; ++d) std::fill(qt + d * rp + rows, qt + (d + 1) * rp, 0.0f);
+  for (int64_t r = 0; r < p.R; ++r) {
+    small_mm(p.len[r], rp, D, p.scale, p.head(p.k, b, r, h), D, qt, rp, zt, rp, false);
+    std::fill(zt + p.len[r] * rp, zt + Np * rp, -std::numeric_limits<float>::infinity());
+    transpose_rows(zt, rp, Np, rows, z + r * Np, p.R * Np);
+  }
+}
+
 // Region 0's probabilities of a block (z [rows, ldz], alpha = 1) -> their first N columns in probs
 // (rows N apart), then z scaled by each row's alpha: the forward's want_probs.
 template <typename acc_t>
@@ -548,9 +626,10 @@ void store_probs_block(const Problem<acc_t>& p, acc_t* z, int64_t ldz, int64_t r
   }
 }
 
-// Per block: one product for the logits of all regions (z [rows, R * Np] = scale q Kp^T), the
-// softmax of each region in place, then o = sum_r (alpha_r p_r) V_r as one product per region on
-// V_r in place (accumulating into o; packing V cost more than the extra calls: -3..-10 % at M <= 256).
+// Per block: one product for the logits of all regions (z [rows, R * Np] = scale q Kp^T; small:
+// small_logits), the softmax of each region in place, then o = sum_r (alpha_r p_r) V_r as one
+// product per region on V_r in place (accumulating into o; packing V cost more than the extra calls:
+// -3..-10 % at M <= 256).
 // probs (or nullptr): region 0's probabilities [B, H, M, N], taken from the same softmax (computed
 // at alpha = 1, then scaled: alpha may be 0).
 template <typename in_t, typename acc_t>
@@ -559,32 +638,40 @@ void forward_kernel(const Problem<acc_t>& p, const Tensor& q, Tensor& o, Tensor&
   const int64_t nblk = (p.M + kBlockM - 1) / kBlockM;
   const int64_t Np = p.Np, D = p.D, T = p.T, L = p.R + p.has_pin, RN = p.R * Np;
   float* lse_p = lse.data_ptr<float>();
-  // One region and one block per head (M <= kBlockM: the host-bound calls): the transposed pack
-  // would serve a single product, so the logits take the keys in place as a transposed operand.
-  const bool keys_in_place = p.R == 1 && nblk == 1;
+  constexpr bool fp32 = std::is_same_v<acc_t, float>;
+  const bool small = small_products(p);
+  // One region and one block per head (M <= kBlockM): the transposed pack would serve a single
+  // product, so the logits take the keys in place as a transposed operand.
+  const bool keys_in_place = !small && p.R == 1 && nblk == 1;
+  const int64_t rp = small ? (p.M + 7) / 8 * 8 : 0;  // small_logits' q^T columns
   at::parallel_for(0, p.B * p.H * nblk, 1, [&](int64_t begin, int64_t end) {
     TaskScope<acc_t> scope;
     constexpr bool in_place = std::is_same_v<in_t, acc_t>;  // o written by its product directly
     Scratch<acc_t> qb(kBlockM * D), ob(in_place ? 0 : kBlockM * D), z(kBlockM * RN), work(Np + kBlockM * (7 + T)),
-        al(kBlockM), S(kBlockM * T), A(T * p.Ky * p.W), kh(keys_in_place ? 0 : RN * D), ones(probs ? kBlockM : 0);
+        al(kBlockM), S(kBlockM * T), A(T * p.Ky * p.W), kh(keys_in_place || small ? 0 : RN * D),
+        ones(probs ? kBlockM : 0), qt(D * rp), zt(Np * rp);
     std::fill(ones.begin(), ones.end(), acc_t(1));
     int64_t cur_bh = -1;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / nblk, b = bh / p.H, h = bh % p.H;
       const int64_t m0 = (task % nblk) * kBlockM, rows = std::min(kBlockM, p.M - m0);
       if (bh != cur_bh) {
-        if (!keys_in_place) pack_head_t(p, p.k, b, h, kh.data());
+        if (!keys_in_place && !small) pack_head_t(p, p.k, b, h, kh.data());
         if (T > 0) offset_half(p, b, h, A.data());
         cur_bh = bh;
       }
       int64_t ldq, ldo;
       const acc_t* qrows = block_rows<in_t, acc_t>(q, b, h, m0, rows, qb.data(), ldq);
       if (T > 0) block_offset(p, A.data(), m0, rows, S.data());
-      if (keys_in_place)  // z[:, :len] = scale q K^T (K [N, D] row-major); set_pad_logits fills the rest
-        gemm(true, false, p.len[0], rows, D, p.scale, p.head(p.k, b, 0, h), D, qrows, ldq, acc_t(0), z.data(), RN);
-      else
-        gemm(false, false, RN, rows, D, p.scale, kh.data(), RN, qrows, ldq, acc_t(0), z.data(), RN);
-      set_pad_logits(p, rows, z.data());
+      if (small) {
+        if constexpr (fp32) small_logits(p, b, h, qrows, ldq, rows, qt.data(), zt.data(), z.data());
+      } else {
+        if (keys_in_place)  // z[:, :len] = scale q K^T (K [N, D] row-major); set_pad_logits fills the rest
+          gemm(true, false, p.len[0], rows, D, p.scale, p.head(p.k, b, 0, h), D, qrows, ldq, acc_t(0), z.data(), RN);
+        else
+          gemm(false, false, RN, rows, D, p.scale, kh.data(), RN, qrows, ldq, acc_t(0), z.data(), RN);
+        set_pad_logits(p, rows, z.data());
+      }
       if (logits) save_logits_block(p, z.data(), rows, logits + ((b * p.H + h) * p.M + m0) * p.R * p.N);
       for (int64_t r = 0; r < p.R; ++r) {
         block_alpha(p, b, r, m0, rows, al.data());
@@ -600,9 +687,15 @@ void forward_kernel(const Problem<acc_t>& p, const Tensor& q, Tensor& o, Tensor&
       in_t* dst = out_rows<in_t>(o, b, h, m0, ldo);
       acc_t* out = in_place ? reinterpret_cast<acc_t*>(dst) : ob.data();
       const int64_t ld_out = in_place ? ldo : D;
-      for (int64_t r = 0; r < p.R; ++r)  // (over the region's own keys: values beyond are never read)
-        gemm(false, false, D, rows, p.len[r], acc_t(1), p.head(p.v, b, r, h), D, z.data() + r * Np, RN,
-             acc_t(r == 0 ? 0 : 1), out, ld_out);
+      for (int64_t r = 0; r < p.R; ++r) {  // (over the region's own keys: values beyond are never read)
+        if (small) {
+          if constexpr (fp32)
+            small_mm(rows, D, p.len[r], 1.0f, z.data() + r * Np, RN, p.head(p.v, b, r, h), D, out, ld_out, r > 0);
+        } else {
+          gemm(false, false, D, rows, p.len[r], acc_t(1), p.head(p.v, b, r, h), D, z.data() + r * Np, RN,
+               acc_t(r == 0 ? 0 : 1), out, ld_out);
+        }
+      }
       if constexpr (!in_place) store_rows(ob.data(), rows, D, dst, ldo);
     }
   });
@@ -829,12 +922,16 @@ void backward_kernel(const Problem<acc_t>& p, const Needs& need, const Tensor& q
   const bool need_th = need.t && T > 0;
   const int64_t Hg = p.M / p.W;  // image rows of the offset grid
   const float* lse_p = lse.data_ptr<float>();
+  constexpr bool fp32 = std::is_same_v<acc_t, float>;
+  const bool small = small_products(p);  // logits recomputed as the forward computed them
+  const int64_t rp = small ? (p.M + 7) / 8 * 8 : 0;
   at::parallel_for(0, p.B * p.H * nchunk, 1, [&](int64_t begin, int64_t end) {
     TaskScope<acc_t> scope;
     constexpr bool in_place = std::is_same_v<in_t, acc_t>;  // dq written by its product directly
     Scratch<acc_t> qb(kBlockM * D), dob(kBlockM * D), dqb(in_place ? 0 : kBlockM * D), z(kBlockM * RN),
         dpv(kBlockM * RN), pe(Np), p0(Np), al(kBlockM), S(kBlockM * T), dS(kBlockM * T), A(T * p.Ky * p.W),
-        C(need_th ? T * Hg * p.Kx : 0), kh(RN * D), kt(RN * D), vt(RN * D);
+        C(need_th ? T * Hg * p.Kx : 0), kh(RN * D), kt(small ? 0 : RN * D), vt(RN * D), qt(logits ? 0 : D * rp),
+        zt(logits ? 0 : Np * rp);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / nchunk, b = bh / p.H, h = bh % p.H;
       const int64_t c0 = (task % nchunk) * kChunkM, c1 = std::min(p.M, c0 + kChunkM);
@@ -844,7 +941,7 @@ void backward_kernel(const Problem<acc_t>& p, const Needs& need, const Tensor& q
       const acc_t* gy = need_th ? p.gy.template data_ptr<acc_t>() : nullptr;
       const acc_t* gx = need_th ? p.gx.template data_ptr<acc_t>() : nullptr;
       pack_head(p, p.k, b, h, kh.data());
-      if (!logits) pack_head_t(p, p.k, b, h, kt.data());
+      if (!logits && !small) pack_head_t(p, p.k, b, h, kt.data());
       pack_head_t(p, p.v, b, h, vt.data());
       if (T > 0) offset_half(p, b, h, A.data());
       std::fill(C.begin(), C.end(), acc_t(0));
@@ -856,6 +953,8 @@ void backward_kernel(const Problem<acc_t>& p, const Needs& need, const Tensor& q
         if (T > 0) block_offset(p, A.data(), m0, rows, S.data());
         if (logits) {  // the forward's, bit for bit what the product would give
           load_logits_block(p, logits + ((b * p.H + h) * p.M + m0) * p.R * p.N, rows, z.data());
+        } else if (small) {
+          if constexpr (fp32) small_logits(p, b, h, qrows, ldq, rows, qt.data(), zt.data(), z.data());
         } else {
           gemm(false, false, RN, rows, D, p.scale, kt.data(), RN, qrows, ldq, acc_t(0), z.data(), RN);
           set_pad_logits(p, rows, z.data());
@@ -1006,8 +1105,9 @@ std::vector<Tensor> region_attention_bwd(const Tensor& grad_out, const Tensor& q
             da[b * p.R * p.M + m] = 0;
           }
       }
-      const acc_t* w = p.weights.template data_ptr<acc_t>();
-      const acc_t* mk = p.masks.template data_ptr<acc_t>();
+      const Tensor wc = p.weights.contiguous(), mc = p.masks.contiguous();
+      const acc_t* w = wc.template data_ptr<acc_t>();
+      const acc_t* mk = mc.template data_ptr<acc_t>();
       if (need.w) {
         Tensor dw = output({p.B, p.R}, opts);
         for (int64_t br = 0; br < p.B * p.R; ++br) {
