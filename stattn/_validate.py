@@ -249,8 +249,6 @@ def check_offset(offset, B: int, H: int, M: int, N: int, device, n_first=None) -
 def check_op_indices(tokens, pin, lengths, B: int, R: int, T: int, N: int) -> None:
     """Shapes of the custom ops' index arguments (no value reads): tokens int32 [T] or [B, T], pin
     int32 flags [N] or [B, N], lengths int32 [R]: what the kernels index by (b, t), (b, n) and r."""
-    if tokens is None and pin is None and lengths is None:
-        return
     for name, t, (dim, size), per_row in (("tokens", tokens, ("T", T), True), ("pin", pin, ("N", N), True),
                                           ("lengths", lengths, ("R", R), False)):
         if t is None:

@@ -148,9 +148,13 @@ def forward(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale,
     padding), from the same softmax as o. ``tokens`` int32 [T] or [B, T] and ``pin`` int32 flags
     [N] or [B, N]: shared by the batch rows or one row each; ``lengths`` int32 [R] or None: region r
     attends to its first lengths[r] keys (None: all N)."""
-    # want_probs is passed only when set: the call without it is the one an older build knows
+    # trailing arguments at the schema's defaults are left out: each one passed costs the dispatcher's
+    # parsing (a host-bound call's fixed cost), and the call without want_probs is the one an older
+    # build knows
+    tail = (bool(save_logits), lengths, True)
+    given = 3 if want_probs else 2 if lengths is not None else 1 if save_logits else 0
     out = _ops().region_attention(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, float(scale),
-                                  bool(save_logits), lengths, *((True,) if want_probs else ()))
+                                  *tail[:given])
     return out if want_probs else out[:3]
 
 

@@ -107,6 +107,8 @@ def _ref_offset(theta, tokens, gy, gx, pin):
 
 
 def _check_indices(q, k, theta, tokens, pin, lengths):
+    if tokens is None and pin is None and lengths is None:   # the plain call: nothing to check
+        return
     V.check_op_indices(tokens, pin, lengths, q.shape[0], k.shape[1], theta.shape[2] if theta is not None else 0,
                        k.shape[3])
 
@@ -389,15 +391,16 @@ def region_attention(q: Tensor, k: Tensor, v: Tensor, *, masks: Optional[Tensor]
     Differentiable w.r.t. q, k, v, region_weights, float masks and offset.theta.
     """
     B, H, M, D, R, N = V.check_qkv(q, k, v)
-    masks_f = V.region_masks(masks, B, R, M, q.device)
-    weights_f = V.region_weights(region_weights, B, R, q.device)
+    device = q.device
+    masks_f = V.region_masks(masks, B, R, M, device)
+    weights_f = V.region_weights(region_weights, B, R, device)
     if not isinstance(affine, bool):
         raise TypeError(f"affine must be a bool, got {type(affine).__name__}")
     scale = V.scale_of(scale, D)
-    lengths = V.key_lengths(key_lengths, R, N, q.device)
+    lengths = V.key_lengths(key_lengths, R, N, device)
     theta = tokens = gy = gx = pin = None
     if offset is not None:
-        V.check_offset(offset, B, H, M, N, q.device, n_first=lengths[0] if isinstance(lengths, tuple) else None)
+        V.check_offset(offset, B, H, M, N, device, n_first=lengths[0] if isinstance(lengths, tuple) else None)
         tokens, pin_t = offset.device_tensors(N)
         theta = offset.theta
         gy, gx = (g.to(ref.compute_dtype(q)).contiguous() for g in (offset.gy, offset.gx))
@@ -407,7 +410,7 @@ def region_attention(q: Tensor, k: Tensor, v: Tensor, *, masks: Optional[Tensor]
         masks_f, weights_f = masks_f.double(), weights_f.double()
     elif theta is not None and theta.dtype == torch.float64:
         raise TypeError(f"offset.theta must be float32 for {q.dtype} inputs (float64 only with float64 q)")
-    lengths_t = _lengths_tensor(lengths, q.device)
+    lengths_t = _lengths_tensor(lengths, device)
     if return_probs is None or return_probs is False:
         if _direct(q, k, v, weights_f, masks_f, theta):
             return _forward(q, k, v, weights_f, masks_f, affine, theta, tokens, gy, gx, pin, scale, False,
@@ -415,8 +418,8 @@ def region_attention(q: Tensor, k: Tensor, v: Tensor, *, masks: Optional[Tensor]
         save = _save_logits(q, k, v, weights_f, masks_f, theta)
         return _region_attention_op(q, k, v, weights_f, masks_f, affine, theta, tokens, gy, gx, pin, scale, save,
                                     lengths_t)[0]
-    cols = V.probs_columns(return_probs, N, lengths[0] if isinstance(lengths, tuple) else None, q.device)
-    cols = _columns_tensor(cols, q.device)
+    cols = V.probs_columns(return_probs, N, lengths[0] if isinstance(lengths, tuple) else None, device)
+    cols = _columns_tensor(cols, device)
     if _direct(q, k, v, weights_f, masks_f, theta):
         o, _, _, probs = _forward(q, k, v, weights_f, masks_f, affine, theta, tokens, gy, gx, pin, scale, False,
                                   lengths_t, True, lse_needed=False)
