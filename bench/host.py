@@ -15,8 +15,8 @@ alike), medians (p20/p80 kept) of many repeats, one torch thread by default:
   step dropped), the stock pipeline against the same pipeline after ``stattn.accelerate``, for the
   tiny model and (unless --quick) SD 1.5's architecture with random weights at 256 px. Target <= 1.00.
 
-    python -m bench.host [--quick] [--threads 1] [--repeats 30] [--min-time 1] [--out bench/results]
-    stattn bench host [--quick]
+    python -m bench.host [--quick | --op-only] [--threads 1] [--repeats 30] [--min-time 1] [--out bench/results]
+    stattn bench host [--quick | --op-only]
 """
 from __future__ import annotations
 
@@ -148,14 +148,20 @@ def markdown(result: dict) -> str:
                     ["M", "D", "autograd", "stattn µs", "SDPA µs", "ratio", "paired", "n"], result["op"],
                     lambda r: [str(r["M"]), str(r["D"]), "on" if r["autograd"] else "no_grad", f"{r['stattn_us']:.1f}",
                                f"{r['sdpa_us']:.1f}", f"{r['ratio']:.2f}", f"{r['ratio_paired']:.2f}", str(r["n"])])
-    lines += _table("One cross-attention layer: stattn's processor vs AttnProcessor2_0 (B = 2, no_grad)",
-                    ["model", "M", "C", "heads × D", "stattn ms", "stock ms", "ratio", "paired", "n"], result["processor"],
-                    lambda r: [r["model"], str(r["M"]), str(r["C"]), f"{r['heads']} × {r['D']}", f"{r['stattn_ms']:.3f}",
-                               f"{r['stock_ms']:.3f}", f"{r['ratio']:.2f}", f"{r['ratio_paired']:.2f}", str(r["n"])])
-    lines += _table("Denoising step of a pipeline call: stock vs `stattn.accelerate(pipe)`",
-                    ["model", "px", "stattn ms", "stock ms", "ratio", "paired (per run)", "steps timed"], result["step"],
-                    lambda r: [r["model"], str(r["size"]), f"{r['stattn_ms']:.2f}", f"{r['stock_ms']:.2f}",
-                               f"{r['ratio']:.2f}", f"{r.get('ratio_paired', float('nan')):.2f}", str(r["n"])])
+    if not (result["processor"] or result["step"]):
+        lines += ["", "(--op-only: the op's table alone.)"]
+    if result["processor"]:
+        lines += _table("One cross-attention layer: stattn's processor vs AttnProcessor2_0 (B = 2, no_grad)",
+                        ["model", "M", "C", "heads × D", "stattn ms", "stock ms", "ratio", "paired", "n"], result["processor"],
+                        lambda r: [r["model"], str(r["M"]), str(r["C"]), f"{r['heads']} × {r['D']}",
+                                   f"{r['stattn_ms']:.3f}", f"{r['stock_ms']:.3f}", f"{r['ratio']:.2f}",
+                                   f"{r['ratio_paired']:.2f}", str(r["n"])])
+    if result["step"]:
+        lines += _table("Denoising step of a pipeline call: stock vs `stattn.accelerate(pipe)`",
+                        ["model", "px", "stattn ms", "stock ms", "ratio", "paired (per run)", "steps timed"],
+                        result["step"],
+                        lambda r: [r["model"], str(r["size"]), f"{r['stattn_ms']:.2f}", f"{r['stock_ms']:.2f}",
+                                   f"{r['ratio']:.2f}", f"{r.get('ratio_paired', float('nan')):.2f}", str(r["n"])])
     worst = max([r["ratio"] for r in result["op"] + result["processor"] + result["step"]])
     lines += ["", f"Worst ratio: {worst:.2f} ({'every cell within' if worst <= 1.0 else 'over'} the 1.00 target).", ""]
     return "\n".join(lines)
@@ -163,8 +169,11 @@ def markdown(result: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.host", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="M = 16 / 256, D = 64, the SD 1.5 processor shapes, "
-                   "the tiny model's steps only")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--quick", action="store_true", help="M = 16 / 256, D = 64, the SD 1.5 processor shapes, "
+                       "the tiny model's steps only")
+    which.add_argument("--op-only", action="store_true", help="the op's cells only (every M and D), no processor "
+                       "or step timings")
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--min-time", type=float, default=1.0, metavar="S",
                    help="more repeats where fewer would take under S seconds per timed pair")
@@ -182,21 +191,22 @@ def main(argv=None) -> int:
                 r = op[-1]
                 print(f"op M={M} D={D} autograd={grad}: {r['stattn_us']:.1f} vs {r['sdpa_us']:.1f} µs "
                       f"({r['ratio']:.2f}x)", flush=True)
-    proc = []
-    for shape in (SD15 if args.quick else SD15 + SDXL):
+    proc, step = [], []
+    for shape in () if args.op_only else SD15 if args.quick else SD15 + SDXL:
         proc.append(processor_case(*shape, max(5, args.repeats // 3), args.min_time))
         r = proc[-1]
         print(f"processor {r['model']} M={r['M']}: {r['stattn_ms']:.3f} vs {r['stock_ms']:.3f} ms "
               f"({r['ratio']:.2f}x)", flush=True)
-    step = [step_case("tiny", models.tiny(), 64, 10, 20)]     # 25 ms steps: many runs against the noise
-    print(f"step tiny: {step[-1]['stattn_ms']:.2f} vs {step[-1]['stock_ms']:.2f} ms ({step[-1]['ratio']:.2f}x)",
-          flush=True)
-    if not args.quick:
+    if not args.op_only:
+        step.append(step_case("tiny", models.tiny(), 64, 10, 20))     # 25 ms steps: many runs against the noise
+        print(f"step tiny: {step[-1]['stattn_ms']:.2f} vs {step[-1]['stock_ms']:.2f} ms ({step[-1]['ratio']:.2f}x)",
+              flush=True)
+    if not (args.quick or args.op_only):
         step.append(step_case("sd15", models.full("sd15", dtype=torch.float32), 256, 4, 3))
         print(f"step sd15 256px: {step[-1]['stattn_ms']:.1f} vs {step[-1]['stock_ms']:.1f} ms "
               f"({step[-1]['ratio']:.2f}x)", flush=True)
     result = {"environment": machine("cpu"), "threads": args.threads, "repeats": args.repeats,
-              "min_time_s": args.min_time, "dtype": "float32", "quick": args.quick,
+              "min_time_s": args.min_time, "dtype": "float32", "quick": args.quick, "op_only": args.op_only,
               "load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in os.getloadavg()],
               "op": op, "processor": proc, "step": step}
     publish(result, args.out, "host", markdown)

@@ -38,3 +38,11 @@ def test_markdown_states_the_worst_ratio():
     step = dict(model="tiny", size=64, stattn_ms=1.1, stock_ms=1.0, ratio=1.1, n=3)
     text = host.markdown({"environment": env, "threads": 1, "op": [op], "processor": [proc], "step": [step]})
     assert "Worst ratio: 1.10 (over the 1.00 target)" in text
+
+
+def test_op_only_markdown_has_the_op_table_alone():
+    env = {"device_name": "cpu", "git": {"commit": "abc"}, "torch": "t", "triton": "t"}
+    op = dict(M=16, D=40, autograd=False, stattn_us=1.0, sdpa_us=2.0, ratio=0.5, ratio_paired=0.5, n=3)
+    text = host.markdown({"environment": env, "threads": 1, "op": [op], "processor": [], "step": []})
+    assert "The op (R = 1) vs SDPA" in text and "One cross-attention layer" not in text
+    assert "Denoising step" not in text and "Worst ratio: 0.50 (every cell within the 1.00 target)" in text
