@@ -16,24 +16,12 @@ import pytest
 import torch
 
 import stattn
-from stattn import native
 from stattn import reference as ref
 from helpers import GRAD_TOL_FACTOR, TOL, Case, make_inputs, reference_run, rel_err, run
-from test_native import NATIVE_TOL, _check, _ids
+# importing test_native skips (or, under STATTN_REQUIRE_NATIVE=1, fails) without the native extension
+from test_native import NATIVE_TOL, _check, _ids, native_backend  # noqa: F401  (a fixture)
 
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
-
-if not native.load():
-    if os.environ.get("STATTN_REQUIRE_NATIVE") == "1":
-        pytest.fail(f"native extension unavailable: {native._state.get('error')}", pytrace=False)
-    pytest.skip(f"native extension unavailable: {native._state.get('error')}", allow_module_level=True)
-
-
-@pytest.fixture
-def native_backend(monkeypatch):
-    monkeypatch.setenv("STATTN_BACKEND", "native")
-    monkeypatch.setenv("STATTN_NATIVE_POISON", "1")  # every native output starts NaN-filled
-
 
 CASES = [
     # (M = 1 and 17, prime or below the basis' 3 x 3 grid: test_plain_call_... below)
