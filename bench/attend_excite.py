@@ -30,6 +30,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -51,17 +52,15 @@ def _ae_pipeline(base):
     return AE(**{k: v for k, v in base.components.items() if k in names}, requires_safety_checker=False)
 
 
-def _capped(pipe, max_refinement_steps: int) -> None:
-    """The pipeline's refinement with its own max_refinement_steps parameter set (its call has none)."""
-    refine = type(pipe)._perform_iterative_refinement_step
-    object.__setattr__(pipe, "_perform_iterative_refinement_step",
-                       lambda *a, **k: refine(pipe, *a, max_refinement_steps=max_refinement_steps, **k))
-
-
-def _counted(pipe, counts: list) -> None:
-    """Record each refinement's iteration count (it aggregates the maps once per iteration, once at the end)."""
+@contextlib.contextmanager
+def counting_refinements(pipe, max_refinement_steps: Optional[int] = None):
+    """The stock A&E pipeline instrumented for the block: yields a list that gets (loop turn, iterations)
+    for each refinement as it ends (a refinement aggregates the maps once per iteration and once more at
+    the end; the turn is the number of guided, no-grad, UNet forwards before it). max_refinement_steps:
+    the pipeline's own parameter of its refinement method (its call has none); None leaves its default."""
+    refinements, inside, guided = [], [False, 0], [0]
     refine, aggregate = pipe._perform_iterative_refinement_step, pipe._aggregate_and_get_max_attention_per_token
-    inside = [False, 0]
+    cap = {} if max_refinement_steps is None else {"max_refinement_steps": max_refinement_steps}
 
     def counted_aggregate(*a, **k):
         inside[1] += inside[0]
@@ -70,13 +69,28 @@ def _counted(pipe, counts: list) -> None:
     def counted_refine(*a, **k):
         inside[:] = [True, 0]
         try:
-            return refine(*a, **k)
+            return refine(*a, **cap, **k)
         finally:
             inside[0] = False
-            counts.append(inside[1] - 1)
+            refinements.append((guided[0], inside[1] - 1))
+
+    def count_guided(module, args):
+        guided[0] += not torch.is_grad_enabled()
 
     object.__setattr__(pipe, "_perform_iterative_refinement_step", counted_refine)
     object.__setattr__(pipe, "_aggregate_and_get_max_attention_per_token", counted_aggregate)
+    hook = pipe.unet.register_forward_pre_hook(count_guided)
+    try:
+        yield refinements
+    finally:
+        hook.remove()
+        del vars(pipe)["_perform_iterative_refinement_step"], vars(pipe)["_aggregate_and_get_max_attention_per_token"]
+
+
+def refinements_of(ae: stattn.AttendAndExcite) -> list:
+    """(loop turn, iterations) of every refinement of the controller's last call, in loop order (as
+    :func:`counting_refinements` gives the pipeline's)."""
+    return [(i, n) for i in sorted(ae.refinement_iterations) for n in ae.refinement_iterations[i] if n]
 
 
 class _PeakRSS:
@@ -118,7 +132,6 @@ def measure(args, log=print) -> dict:
         ae_pipe = _ae_pipeline(base)
     for p in (base, ae_pipe):
         p.set_progress_bar_config(disable=True)
-    _capped(ae_pipe, args.max_refinement_steps)
     settings = dict(max_iter_to_alter=args.max_iter_to_alter, thresholds={0: args.threshold},
                     scale_factor=20, attn_res=tuple(args.attn_res))
     indices = stattn.token_indices(base.tokenizer, PROMPT, TARGETS)
@@ -132,24 +145,18 @@ def measure(args, log=print) -> dict:
     def run(name, size=args.size, steps=args.steps, settings=settings):
         kw = dict(num_inference_steps=steps, height=size, width=size, output_type="latent", latents=noise(size),
                   num_images_per_prompt=args.images)
-        counts = []
         if name == "stattn":
             ae = stattn.AttendAndExcite(targets=TARGETS, max_refinement_steps=args.max_refinement_steps, **settings)
             ae.apply(base, prompt=PROMPT)
             out = base(PROMPT, **kw).images
             ae.remove(base)
-            counts = [n for i in sorted(ae.refinement_iterations) for n in ae.refinement_iterations[i] if n]
+            refinements = refinements_of(ae)
         else:
             (stattn.accelerate if name == "diffusers+accelerate" else stattn.restore)(ae_pipe)
-            _counted(ae_pipe, counts)
-            try:
+            with counting_refinements(ae_pipe, args.max_refinement_steps) as refinements:
                 out = ae_pipe(PROMPT, token_indices=indices, **settings, **kw).images
-            finally:
-                for attr in ("_perform_iterative_refinement_step", "_aggregate_and_get_max_attention_per_token"):
-                    del vars(ae_pipe)[attr]
-                _capped(ae_pipe, args.max_refinement_steps)
             stattn.restore(ae_pipe)
-        return out, counts
+        return out, [n for _, n in refinements]
 
     # one-time costs (kernel loading, first allocations) paid before timing: each variant once, small
     with warnings.catch_warnings():

@@ -18,6 +18,7 @@ from stattn.integration import models
 from stattn.integration.processors import NotAcceleratedWarning, status
 from stattn.methods.attend_excite import core
 from stattn.methods.attend_excite.controller import DEFAULT_THRESHOLDS
+from bench.attend_excite import counting_refinements, refinements_of
 
 AE = diffusers.StableDiffusionAttendAndExcitePipeline
 PROMPT = "a photo of a cat and a frog"        # cat = 5, frog = 8
@@ -47,42 +48,15 @@ def tiny(dtype=torch.float32, scheduler=None):
 
 
 def stock_run(pipe, prompt, token_indices, *, max_refinement_steps=20, **kw):
-    """The pipeline's latents and its refinements [(loop turn, iterations)] in loop order. A
-    refinement aggregates the maps once per iteration and once more at the end; the turn is the
-    number of guided (no-grad) UNet forwards before it."""
-    refinements, inside, guided = [], [False, 0], [0]
-    refine, aggregate = pipe._perform_iterative_refinement_step, pipe._aggregate_and_get_max_attention_per_token
-
-    def counted_aggregate(*a, **k):
-        inside[1] += inside[0]
-        return aggregate(*a, **k)
-
-    def counted_refine(*a, **k):
-        inside[:] = [True, 0]
-        try:
-            return refine(*a, max_refinement_steps=max_refinement_steps, **k)
-        finally:
-            inside[0] = False
-            refinements.append((guided[0], inside[1] - 1))
-
-    def count_guided(module, args):
-        guided[0] += not torch.is_grad_enabled()
-
-    object.__setattr__(pipe, "_perform_iterative_refinement_step", counted_refine)
-    object.__setattr__(pipe, "_aggregate_and_get_max_attention_per_token", counted_aggregate)
-    hook = pipe.unet.register_forward_pre_hook(count_guided)
-    try:
+    """The pipeline's latents and its refinements [(loop turn, iterations)] in loop order."""
+    with counting_refinements(pipe, max_refinement_steps) as refinements:
         out = pipe(prompt, token_indices=token_indices, output_type="latent", **kw).images
-    finally:
-        hook.remove()
-        del vars(pipe)["_perform_iterative_refinement_step"], vars(pipe)["_aggregate_and_get_max_attention_per_token"]
     return out, refinements
 
 
 def stattn_run(pipe, ae, prompt, **kw):
     out = pipe(prompt, output_type="latent", **kw).images
-    pairs = [(i, n) for i in sorted(ae.refinement_iterations) for n in ae.refinement_iterations[i] if n]
-    return out, pairs
+    return out, refinements_of(ae)
 
 
 def noise(images, dtype=torch.float32):
