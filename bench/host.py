@@ -5,8 +5,9 @@ alike), medians (p20/p80 kept) of many repeats, one torch thread by default:
 
 - op: ``stattn.region_attention`` (R = 1, the plain path) against
   ``torch.nn.functional.scaled_dot_product_attention`` at host-bound shapes (M = 16 .. 256 queries,
-  D = 40 / 64 / 160, B = 2, H = 8, N = 77), under ``torch.no_grad()`` and with autograd enabled (no
-  input requiring grad: what a pipeline call outside ``no_grad`` does). Target: ratio <= 1.0.
+  D = 40 / 64 / 160, B = 2, H = 8, N = 77), under ``torch.no_grad()``, with grad mode on and no
+  input requiring grad (what a pipeline call outside ``no_grad`` does), and forward + backward with
+  q, k, v requiring grad (a loss through the attention). Target: ratio <= 1.0.
 - processor: one diffusers ``Attention`` layer at every SD 1.5 (512 px) and SDXL (1024 px)
   cross-attention shape, ``AttnProcessor2_0`` against stattn's fused processor
   (``StattnAttnProcessor``), the same context at every call as in a generation (stattn's K/V cache then
@@ -54,22 +55,33 @@ def _gate(what: str, err: float) -> float:
     return err
 
 
-def op_case(M: int, D: int, grad: bool, repeats: int, min_s: float) -> dict:
+# the op table's modes: under torch.no_grad(); grad mode on with no input requiring grad (a pipeline
+# call outside no_grad); inputs requiring grad, forward and backward timed together (a loss through
+# the attention: training, LoRA, Attend-and-Excite's latent update)
+MODES = ("no_grad", "grad mode", "fwd+bwd")
+
+
+def op_case(M: int, D: int, mode: str, repeats: int, min_s: float) -> dict:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     g = torch.Generator().manual_seed(M * 1000 + D)
-    q = torch.randn(B, H, M, D, generator=g)
-    k, v = (torch.randn(B, 1, H, N, D, generator=g) for _ in range(2))
-    ks, vs = k[:, 0], v[:, 0]
+    backward = mode == "fwd+bwd"
+    q = torch.randn(B, H, M, D, generator=g).requires_grad_(backward)
+    k, v = (torch.randn(B, 1, H, N, D, generator=g).requires_grad_(backward) for _ in range(2))
+    grad_out = torch.randn(B, H, M, D, generator=g)
 
     def ours():
-        return stattn.region_attention(q, k, v)
+        o = stattn.region_attention(q, k, v)
+        return (o, *torch.autograd.grad(o, (q, k, v), grad_out)) if backward else (o,)
 
     def sdpa():
-        return F.scaled_dot_product_attention(q, ks, vs)
+        o = F.scaled_dot_product_attention(q, k[:, 0], v[:, 0])
+        return (o, *torch.autograd.grad(o, (q, k, v), grad_out)) if backward else (o,)
 
-    err = _gate(f"op M={M} D={D}", float((ours() - sdpa()).abs().max()))
-    with torch.set_grad_enabled(grad):
+    with torch.set_grad_enabled(mode != "no_grad"):
+        err = _gate(f"op M={M} D={D} {mode}", max(float((a - b).detach().abs().max()) for a, b in zip(ours(), sdpa())))
         t = _timed({"stattn": ours, "sdpa": sdpa}, repeats, min_s)
-    return {"M": M, "D": D, "autograd": grad, "max_abs_diff": err, "stattn_us": t["stattn"]["median"] * 1e3,
+    return {"M": M, "D": D, "mode": mode, "max_abs_diff": err, "stattn_us": t["stattn"]["median"] * 1e3,
             "sdpa_us": t["sdpa"]["median"] * 1e3, "ratio": t["stattn"]["median"] / t["sdpa"]["median"],
             "ratio_paired": _paired(t["stattn"], t["sdpa"]), "n": t["stattn"]["n"],
             "stattn": _drop_times(t["stattn"]), "sdpa": _drop_times(t["sdpa"])}
@@ -145,8 +157,8 @@ def markdown(result: dict) -> str:
              f"{provenance(env)}. Medians of interleaved repeats; ratio = stattn / stock (target <= 1.00); "
              "paired = median of the per-repeat ratios."]
     lines += _table("The op (R = 1) vs SDPA at host-bound shapes (B = 2, H = 8, N = 77)",
-                    ["M", "D", "autograd", "stattn µs", "SDPA µs", "ratio", "paired", "n"], result["op"],
-                    lambda r: [str(r["M"]), str(r["D"]), "on" if r["autograd"] else "no_grad", f"{r['stattn_us']:.1f}",
+                    ["M", "D", "mode", "stattn µs", "SDPA µs", "ratio", "paired", "n"], result["op"],
+                    lambda r: [str(r["M"]), str(r["D"]), r["mode"], f"{r['stattn_us']:.1f}",
                                f"{r['sdpa_us']:.1f}", f"{r['ratio']:.2f}", f"{r['ratio_paired']:.2f}", str(r["n"])])
     if not (result["processor"] or result["step"]):
         lines += ["", "(--op-only: the op's table alone.)"]
@@ -184,12 +196,12 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()
     Ms, Ds = ((16, 256), (64,)) if args.quick else (HOST_M, HOST_D)
     op = []
-    for grad in (False, True):
+    for mode in MODES:
         for M in Ms:
             for D in Ds:
-                op.append(op_case(M, D, grad, args.repeats, args.min_time))
+                op.append(op_case(M, D, mode, args.repeats, args.min_time))
                 r = op[-1]
-                print(f"op M={M} D={D} autograd={grad}: {r['stattn_us']:.1f} vs {r['sdpa_us']:.1f} µs "
+                print(f"op M={M} D={D} {mode}: {r['stattn_us']:.1f} vs {r['sdpa_us']:.1f} µs "
                       f"({r['ratio']:.2f}x)", flush=True)
     proc, step = [], []
     for shape in () if args.op_only else SD15 if args.quick else SD15 + SDXL:

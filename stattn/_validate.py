@@ -124,6 +124,11 @@ def _ones(shape: tuple, device) -> torch.Tensor:
     return t
 
 
+def default_alphas(B: int, R: int, M: int, device) -> tuple:
+    """(weights [B, R], masks [B, R, M]): region_weights / region_masks of None (expanded ones)."""
+    return _ones((B, R), device), _ones((B, R, M), device)
+
+
 def region_masks(masks, B: int, R: int, M: int, device) -> torch.Tensor:
     """masks [R, M] or [B, R, M] (bool or float) -> float32 [B, R, M] (a view where possible)."""
     if masks is None:

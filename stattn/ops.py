@@ -177,21 +177,92 @@ def _forward(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale,
     return o, lse, logits, probs
 
 
-def _direct(*tensors: Optional[Tensor]) -> bool:
-    """Whether region_attention may call the backend directly instead of through the
-    ``stattn::region_attention`` custom op, whose Python dispatch costs more than a small kernel
-    (tens of µs a call; the host-bound calls of a pipeline are mostly that). The result is the
-    same computation; what the custom op adds is needed only by autograd (an input requiring grad
-    under grad mode), by torch.compile / tracing, by a torch dispatch or function mode
-    (FakeTensorMode, FlopCounterMode, ...) and by the profiler (which then shows the op by name)."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or \
-            torch._C._is_torch_function_mode_enabled() or torch.autograd._profiler_enabled():
-        return False
+def _traced() -> bool:
+    """Whether something beyond eager autograd must see the ``stattn::region_attention`` custom op:
+    torch.compile / tracing, a torch dispatch or function mode (FakeTensorMode, FlopCounterMode, ...)
+    or the profiler (which then shows the op by name)."""
+    return torch.compiler.is_compiling() or bool(torch._C._len_torch_dispatch_stack()) or \
+        torch._C._is_torch_function_mode_enabled() or torch.autograd._profiler_enabled()
+
+
+def _records_graph(tensors) -> bool:
+    """Whether autograd records this call: grad mode on and an input requiring grad."""
     if torch.is_grad_enabled():
         for t in tensors:
             if t is not None and t.requires_grad:
-                return False
-    return True
+                return True
+    return False
+
+
+def _direct(*tensors: Optional[Tensor]) -> bool:
+    """Whether region_attention may call the backend directly instead of through the
+    ``stattn::region_attention`` custom op, whose Python dispatch costs more than a small kernel
+    (tens of µs a call; the host-bound calls of a pipeline are mostly that): the same computation,
+    when neither autograd nor a tracer, mode or the profiler (_traced) needs to see the op."""
+    return not _traced() and not _records_graph(tensors)
+
+
+class _EagerRegionAttention(torch.autograd.Function):
+    """Eager autograd without the custom op's Python dispatch: the op's forward body and its
+    registered formula (_setup_context, _backward, the backward op's body) as one autograd.Function.
+    torch.library's autograd wrapper re-fills the schema's defaults on every call (~150 µs for this
+    op's 15 arguments, 10x a small kernel); this path is the same computation without it, taken
+    only when nothing but autograd needs the op (not _traced())."""
+
+    # forward(ctx, ...) rather than a setup_context staticmethod: Function.apply then skips its
+    # per-call inspect.signature binding (~60 µs); torch.func transforms take _TransformedRegionAttention
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _forward_outputs(*inputs)
+        _setup_context(ctx, inputs, output)
+        ctx.eager = True
+        return output
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, grad_lse, grad_logits, grad_probs):
+        return _backward(ctx, grad_out, grad_lse, grad_logits, grad_probs)
+
+
+class _TransformedRegionAttention(torch.autograd.Function):
+    """_EagerRegionAttention under torch.func transforms (grad, vjp, jacrev, ...), which take an
+    autograd.Function only with a setup_context staticmethod (torch.library's custom-op autograd
+    has none: the custom op does not run under them). No vmap rule: vmap raises torch's error."""
+
+    @staticmethod
+    def forward(*inputs):
+        return _forward_outputs(*inputs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+        ctx.eager = True
+
+    backward = _EagerRegionAttention.backward
+
+
+def _forward_outputs(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, save_logits, lengths,
+                     want_probs):
+    """The custom op's four outputs from the backend (probs: an empty tensor unless want_probs)."""
+    o, lse, logits, probs = _forward(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale,
+                                     save_logits, lengths, want_probs)
+    if probs is None:
+        probs = q.new_empty(0, dtype=ref.compute_dtype(q))
+    return o, lse, logits, probs
+
+
+def _region_attention_call(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, lengths,
+                           want_probs: bool):
+    """(o, lse, logits, probs) of a call autograd records or something traces: through the custom op
+    when _traced(), else through _EagerRegionAttention (the same formula, without the dispatch) or,
+    under a torch.func transform, _TransformedRegionAttention."""
+    save = _save_logits(q, k, v, weights, masks, theta)
+    if _traced():
+        return _region_attention_op(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, save,
+                                    lengths, want_probs)
+    fn = _TransformedRegionAttention if torch._C._are_functorch_transforms_active() else _EagerRegionAttention
+    return fn.apply(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, save,
+                                       lengths, want_probs)
 
 
 @_region_attention_op.register_fake
@@ -219,6 +290,13 @@ def _region_attention_backward_op(
     adds to region 0's dL/dp, so reaches dq, dk and dtheta. dk/dv are exactly zero on the padded
     keys (index >= lengths[r]). grad_out is read with its strides; dq comes in o's layout
     (empty_output), whatever q's strides, the others contiguous."""
+    return _backward_impl(grad_out, q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, lse, needs,
+                          logits, lengths, grad_probs)
+
+
+def _backward_impl(grad_out, q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, lse, needs,
+                   logits, lengths, grad_probs):
+    """The backward op's body (also called directly by the eager autograd path, _EagerRegionAttention)."""
     need_q, need_k, need_v, need_w, need_m, need_t = needs
     _check_indices(q, k, theta, tokens, pin, lengths)
     if grad_probs is not None:
@@ -299,9 +377,10 @@ def _backward(ctx, grad_out, _grad_lse, _grad_logits, grad_probs):
         grad_probs = None
     if grad_out is None:   # only the maps reach the loss: o's gradient is zero (one stride-0 zero)
         grad_out = q.new_zeros(()).expand(q.shape)
-    grads = _region_attention_backward_op(grad_out, q, k, v, weights, masks, ctx.affine, theta,
-                                          tokens, gy, gx, pin, ctx.scale, lse, needs,
-                                          logits if logits.numel() else None, lengths, grad_probs)
+    # the eager path (_EagerRegionAttention) runs the backward op's body directly
+    bw = _backward_impl if getattr(ctx, "eager", False) else _region_attention_backward_op
+    grads = bw(grad_out, q, k, v, weights, masks, ctx.affine, theta, tokens, gy, gx, pin, ctx.scale, lse, needs,
+               logits if logits.numel() else None, lengths, grad_probs)
     dq, dk, dv, dw, dm, dt = (g if n else None for g, n in zip(grads, needs))
     return dq, dk, dv, dw, dm, None, dt, None, None, None, None, None, None, None, None
 
@@ -364,6 +443,22 @@ def _head_mean(probs: Tensor, cols: Optional[Tensor]) -> Tensor:
     return probs.mean(1)
 
 
+def _plain(q: Tensor, k: Tensor, v: Tensor, scale) -> Tensor:
+    """region_attention with every option at its default (the processors' plain layer, R = 1 in a
+    pipeline): the same checks and computation in fewer steps, for the host-bound calls (no offset,
+    lengths or column arguments to build; the default masks and weights never require grad)."""
+    B, H, M, D, R, N = V.check_qkv(q, k, v)
+    scale = V.scale_of(scale, D)
+    weights, masks = V.default_alphas(B, R, M, q.device)
+    if _traced() or _records_graph((q, k, v)):
+        return _region_attention_call(q, k, v, weights, masks, False, None, None, None, None, None, scale, None,
+                                      False)[0]
+    if backend_for(q) == "native":
+        return native.forward(q, k, v, weights, masks, False, None, None, None, None, None, scale)[0]
+    return _forward(q, k, v, weights, masks, False, None, None, None, None, None, scale, False, None,
+                    lse_needed=False)[0]
+
+
 def region_attention(q: Tensor, k: Tensor, v: Tensor, *, masks: Optional[Tensor] = None,
                      region_weights: Optional[Tensor] = None, affine: bool = False, offset=None,
                      scale: Optional[float] = None, key_lengths=None, return_probs=None):
@@ -390,6 +485,9 @@ def region_attention(q: Tensor, k: Tensor, v: Tensor, *, masks: Optional[Tensor]
     ``x.view(B, M, H, D).transpose(1, 2)`` is not copied); q's gradient comes in o's layout.
     Differentiable w.r.t. q, k, v, region_weights, float masks and offset.theta.
     """
+    if masks is None and region_weights is None and offset is None and key_lengths is None and \
+            (return_probs is None or return_probs is False) and affine is False:
+        return _plain(q, k, v, scale)
     B, H, M, D, R, N = V.check_qkv(q, k, v)
     device = q.device
     masks_f = V.region_masks(masks, B, R, M, device)
@@ -415,16 +513,14 @@ def region_attention(q: Tensor, k: Tensor, v: Tensor, *, masks: Optional[Tensor]
         if _direct(q, k, v, weights_f, masks_f, theta):
             return _forward(q, k, v, weights_f, masks_f, affine, theta, tokens, gy, gx, pin, scale, False,
                             lengths_t, lse_needed=False)[0]
-        save = _save_logits(q, k, v, weights_f, masks_f, theta)
-        return _region_attention_op(q, k, v, weights_f, masks_f, affine, theta, tokens, gy, gx, pin, scale, save,
-                                    lengths_t)[0]
+        return _region_attention_call(q, k, v, weights_f, masks_f, affine, theta, tokens, gy, gx, pin, scale,
+                                      lengths_t, False)[0]
     cols = V.probs_columns(return_probs, N, lengths[0] if isinstance(lengths, tuple) else None, device)
     cols = _columns_tensor(cols, device)
     if _direct(q, k, v, weights_f, masks_f, theta):
         o, _, _, probs = _forward(q, k, v, weights_f, masks_f, affine, theta, tokens, gy, gx, pin, scale, False,
                                   lengths_t, True, lse_needed=False)
     else:
-        save = _save_logits(q, k, v, weights_f, masks_f, theta)
-        o, _, _, probs = _region_attention_op(q, k, v, weights_f, masks_f, affine, theta, tokens, gy, gx, pin,
-                                              scale, save, lengths_t, True)
+        o, _, _, probs = _region_attention_call(q, k, v, weights_f, masks_f, affine, theta, tokens, gy, gx, pin,
+                                                scale, lengths_t, True)
     return o, _head_mean(probs, cols)

@@ -2,14 +2,35 @@
 import pytest
 import torch
 
+import stattn
+
 from stattn.integration import models
 from stattn.bench import host
 
 
-@pytest.mark.parametrize("grad", [False, True])
-def test_op_case_compares_equal_results(grad):
-    r = host.op_case(16, 40, grad, repeats=2, min_s=0.0)
-    assert r["max_abs_diff"] <= host.TOL and r["n"] >= 2 and r["ratio"] > 0
+@pytest.mark.parametrize("mode", host.MODES)
+def test_op_case_compares_equal_results(mode):
+    r = host.op_case(16, 40, mode, repeats=2, min_s=0.0)
+    assert r["max_abs_diff"] <= host.TOL and r["n"] >= 2 and r["ratio"] > 0 and r["mode"] == mode
+
+
+def test_op_case_gates_the_gradients_too(monkeypatch):
+    """fwd+bwd compares dq, dk, dv as well as o: a wrong backward is not timed."""
+    real = stattn.region_attention
+
+    def wrong_backward(q, k, v, **kw):
+        o = real(q, k, v, **kw)
+        return o + 1e-3 * (q - q.detach()) if q.requires_grad else o
+
+    monkeypatch.setattr(host.stattn, "region_attention", wrong_backward)
+    host.op_case(16, 40, "no_grad", repeats=2, min_s=0.0)
+    with pytest.raises(AssertionError, match="not timing a wrong result"):
+        host.op_case(16, 40, "fwd+bwd", repeats=2, min_s=0.0)
+
+
+def test_op_case_rejects_an_unknown_mode():
+    with pytest.raises(ValueError, match="mode must be one of"):
+        host.op_case(16, 40, "on", repeats=2, min_s=0.0)
 
 
 def test_processor_case_compares_equal_results():
@@ -33,7 +54,7 @@ def test_the_gate_refuses_to_time_a_wrong_result():
 
 def test_markdown_states_the_worst_ratio():
     env = {"device_name": "cpu", "git": {"commit": "abc"}, "torch": "t", "triton": "t"}
-    op = dict(M=16, D=40, autograd=False, stattn_us=1.0, sdpa_us=2.0, ratio=0.5, ratio_paired=0.5, n=3)
+    op = dict(M=16, D=40, mode="no_grad", stattn_us=1.0, sdpa_us=2.0, ratio=0.5, ratio_paired=0.5, n=3)
     proc = dict(model="sd15", M=64, C=32, heads=2, D=16, stattn_ms=1.0, stock_ms=1.0, ratio=1.0, ratio_paired=1.0, n=3)
     step = dict(model="tiny", size=64, stattn_ms=1.1, stock_ms=1.0, ratio=1.1, n=3)
     text = host.markdown({"environment": env, "threads": 1, "op": [op], "processor": [proc], "step": [step]})
@@ -42,7 +63,7 @@ def test_markdown_states_the_worst_ratio():
 
 def test_op_only_markdown_has_the_op_table_alone():
     env = {"device_name": "cpu", "git": {"commit": "abc"}, "torch": "t", "triton": "t"}
-    op = dict(M=16, D=40, autograd=False, stattn_us=1.0, sdpa_us=2.0, ratio=0.5, ratio_paired=0.5, n=3)
+    op = dict(M=16, D=40, mode="no_grad", stattn_us=1.0, sdpa_us=2.0, ratio=0.5, ratio_paired=0.5, n=3)
     text = host.markdown({"environment": env, "threads": 1, "op": [op], "processor": [], "step": []})
     assert "The op (R = 1) vs SDPA" in text and "One cross-attention layer" not in text
     assert "Denoising step" not in text and "Worst ratio: 0.50 (every cell within the 1.00 target)" in text

@@ -1,13 +1,18 @@
 """The op's host path: eager calls that autograd, tracing, modes and the profiler need not see go
-to the backend directly (the same computation as through the custom op, minus its dispatch); the
-cached checks and default masks behave as uncached ones."""
+to the backend directly (the same computation as through the custom op, minus its dispatch), eager
+calls autograd records go through one autograd.Function with the custom op's formula (minus
+torch.library's per-call dispatch); the cached checks and default masks behave as uncached ones."""
+import contextlib
+
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import stattn
 from stattn import _validate as V
 from stattn import ops
+from helpers import OP_BACKENDS
 
 B, H, M, D, N = 2, 3, 9, 8, 7
 
@@ -41,13 +46,73 @@ def test_no_grad_and_grad_free_calls_skip_the_custom_op_with_the_same_result(cou
     assert direct.stride() == o.stride()
 
 
-def test_autograd_goes_through_the_custom_op(counted):
+def test_eager_autograd_takes_the_function_not_the_custom_op(counted, monkeypatch):
+    """An eager call autograd records runs _EagerRegionAttention (the custom op's formula without
+    torch.library's per-call dispatch), forward and backward; no-grad calls stay direct."""
+    backward_calls = []
+    real_bw = ops._region_attention_backward_op
+    monkeypatch.setattr(ops, "_region_attention_backward_op", lambda *a: backward_calls.append(1) or real_bw(*a))
     q, k, v = qkv(grad=True)
-    stattn.region_attention(q, k, v).sum().backward()
-    assert counted == [1] and q.grad is not None and k.grad is not None
+    o = stattn.region_attention(q, k, v)
+    assert type(o.grad_fn).__name__ == "_EagerRegionAttentionBackward"
+    o.sum().backward()
+    assert counted == [] and backward_calls == [] and q.grad is not None and k.grad is not None
     with torch.no_grad():                 # requires_grad, but no graph is recorded: direct
-        stattn.region_attention(q, k, v)
-    assert counted == [1]
+        assert stattn.region_attention(q, k, v).grad_fn is None
+
+
+class _PassThrough(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def _controlled_call(grad: bool, seed: int):
+    """A call with every differentiable input (R = 2, float masks, weights, an offset's theta), key
+    lengths and the maps asked for: (o, P, leaves)."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = qkv(R=2, grad=grad, seed=seed)
+    masks = torch.rand(B, 2, M, generator=g).requires_grad_(grad)
+    weights = (0.5 + torch.rand(B, 2, generator=g)).requires_grad_(grad)
+    gy, gx = stattn.gaussian_basis(3, 3, sigma=1)
+    theta = torch.randn(B, H, 2, gy.shape[1], gx.shape[1], generator=g).requires_grad_(grad)
+    offset = stattn.ScoreOffset(theta, (1, 4), (gy, gx), pinned=(0,))
+    o, P = stattn.region_attention(q, k, v, masks=masks, region_weights=weights, offset=offset,
+                                   key_lengths=(N, N - 2), return_probs=True)
+    return o, P, (q, k, v, masks, weights, theta)
+
+
+@pytest.mark.parametrize("backend", OP_BACKENDS, indirect=True)
+def test_eager_function_and_the_custom_op_give_the_same_values_and_gradients(backend, counted):
+    """The same call eagerly (the Function) and under a function mode (which takes the custom op and
+    its torch.library autograd): one forward kernel and one backward kernel on the same inputs, so
+    the results agree to the rounding of the kernels' own reductions."""
+    results = []
+    for mode in (None, _PassThrough()):
+        with mode or contextlib.nullcontext():
+            o, P, leaves = _controlled_call(grad=True, seed=3)
+        g = torch.Generator().manual_seed(4)
+        loss = (o * torch.randn(o.shape, generator=g)).sum() + (P * torch.randn(P.shape, generator=g)).sum()
+        results.append((o.detach(), P.detach(), torch.autograd.grad(loss, leaves)))
+    assert counted == [1]                                  # the function mode's call only
+    (o0, P0, g0), (o1, P1, g1) = results
+    for a, b in zip((o0, P0, *g0), (o1, P1, *g1)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert o0.stride() == o1.stride() and g0[0].stride() == g1[0].stride()
+
+
+def test_torch_func_grad_and_vjp_give_eager_autograds_gradients(counted):
+    """torch.func transforms take an autograd.Function only with a setup_context staticmethod (the
+    custom op's torch.library autograd has none): _TransformedRegionAttention, the same formula."""
+    q, k, v = qkv()
+    dq = torch.func.grad(lambda q: stattn.region_attention(q, k, v).square().sum())(q)
+    o, vjp = torch.func.vjp(lambda k: stattn.region_attention(q, k, v), k)
+    dk, = vjp(torch.ones_like(o))
+    assert counted == []
+    q2, k2 = q.clone().requires_grad_(True), k.clone().requires_grad_(True)
+    stattn.region_attention(q2, k, v).square().sum().backward()
+    stattn.region_attention(q, k2, v).sum().backward()
+    torch.testing.assert_close(dq, q2.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dk, k2.grad, rtol=1e-5, atol=1e-6)
 
 
 class _Seen(TorchDispatchMode):

@@ -156,11 +156,11 @@ def test_all_columns_and_chosen_columns_agree(backend):
 
 @on_each_backend
 def test_no_grad_goes_direct_with_the_same_values(backend, monkeypatch):
-    """Under torch.no_grad return_probs skips the custom op (the direct path) and gives what the
-    custom op gives for the same inputs (one kernel, the same arguments)."""
+    """Under torch.no_grad return_probs skips autograd's Function (the direct path) and gives what
+    the Function gives for the same inputs (one kernel, the same arguments)."""
     calls = []
-    real = ops._region_attention_op
-    monkeypatch.setattr(ops, "_region_attention_op", lambda *a: calls.append(a[-1]) or real(*a))
+    real = ops._EagerRegionAttention.apply
+    monkeypatch.setattr(ops._EagerRegionAttention, "apply", lambda *a: calls.append(a[-1]) or real(*a))
     case = ROWS
     inp = make_inputs(case, DEVICE, seed=7)
     with torch.no_grad():

@@ -29,7 +29,7 @@ import torch
 
 from ..ops import region_attention
 from .processors import (_DTYPES, _NOT_REPRODUCED, _RESTORED, StattnAttnProcessor, _Counts, _exact_for, _heads,
-                         _KVCache)
+                         _KVCache, fixed_signature)
 
 __all__ = ["StattnIPAdapterProcessor", "wrapper_class"]
 
@@ -56,6 +56,7 @@ class StattnIPAdapterProcessor(StattnAttnProcessor):
     hidden_size = property(lambda self: self.original.hidden_size)
     cross_attention_dim = property(lambda self: self.original.cross_attention_dim)
 
+    @fixed_signature
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  scale=1.0, ip_adapter_masks=None):
         plan = self._plan(hidden_states, encoder_hidden_states, attention_mask, ip_adapter_masks)

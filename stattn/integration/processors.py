@@ -21,6 +21,7 @@ that determines them changes (:class:`_KVCache`).
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -37,6 +38,15 @@ __all__ = ["StattnAttnProcessor", "Status", "NotAcceleratedWarning", "accelerate
 
 MAX_HEAD_DIM = 256
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def fixed_signature(fn: Callable) -> Callable:
+    """fn with ``__signature__`` set to its own signature. diffusers' ``Attention.forward`` calls
+    ``inspect.signature(processor.__call__)`` at every call (to filter cross_attention_kwargs): ~25 µs
+    a call, more than a small layer's attention kernel; with ``__signature__`` set, inspect returns it
+    (~7 µs, the bound method's copy without ``self``). The signature itself is the same."""
+    fn.__signature__ = inspect.signature(fn)
+    return fn
 
 
 class NotAcceleratedWarning(UserWarning):
@@ -235,6 +245,21 @@ class _KVCache:
         return k, v
 
 
+def call_module(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``m(x)``: m.forward(x) directly where ``nn.Module.__call__`` would do nothing else (no hooks of
+    any kind, no ``module.compile()``, no TorchScript tracing), the same computation without its two
+    Python frames (a few µs a call, several calls a layer); an ``nn.Dropout`` in eval mode is the
+    identity its forward returns."""
+    g = _global_hooks
+    if m._compiled_call_impl is not None or m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or \
+            m._backward_pre_hooks or g._global_forward_hooks or g._global_forward_pre_hooks or \
+            g._global_backward_hooks or g._global_backward_pre_hooks or torch._C._get_tracing_state():
+        return m(x)
+    if type(m) is torch.nn.Dropout and not m.training:
+        return x
+    return m.forward(x)
+
+
 # ---------------------------------------------------------------------- the processor
 _RESTORED = "restored"             # the accelerate state this processor belonged to was restored
 _NOT_REPRODUCED = "not reproduced"  # built around a processor stattn does not reproduce
@@ -297,6 +322,7 @@ class StattnAttnProcessor:
             return f"dtype {hidden_states.dtype}"
         return None
 
+    @fixed_signature
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
         why = self._stock_reason(hidden_states, encoder_hidden_states, attention_mask)
@@ -330,7 +356,7 @@ class StattnAttnProcessor:
             hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        return attn.to_q(hidden_states), (residual, shape4)
+        return call_module(attn.to_q, hidden_states), (residual, shape4)
 
     def _controlled(self, attn, q, k, v, context, frame, scale):
         """The controller's output for this call (None: plain attention, or no controller)."""
@@ -349,8 +375,8 @@ class StattnAttnProcessor:
         residual, shape4 = frame
         B, H, M, D = out.shape
         hidden_states = out.transpose(1, 2).reshape(B, M, H * D)  # a view: the op writes [B, M, H, D] order
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
+        to_out = attn.to_out
+        hidden_states = call_module(to_out[1], call_module(to_out[0], hidden_states))
         if shape4 is not None:
             hidden_states = hidden_states.transpose(-1, -2).reshape(shape4)
         if attn.residual_connection:

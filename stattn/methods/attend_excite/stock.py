@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ...integration.processors import StattnAttnProcessor, _heads
+from ...integration.processors import StattnAttnProcessor, _heads, fixed_signature
 from ...ops import region_attention
 
 __all__ = ["StattnAttendExciteProcessor", "SelfAttendExcite", "MODULE", "processor_class", "is_pipeline",
@@ -100,6 +100,7 @@ class SelfAttendExcite:
     def __init__(self, original):
         self.original = original
 
+    @fixed_signature
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None):
         if encoder_hidden_states is not None or attention_mask is not None or hidden_states.ndim != 3 or \
                 attn.inner_kv_dim != attn.inner_dim:
