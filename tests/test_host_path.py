@@ -170,3 +170,91 @@ def test_backend_choice_follows_the_environment_at_every_call(monkeypatch):
     monkeypatch.setenv("STATTN_BACKEND", "bogus")
     with pytest.raises(ValueError, match="STATTN_BACKEND must be"):
         ops.backend_for(q)
+
+
+# ------------------------------------------------------------------ the all-defaults call (_plain)
+
+def test_the_all_defaults_call_equals_the_general_path(counted):
+    """region_attention(q, k, v) takes _plain; explicit default masks / weights take the general
+    path: the same kernel on the same inputs, and the same checks (a bad shape is named)."""
+    q, k, v = qkv()
+    with torch.no_grad():
+        plain = stattn.region_attention(q, k, v)
+        general = stattn.region_attention(q, k, v, masks=torch.ones(1, M), region_weights=torch.ones(1))
+    torch.testing.assert_close(plain, general, rtol=1e-6, atol=1e-7)
+    assert plain.stride() == general.stride() and counted == []
+    with pytest.raises(ValueError, match="v must have k's shape"):
+        stattn.region_attention(q, k, v[:, :, :, :-1])
+    with pytest.raises(ValueError, match="scale must be a positive finite float"):
+        stattn.region_attention(q, k, v, scale=-1.0)
+    qg, kg, vg = qkv(grad=True)
+    assert type(stattn.region_attention(qg, kg, vg).grad_fn).__name__ == "_EagerRegionAttentionBackward"
+    with _PassThrough():
+        stattn.region_attention(q, k, v)
+    assert counted == [1]                 # a function mode sees the custom op on the plain call too
+
+
+# ------------------------------------------------------------------ the processor's host path
+
+def _cross_layer():
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=32, cross_attention_dim=24, heads=2, dim_head=16, dropout=0.5).eval()
+    return attn, torch.randn(2, 9, 32), torch.randn(2, 7, 24)
+
+
+def test_processor_signature_is_the_functions_own():
+    """diffusers filters cross_attention_kwargs with inspect.signature(processor.__call__): the fixed
+    __signature__ gives what inspect computes from the code, for every processor stattn installs."""
+    import inspect
+
+    from stattn.integration.ip_adapter import StattnIPAdapterProcessor
+    from stattn.integration.processors import StattnAttnProcessor
+    from stattn.methods.attend_excite.stock import SelfAttendExcite
+
+    for cls in (StattnAttnProcessor, StattnIPAdapterProcessor, SelfAttendExcite):
+        fixed = inspect.signature(cls.__call__)
+        kept = cls.__call__.__signature__
+        try:
+            del cls.__call__.__signature__
+            computed = inspect.signature(cls.__call__)
+        finally:
+            cls.__call__.__signature__ = kept
+        assert fixed == computed and list(fixed.parameters)[:3] == ["self", "attn", "hidden_states"]
+    bound = inspect.signature(StattnAttnProcessor().__call__)
+    assert "self" not in bound.parameters and "encoder_hidden_states" in bound.parameters
+
+
+def test_processor_module_calls_keep_hooks_and_training_dropout():
+    """call_module is m(x) where nn.Module.__call__ adds nothing: hooks on to_q / to_out still run,
+    a Dropout in training mode still drops, in eval mode the layer equals AttnProcessor2_0's."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from stattn.integration.processors import StattnAttnProcessor, call_module
+
+    attn, x, ctx = _cross_layer()
+    fused, stock = StattnAttnProcessor(), AttnProcessor2_0()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(attn, x, ctx), stock(attn, x, ctx), rtol=1e-5, atol=1e-6)
+        seen = []
+        hooks = [attn.to_q.register_forward_hook(lambda m, a, o: seen.append("to_q")),
+                 attn.to_out[0].register_forward_pre_hook(lambda m, a: seen.append("to_out"))]
+        fused(attn, x, ctx)
+        assert seen == ["to_q", "to_out"]
+        for h in hooks:
+            h.remove()
+        attn.train()
+        y = torch.ones(4, 1000)
+        dropped = call_module(attn.to_out[1], y)
+        assert 0.3 < (dropped == 0).float().mean() < 0.7          # p = 0.5: about half dropped
+        attn.eval()
+        assert call_module(attn.to_out[1], y) is y                  # eval: Dropout's identity
+    lin = torch.nn.Linear(3, 2)
+    calls = []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, a, o: calls.append(m))
+    try:
+        call_module(lin, torch.randn(1, 3))
+    finally:
+        handle.remove()
+    assert calls == [lin]                                           # a global hook still runs
