@@ -261,8 +261,7 @@ def _region_attention_call(q, k, v, weights, masks, affine, theta, tokens, gy, g
         return _region_attention_op(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, save,
                                     lengths, want_probs)
     fn = _TransformedRegionAttention if torch._C._are_functorch_transforms_active() else _EagerRegionAttention
-    return fn.apply(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, save,
-                                       lengths, want_probs)
+    return fn.apply(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, save, lengths, want_probs)
 
 
 @_region_attention_op.register_fake
