@@ -215,13 +215,12 @@ class _EagerRegionAttention(torch.autograd.Function):
     def forward(ctx, *inputs):
         output = _forward_outputs(*inputs)
         _setup_context(ctx, inputs, output)
-        ctx.eager = True
         return output
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, grad_lse, grad_logits, grad_probs):
-        return _backward(ctx, grad_out, grad_lse, grad_logits, grad_probs)
+        return _backward(ctx, grad_out, grad_lse, grad_logits, grad_probs, run=_backward_impl)
 
 
 class _TransformedRegionAttention(torch.autograd.Function):
@@ -236,7 +235,6 @@ class _TransformedRegionAttention(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         _setup_context(ctx, inputs, output)
-        ctx.eager = True
 
     backward = _EagerRegionAttention.backward
 
@@ -368,7 +366,9 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_out, _grad_lse, _grad_logits, grad_probs):
+def _backward(ctx, grad_out, _grad_lse, _grad_logits, grad_probs, run=None):
+    """The registered op's autograd formula; ``run``: the backward's body to call (default: the
+    backward custom op, as the registration needs; the eager Functions pass _backward_impl)."""
     q, k, v, weights, masks, theta, tokens, gy, gx, pin, lse, logits, lengths = ctx.saved_tensors
     ng = ctx.needs_input_grad
     needs = [ng[0], ng[1], ng[2], ng[3], ng[4], ng[6] and theta is not None]
@@ -376,10 +376,9 @@ def _backward(ctx, grad_out, _grad_lse, _grad_logits, grad_probs):
         grad_probs = None
     if grad_out is None:   # only the maps reach the loss: o's gradient is zero (one stride-0 zero)
         grad_out = q.new_zeros(()).expand(q.shape)
-    # the eager path (_EagerRegionAttention) runs the backward op's body directly
-    bw = _backward_impl if getattr(ctx, "eager", False) else _region_attention_backward_op
-    grads = bw(grad_out, q, k, v, weights, masks, ctx.affine, theta, tokens, gy, gx, pin, ctx.scale, lse, needs,
-               logits if logits.numel() else None, lengths, grad_probs)
+    grads = (run or _region_attention_backward_op)(grad_out, q, k, v, weights, masks, ctx.affine, theta, tokens, gy,
+                                                   gx, pin, ctx.scale, lse, needs,
+                                                   logits if logits.numel() else None, lengths, grad_probs)
     dq, dk, dv, dw, dm, dt = (g if n else None for g, n in zip(grads, needs))
     return dq, dk, dv, dw, dm, None, dt, None, None, None, None, None, None, None, None
 
@@ -449,11 +448,9 @@ def _plain(q: Tensor, k: Tensor, v: Tensor, scale) -> Tensor:
     B, H, M, D, R, N = V.check_qkv(q, k, v)
     scale = V.scale_of(scale, D)
     weights, masks = V.default_alphas(B, R, M, q.device)
-    if _traced() or _records_graph((q, k, v)):
+    if not _direct(q, k, v):
         return _region_attention_call(q, k, v, weights, masks, False, None, None, None, None, None, scale, None,
                                       False)[0]
-    if backend_for(q) == "native":
-        return native.forward(q, k, v, weights, masks, False, None, None, None, None, None, scale)[0]
     return _forward(q, k, v, weights, masks, False, None, None, None, None, None, scale, False, None,
                     lse_needed=False)[0]
 
