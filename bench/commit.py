@@ -12,8 +12,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _git(root: Path, *args: str) -> str:
+    """git's stdout as written (not stripped: a porcelain line starts with its status, maybe a space)."""
     return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30,
-                          check=True).stdout.strip()
+                          check=True).stdout
 
 
 def tree_state(root: Path = REPO) -> dict:
@@ -21,7 +22,7 @@ def tree_state(root: Path = REPO) -> dict:
     "dirty_paths"}: dirty when the working tree differs from HEAD, results (bench/results) excluded."""
     if (root / ".git").exists():
         try:
-            commit = _git(root, "rev-parse", "HEAD")
+            commit = _git(root, "rev-parse", "HEAD").strip()
             status = _git(root, "status", "--porcelain", "--", ".", ":(exclude)bench/results")
             paths = [line[3:] for line in status.splitlines()]
             return {"commit": commit, "source": "git", "dirty": bool(paths), "dirty_paths": paths[:50]}

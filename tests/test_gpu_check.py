@@ -145,6 +145,8 @@ def test_commit_from_git(tmp_path):
     assert tree_state(tmp_path) == {"commit": head, "source": "git", "dirty": False, "dirty_paths": []}
     (tmp_path / "COMMIT").write_text("not this one\n")   # git wins; the untracked file makes the tree dirty
     assert tree_state(tmp_path) == {"commit": head, "source": "git", "dirty": True, "dirty_paths": ["COMMIT"]}
+    (tmp_path / "f").write_text("y")     # a modified tracked file: porcelain " M f", first line (a leading space)
+    assert tree_state(tmp_path)["dirty_paths"] == ["f", "COMMIT"]
 
 
 def test_gpu_budgets_fit_eight_minutes_and_the_dry_run_gets_loose_ones():
