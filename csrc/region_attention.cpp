@@ -12,15 +12,16 @@
 // the full rows of logits of every region (N is small: 77 text tokens), so no online softmax is
 // needed; the products are BLAS calls (the sgemm_/dgemm_ inside libtorch_cpu, with MKL's own
 // runtime CPU dispatch), one per block for all regions (the forward's output: one per region),
-// except at M <= kSmallM in fp32 (the host-bound calls), where the forward's products and the
-// backward's recomputed logits run in register tiles (small_mm, native_common.h), and the row work
-// (softmax, softmax backward) uses the vectorised row helpers of native_common.h.
+// except at M <= kSmallM in fp32 (the host-bound calls), where every product of the forward and the
+// backward runs in register tiles (small_mm, native_common.h), and the row work (softmax, softmax
+// backward) uses the vectorised row helpers of native_common.h.
 // Inputs of any float dtype are packed into fp32 blocks (fp64 stays fp64) where they are not fp32
 // rows already (those are read and written in place, rows any distance apart: q and grad_out are
 // read with their strides, o and dq are written in [B, M, H, D] memory order). The backward's
 // cross-pixel sums (dk, dv, dtheta, dweights) go to per-task partials over a fixed pixel partition
-// and are summed in a fixed order afterwards, so results do not depend on the thread count or
-// scheduling.
+// and are summed in a fixed order afterwards (dk and dv, with one chunk of pixels per head and fp32
+// / fp64 inputs, are written by their head's task directly), so results do not depend on the thread
+// count or scheduling.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_strided.h>
@@ -46,9 +47,11 @@ using at::Tensor;
 
 constexpr int64_t kBlockM = 128;  // pixel rows per block: the logits block kBlockM x R Np stays in L2
 constexpr int64_t kChunkM = 1024;  // pixels per backward task (a fixed partition: deterministic sums)
-// The fp32 forward's products in registers (small_mm, small_logits) up to this many pixels: per
-// call (B = 2, H = 8, N = 77, one thread) 15-20 % faster than BLAS at M = 16 .. 48, 4-20 % at
-// M = 64 (D = 160 .. 40), no faster at M = 96 and 128 (D = 160: 5-10 % slower).
+// The fp32 products in registers (small_mm, small_nt) up to this many pixels: per forward call
+// (B = 2, H = 8, N = 77, one thread) 15-20 % faster than BLAS at M = 16 .. 48, 4-20 % at M = 64
+// (D = 160 .. 40), no faster at M = 96 and 128 (D = 160: 5-10 % slower). The backward, with its
+// dk / dv written directly: 145-162 -> 83-90 us at M = 16, D = 40; 1.0-1.9 -> 0.83-0.91 ms at
+// M = 64, D = 160 (Xeon, AVX-512).
 constexpr int64_t kSmallM = 64;
 
 // ---------------------------------------------------------------------------------------------
@@ -637,23 +640,32 @@ bool small_products(const Problem<acc_t>& p) {
   return std::is_same_v<acc_t, float> && p.M <= kSmallM;
 }
 
-// A block's logits z [rows, R * Np] = scale q K_r^T with the small products: per region
-// zT [Np, rp] = scale K_r q^T, then transposed into z. One operand must be transposed for small_mm;
-// at M <= kSmallM q's block (rows x D) is the smaller one, not the keys (N x D; their transposed
-// pack cost 40 % of the products at M = 16), and zT (N x rows) is small too. K_r is read in place;
-// q^T [D, rp] has rp = rows rounded up to a multiple of 8, zero pad columns. zT's rows from the
-// region's length on are -inf first, so z's pad columns are. qt [D, rp], zt [Np, rp]: scratch.
+// out [rows, R * Np] = alpha A X_r^T per region r with the small products (A [rows, D], lda apart; X the
+// keys or values of head (b, h), read in place): per region outT [Np, rp] = alpha X_r A^T, then
+// transposed into out. One operand must be transposed for small_mm; at M <= kSmallM A's block
+// (rows x D) is the smaller one, not X (N x D; its transposed pack cost 40 % of the products at
+// M = 16), and outT (N x rows) is small too. A^T [D, rp] has rp = rows rounded up to a multiple of 8,
+// zero pad columns. outT's rows from the region's length on are set to pad first, so out's pad
+// columns are. at [D, rp], outt [Np, rp]: scratch. The logits (X = K, alpha = scale, pad = -inf)
+// and the backward's dO V_r^T (X = V, alpha = 1, pad = 0).
+void small_nt(const Problem<float>& p, const Tensor& x, int64_t b, int64_t h, const float* a, int64_t lda,
+              int64_t rows, float alpha, float pad, float* at, float* outt, float* out) {
+  const int64_t rp = (rows + 7) / 8 * 8, D = p.D, Np = p.Np;
+  transpose_rows(a, lda, rows, D, at, rp);
+  if (rp > rows)
+    for (int64_t d = 0; d < D; ++d) std::fill(at + d * rp + rows, at + (d + 1) * rp, 0.0f);
+  for (int64_t r = 0; r < p.R; ++r) {
+    small_mm(p.len[r], rp, D, alpha, p.head(x, b, r, h), D, at, rp, outt, rp, false);
+    std::fill(outt + p.len[r] * rp, outt + Np * rp, pad);
+    transpose_rows(outt, rp, Np, rows, out + r * Np, p.R * Np);
+  }
+}
+
+// A block's logits z [rows, R * Np] = scale q K_r^T with the small products (-inf from each region's
+// length on).
 void small_logits(const Problem<float>& p, int64_t b, int64_t h, const float* qrows, int64_t ldq, int64_t rows,
                   float* qt, float* zt, float* z) {
-  const int64_t rp = (rows + 7) / 8 * 8, D = p.D, Np = p.Np;
-  transpose_rows(qrows, ldq, rows, D, qt, rp);
-  if (rp > rows)
-    for (int64_t d = 0; d < D; ++d) std::fill(qt + d * rp + rows, qt + (d + 1) * rp, 0.0f);
-  for (int64_t r = 0; r < p.R; ++r) {
-    small_mm(p.len[r], rp, D, p.scale, p.head(p.k, b, r, h), D, qt, rp, zt, rp, false);
-    std::fill(zt + p.len[r] * rp, zt + Np * rp, -std::numeric_limits<float>::infinity());
-    transpose_rows(zt, rp, Np, rows, z + r * Np, p.R * Np);
-  }
+  small_nt(p, p.k, b, h, qrows, ldq, rows, p.scale, -std::numeric_limits<float>::infinity(), qt, zt, z);
 }
 
 // Region 0's probabilities of a block (z [rows, ldz], alpha = 1) -> their first N columns in probs
@@ -952,12 +964,19 @@ void bwd_rows(const Problem<double>& p, int64_t b, int64_t r, int64_t rows, bool
 
 // Per block, as the forward: one product each for the logits (or the forward's saved ones) and
 // dO . V^T of all regions, the softmax backward per region, one product each for dq and the dk / dv
-// partials of all regions (per task, [R * Np, D] with the pad rows ignored by the final sum).
+// rows of all regions. Those go to per-task partials [R * Np, D] (dk_part, dv_part: the pad rows
+// ignored by the final sum), or, when direct (one chunk per head and outputs in the compute type),
+// straight into the outputs [B, R, H, N, D] (dk_part, dv_part then point at them): the task owns
+// its head's rows, so there is nothing to zero, sum or copy afterwards (at M = 16 that was a third
+// of the backward). At M <= kSmallM in fp32 (one block per head) every product is a small_mm:
+// register tiles instead of a BLAS call's fixed cost, and no pack of the keys or values.
 // gprobs (or nullptr): the gradient w.r.t. region 0's probabilities [B, H, M, N] (the forward's probs).
 template <typename in_t, typename acc_t>
 void backward_kernel(const Problem<acc_t>& p, const Needs& need, const Tensor& q, const Tensor& dout,
                      const Tensor& lse, bool recompute_lse, const acc_t* logits, Tensor& dq, acc_t* dk_part,
-                     acc_t* dv_part, acc_t* dth_part, acc_t* dfull, int64_t nchunk, const acc_t* gprobs) {
+                     acc_t* dv_part, bool direct, acc_t* dth_part, acc_t* dfull, int64_t nchunk,
+                     const acc_t* gprobs) {
+  static_assert(kSmallM <= kBlockM, "the small backward takes a head's pixels as one block");
   const int64_t Np = p.Np, D = p.D, T = p.T, L = p.R + p.has_pin, RN = p.R * Np;
   const int64_t KK = p.Ky * p.Kx;
   const bool need_th = need.t && T > 0;
@@ -966,24 +985,31 @@ void backward_kernel(const Problem<acc_t>& p, const Needs& need, const Tensor& q
   constexpr bool fp32 = std::is_same_v<acc_t, float>;
   const bool small = small_products(p);  // logits recomputed as the forward computed them
   const int64_t rp = small ? (p.M + 7) / 8 * 8 : 0;
+  TORCH_INTERNAL_ASSERT(!direct || nchunk == 1, "direct dk / dv need one chunk per head");
+  // region r's dk / dv rows of a task: [N, D] of the output (direct) or [Np, D] of the task's partial
+  auto kv_rows = [&](acc_t* base, int64_t task, int64_t b, int64_t h, int64_t r) {
+    return direct ? base + ((b * p.R + r) * p.H + h) * p.N * D : base + (task * p.R + r) * Np * D;
+  };
   at::parallel_for(0, p.B * p.H * nchunk, 1, [&](int64_t begin, int64_t end) {
     TaskScope<acc_t> scope;
     constexpr bool in_place = std::is_same_v<in_t, acc_t>;  // dq written by its product directly
     Scratch<acc_t> qb(kBlockM * D), dob(kBlockM * D), dqb(in_place ? 0 : kBlockM * D), z(kBlockM * RN),
         dpv(kBlockM * RN), pe(Np), p0(Np), al(kBlockM), S(kBlockM * T), dS(kBlockM * T), A(T * p.Ky * p.W),
-        C(need_th ? T * Hg * p.Kx : 0), kh(RN * D), kt(small ? 0 : RN * D), vt(RN * D), qt(logits ? 0 : D * rp),
-        zt(logits ? 0 : Np * rp);
+        C(need_th ? T * Hg * p.Kx : 0), kh(small ? 0 : RN * D), kt(small || logits ? 0 : RN * D),
+        vt(small ? 0 : RN * D), at(D * rp), outt(Np * rp), zt(RN * rp);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / nchunk, b = bh / p.H, h = bh % p.H;
       const int64_t c0 = (task % nchunk) * kChunkM, c1 = std::min(p.M, c0 + kChunkM);
-      acc_t* dkp = need.k ? dk_part + task * RN * D : nullptr;
-      acc_t* dvp = need.v ? dv_part + task * RN * D : nullptr;
+      acc_t* dkp = need.k && !direct ? dk_part + task * RN * D : nullptr;
+      acc_t* dvp = need.v && !direct ? dv_part + task * RN * D : nullptr;
       acc_t* dthp = need_th ? dth_part + task * T * KK : nullptr;
       const acc_t* gy = need_th ? p.gy.template data_ptr<acc_t>() : nullptr;
       const acc_t* gx = need_th ? p.gx.template data_ptr<acc_t>() : nullptr;
-      pack_head(p, p.k, b, h, kh.data());
-      if (!logits && !small) pack_head_t(p, p.k, b, h, kt.data());
-      pack_head_t(p, p.v, b, h, vt.data());
+      if (!small) {
+        pack_head(p, p.k, b, h, kh.data());
+        if (!logits) pack_head_t(p, p.k, b, h, kt.data());
+        pack_head_t(p, p.v, b, h, vt.data());
+      }
       if (T > 0) offset_half(p, b, h, A.data());
       std::fill(C.begin(), C.end(), acc_t(0));
       for (int64_t m0 = c0; m0 < c1; m0 += kBlockM) {
@@ -995,13 +1021,17 @@ void backward_kernel(const Problem<acc_t>& p, const Needs& need, const Tensor& q
         if (logits) {  // the forward's, bit for bit what the product would give
           load_logits_block(p, logits + ((b * p.H + h) * p.M + m0) * p.R * p.N, rows, z.data());
         } else if (small) {
-          if constexpr (fp32) small_logits(p, b, h, qrows, ldq, rows, qt.data(), zt.data(), z.data());
+          if constexpr (fp32) small_logits(p, b, h, qrows, ldq, rows, at.data(), outt.data(), z.data());
         } else {
           gemm(false, false, RN, rows, D, p.scale, kt.data(), RN, qrows, ldq, acc_t(0), z.data(), RN);
           set_pad_logits(p, rows, z.data());
         }
-        // dpv[rows, R * Np] = dO . V^T
-        gemm(false, false, RN, rows, D, acc_t(1), vt.data(), RN, dorows, lddo, acc_t(0), dpv.data(), RN);
+        // dpv[rows, R * Np] = dO . V^T (0 on the pad columns)
+        if (small) {
+          if constexpr (fp32) small_nt(p, p.v, b, h, dorows, lddo, rows, 1.0f, 0.0f, at.data(), outt.data(), dpv.data());
+        } else {
+          gemm(false, false, RN, rows, D, acc_t(1), vt.data(), RN, dorows, lddo, acc_t(0), dpv.data(), RN);
+        }
         for (int64_t r = 0; r < p.R; ++r) {
           block_alpha(p, b, r, m0, rows, al.data());
           const float* lse_r = lse_p + ((b * L + r) * p.H + h) * p.M + m0;
@@ -1018,6 +1048,31 @@ void backward_kernel(const Problem<acc_t>& p, const Needs& need, const Tensor& q
             }
           }
         }
+        if (small) {
+          if constexpr (fp32) {
+            if (need.q) {  // dq = scale sum_r dz_r . K_r (keys in place)
+              int64_t lddq;
+              in_t* dst = out_rows<in_t>(dq, b, h, m0, lddq);
+              float* out = in_place ? reinterpret_cast<float*>(dst) : dqb.data();
+              const int64_t ld_out = in_place ? lddq : D;
+              for (int64_t r = 0; r < p.R; ++r)
+                small_mm(rows, D, p.len[r], p.scale, z.data() + r * Np, RN, p.head(p.k, b, r, h), D, out, ld_out, r > 0);
+              if constexpr (!in_place) store_rows(dqb.data(), rows, D, dst, lddq);
+            }
+            // dk_r = scale dz_r^T . q and dv_r = (alpha p)_r^T . dO over the region's own keys, from the
+            // transposed block zt [R * Np, rows]; direct: scaled here (the same s * scale the final
+            // sum does), partials: there
+            for (int which = 0; which < 2; ++which) {
+              if (!(which == 0 ? need.k : need.v)) continue;
+              transpose_rows(which == 0 ? z.data() : dpv.data(), RN, rows, RN, zt.data(), rows);
+              const float alpha = which == 0 && direct ? p.scale : 1.0f;
+              for (int64_t r = 0; r < p.R; ++r)
+                small_mm(p.len[r], D, rows, alpha, zt.data() + r * Np * rows, rows, which == 0 ? qrows : dorows,
+                         which == 0 ? ldq : lddo, kv_rows(which == 0 ? dk_part : dv_part, task, b, h, r), D, false);
+            }
+          }
+          continue;
+        }
         if (need.q) {  // dq = scale dz . K
           int64_t lddq;
           in_t* dst = out_rows<in_t>(dq, b, h, m0, lddq);
@@ -1028,11 +1083,32 @@ void backward_kernel(const Problem<acc_t>& p, const Needs& need, const Tensor& q
             store_rows(dqb.data(), rows, D, dst, lddq);
           }
         }
-        if (need.k)  // dk += dz^T . q (times scale in the final sum: alpha = 1 keeps MKL's result
-                     // independent of the thread count, which alpha != 1 here did not)
-          gemm(false, true, D, RN, rows, acc_t(1), qrows, ldq, z.data(), RN, acc_t(1), dkp, D);
-        if (need.v)  // dv += (alpha p)^T . dO
-          gemm(false, true, D, RN, rows, acc_t(1), dorows, lddo, dpv.data(), RN, acc_t(1), dvp, D);
+        // dk += dz^T . q (times scale afterwards: alpha = 1 keeps MKL's result independent of the
+        // thread count, which alpha != 1 here did not); dv += (alpha p)^T . dO. Direct: per region,
+        // over its own keys, the first block overwriting what the output holds.
+        if (direct) {
+          const acc_t beta = m0 == c0 ? acc_t(0) : acc_t(1);
+          for (int64_t r = 0; r < p.R; ++r) {
+            if (need.k)
+              gemm(false, true, D, p.len[r], rows, acc_t(1), qrows, ldq, z.data() + r * Np, RN, beta,
+                   kv_rows(dk_part, task, b, h, r), D);
+            if (need.v)
+              gemm(false, true, D, p.len[r], rows, acc_t(1), dorows, lddo, dpv.data() + r * Np, RN, beta,
+                   kv_rows(dv_part, task, b, h, r), D);
+          }
+        } else {
+          if (need.k) gemm(false, true, D, RN, rows, acc_t(1), qrows, ldq, z.data(), RN, acc_t(1), dkp, D);
+          if (need.v) gemm(false, true, D, RN, rows, acc_t(1), dorows, lddo, dpv.data(), RN, acc_t(1), dvp, D);
+        }
+      }
+      if (direct) {  // the outputs' rows from each region's length on are 0; dk's BLAS sums times scale
+        for (int64_t r = 0; r < p.R; ++r)
+          for (int which = 0; which < 2; ++which) {
+            if (!(which == 0 ? need.k : need.v)) continue;
+            acc_t* g = kv_rows(which == 0 ? dk_part : dv_part, task, b, h, r);
+            if (which == 0 && !small) scale_row(g, p.scale, p.len[r] * D);
+            std::fill(g + p.len[r] * D, g + p.N * D, acc_t(0));
+          }
       }
       if (need_th)  // dtheta_t[i, :] = sum_y gy[y, i] C[t, y, :]
         for (int64_t t = 0; t < T; ++t)
@@ -1089,23 +1165,28 @@ std::vector<Tensor> region_attention_bwd(const Tensor& grad_out, const Tensor& q
                       "] in the compute dtype ", acc, ", got ", grad_probs->sizes(), " ", grad_probs->scalar_type());
     Tensor g_c = has_g ? grad_probs->contiguous() : Tensor();
     Tensor dq = need.q ? output_bmhd(q) : Tensor();  // in o's layout
-    Tensor dk_part = need.k ? at::zeros({tasks, NDR}, opts) : Tensor();
-    Tensor dv_part = need.v ? at::zeros({tasks, NDR}, opts) : Tensor();
+    // dk / dv: written by the kernel into the outputs (direct: one chunk per head, outputs in the
+    // compute type) or summed from per-(b, h, chunk) partials afterwards
+    const bool direct = nchunk == 1 && std::is_same_v<in_t, acc_t>;
+    Tensor dk_g = need.k && direct ? output(k.sizes(), k.options()) : Tensor();
+    Tensor dv_g = need.v && direct ? output(k.sizes(), k.options()) : Tensor();
+    Tensor dk_part = need.k && !direct ? at::zeros({tasks, NDR}, opts) : dk_g;
+    Tensor dv_part = need.v && !direct ? at::zeros({tasks, NDR}, opts) : dv_g;
     Tensor dth_part = (need.t && p.T > 0) ? at::zeros({tasks, p.T * KK}, opts) : Tensor();
     Tensor dfull = output({p.B, p.H, p.R, p.M}, opts);
     // fp64 recomputes the log-sum-exps in fp64 (the saved ones are float32)
     backward_kernel<in_t, acc_t>(p, need, q, grad_out, lse_c, std::is_same_v<acc_t, double>,
                                  saved ? logits->data_ptr<acc_t>() : nullptr, dq,
                                  need.k ? dk_part.data_ptr<acc_t>() : nullptr,
-                                 need.v ? dv_part.data_ptr<acc_t>() : nullptr,
+                                 need.v ? dv_part.data_ptr<acc_t>() : nullptr, direct,
                                  dth_part.defined() ? dth_part.data_ptr<acc_t>() : nullptr,
                                  dfull.data_ptr<acc_t>(), nchunk, has_g ? g_c.data_ptr<acc_t>() : nullptr);
     out[0] = need.q ? dq : at::empty({0}, q.options());
     // dk / dv [B, R, H, N, D] from the per-(b, h, chunk) partials [B, H, C, R, Np, D]
     for (int which = 0; which < 2; ++which) {
       const bool wanted = which == 0 ? need.k : need.v;
-      if (!wanted) {
-        out[1 + which] = at::empty({0}, q.options());
+      if (!wanted || direct) {
+        out[1 + which] = wanted ? (which == 0 ? dk_g : dv_g) : at::empty({0}, q.options());
         continue;
       }
       const acc_t* part = (which == 0 ? dk_part : dv_part).template data_ptr<acc_t>();
@@ -1117,6 +1198,10 @@ std::vector<Tensor> region_attention_bwd(const Tensor& grad_out, const Tensor& q
         for (int64_t brh = begin; brh < end; ++brh) {
           const int64_t b = brh / (p.R * p.H), r = (brh / p.H) % p.R, h = brh % p.H;
           const acc_t* first = part + ((b * p.H + h) * nchunk) * NDR + r * p.Np * p.D;
+          if (nchunk == 1) {  // (a loop the compiler vectorises)
+            for (int64_t i = 0; i < ND; ++i) gp[brh * ND + i] = static_cast<in_t>(first[i] * factor);
+            continue;
+          }
           for (int64_t i = 0; i < ND; ++i) {
             acc_t acc_v = first[i];
             for (int64_t c = 1; c < nchunk; ++c) acc_v += first[c * NDR + i];

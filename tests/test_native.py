@@ -75,6 +75,21 @@ def test_native_matches_reference(case, native_backend):
     _check(case, inp, out, grads)
 
 
+# Where the backward's dk / dv go: with one pixel chunk per head (M <= 1024) and fp32 / fp64 inputs
+# the kernel writes them into the outputs (per region, the first block overwriting, key lengths'
+# rows zeroed); with two chunks (M = 1200) or fp16 / bf16 inputs, per-chunk partials summed after.
+# Both against the reference, poisoned outputs, lengths and an offset.
+@pytest.mark.parametrize("dtype", [F32, F64, BF16])
+@pytest.mark.parametrize("h,w", [(13, 11), (40, 30)], ids=["M143-one-chunk", "M1200-two-chunks"])
+def test_native_dk_dv_direct_and_chunked(h, w, dtype, native_backend):
+    case = Case(D=40, R=2, T=2, pinned=(0,), affine=True, key_lengths=(77, 30), h=h, w=w, dtype=dtype)
+    inp = make_inputs(case, "cpu")
+    out, grads = run(case, inp, case.dtype)
+    _check(case, inp, out, grads)
+    pad = grads["k"][:, 1, :, 30:]
+    assert torch.equal(pad, torch.zeros_like(pad)) and torch.equal(grads["v"][:, 1, :, 30:], pad)
+
+
 # The forward's row paths for region 0 with an offset: the shared-exp path (edited and un-offset
 # softmax from one exp pass), its two-pass fallback when the two maxima are more than 60 apart or
 # there are more than 16 targets, and a pinned target (it keeps its un-offset probability).

@@ -1,6 +1,6 @@
-"""The native forward's small-M path (csrc/region_attention.cpp, M <= kSmallM = 64 with fp32
-compute: the products in register tiles, small_mm, instead of BLAS calls) against the fp64
-reference, forward and every gradient (the backward reads its log-sum-exps): M = 1 / 15 / 16 / 17
+"""The native small-M path (csrc/region_attention.cpp, M <= kSmallM = 64 with fp32 compute: the
+forward's and the backward's products in register tiles, small_mm, instead of BLAS calls) against
+the fp64 reference, forward and every gradient (the backward reads its log-sum-exps): M = 1 / 15 / 16 / 17
 / 18 (one 16-lane vector of pixels and either side) and 63 / 64 against 65 (the BLAS path), D and
 N of every column tail (D = 3, 12, 36, 40, 160; N = 13, 77, 154), one to four regions, offsets
 with pins, key lengths, fp32 / bf16 / fp16 (packed into fp32 first), the processors' strided q,
