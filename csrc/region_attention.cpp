@@ -139,10 +139,17 @@ Problem<acc_t> make_problem(const Tensor& q, const Tensor& k, const Tensor& v, c
   TORCH_CHECK(k.size(0) == p.B && k.size(2) == p.H && k.size(4) == p.D, "stattn native: k does not match q");
   p.affine = affine;
   p.scale = static_cast<acc_t>(scale);
-  p.k = k.to(acc).contiguous();
-  p.v = v.to(acc).contiguous();
-  p.weights = weights.to(acc).expand({p.B, p.R});
-  p.masks = masks.to(acc).expand({p.B, p.R, p.M});
+  // (each conversion or view is a dispatcher call; a host-bound call's inputs need none of them)
+  const auto as_acc = [&](const Tensor& t, bool contiguous) {
+    if (t.scalar_type() == acc && (!contiguous || t.is_contiguous())) return t;
+    Tensor c = t.to(acc);
+    return contiguous ? c.contiguous() : c;
+  };
+  const auto expanded = [](const Tensor& t, at::IntArrayRef sizes) { return t.sizes() == sizes ? t : t.expand(sizes); };
+  p.k = as_acc(k, true);
+  p.v = as_acc(v, true);
+  p.weights = expanded(as_acc(weights, false), {p.B, p.R});
+  p.masks = expanded(as_acc(masks, false), {p.B, p.R, p.M});
   p.w_sb = p.weights.stride(0), p.w_sr = p.weights.stride(1);
   p.m_sb = p.masks.stride(0), p.m_sr = p.masks.stride(1), p.m_sm = p.masks.stride(2);
   p.len.assign(p.R, p.N);
