@@ -1007,8 +1007,6 @@ void backward_kernel(const Problem<acc_t>& p, const Needs& need, const Tensor& q
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / nchunk, b = bh / p.H, h = bh % p.H;
       const int64_t c0 = (task % nchunk) * kChunkM, c1 = std::min(p.M, c0 + kChunkM);
-      acc_t* dkp = need.k && !direct ? dk_part + task * RN * D : nullptr;
-      acc_t* dvp = need.v && !direct ? dv_part + task * RN * D : nullptr;
       acc_t* dthp = need_th ? dth_part + task * T * KK : nullptr;
       const acc_t* gy = need_th ? p.gy.template data_ptr<acc_t>() : nullptr;
       const acc_t* gx = need_th ? p.gx.template data_ptr<acc_t>() : nullptr;
@@ -1067,16 +1065,16 @@ void backward_kernel(const Problem<acc_t>& p, const Needs& need, const Tensor& q
               if constexpr (!in_place) store_rows(dqb.data(), rows, D, dst, lddq);
             }
             // dk_r = scale dz_r^T . q and dv_r = (alpha p)_r^T . dO over the region's own keys, from the
-            // transposed block zt [R * Np, rows]; direct: scaled here (the same s * scale the final
-            // sum does), partials: there
-            for (int which = 0; which < 2; ++which) {
-              if (!(which == 0 ? need.k : need.v)) continue;
-              transpose_rows(which == 0 ? z.data() : dpv.data(), RN, rows, RN, zt.data(), rows);
-              const float alpha = which == 0 && direct ? p.scale : 1.0f;
+            // transposed block zt [R * Np, rows] of g (dz or alpha p); direct: scaled here (the same
+            // s * scale the final sum does), partials: there
+            const auto kv_small = [&](const float* g, const float* x, int64_t ldx, float* base, float alpha) {
+              transpose_rows(g, RN, rows, RN, zt.data(), rows);
               for (int64_t r = 0; r < p.R; ++r)
-                small_mm(p.len[r], D, rows, alpha, zt.data() + r * Np * rows, rows, which == 0 ? qrows : dorows,
-                         which == 0 ? ldq : lddo, kv_rows(which == 0 ? dk_part : dv_part, task, b, h, r), D, false);
-            }
+                small_mm(p.len[r], D, rows, alpha, zt.data() + r * Np * rows, rows, x, ldx,
+                         kv_rows(base, task, b, h, r), D, false);
+            };
+            if (need.k) kv_small(z.data(), qrows, ldq, dk_part, direct ? p.scale : 1.0f);
+            if (need.v) kv_small(dpv.data(), dorows, lddo, dv_part, 1.0f);
           }
           continue;
         }
@@ -1104,18 +1102,27 @@ void backward_kernel(const Problem<acc_t>& p, const Needs& need, const Tensor& q
                    kv_rows(dv_part, task, b, h, r), D);
           }
         } else {
-          if (need.k) gemm(false, true, D, RN, rows, acc_t(1), qrows, ldq, z.data(), RN, acc_t(1), dkp, D);
-          if (need.v) gemm(false, true, D, RN, rows, acc_t(1), dorows, lddo, dpv.data(), RN, acc_t(1), dvp, D);
+          if (need.k)
+            gemm(false, true, D, RN, rows, acc_t(1), qrows, ldq, z.data(), RN, acc_t(1),
+                 kv_rows(dk_part, task, b, h, 0), D);
+          if (need.v)
+            gemm(false, true, D, RN, rows, acc_t(1), dorows, lddo, dpv.data(), RN, acc_t(1),
+                 kv_rows(dv_part, task, b, h, 0), D);
         }
       }
       if (direct) {  // the outputs' rows from each region's length on are 0; dk's BLAS sums times scale
-        for (int64_t r = 0; r < p.R; ++r)
-          for (int which = 0; which < 2; ++which) {
-            if (!(which == 0 ? need.k : need.v)) continue;
-            acc_t* g = kv_rows(which == 0 ? dk_part : dv_part, task, b, h, r);
-            if (which == 0 && !small) scale_row(g, p.scale, p.len[r] * D);
-            std::fill(g + p.len[r] * D, g + p.N * D, acc_t(0));
+        for (int64_t r = 0; r < p.R; ++r) {
+          const int64_t len = p.len[r] * D;
+          if (need.k) {
+            acc_t* g = kv_rows(dk_part, task, b, h, r);
+            if (!small) scale_row(g, p.scale, len);
+            std::fill(g + len, g + p.N * D, acc_t(0));
           }
+          if (need.v) {
+            acc_t* g = kv_rows(dv_part, task, b, h, r);
+            std::fill(g + len, g + p.N * D, acc_t(0));
+          }
+        }
       }
       if (need_th)  // dtheta_t[i, :] = sum_y gy[y, i] C[t, y, :]
         for (int64_t t = 0; t < T; ++t)
