@@ -24,17 +24,25 @@ def _seed_global_rngs():
 _seed_global_rngs()   # module-scoped fixtures built before the first test see the same state too
 
 
+_HOST_BOUND: dict = {}   # the processors' HOST_BOUND_MACS as shipped, read before the first test changes it
+
+
 @pytest.fixture(autouse=True)
 def _isolated():
     """No result may depend on the order tests run in: the global RNGs start seeded (a test drawing
     from them, or one that seeds them for a model's init, gets the same numbers wherever it runs) and
     are seeded again afterwards (for the module fixtures built between tests); the thread count, the
     default dtype, stattn's value checks and the STATTN_ / thread / ISA variables are put back as they
-    were, whatever the test did to them."""
+    were, whatever the test did to them. The processors' plain calls go through stattn's op at every
+    size (HOST_BOUND_MACS = 0), so that the integration tests test it; ``host_bound_sdpa`` puts back
+    the shipped threshold (host-bound CPU calls to SDPA)."""
     import stattn
+    from stattn.integration import processors
 
     checks = stattn.set_value_checks(True)     # (read through the public setter, then put back)
     stattn.set_value_checks(checks)
+    _HOST_BOUND.setdefault("default", processors.HOST_BOUND_MACS)
+    processors.HOST_BOUND_MACS = 0             # the processors' plain calls through the op (not SDPA)
     threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
     prefixes = ("STATTN_", "OMP_", "MKL_", "ONEDNN_", "DNNL_", "ATEN_CPU_CAPABILITY", "TRITON_")
     env = {k: v for k, v in os.environ.items() if k.startswith(prefixes)}
@@ -44,10 +52,20 @@ def _isolated():
         del os.environ[k]
     os.environ.update(env)
     stattn.set_value_checks(checks)
+    processors.HOST_BOUND_MACS = 0
     torch.set_default_dtype(dtype)
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     _seed_global_rngs()
+
+
+@pytest.fixture
+def host_bound_sdpa():
+    """The processors' shipped HOST_BOUND_MACS: plain host-bound CPU calls run SDPA."""
+    from stattn.integration import processors
+
+    processors.HOST_BOUND_MACS = _HOST_BOUND["default"]
+    return processors.HOST_BOUND_MACS
 
 
 @pytest.fixture

@@ -258,3 +258,109 @@ def test_processor_module_calls_keep_hooks_and_training_dropout():
     finally:
         handle.remove()
     assert calls == [lin]                                           # a global hook still runs
+
+
+def _sdpa_and_op_calls(monkeypatch):
+    """(calls of stattn's op from the processors, calls of torch's SDPA from them)."""
+    from stattn.integration import processors
+
+    op, sdpa = [], []
+    real_op, real_sdpa = processors.region_attention, processors.F.scaled_dot_product_attention
+    monkeypatch.setattr(processors, "region_attention", lambda *a, **kw: op.append(1) or real_op(*a, **kw))
+    fake_f = type("F", (), {"scaled_dot_product_attention": staticmethod(
+        lambda *a, **kw: sdpa.append(1) or real_sdpa(*a, **kw))})
+    monkeypatch.setattr(processors, "F", fake_f)
+    return op, sdpa
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_host_bound_plain_calls_run_sdpa_up_to_the_threshold_and_the_op_above(host_bound_sdpa, monkeypatch, dtype):
+    """A plain CPU call of at most HOST_BOUND_MACS multiply-adds (B * H * M * N * D) runs SDPA, one
+    more runs stattn's op, both equal to AttnProcessor2_0 (values and gradients); counted in sdpa."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from stattn.integration import processors
+    from stattn.integration.processors import StattnAttnProcessor
+
+    attn, x, ctx = _cross_layer()
+    attn, x, ctx = attn.to(dtype), x.to(dtype), ctx.to(dtype)
+    macs = 2 * 2 * 9 * 7 * 16                                  # B, H, M, N, D of _cross_layer
+    assert host_bound_sdpa >= macs
+    op, sdpa = _sdpa_and_op_calls(monkeypatch)
+    stock, fused = AttnProcessor2_0(), StattnAttnProcessor()
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-13)
+    for threshold, want in ((macs, "sdpa"), (macs - 1, "op"), (0, "op")):
+        processors.HOST_BOUND_MACS = threshold
+        op.clear(), sdpa.clear()
+        xs, xf = (x.clone().requires_grad_() for _ in range(2))
+        ref, got = stock(attn, xs, ctx), fused(attn, xf, ctx)
+        assert (len(sdpa), len(op)) == ((1, 0) if want == "sdpa" else (0, 1)), threshold
+        torch.testing.assert_close(got, ref, **tol)
+        g = torch.randn_like(ref)
+        torch.testing.assert_close(torch.autograd.grad(got, xf, g)[0], torch.autograd.grad(ref, xs, g)[0], **tol)
+    assert fused.counts.sdpa == 1 and fused.counts.fused == 3
+
+
+@pytest.mark.parametrize("choice", ["native", "reference"])
+def test_host_bound_dispatch_only_on_the_auto_backend(host_bound_sdpa, monkeypatch, choice):
+    """STATTN_BACKEND chosen explicitly: every plain call runs stattn's op on that backend."""
+    from stattn.integration.processors import StattnAttnProcessor
+
+    if choice == "native":
+        from conftest import require_native
+
+        require_native()
+    attn, x, ctx = _cross_layer()
+    op, sdpa = _sdpa_and_op_calls(monkeypatch)
+    monkeypatch.setenv("STATTN_BACKEND", choice)
+    with torch.no_grad():
+        StattnAttnProcessor()(attn, x, ctx)
+    assert (len(sdpa), len(op)) == (0, 1)
+
+
+def test_host_bound_tiny_pipeline_equals_stock_and_counts_its_sdpa_calls(host_bound_sdpa):
+    """The tiny model's every cross-attention call is host-bound: with the shipped threshold the
+    accelerated pipeline runs SDPA there (K/V still cached) and equals stock; with 0, the op."""
+    from stattn.integration import models, processors
+
+    pipe = models.tiny()
+    pipe.set_progress_bar_config(disable=True)
+
+    def latents():
+        return pipe("a cat and a frog", num_inference_steps=3, height=64, width=64, output_type="latent",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    stock = latents()
+    stattn.accelerate(pipe)
+    try:
+        got = latents()
+        st = stattn.status(pipe)
+        evaluations = len(pipe.scheduler.timesteps)                # (PNDM: one more than the steps)
+        assert st.fused_calls == st.sdpa_calls == 11 * evaluations  # 11 layers, guidance in one batch
+        torch.testing.assert_close(got, stock, rtol=1e-5, atol=1e-5)
+        processors.HOST_BOUND_MACS = 0
+        again = latents()
+        assert stattn.status(pipe).sdpa_calls == st.sdpa_calls and stattn.status(pipe).fused_calls > st.fused_calls
+        torch.testing.assert_close(again, stock, rtol=1e-4, atol=1e-5)
+    finally:
+        stattn.restore(pipe)
+
+
+def test_host_bound_sdpa_takes_the_stock_processors_scale(host_bound_sdpa, monkeypatch):
+    """AttnProcessor uses attn.scale (here 1, scale_qk=False), AttnProcessor2_0 SDPA's D^-1/2: the
+    SDPA path of each wrapper equals its stock processor."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+
+    from stattn.integration.processors import StattnAttnProcessor
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=32, cross_attention_dim=24, heads=2, dim_head=16, scale_qk=False).eval()
+    x, ctx = torch.randn(2, 9, 32), torch.randn(2, 7, 24)
+    op, sdpa = _sdpa_and_op_calls(monkeypatch)
+    with torch.no_grad():
+        for stock in (AttnProcessor(), AttnProcessor2_0()):
+            torch.testing.assert_close(StattnAttnProcessor(original=stock)(attn, x, ctx), stock(attn, x, ctx),
+                                       rtol=1e-5, atol=1e-6)
+        classic, sdpa_scaled = (StattnAttnProcessor(original=p)(attn, x, ctx) for p in (AttnProcessor(), AttnProcessor2_0()))
+    assert (len(sdpa), len(op)) == (4, 0)
+    assert (classic - sdpa_scaled).abs().max() > 1e-3          # the two scales differ: the case tests something

@@ -87,7 +87,7 @@ class StattnAttendExciteProcessor(StattnAttnProcessor):
             N = P.shape[-1]
             maps = P.to(q.dtype)[:, None].expand(B, H, M, N).reshape(B * H, M, N)
         else:
-            out = region_attention(q, k, v, scale=scale)
+            out = self._plain(q, k, v, scale)
             maps = q.new_empty((0, M, 0))      # what the store reads of a map it does not keep: shape[1]
         if recorded:
             store(maps, True, place)
