@@ -14,7 +14,9 @@ alike), medians (p20/p80 kept) of many repeats, one torch thread by default:
   serves it). Target: ratio <= 1.00.
 - step: the denoising step of a whole pipeline call (``callback_on_step_end`` timestamps; the first
   step dropped), the stock pipeline against the same pipeline after ``stattn.accelerate``, for the
-  tiny model and (unless --quick) SD 1.5's architecture with random weights at 256 px. Target <= 1.00.
+  tiny model and (unless --quick) SD 1.5's architecture with random weights at 256 px, with how many
+  of the accelerated cross-attention calls were host-bound and ran SDPA (``HOST_BOUND_MACS``).
+  Target <= 1.00.
 
     python -m bench.host [--quick | --op-only] [--threads 1] [--repeats 30] [--min-time 1] [--out bench/results]
     stattn bench host [--quick | --op-only]
@@ -112,6 +114,7 @@ def processor_case(model: str, M: int, C: int, heads: int, D: int, Cx: int, repe
 def step_case(name: str, pipe, size: int, steps: int, runs: int) -> dict:
     """Per-step wall times of whole pipeline calls, stock and accelerated alternately."""
     times: dict = {"stock": [], "stattn": []}
+    calls = {}
 
     def call(accelerated: bool) -> list:
         (stattn.accelerate if accelerated else stattn.restore)(pipe)
@@ -123,6 +126,9 @@ def step_case(name: str, pipe, size: int, steps: int, runs: int) -> dict:
 
         pipe(PROMPT, num_inference_steps=steps, height=size, width=size, output_type="latent",
              generator=torch.Generator().manual_seed(0), callback_on_step_end=stamp)
+        if accelerated:
+            st = stattn.status(pipe)
+            calls.update(fused=st.fused_calls, sdpa=st.sdpa_calls)
         return [b - a for a, b in zip(stamps, stamps[1:])]   # step 0 (its warm-up) dropped
 
     pipe.set_progress_bar_config(disable=True)
@@ -138,7 +144,7 @@ def step_case(name: str, pipe, size: int, steps: int, runs: int) -> dict:
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"model": name, "size": size, "steps": steps, "runs": runs, "stock_ms": med["stock"],
             "stattn_ms": med["stattn"], "ratio": med["stattn"] / med["stock"], "ratio_paired": statistics.median(pairs),
-            "n": len(times["stock"])}
+            "n": len(times["stock"]), "fused_calls": calls["fused"], "sdpa_calls": calls["sdpa"]}
 
 
 def _drop_times(t: dict) -> dict:
@@ -170,10 +176,12 @@ def markdown(result: dict) -> str:
                                    f"{r['ratio_paired']:.2f}", str(r["n"])])
     if result["step"]:
         lines += _table("Denoising step of a pipeline call: stock vs `stattn.accelerate(pipe)`",
-                        ["model", "px", "stattn ms", "stock ms", "ratio", "paired (per run)", "steps timed"],
+                        ["model", "px", "stattn ms", "stock ms", "ratio", "paired (per run)", "steps timed",
+                         "SDPA / fused calls"],
                         result["step"],
                         lambda r: [r["model"], str(r["size"]), f"{r['stattn_ms']:.2f}", f"{r['stock_ms']:.2f}",
-                                   f"{r['ratio']:.2f}", f"{r.get('ratio_paired', float('nan')):.2f}", str(r["n"])])
+                                   f"{r['ratio']:.2f}", f"{r.get('ratio_paired', float('nan')):.2f}", str(r["n"]),
+                                   f"{r['sdpa_calls']} / {r['fused_calls']}" if "sdpa_calls" in r else "-"])
     worst = max([r["ratio"] for r in result["op"] + result["processor"] + result["step"]])
     lines += ["", f"Worst ratio: {worst:.2f} ({'every cell within' if worst <= 1.0 else 'over'} the 1.00 target).", ""]
     return "\n".join(lines)

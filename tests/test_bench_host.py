@@ -43,6 +43,12 @@ def test_step_case_restores_the_stock_processors():
     before = {n: type(p) for n, p in pipe.unet.attn_processors.items()}
     r = host.step_case("tiny", pipe, 64, steps=3, runs=1)
     assert r["n"] >= 2 and {n: type(p) for n, p in pipe.unet.attn_processors.items()} == before
+    assert r["fused_calls"] > 0 and r["sdpa_calls"] == 0      # (the tests' HOST_BOUND_MACS = 0: every call the op)
+
+
+def test_step_case_reports_the_host_bound_calls_that_ran_sdpa(host_bound_sdpa):
+    r = host.step_case("tiny", models.tiny(), 64, steps=2, runs=1)
+    assert r["sdpa_calls"] == r["fused_calls"] > 0            # the tiny model's layers are all host-bound
 
 
 def test_the_gate_refuses_to_time_a_wrong_result():
@@ -56,9 +62,9 @@ def test_markdown_states_the_worst_ratio():
     env = {"device_name": "cpu", "git": {"commit": "abc"}, "torch": "t", "triton": "t"}
     op = dict(M=16, D=40, mode="no_grad", stattn_us=1.0, sdpa_us=2.0, ratio=0.5, ratio_paired=0.5, n=3)
     proc = dict(model="sd15", M=64, C=32, heads=2, D=16, stattn_ms=1.0, stock_ms=1.0, ratio=1.0, ratio_paired=1.0, n=3)
-    step = dict(model="tiny", size=64, stattn_ms=1.1, stock_ms=1.0, ratio=1.1, n=3)
+    step = dict(model="tiny", size=64, stattn_ms=1.1, stock_ms=1.0, ratio=1.1, n=3, fused_calls=44, sdpa_calls=33)
     text = host.markdown({"environment": env, "threads": 1, "op": [op], "processor": [proc], "step": [step]})
-    assert "Worst ratio: 1.10 (over the 1.00 target)" in text
+    assert "Worst ratio: 1.10 (over the 1.00 target)" in text and "| 33 / 44 |" in text
 
 
 def test_op_only_markdown_has_the_op_table_alone():
