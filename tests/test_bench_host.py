@@ -73,3 +73,16 @@ def test_op_only_markdown_has_the_op_table_alone():
     text = host.markdown({"environment": env, "threads": 1, "op": [op], "processor": [], "step": []})
     assert "The op (R = 1) vs SDPA" in text and "One cross-attention layer" not in text
     assert "Denoising step" not in text and "Worst ratio: 0.50 (every cell within the 1.00 target)" in text
+
+
+def test_host_bound_bench_times_both_paths_in_place_and_restores():
+    from stattn.bench import host_bound
+    from stattn.integration import processors
+
+    rows = host_bound.in_context("tiny", 64, 2)
+    assert {(r["M"], r["D"]) for r in rows} == {(64, 16), (16, 32)}           # the tiny model's two shapes
+    assert all(r["op_us"] > 0 and r["sdpa_us"] > 0 and r["n"] >= 1 for r in rows)
+    assert processors.HOST_BOUND_MACS == 0 and processors.region_attention is stattn.region_attention
+    env = {"device_name": "cpu", "git": {"commit": "abc"}, "torch": "t", "triton": "t"}
+    text = host_bound.markdown({"environment": env, "threads": 1, "host_bound_macs": 1 << 22, "rows": rows})
+    assert "| tiny | 64 | 2 × 2 × 64 × 77 × 16 | 0.32 |" in text

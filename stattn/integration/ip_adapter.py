@@ -134,7 +134,9 @@ class StattnIPAdapterProcessor(StattnAttnProcessor):
                 alpha = IPAdapterMaskProcessor.downsample(mask, B, M, 1)[..., 0].to(q.dtype)
             alphas.append((w, alpha))
         out = self._controlled(attn, q, k0, v0, text, frame, scale)
-        if out is None:
+        if out is None and not branches:                  # every image scale 0: the text attention alone
+            out = self._plain(q, k0, v0, scale)
+        elif out is None:
             out = _regions(q, [k0[:, 0], *keys], [v0[:, 0], *values], [(1.0, None), *alphas], scale)
         elif branches:      # the controller's text attention plus the image prompts
             out = out + _regions(q, keys, values, alphas, scale)

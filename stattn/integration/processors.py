@@ -16,7 +16,8 @@ The processor follows every convention of the stock processor it wraps (spatial/
 scale each uses) and hands a call it does not accelerate (no context, an attention mask, another
 batch size) to that stock processor, counted and warned once. The text keys/values are constant
 over the denoising loop, so they are projected once per context and layer and reused while nothing
-that determines them changes (:class:`_KVCache`).
+that determines them changes (:class:`_KVCache`). A plain host-bound CPU call (``HOST_BOUND_MACS``)
+runs torch's SDPA, as the stock processor does, instead of stattn's op (counted in ``sdpa_calls``).
 """
 from __future__ import annotations
 
