@@ -45,7 +45,12 @@ def baseline(prompts, tmp_path_factory):
 
 
 def _run_one_thread(argv) -> int:
-    """run_cli in this process with one torch thread, as the subprocesses (ENV) run."""
+    """run_cli in this process with one torch thread and the shipped HOST_BOUND_MACS, as the
+    subprocesses (ENV) run."""
+    from conftest import _HOST_BOUND
+    from stattn.integration import processors
+
+    processors.HOST_BOUND_MACS = _HOST_BOUND.setdefault("default", processors.HOST_BOUND_MACS)  # (the autouse fixture sets 0 again after the test)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
