@@ -54,13 +54,19 @@ def _in_output_layout(x: Tensor, like: Tensor) -> Tensor:
 _BACKEND_CHOICES = {c: c for c in ("auto", "triton", "reference", "native")}   # STATTN_BACKEND as written
 
 
-def backend_for(t: Tensor) -> str:
-    """'triton', 'native' or 'reference': which implementation runs for tensors like ``t``."""
+def backend_choice() -> str:
+    """STATTN_BACKEND as chosen: 'auto' (unset), 'triton', 'native' or 'reference' (any case)."""
     choice = _BACKEND_CHOICES.get(os.environ.get("STATTN_BACKEND", "auto"))
     if choice is None:
         choice = os.environ["STATTN_BACKEND"].lower()
         if choice not in ("auto", "triton", "reference", "native"):
             raise ValueError(f"STATTN_BACKEND must be auto, triton, native or reference, got {choice!r}")
+    return choice
+
+
+def backend_for(t: Tensor) -> str:
+    """'triton', 'native' or 'reference': which implementation runs for tensors like ``t``."""
+    choice = backend_choice()
     if choice == "reference":
         return "reference"
     if t.is_cuda:

@@ -24,7 +24,14 @@ def _seed_global_rngs():
 _seed_global_rngs()   # module-scoped fixtures built before the first test see the same state too
 
 
-_HOST_BOUND: dict = {}   # the processors' HOST_BOUND_MACS as shipped, read before the first test changes it
+_HOST_BOUND: dict = {}
+
+
+def shipped_host_bound_macs() -> int:
+    """The processors' HOST_BOUND_MACS as shipped (read before the first test sets it to 0)."""
+    from stattn.integration import processors
+
+    return _HOST_BOUND.setdefault("default", processors.HOST_BOUND_MACS)
 
 
 @pytest.fixture(autouse=True)
@@ -41,7 +48,7 @@ def _isolated():
 
     checks = stattn.set_value_checks(True)     # (read through the public setter, then put back)
     stattn.set_value_checks(checks)
-    _HOST_BOUND.setdefault("default", processors.HOST_BOUND_MACS)
+    shipped_host_bound_macs()
     processors.HOST_BOUND_MACS = 0             # the processors' plain calls through the op (not SDPA)
     threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
     prefixes = ("STATTN_", "OMP_", "MKL_", "ONEDNN_", "DNNL_", "ATEN_CPU_CAPABILITY", "TRITON_")
@@ -64,7 +71,7 @@ def host_bound_sdpa():
     """The processors' shipped HOST_BOUND_MACS: plain host-bound CPU calls run SDPA."""
     from stattn.integration import processors
 
-    processors.HOST_BOUND_MACS = _HOST_BOUND["default"]
+    processors.HOST_BOUND_MACS = shipped_host_bound_macs()
     return processors.HOST_BOUND_MACS
 
 

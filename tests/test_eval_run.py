@@ -47,10 +47,10 @@ def baseline(prompts, tmp_path_factory):
 def _run_one_thread(argv) -> int:
     """run_cli in this process with one torch thread and the shipped HOST_BOUND_MACS, as the
     subprocesses (ENV) run."""
-    from conftest import _HOST_BOUND
+    from conftest import shipped_host_bound_macs
     from stattn.integration import processors
 
-    processors.HOST_BOUND_MACS = _HOST_BOUND.setdefault("default", processors.HOST_BOUND_MACS)  # (the autouse fixture sets 0 again after the test)
+    processors.HOST_BOUND_MACS = shipped_host_bound_macs()   # (the autouse fixture sets 0 after the test)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import os
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ import torch.nn.functional as F
 
 from . import pipeline_calls
 from .control import Controller, CrossAttentionCall, StepTracker, layer_grid, project_kv
-from ..ops import region_attention
+from ..ops import backend_choice, region_attention
 
 __all__ = ["StattnAttnProcessor", "Status", "NotAcceleratedWarning", "accelerate", "restore", "status",
            "exact_processors", "unet_of", "tracker_of", "HOST_BOUND_MACS"]
@@ -361,7 +360,7 @@ class StattnAttnProcessor:
         on the auto backend (HOST_BOUND_MACS), else stattn's op."""
         B, H, M, D = q.shape
         if B * H * M * k.shape[3] * D <= HOST_BOUND_MACS and q.device.type == "cpu" and \
-                os.environ.get("STATTN_BACKEND", "auto") == "auto":
+                backend_choice() == "auto":
             self.counts.sdpa += 1
             return F.scaled_dot_product_attention(q, k[:, 0], v[:, 0], scale=scale)
         return region_attention(q, k, v, scale=scale)
