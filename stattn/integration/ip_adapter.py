@@ -29,7 +29,8 @@ import torch
 
 from ..ops import region_attention
 from .processors import (_DTYPES, _NOT_REPRODUCED, _RESTORED, StattnAttnProcessor, _Counts, _exact_for, _heads,
-                         _KVCache, fixed_signature)
+                         _KVCache)
+from .signatures import fixed_signature
 
 __all__ = ["StattnIPAdapterProcessor", "wrapper_class"]
 

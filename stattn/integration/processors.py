@@ -18,11 +18,13 @@ batch size) to that stock processor, counted and warned once. The text keys/valu
 over the denoising loop, so they are projected once per context and layer and reused while nothing
 that determines them changes (:class:`_KVCache`). A plain host-bound CPU call (``HOST_BOUND_MACS``)
 runs torch's SDPA, as the stock processor does, instead of stattn's op (counted in ``sdpa_calls``).
+On the attention layers it leaves in place, the stateless stock processors get their call signature
+cached (diffusers inspects it at every call; :mod:`stattn.integration.signatures`), removed by
+:func:`restore`.
 """
 from __future__ import annotations
 
 import functools
-import inspect
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -31,9 +33,10 @@ from typing import Callable, NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from . import pipeline_calls
+from . import pipeline_calls, signatures
 from .control import Controller, CrossAttentionCall, StepTracker, layer_grid, project_kv
 from ..ops import backend_choice, region_attention
+from .signatures import fixed_signature
 
 __all__ = ["StattnAttnProcessor", "Status", "NotAcceleratedWarning", "accelerate", "restore", "status",
            "exact_processors", "unet_of", "tracker_of", "HOST_BOUND_MACS"]
@@ -48,15 +51,6 @@ MAX_HEAD_DIM = 256
 # 0.79-0.90x. 0 sends every call to the op; STATTN_BACKEND set to anything but auto does too.
 HOST_BOUND_MACS = 1 << 22
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def fixed_signature(fn: Callable) -> Callable:
-    """fn with ``__signature__`` set to its own signature. diffusers' ``Attention.forward`` calls
-    ``inspect.signature(processor.__call__)`` at every call (to filter cross_attention_kwargs): ~25 µs
-    a call, more than a small layer's attention kernel; with ``__signature__`` set, inspect returns it
-    (~7 µs, the bound method's copy without ``self``). The signature itself is the same."""
-    fn.__signature__ = inspect.signature(fn)
-    return fn
 
 
 class NotAcceleratedWarning(UserWarning):
@@ -427,14 +421,19 @@ class Status:
 
 class _State:
     """What :func:`accelerate` did to one UNet. Its forward pre-hook (:meth:`check`) compares the
-    processor of every cross-attention module with the one seen last (identity: ~0.1 us a layer) and,
-    on a change, wraps what stattn reproduces and records and warns about the rest (:meth:`sync`)."""
+    processor of every attention module with the one seen last (identity: ~0.1 us a layer) and, on a
+    change, wraps what stattn reproduces on cross-attention and records and warns about the rest
+    (:meth:`sync`), and caches the call signature of the stock processors of the other layers
+    (self-attention: :mod:`stattn.integration.signatures`)."""
 
-    def __init__(self, unet, layers, controller, tracker):
+    def __init__(self, unet, layers, others, controller, tracker):
         self.unet = unet
         self.names = [n for n, _ in layers]
         self.modules = [m for _, m in layers]
         self.seen = [None] * len(layers)
+        self.others = others                # the other attention modules (self-attention)
+        self.others_seen = [None] * len(others)
+        self.signed: list = []              # stock processors this state signed (signatures.sign)
         self.left: dict = {}
         self.controller, self.tracker, self.pipe = controller, tracker, None
         self.attend_excite = None  # the Attend-and-Excite pipeline whose self-attention registration is patched
@@ -452,13 +451,24 @@ class _State:
         if torch.compiler.is_compiling():
             return          # status() / restore() still sync; compiled graphs guard on the processors
         for attn, last in zip(self.modules, self.seen):
-            d = attn.__dict__                 # a plain processor is an attribute, an nn.Module one a
-            proc = d.get("processor")         # submodule (read directly: ~0.1 us, not ~1 us)
-            if proc is None:
-                proc = d["_modules"].get("processor")
-            if proc is not last:
+            if _processor(attn) is not last:
                 self.sync()
                 return
+        for attn, last in zip(self.others, self.others_seen):
+            if _processor(attn) is not last:
+                self.sign_others()
+                return
+
+    def sign_others(self) -> None:
+        for i, attn in enumerate(self.others):
+            proc = self.others_seen[i] = _processor(attn)
+            if signatures.sign(proc):
+                self.signed.append(proc)
+
+    def unsign(self) -> None:
+        for proc in self.signed:
+            signatures.unsign(proc)
+        self.signed.clear()
 
     def sync(self) -> None:
         changed = False
@@ -482,6 +492,7 @@ class _State:
         if changed:
             self.revision += 1
             self._warn_left()
+        self.sign_others()
 
     def _wrap(self, index: int, stock) -> StattnAttnProcessor:
         make = exact_processors()[type(stock)].wrapper
@@ -507,6 +518,14 @@ class _State:
                       self.counts.stock, self.controller, self.counts.sdpa)
 
 
+def _processor(attn):
+    """attn.processor, read directly (~0.1 us, not ~1 us): a plain processor is an attribute, an
+    nn.Module one a submodule."""
+    d = attn.__dict__
+    proc = d.get("processor")
+    return d["_modules"].get("processor") if proc is None else proc
+
+
 def _left_message(left: dict, total: int) -> str:
     groups: dict = {}
     for name, reason in sorted(left.items()):
@@ -519,9 +538,16 @@ def _left_message(left: dict, total: int) -> str:
             f"accelerated: " + "; ".join(parts) + ". See stattn.status(...).left")
 
 
-def _cross_attention_layers(unet) -> list:
-    return [(name, m) for name, m in unet.named_modules()
-            if getattr(m, "is_cross_attention", False) and hasattr(m, "processor")]
+def _attention_layers(unet) -> tuple[list, list]:
+    """([(name, module)] of the cross-attention modules, [module] of the other attention modules)."""
+    cross, others = [], []
+    for name, m in unet.named_modules():
+        if hasattr(m, "processor"):
+            if getattr(m, "is_cross_attention", False):
+                cross.append((name, m))
+            else:
+                others.append(m)
+    return cross, others
 
 
 def _unwrap_compiled(module):
@@ -574,12 +600,17 @@ def accelerate(pipe_or_unet, controller: Optional[Controller] = None):
     starts a new generation (:mod:`stattn.integration.pipeline_calls`). Calling again replaces the controller;
     :func:`restore` undoes everything. Returns the pipeline or UNet it was given.
 
+    The other attention layers (self-attention) keep their processors; where one is a stateless
+    stock ``AttnProcessor2_0`` / ``AttnProcessor``, the signature diffusers' ``Attention.forward``
+    inspects at every call is cached on it (the same answer, ~1 µs instead of ~15-25 µs;
+    :mod:`stattn.integration.signatures`), as on processors installed there later.
+
     diffusers' ``StableDiffusionAttendAndExcitePipeline`` installs its own processors at every call:
     on cross-attention they are wrapped as any other (its AttentionStore then gets the fused op's
     maps); given the pipeline itself, its self-attention layers run SDPA during its calls too
     (:mod:`stattn.methods.attend_excite.stock`)."""
     unet = unet_of(pipe_or_unet)
-    layers = _cross_attention_layers(unet)
+    layers, others = _attention_layers(unet)
     if not layers:
         raise ValueError("accelerate: this UNet has no cross-attention module to accelerate")
     reasons = {name: _why_not(m, _stock_of(m.processor)) for name, m in layers}
@@ -590,7 +621,7 @@ def accelerate(pipe_or_unet, controller: Optional[Controller] = None):
                          "processors first, e.g. unet.set_default_attn_processor()")
     restore(unet)
     tracker = StepTracker(controller) if controller is not None else None
-    state = _State(unet, layers, controller, tracker)
+    state = _State(unet, layers, others, controller, tracker)
     state.sync()
     # the watcher first: the processors settle before the tracker and the layers run
     state.handles.append(unet.register_forward_pre_hook(state.check))
@@ -620,6 +651,7 @@ def restore(pipe_or_unet):
     if state is None:
         return pipe_or_unet
     state.unwrap()
+    state.unsign()
     # fuse_qkv_projections keeps the processors it replaced, to put them back on unfuse
     kept = unet.__dict__.get("original_attn_processors")
     if isinstance(kept, dict):

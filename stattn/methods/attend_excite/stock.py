@@ -26,7 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ...integration.processors import StattnAttnProcessor, _heads, fixed_signature
+from ...integration.processors import StattnAttnProcessor, _heads
+from ...integration.signatures import fixed_signature
 from ...ops import region_attention
 
 __all__ = ["StattnAttendExciteProcessor", "SelfAttendExcite", "MODULE", "processor_class", "is_pipeline",
