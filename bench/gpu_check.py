@@ -15,24 +15,27 @@ before and after every stage, so a call cut short still leaves everything done b
   01-env              30 s   nvidia-smi, versions, commit; diffusers from the wheels in .whl/ if the
                              image lacks it (pip --target /tmp/stattn-site, put on PYTHONPATH); stattn
                              itself editable (pip -e ., offline) where this tree's is not importable
-  02-correctness     100 s   pytest -m gpu over the test files with gpu-marked tests (the kernels vs
+  02-correctness      95 s   pytest -m gpu over the test files with gpu-marked tests (the kernels vs
                              fp64 in fp32/fp16/bf16, rows/lengths, the inner loop, CUDA graphs); -n 4
                              with pytest-xdist (in the GPU image): the cold Triton compiles in parallel
-  03-micro            80 s   bench.micro --quick at the SD 1.5 shapes (R = 1/2/4, offset; stattn, SDPA,
+  03-micro            75 s   bench.micro --quick at the SD 1.5 shapes (R = 1/2/4, offset; stattn, SDPA,
                              R x SDPA + combine, FlexAttention), one run per M: a time-out keeps the rest
-  04-regulation      100 s   bench.regulation --quick (inner loop per layer call), then bench.e2e
+  04-regulation       90 s   bench.regulation --quick (inner loop per layer call), then bench.e2e
                              --variants regulation on SD 2-base 512 px, DPM-Solver++, 50 steps, fp16,
                              1 repeat (plain vs fused, eager and CUDA graphs, vs the eager reference)
   05-spacetime        60 s   bench.spacetime, SD 1.5 512 px, 20 steps (not 50: the budget), 1 repeat,
                              1/3/5 objects fixed weights and the optimisation pass (time, peak memory)
-  06-e2e              65 s   bench.e2e stock vs accelerate vs Runner (eager, graphs): SD 1.5 512 px,
+  06-e2e              60 s   bench.e2e stock vs accelerate vs Runner (eager, graphs): SD 1.5 512 px,
                              2 repeats; SDXL 1024 px, 1 repeat, only if >= 30 s of the stage are left
   07-attend-excite    40 s   bench.attend_excite: diffusers' A&E pipeline vs it after stattn.accelerate vs
                              stattn.AttendAndExcite, SD 1.5 512 px, 10 steps, fp16, 1 repeat (time per
                              image, peak memory, refinement counts, latents vs diffusers)
+  08-host             30 s   bench.host --device cuda --quick, fp16: per-call time of eager back-to-back
+                             calls, the op vs SDPA at M = 16 / 256 and the processor vs AttnProcessor2_0 at
+                             the SD 1.5 shapes, and the tiny model's step with and without accelerate
   summary              —     OUT/summary.md: each stage's status, time and key numbers, and every GPU
                              target of the README's Status table with its measured value, met or not
-  total              475 s   (--budget-s, default 480, caps the whole run: a stage gets at most what is left)
+  total              480 s   (--budget-s, default 480, caps the whole run: a stage gets at most what is left)
 
 On the GPU the stages run with CXX naming no compiler: the native CPU extension is neither built nor
 used there (its build on first use takes minutes; stattn's CPU path then takes the reference).
@@ -620,6 +623,41 @@ def details_attend_excite(k: dict) -> list:
               f"{_fmt(d.get(v), '.1e')} |" for v in t)]
 
 
+# ----------------------------------------------------------------------------------- stage 8: host
+
+def stage_host(ctx: StageContext) -> None:
+    """bench.host: is the drop-in's per-call host cost above stock's (eager, no CUDA graphs)?"""
+    host = [sys.executable, "-m", "bench.host", "--quick", "--out", ctx.directory]
+    if ctx.dry:
+        ctx.call([*host, "--device", "cpu", "--repeats", "2", "--min-time", "0", "--step-runs", "1"])
+        return
+    ctx.call([*host, "--device", "cuda", "--repeats", "10", "--min-time", "0.2", "--step-runs", "10"])
+
+
+def keys_host(directory: Path) -> dict:
+    runs = _results(directory, "host")
+    if not runs:
+        return {"results": "missing"}
+    r = runs[-1]
+    rows = [{"case": f"op M={c['M']} D={c['D']} {c['mode']}", "ratio": c.get("ratio")} for c in r.get("op", [])]
+    rows += [{"case": f"layer {c['model']} M={c['M']}", "ratio": c.get("ratio")} for c in r.get("processor", [])]
+    rows += [{"case": f"step {c['model']} {c['size']} px", "ratio": c.get("ratio")} for c in r.get("step", [])]
+    return {"dtype": r.get("dtype"), "rows": rows}
+
+
+def brief_host(k: dict) -> str:
+    if "rows" not in k:
+        return k.get("results") or k.get("error", "n/a")
+    worst, case = _extreme(k["rows"], "ratio", pick=max) if k["rows"] else (None, None)
+    return f"{len(k['rows'])} cells ({k.get('dtype')}), worst stattn / stock {_fmt(worst, '.2f')} ({case})"
+
+
+def details_host(k: dict) -> list:
+    rows = k.get("rows") or []
+    return ["| cell | stattn / stock |", "|---|---|", *(f"| {r['case']} | {_fmt(r['ratio'], '.2f')} |" for r in rows)] \
+        if rows else []
+
+
 # ----------------------------------------------------------------------------------- stage 6: e2e
 
 def stage_e2e(ctx: StageContext) -> None:
@@ -660,30 +698,38 @@ def default_stages(dry: bool = False) -> list:
     """The check's stages (--dry changes their options and budgets, not the list: see each stage_ body)."""
     stages = [
         Stage("01-env", 30, stage_env, keys_env, details_env, note="nvidia-smi, versions, commit; install where needed"),
-        Stage("02-correctness", 100, stage_correctness, keys_correctness, details_correctness,
+        Stage("02-correctness", 95, stage_correctness, keys_correctness, details_correctness,
               note="pytest -m gpu over the files with gpu-marked tests, -n 4 with pytest-xdist"),
-        Stage("03-micro", 80, stage_micro, keys_micro, details_micro,
+        Stage("03-micro", 75, stage_micro, keys_micro, details_micro,
               note="bench.micro --quick at the SD 1.5 shapes, one run per M"),
-        Stage("04-regulation", 100, stage_regulation, keys_regulation, details_regulation,
+        Stage("04-regulation", 90, stage_regulation, keys_regulation, details_regulation,
               note="bench.regulation --quick; bench.e2e SD 2-base 512 px DPM-Solver++ 50 steps fp16, 1 repeat"),
         Stage("05-spacetime", 60, stage_spacetime, keys_spacetime, details_spacetime,
               note="bench.spacetime SD 1.5 512 px, 20 steps (the issue: 50; the budget), 1 repeat"),
-        Stage("06-e2e", 65, stage_e2e, keys_e2e, details_e2e,
+        Stage("06-e2e", 60, stage_e2e, keys_e2e, details_e2e,
               note="bench.e2e SD 1.5 512 px 2 repeats; SDXL 1024 px 1 repeat if >= 30 s are left"),
         Stage("07-attend-excite", 40, stage_attend_excite, keys_attend_excite, details_attend_excite,
               note="bench.attend_excite SD 1.5 512 px 10 steps fp16: diffusers vs +accelerate vs stattn"),
+        Stage("08-host", 30, stage_host, keys_host, details_host,
+              note="bench.host --device cuda --quick fp16: op vs SDPA, layer vs AttnProcessor2_0, tiny step"),
     ]
     return [replace(s, budget_s=DRY_STAGE_BUDGET_S) for s in stages] if dry else stages
 
 
 BRIEFS = {"01-env": brief_env, "02-correctness": brief_correctness, "03-micro": brief_micro,
           "04-regulation": brief_regulation, "05-spacetime": brief_spacetime, "06-e2e": brief_e2e,
-          "07-attend-excite": brief_attend_excite}
+          "07-attend-excite": brief_attend_excite, "08-host": brief_host}
 
 
 def _all_under(values, bound):
     vals = [v for v in values if isinstance(v, (int, float))]
     return (max(vals) <= bound) if vals else None
+
+
+def _all_equal(values) -> bool:
+    """Whether the values (numbers, or lists of per-image counts) are all the same."""
+    values = list(values)
+    return all(v == values[0] for v in values)
 
 
 def _targets(keys: dict) -> list:
@@ -732,7 +778,11 @@ def _targets(keys: dict) -> list:
     speed, counts = (ae.get("speedup") or {}).get("stattn"), ae.get("refinements") or {}
     rows.append(("Attend-and-Excite on the engine faster than diffusers' pipeline, same refinements",
                  brief_attend_excite(ae) if ae.get("model") else "n/a",
-                 None if speed is None else speed > 1.0 and len(set(counts.values())) == 1))
+                 None if speed is None else speed > 1.0 and _all_equal(counts.values())))
+    host = keys.get("08-host") or {}
+    worst, case = _extreme(host.get("rows") or [], "ratio", pick=max)
+    rows.append(("host cost ≤ stock, eager (op vs SDPA, layer vs AttnProcessor2_0, tiny step; ratio ≤ 1.00)",
+                 f"worst {_fmt(worst, '.2f')} ({case})" if case else "n/a", None if worst is None else worst <= 1.0))
     return rows
 
 
@@ -760,7 +810,10 @@ def markdown(summary: dict) -> str:
         lines.append(f"| {r['name']} | {r['status']} | {_fmt(r.get('seconds'), '.0f')} / {_fmt(r['budget_s'], '.0f')} s "
                      f"| {brief} |")
     lines += ["", "## GPU targets (README, Status)", "", "| target | measured | met |", "|---|---|---|"]
-    for target, measured, met in _guarded(_targets, keys, default=[]):
+    targets = _guarded(_targets, keys)
+    if isinstance(targets, dict):          # a reader's bug must show, not leave an empty table
+        lines.append(f"| (the targets could not be read: {targets['error']}) | n/a | n/a |")
+    for target, measured, met in targets if isinstance(targets, list) else []:
         lines.append(f"| {target} | {measured} | {'n/a' if met is None else 'yes' if met else 'NO'} |")
     for r in summary["stages"]:
         commands = r.get("commands") or []

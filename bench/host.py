@@ -18,7 +18,13 @@ alike), medians (p20/p80 kept) of many repeats, one torch thread by default:
   of the accelerated cross-attention calls were host-bound and ran SDPA (``HOST_BOUND_MACS``).
   Target <= 1.00.
 
-    python -m bench.host [--quick | --op-only] [--threads 1] [--repeats 30] [--min-time 1] [--out bench/results]
+On CUDA (``--device cuda``, fp16 by default) a timed sample is a burst of ``CUDA_BURST`` calls then
+one synchronize, divided by the burst: the per-call time of back-to-back eager calls, which is the
+host's cost wherever that exceeds the kernel's (no CUDA graphs: the way ``accelerate`` runs in a
+stock pipeline); the steps synchronize at every step. The SD 1.5 step runs at 512 px there.
+
+    python -m bench.host [--device cpu|cuda] [--dtype fp32|fp16|bf16] [--quick | --op-only] [--threads 1]
+                         [--repeats 30] [--min-time 1] [--step-runs 20] [--out bench/results]
     stattn bench host [--quick | --op-only]
 """
 from __future__ import annotations
@@ -37,7 +43,7 @@ import stattn
 from stattn.integration import models
 from stattn.integration.processors import StattnAttnProcessor
 
-from .env import REPO, machine, provenance, publish
+from .env import REPO, machine, provenance, publish, sync
 from .native import _paired, _timed
 
 B, H, N = 2, 8, 77
@@ -48,13 +54,50 @@ SD15 = [("sd15", 4096, 320, 8, 40, 768), ("sd15", 1024, 640, 8, 80, 768), ("sd15
         ("sd15", 64, 1280, 8, 160, 768)]
 SDXL = [("sdxl", 4096, 640, 10, 64, 2048), ("sdxl", 1024, 1280, 20, 64, 2048)]
 PROMPT = "a photo of a cat and a frog"
-TOL = 1e-4          # fp32: the compared paths agree to rounding (checked before timing)
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+TOL = 1e-4          # fp32 on the CPU: the compared paths agree to rounding (checked before timing)
+# the others: fp16 / bf16 round the outputs (eps 1e-3 / 8e-3), CUDA's Triton kernels take tf32 products in fp32
+TOLS = {("cpu", torch.float32): TOL, ("cuda", torch.float32): 5e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+CUDA_BURST = 20     # calls per timed sample on CUDA, then one synchronize
 
 
-def _gate(what: str, err: float) -> float:
-    if not err <= TOL:
-        raise AssertionError(f"{what}: stattn and stock differ by {err:g} (> {TOL:g}); not timing a wrong result")
+def tolerance(device: str, dtype: torch.dtype) -> float:
+    """The gate's bound on max |stattn - stock| / max(1, max |stock|) for this device and dtype."""
+    return TOLS[(device, dtype)] if dtype == torch.float32 else TOLS[dtype]
+
+
+def _diff(ours, stock) -> float:
+    """max over the pairs of max |a - b| / max(1, max |b|), in fp64."""
+    return max(float((a.detach().double() - b.detach().double()).abs().max() /
+                     max(1.0, float(b.detach().double().abs().max()))) for a, b in zip(ours, stock))
+
+
+def _gate(what: str, err: float, tol: float = TOL) -> float:
+    if not err <= tol:
+        raise AssertionError(f"{what}: stattn and stock differ by {err:g} (> {tol:g}); not timing a wrong result")
     return err
+
+
+def _per_call(fns: dict, device: str) -> tuple:
+    """(fns as timed, calls per sample): on CUDA each sample is CUDA_BURST calls and a synchronize."""
+    if device == "cpu":
+        return fns, 1
+
+    def burst(fn):
+        def run():
+            for _ in range(CUDA_BURST):
+                fn()
+            torch.cuda.synchronize()
+        return run
+    return {name: burst(fn) for name, fn in fns.items()}, CUDA_BURST
+
+
+def _timed_calls(fns: dict, repeats: int, min_s: float, device: str) -> dict:
+    """_timed of the callables, per call (ms; "times_ms" too), bursts on CUDA."""
+    timed, calls = _per_call(fns, device)
+    t = _timed(timed, repeats, min_s)
+    return {name: {k: (v if k == "n" else [x / calls for x in v] if k == "times_ms" else v / calls)
+                   for k, v in r.items()} for name, r in t.items()}
 
 
 # the op table's modes: under torch.no_grad(); grad mode on with no input requiring grad (a pipeline
@@ -63,14 +106,16 @@ def _gate(what: str, err: float) -> float:
 MODES = ("no_grad", "grad mode", "fwd+bwd")
 
 
-def op_case(M: int, D: int, mode: str, repeats: int, min_s: float) -> dict:
+def op_case(M: int, D: int, mode: str, repeats: int, min_s: float, device: str = "cpu",
+            dtype: torch.dtype = torch.float32) -> dict:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     g = torch.Generator().manual_seed(M * 1000 + D)
     backward = mode == "fwd+bwd"
-    q = torch.randn(B, H, M, D, generator=g).requires_grad_(backward)
-    k, v = (torch.randn(B, 1, H, N, D, generator=g).requires_grad_(backward) for _ in range(2))
-    grad_out = torch.randn(B, H, M, D, generator=g)
+    like = dict(device=device, dtype=dtype)
+    q = torch.randn(B, H, M, D, generator=g).to(**like).requires_grad_(backward)
+    k, v = (torch.randn(B, 1, H, N, D, generator=g).to(**like).requires_grad_(backward) for _ in range(2))
+    grad_out = torch.randn(B, H, M, D, generator=g).to(**like)
 
     def ours():
         o = stattn.region_attention(q, k, v)
@@ -81,46 +126,50 @@ def op_case(M: int, D: int, mode: str, repeats: int, min_s: float) -> dict:
         return (o, *torch.autograd.grad(o, (q, k, v), grad_out)) if backward else (o,)
 
     with torch.set_grad_enabled(mode != "no_grad"):
-        err = _gate(f"op M={M} D={D} {mode}", max(float((a - b).detach().abs().max()) for a, b in zip(ours(), sdpa())))
-        t = _timed({"stattn": ours, "sdpa": sdpa}, repeats, min_s)
-    return {"M": M, "D": D, "mode": mode, "max_abs_diff": err, "stattn_us": t["stattn"]["median"] * 1e3,
+        err = _gate(f"op M={M} D={D} {mode}", _diff(ours(), sdpa()), tolerance(device, dtype))
+        t = _timed_calls({"stattn": ours, "sdpa": sdpa}, repeats, min_s, device)
+    return {"M": M, "D": D, "mode": mode, "max_diff": err, "stattn_us": t["stattn"]["median"] * 1e3,
             "sdpa_us": t["sdpa"]["median"] * 1e3, "ratio": t["stattn"]["median"] / t["sdpa"]["median"],
             "ratio_paired": _paired(t["stattn"], t["sdpa"]), "n": t["stattn"]["n"],
             "stattn": _drop_times(t["stattn"]), "sdpa": _drop_times(t["sdpa"])}
 
 
-def processor_case(model: str, M: int, C: int, heads: int, D: int, Cx: int, repeats: int, min_s: float) -> dict:
+def processor_case(model: str, M: int, C: int, heads: int, D: int, Cx: int, repeats: int, min_s: float,
+                   device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
     with torch.random.fork_rng():
         torch.manual_seed(M + C)
-        attn = Attention(query_dim=C, cross_attention_dim=Cx, heads=heads, dim_head=D).eval()
-    x = torch.randn(B, M, C)
-    ctx = torch.randn(B, N, Cx)
+        attn = Attention(query_dim=C, cross_attention_dim=Cx, heads=heads, dim_head=D).eval().to(device, dtype)
+        x = torch.randn(B, M, C).to(device, dtype)
+        ctx = torch.randn(B, N, Cx).to(device, dtype)
     stock, fused = AttnProcessor2_0(), StattnAttnProcessor()
 
     def run(proc):
         return lambda: proc(attn, x, encoder_hidden_states=ctx)
 
     with torch.no_grad():
-        err = _gate(f"processor {model} M={M}", float((run(stock)() - run(fused)()).abs().max()))
-        t = _timed({"stattn": run(fused), "stock": run(stock)}, repeats, min_s)
-    return {"model": model, "M": M, "C": C, "heads": heads, "D": D, "context_dim": Cx, "max_abs_diff": err,
+        err = _gate(f"processor {model} M={M}", _diff([run(fused)()], [run(stock)()]), tolerance(device, dtype))
+        t = _timed_calls({"stattn": run(fused), "stock": run(stock)}, repeats, min_s, device)
+    return {"model": model, "M": M, "C": C, "heads": heads, "D": D, "context_dim": Cx, "max_diff": err,
             "stattn_ms": t["stattn"]["median"], "stock_ms": t["stock"]["median"],
             "ratio": t["stattn"]["median"] / t["stock"]["median"], "ratio_paired": _paired(t["stattn"], t["stock"]),
             "n": t["stattn"]["n"], "stattn": _drop_times(t["stattn"]), "stock": _drop_times(t["stock"])}
 
 
 def step_case(name: str, pipe, size: int, steps: int, runs: int) -> dict:
-    """Per-step wall times of whole pipeline calls, stock and accelerated alternately."""
+    """Per-step wall times of whole pipeline calls, stock and accelerated alternately (synchronized
+    at every step on CUDA)."""
     times: dict = {"stock": [], "stattn": []}
     calls = {}
+    device = pipe.unet.device
 
     def call(accelerated: bool) -> list:
         (stattn.accelerate if accelerated else stattn.restore)(pipe)
         stamps = []
 
         def stamp(p, i, t, kw):
+            sync(device)
             stamps.append(time.perf_counter())
             return kw
 
@@ -159,8 +208,11 @@ def _table(title: str, columns: list, rows: list, cells) -> list:
 
 def markdown(result: dict) -> str:
     env = result["environment"]
-    lines = [f"# Host cost: stattn vs stock ({env['device_name']}, {result['threads']} thread(s), fp32)", "",
-             f"{provenance(env)}. Medians of interleaved repeats; ratio = stattn / stock (target <= 1.00); "
+    device, dtype = env["device"], result["dtype"]
+    how = (f"{result['threads']} thread(s)" if device == "cpu" else
+           f"bursts of {result.get('cuda_burst', CUDA_BURST)} eager calls, then a synchronize")
+    lines = [f"# Host cost: stattn vs stock ({env['device_name']}, {how}, {dtype})", "",
+             f"{provenance(env)}. Medians of interleaved repeats, per call; ratio = stattn / stock (target <= 1.00); "
              "paired = median of the per-repeat ratios."]
     lines += _table("The op (R = 1) vs SDPA at host-bound shapes (B = 2, H = 8, N = 77)",
                     ["M", "D", "mode", "stattn µs", "SDPA µs", "ratio", "paired", "n"], result["op"],
@@ -198,8 +250,17 @@ def main(argv=None) -> int:
     p.add_argument("--min-time", type=float, default=1.0, metavar="S",
                    help="more repeats where fewer would take under S seconds per timed pair")
     p.add_argument("--threads", type=int, default=1, help="torch threads for every timed call")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--dtype", choices=tuple(DTYPES), help="default fp32 on cpu, fp16 on cuda")
+    p.add_argument("--step-runs", type=int, default=20, metavar="N",
+                   help="pipeline calls of the tiny model per side (the SD 1.5 step: 3)")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device (torch.cuda.is_available() is False)")
+    if args.step_runs < 1:
+        p.error(f"--step-runs must be at least 1, got {args.step_runs}")
+    device, dtype = args.device, DTYPES[args.dtype or ("fp16" if args.device == "cuda" else "fp32")]
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     Ms, Ds = ((16, 256), (64,)) if args.quick else (HOST_M, HOST_D)
@@ -207,26 +268,29 @@ def main(argv=None) -> int:
     for mode in MODES:
         for M in Ms:
             for D in Ds:
-                op.append(op_case(M, D, mode, args.repeats, args.min_time))
+                op.append(op_case(M, D, mode, args.repeats, args.min_time, device, dtype))
                 r = op[-1]
                 print(f"op M={M} D={D} {mode}: {r['stattn_us']:.1f} vs {r['sdpa_us']:.1f} µs "
                       f"({r['ratio']:.2f}x)", flush=True)
     proc, step = [], []
     for shape in () if args.op_only else SD15 if args.quick else SD15 + SDXL:
-        proc.append(processor_case(*shape, max(5, args.repeats // 3), args.min_time))
+        proc.append(processor_case(*shape, max(5, args.repeats // 3), args.min_time, device, dtype))
         r = proc[-1]
         print(f"processor {r['model']} M={r['M']}: {r['stattn_ms']:.3f} vs {r['stock_ms']:.3f} ms "
               f"({r['ratio']:.2f}x)", flush=True)
     if not args.op_only:
-        step.append(step_case("tiny", models.tiny(), 64, 10, 20))     # 25 ms steps: many runs against the noise
+        step.append(step_case("tiny", models.tiny(dtype=dtype, device=device), 64, 10, args.step_runs))  # many runs: noise
         print(f"step tiny: {step[-1]['stattn_ms']:.2f} vs {step[-1]['stock_ms']:.2f} ms ({step[-1]['ratio']:.2f}x)",
               flush=True)
     if not (args.quick or args.op_only):
-        step.append(step_case("sd15", models.full("sd15", dtype=torch.float32), 256, 4, 3))
-        print(f"step sd15 256px: {step[-1]['stattn_ms']:.1f} vs {step[-1]['stock_ms']:.1f} ms "
+        px = 256 if device == "cpu" else 512                          # a CPU step at 512 px: ~30 s
+        step.append(step_case("sd15", models.full("sd15", dtype=dtype, device=device), px, 4 if device == "cpu" else 10,
+                              3))
+        print(f"step sd15 {px}px: {step[-1]['stattn_ms']:.1f} vs {step[-1]['stock_ms']:.1f} ms "
               f"({step[-1]['ratio']:.2f}x)", flush=True)
-    result = {"environment": machine("cpu"), "threads": args.threads, "repeats": args.repeats,
-              "min_time_s": args.min_time, "dtype": "float32", "quick": args.quick, "op_only": args.op_only,
+    result = {"environment": machine(device), "threads": args.threads, "repeats": args.repeats,
+              "min_time_s": args.min_time, "dtype": str(dtype).removeprefix("torch."), "quick": args.quick,
+              "op_only": args.op_only, "cuda_burst": CUDA_BURST if device == "cuda" else None,
               "load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in os.getloadavg()],
               "op": op, "processor": proc, "step": step}
     publish(result, args.out, "host", markdown)

@@ -184,3 +184,44 @@ def test_main_replaces_an_earlier_check_and_returns_the_status(tmp_path):
     (out / "stale.txt").write_text("old")
     assert gc.main(["--dry", "--out", str(out)], stages=[_stage("01-a", 30, ["false"])]) == 1
     assert not (out / "stale.txt").exists()
+
+
+def test_host_stage_reads_bench_hosts_results_and_judges_the_target(tmp_path):
+    """keys_host on a real bench.host result (the CPU, op cells only), then on one with a slow cell."""
+    import json
+
+    from stattn.bench import host
+
+    assert host.main(["--op-only", "--repeats", "1", "--min-time", "0", "--out", str(tmp_path / "real")]) == 0
+    keys = gc.keys_host(tmp_path / "real")
+    assert keys["dtype"] == "float32" and len(keys["rows"]) == 27
+    assert gc.brief_host(keys).startswith("27 cells (float32), worst stattn / stock ")
+    result = {"dtype": "float16", "op": [{"M": 16, "D": 64, "mode": "no_grad", "ratio": 0.8}],
+              "processor": [{"model": "sd15", "M": 4096, "ratio": 1.2}], "step": [{"model": "tiny", "size": 64, "ratio": 0.9}]}
+    (tmp_path / "host-cuda-20990101-000000.json").write_text(json.dumps(result))
+    keys = gc.keys_host(tmp_path)
+    assert gc.brief_host(keys) == "3 cells (float16), worst stattn / stock 1.20 (layer sd15 M=4096)"
+    assert gc.details_host(keys)[2:] == ["| op M=16 D=64 no_grad | 0.80 |", "| layer sd15 M=4096 | 1.20 |",
+                                         "| step tiny 64 px | 0.90 |"]
+    (row,) = [r for r in gc._targets({"08-host": keys}) if r[0].startswith("host cost")]
+    assert row[1:] == ("worst 1.20 (layer sd15 M=4096)", False)
+    (row,) = [r for r in gc._targets({}) if r[0].startswith("host cost")]
+    assert row[1:] == ("n/a", None)
+
+
+def test_attend_excite_target_compares_per_image_refinement_lists():
+    """bench.attend_excite records a list of refinement counts per variant (one per image)."""
+    ae = {"model": "tiny", "size": 64, "steps": 2, "speedup": {"stattn": 1.2, "diffusers+accelerate": 1.0}}
+    for counts, met in (({"diffusers": [1, 2], "stattn": [1, 2]}, True), ({"diffusers": [1, 2], "stattn": [1, 3]}, False)):
+        (row,) = [r for r in gc._targets({"07-attend-excite": {**ae, "refinements": counts}})
+                  if r[0].startswith("Attend-and-Excite")]
+        assert row[2] is met
+
+
+def test_a_failing_target_reader_shows_in_the_summary(monkeypatch):
+    def broken(keys):
+        raise TypeError("boom")
+
+    monkeypatch.setattr(gc, "_targets", broken)
+    summary = {"mode": "gpu", "budget_s": 480, "started": "now", "stages": []}
+    assert "| (the targets could not be read: TypeError: boom) | n/a | n/a |" in gc.markdown(summary)
