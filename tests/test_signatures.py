@@ -1,40 +1,49 @@
-"""The call-signature cache on the stock processors accelerate leaves in place (self-attention):
-inspect gets the answer it computes from the code (also after the class's ``__call__`` is replaced),
-diffusers filters and warns about cross_attention_kwargs as without it, a call through it is the
-processor's, copies and pickles stay correct, only stateless stock processors get it, processors
-installed later get it at the next UNet call, and restore removes every one it added."""
-import copy
+"""The call-signature cache for the diffusers processors accelerate leaves in place (self-attention):
+while held, the class's ``__call__`` carries inspect's own answer, diffusers filters and warns about
+cross_attention_kwargs as without it, holds count over accelerate states, the last release removes
+it (not a signature someone else set), only diffusers' own functions get it, processors installed
+later get it at the next UNet call, and torch.compile still takes the whole UNet in one graph."""
 import inspect
 import logging
-import pickle
 
 import pytest
 import torch
-from diffusers.models.attention_processor import (
-    Attention, AttnProcessor, AttnProcessor2_0, IPAdapterAttnProcessor2_0, SlicedAttnProcessor)
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
 import stattn
 from stattn.integration import models, signatures
-from stattn.integration.signatures import SignedCall
+
+CALL = AttnProcessor2_0.__call__
 
 
-def computed(proc):
-    """inspect's answer without any cache: the class's __call__ bound to proc."""
-    return inspect.signature(type(proc).__call__.__get__(proc, type(proc)))
+def fixed(cls) -> bool:
+    return "__signature__" in cls.__call__.__dict__
 
 
-def signed_count(unet):
-    return sum(type(vars(m.processor).get("__call__")) is SignedCall
-               for _, m in unet.named_modules() if hasattr(m, "processor") and hasattr(m.processor, "__dict__"))
+def computed(cls):
+    """inspect's answer from the code, with any cache out of the way."""
+    kept = cls.__call__.__dict__.pop("__signature__", None)
+    try:
+        return inspect.signature(cls.__call__)
+    finally:
+        if kept is not None:
+            cls.__call__.__signature__ = kept
 
 
-def self_attention(unet):
-    return [m for _, m in unet.named_modules() if hasattr(m, "processor") and not m.is_cross_attention]
+@pytest.fixture(autouse=True)
+def nothing_left_behind():
+    assert not fixed(AttnProcessor2_0) and not fixed(AttnProcessor)
+    yield
+    assert not fixed(AttnProcessor2_0) and not fixed(AttnProcessor) and not signatures._HELD
 
 
 @pytest.fixture
 def unet():
     return models.tiny(0).unet
+
+
+def self_attention(unet):
+    return [m for _, m in unet.named_modules() if hasattr(m, "processor") and not m.is_cross_attention]
 
 
 def _layer():
@@ -43,101 +52,103 @@ def _layer():
 
 
 @pytest.mark.parametrize("cls", [AttnProcessor2_0, AttnProcessor])
-def test_signed_processor_answers_inspect_as_the_code_does_and_calls_itself(cls):
-    proc = cls()
-    stock_sig = inspect.signature(proc.__call__)
-    assert signatures.sign(proc) and not signatures.sign(proc)        # once
-    assert inspect.signature(proc.__call__) == stock_sig == computed(proc)
-    assert list(stock_sig.parameters)[:2] == ["attn", "hidden_states"]
-    attn, x = _layer()
-    with torch.no_grad():
-        torch.testing.assert_close(proc.__call__(attn, x), cls()(attn, x), rtol=0, atol=0)
-    signatures.unsign(proc)
-    assert "__call__" not in vars(proc)
+def test_held_signature_is_inspects_own_and_counted_over_holders(cls):
+    stock = inspect.signature(cls().__call__)
+    a, b = set(), set()
+    signatures.hold(cls(), a)
+    signatures.hold(cls(), a)                                   # once per holder
+    signatures.hold(cls(), b)
+    assert fixed(cls) and signatures._HELD[cls.__call__][1] == 2
+    assert cls.__call__.__signature__ == computed(cls)
+    assert inspect.signature(cls().__call__) == stock and list(stock.parameters)[:2] == ["attn", "hidden_states"]
+    signatures.release(a)
+    assert fixed(cls) and a == set()
+    signatures.release(b)
+    assert not fixed(cls)
 
 
-def test_signed_signature_follows_a_replaced_class_call(monkeypatch):
-    proc = AttnProcessor2_0()
-    signatures.sign(proc)
+def test_a_signature_someone_else_set_is_neither_taken_nor_removed():
+    mine = inspect.signature(lambda attn, hidden_states: None)
+    CALL.__signature__ = mine
+    try:
+        holder = set()
+        signatures.hold(AttnProcessor2_0(), holder)
+        assert holder == set() and CALL.__signature__ is mine
+    finally:
+        del CALL.__signature__
+    holder = set()
+    signatures.hold(AttnProcessor2_0(), holder)
+    CALL.__signature__ = mine                                   # replaced while held: left as it is
+    signatures.release(holder)
+    assert CALL.__signature__ is mine
+    del CALL.__signature__
 
-    def other(self, attn, hidden_states, extra=None):
-        return hidden_states
 
-    monkeypatch.setattr(AttnProcessor2_0, "__call__", other)
-    assert list(inspect.signature(proc.__call__).parameters) == ["attn", "hidden_states", "extra"]
-    x = torch.randn(1, 2, 3)
-    assert proc.__call__(None, x) is x
-
-
-def test_only_stateless_stock_processors_are_signed():
+def test_only_diffusers_own_call_functions_are_held():
     class Own(AttnProcessor2_0):
+        def __call__(self, attn, hidden_states, **kwargs):
+            return hidden_states
+
+    class Module(torch.nn.Module):                              # nn.Module.__call__: torch's, not held
         pass
 
-    stateful = AttnProcessor2_0()
-    stateful.note = 1
-    for proc in (Own(), stateful, SlicedAttnProcessor(2), IPAdapterAttnProcessor2_0(32, 32)):
-        assert not signatures.signable(proc) and not signatures.sign(proc)
-        assert "__call__" not in vars(proc)
-
-
-def test_copies_and_pickles_of_a_signed_processor():
-    proc = AttnProcessor2_0()
-    signatures.sign(proc)
-    deep = copy.deepcopy(proc)
-    assert vars(deep)["__call__"].proc is deep                          # its own, not the original's
-    loaded = pickle.loads(pickle.dumps(proc))
-    assert vars(loaded)["__call__"].proc is loaded
-    shallow = copy.copy(proc)                    # shares the original's: stateless, the same computation
-    assert not signatures.signable(shallow) and inspect.signature(shallow.__call__) == computed(shallow)
-    attn, x = _layer()
-    with torch.no_grad():
-        for p in (deep, loaded, shallow):
-            torch.testing.assert_close(p.__call__(attn, x), proc(attn, x), rtol=0, atol=0)
+    for proc in (Own(), Module(), lambda attn, x: x):
+        assert signatures.holdable(proc) is None
+    assert signatures.holdable(AttnProcessor2_0()) is CALL
 
 
 def test_cross_attention_kwargs_filtered_and_warned_as_without_the_cache(caplog):
     """Attention.forward drops (and logs) kwargs the processor's signature does not take."""
     attn, x = _layer()
-    outs, logs = [], []
-    for signed in (False, True):
-        proc = AttnProcessor2_0()
-        if signed:
-            signatures.sign(proc)
-        attn.set_processor(proc)
+    attn.set_processor(AttnProcessor2_0())
+    outs, logs, holder = [], [], set()
+    for held in (False, True):
+        if held:
+            signatures.hold(attn.processor, holder)
         caplog.clear()
         with caplog.at_level(logging.WARNING), torch.no_grad():
             outs.append(attn(x, bogus=1))
         logs.append([r.getMessage() for r in caplog.records])
+    signatures.release(holder)
     assert logs[0] == logs[1] and any("bogus" in m for m in logs[0])
     torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
 
 
-def test_accelerate_signs_the_self_attention_processors_and_restore_removes_them(unet):
-    selfs = self_attention(unet)
-    kept = [m.processor for m in selfs]
-    assert len(selfs) == 11 and signed_count(unet) == 0
+def test_accelerate_holds_the_self_attention_signatures_until_the_last_restore(unet):
+    other = models.tiny(1).unet
+    kept = [m.processor for m in self_attention(unet)]
+    assert len(kept) == 11
     stattn.accelerate(unet)
-    assert [m.processor for m in selfs] == kept                  # the same objects stay installed
-    assert signed_count(unet) == 11
-    assert all(inspect.signature(p.__call__) == computed(p) for p in kept)
+    stattn.accelerate(other)
+    assert [m.processor for m in self_attention(unet)] == kept and all(vars(p) == {} for p in kept)
+    assert fixed(AttnProcessor2_0) and signatures._HELD[CALL][1] == 2
     stattn.restore(unet)
-    assert signed_count(unet) == 0 and all(vars(p) == {} for p in kept)
+    assert fixed(AttnProcessor2_0)                              # the other UNet still holds it
+    stattn.restore(other)
+    assert not fixed(AttnProcessor2_0)
 
 
-def test_processors_installed_later_are_signed_at_the_next_unet_call_and_restored(unet):
+def test_processors_installed_later_are_held_at_the_next_unet_call(unet):
     stattn.accelerate(unet)
-    replaced = self_attention(unet)[0].processor
-    fresh = AttnProcessor()
-    self_attention(unet)[0].set_processor(fresh)
-    assert "__call__" not in vars(fresh)
+    self_attention(unet)[0].set_processor(AttnProcessor())
+    assert not fixed(AttnProcessor)
     with torch.no_grad():
         unet(torch.randn(2, 4, 8, 8), torch.tensor(500), torch.randn(2, 77, 32))
-    assert type(vars(fresh)["__call__"]) is SignedCall
+    assert fixed(AttnProcessor) and fixed(AttnProcessor2_0)
     unet.set_default_attn_processor()            # diffusers' class checks still see stock classes
-    assert signed_count(unet) == 11 and len(stattn.status(unet).accelerated) == 11
+    assert len(stattn.status(unet).accelerated) == 11
     stattn.restore(unet)
-    assert signed_count(unet) == 0
-    assert vars(fresh) == {} and vars(replaced) == {}          # also the ones no longer installed
-    stattn.accelerate(unet)                       # again after restore: signed again
-    assert signed_count(unet) == 11
-    stattn.restore(unet)
+    assert not fixed(AttnProcessor) and not fixed(AttnProcessor2_0)
+
+
+def test_torch_compile_takes_the_accelerated_unet_in_one_graph(unet):
+    x, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
+    with torch.no_grad():
+        stock = unet(x, torch.tensor(500), ctx).sample
+        stattn.accelerate(unet)
+        try:
+            compiled = torch.compile(unet, backend="eager", fullgraph=True)
+            torch.testing.assert_close(compiled(x, torch.tensor(500), ctx).sample, stock, rtol=1e-5, atol=1e-5)
+        finally:
+            stattn.restore(unet)
+            torch._dynamo.reset()

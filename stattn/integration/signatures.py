@@ -2,89 +2,69 @@
 
 ``Attention.forward`` computes ``inspect.signature(self.processor.__call__)`` at every call, to
 filter ``cross_attention_kwargs``: 15-25 µs of Python a call, more than a small layer's attention.
-Two ways to answer it from a cache, both giving what inspect computes from the code:
+With ``__signature__`` set on the ``__call__`` function, inspect returns it and only drops ``self``
+(~5 µs); the signature itself is the one inspect computes from the code.
 
-- :func:`fixed_signature` on stattn's own processors' ``__call__`` (inspect then only drops
-  ``self``, ~5 µs);
-- :func:`sign` on a stock processor that :func:`stattn.accelerate` leaves in place (the
-  self-attention layers): an instance attribute ``__call__`` (a :class:`SignedCall`) that carries
-  the bound signature (~1 µs). Only for the stateless stock classes (``AttnProcessor2_0``,
-  ``AttnProcessor``, no instance attributes), so that calling it through any copy of the processor is
-  the same computation; ``proc(...)`` never reads it (Python looks ``__call__`` up on the type).
-  :func:`unsign` removes it.
+- :func:`fixed_signature` sets it on stattn's own processors' ``__call__``, for good.
+- :func:`hold` / :func:`release` set it on the ``__call__`` of the diffusers processor classes that
+  :func:`stattn.accelerate` leaves in place (self-attention), while an accelerate state holds them
+  (counted over states): the last release removes it, unless something else has replaced it since.
+  On the function, not on the processor objects: an instance attribute ``__call__`` would be as exact
+  but makes torch.compile refuse the processor call (``fullgraph=True`` fails).
 """
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+import types
+from typing import Callable, Optional
 
-__all__ = ["fixed_signature", "SignedCall", "sign", "unsign", "signable"]
+__all__ = ["fixed_signature", "hold", "release", "holdable"]
 
 
 def fixed_signature(fn: Callable) -> Callable:
-    """fn with ``__signature__`` set to its own signature: inspect returns it instead of rebuilding it
-    from the code (for a bound method it still drops ``self``, ~5 µs instead of ~15-25 µs)."""
+    """fn with ``__signature__`` set to its own signature."""
     fn.__signature__ = inspect.signature(fn)
     return fn
 
 
-class SignedCall:
-    """A stateless processor's ``__call__`` as an instance attribute, with the signature of the
-    class's ``__call__`` bound to it cached (and recomputed if that class attribute is replaced)."""
-
-    __slots__ = ("proc", "func", "sig")
-
-    def __init__(self, proc):
-        self.proc = proc
-        self._load()
-
-    def _load(self) -> None:
-        cls = type(self.proc)
-        self.func = cls.__call__
-        self.sig = inspect.signature(self.func.__get__(self.proc, cls))
-
-    @property
-    def __signature__(self) -> inspect.Signature:
-        if type(self.proc).__call__ is not self.func:
-            self._load()
-        return self.sig
-
-    def __call__(self, *args, **kwargs):
-        return type(self.proc).__call__(self.proc, *args, **kwargs)
+_HELD: dict = {}        # function -> [the Signature set on it, how many holders]
 
 
-_SIGNABLE = None
+def holdable(proc) -> Optional[Callable]:
+    """The ``__call__`` function of proc's class if :func:`hold` may give it a signature: a plain
+    function of diffusers' own (not a user's, not ``nn.Module.__call__``) with no ``__signature__``
+    of anyone else's; else None."""
+    func = getattr(type(proc), "__call__", None)
+    if not isinstance(func, types.FunctionType) or not (func.__module__ or "").startswith("diffusers."):
+        return None
+    held = _HELD.get(func)
+    mine = held is not None and func.__dict__.get("__signature__") is held[0]
+    return func if mine or "__signature__" not in func.__dict__ else None
 
 
-def signable(proc) -> bool:
-    """Whether :func:`sign` applies: exactly a stateless stock class, nothing on the instance but a
-    :class:`SignedCall` of its own."""
-    global _SIGNABLE
-    if _SIGNABLE is None:
-        from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
-
-        _SIGNABLE = (AttnProcessor2_0, AttnProcessor)
-    if type(proc) not in _SIGNABLE:
-        return False
-    d = proc.__dict__
-    return not d or (len(d) == 1 and _own(proc))
-
-
-def _own(proc) -> bool:
-    call = proc.__dict__.get("__call__")
-    return type(call) is SignedCall and call.proc is proc
+def hold(proc, holder: set) -> None:
+    """Give the ``__call__`` of proc's class its signature (if :func:`holdable`), once per holder
+    (a set of the functions it holds)."""
+    func = holdable(proc)
+    if func is None or func in holder:
+        return
+    held = _HELD.get(func)
+    if held is None:
+        held = _HELD[func] = [inspect.signature(func), 0]
+    func.__signature__ = held[0]          # (again, where something deleted it meanwhile)
+    held[1] += 1
+    holder.add(func)
 
 
-def sign(proc) -> bool:
-    """Cache the call signature on ``proc`` if :func:`signable`; True if this call added it."""
-    if not signable(proc) or _own(proc):
-        return False
-    proc.__dict__["__call__"] = SignedCall(proc)
-    return True
-
-
-def unsign(proc) -> None:
-    """Remove what :func:`sign` added (nothing else)."""
-    d = getattr(proc, "__dict__", None)
-    if d is not None and _own(proc):
-        del d["__call__"]
+def release(holder: set) -> None:
+    """Release what the holder holds; a function's last release removes its ``__signature__``."""
+    for func in holder:
+        held = _HELD.get(func)
+        if held is None:
+            continue
+        held[1] -= 1
+        if held[1] <= 0:
+            del _HELD[func]
+            if func.__dict__.get("__signature__") is held[0]:
+                del func.__signature__
+    holder.clear()
