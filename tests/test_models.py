@@ -5,7 +5,6 @@ Regenerate the shipped tokenizer with ``python tests/test_models.py --write-toke
 """
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -251,15 +250,6 @@ def test_tiny_architecture(kind, cls, scheduler, prediction, linear, heads):
         assert pipe.tokenizer.pad_token == "<|endoftext|>" and pipe.tokenizer_2.pad_token == "!"
     img = _images(pipe)
     assert img.shape == (1, 64, 64, 3) and np.isfinite(img).all() and img.std() > 0
-
-
-def test_tiny_generation_is_fast():
-    """The target: a 4-step 64 px image in well under 2 s on one CPU core (about 0.15 s measured)."""
-    pipe = models.tiny()
-    _images(pipe, steps=4)                                          # warm-up
-    start = time.perf_counter()
-    _images(pipe, steps=4)
-    assert time.perf_counter() - start < 2.0
 
 
 def test_tiny_is_deterministic_from_seed():
