@@ -152,3 +152,14 @@ def test_torch_compile_takes_the_accelerated_unet_in_one_graph(unet):
         finally:
             stattn.restore(unet)
             torch._dynamo.reset()
+
+
+def test_a_unet_dropped_without_restore_releases_its_hold():
+    import gc
+
+    unet = models.tiny(0).unet
+    stattn.accelerate(unet)
+    assert fixed(AttnProcessor2_0)
+    del unet
+    gc.collect()
+    assert not fixed(AttnProcessor2_0)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import sys
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Optional
 
@@ -434,6 +435,7 @@ class _State:
         self.others = others                # the other attention modules (self-attention)
         self.others_seen = [None] * len(others)
         self.held: set = set()              # the processor functions given a signature (signatures.hold)
+        self.release: Callable = lambda: signatures.release(self.held)   # accelerate: a weakref.finalize
         self.left: dict = {}
         self.controller, self.tracker, self.pipe = controller, tracker, None
         self.attend_excite = None  # the Attend-and-Excite pipeline whose self-attention registration is patched
@@ -616,6 +618,8 @@ def accelerate(pipe_or_unet, controller: Optional[Controller] = None):
     restore(unet)
     tracker = StepTracker(controller) if controller is not None else None
     state = _State(unet, layers, others, controller, tracker)
+    # the held signatures are released by restore, or when the UNet is collected without one
+    state.release = weakref.finalize(unet, signatures.release, state.held)
     state.sync()
     # the watcher first: the processors settle before the tracker and the layers run
     state.handles.append(unet.register_forward_pre_hook(state.check))
@@ -645,7 +649,7 @@ def restore(pipe_or_unet):
     if state is None:
         return pipe_or_unet
     state.unwrap()
-    signatures.release(state.held)
+    state.release()
     # fuse_qkv_projections keeps the processors it replaced, to put them back on unfuse
     kept = unet.__dict__.get("original_attn_processors")
     if isinstance(kept, dict):

@@ -8,7 +8,8 @@ With ``__signature__`` set on the ``__call__`` function, inspect returns it and 
 - :func:`fixed_signature` sets it on stattn's own processors' ``__call__``, for good.
 - :func:`hold` / :func:`release` set it on the ``__call__`` of the diffusers processor classes that
   :func:`stattn.accelerate` leaves in place (self-attention), while an accelerate state holds them
-  (counted over states): the last release removes it, unless something else has replaced it since.
+  (counted over states; released by :func:`stattn.restore`, or when the UNet is collected without
+  one): the last release removes it, unless something else has replaced it since.
   On the function, not on the processor objects: an instance attribute ``__call__`` would be as exact
   but makes torch.compile refuse the processor call (``fullgraph=True`` fails).
 """
