@@ -100,19 +100,31 @@ def quantiles(xs: list) -> dict:
     return {"median": statistics.median(xs), "p20": pick(0.2), "p80": pick(0.8), "n": len(xs)}
 
 
-def write_results(result: dict, out_dir: Path, prefix: str, markdown: Callable[[dict], str]) -> tuple[Path, Path]:
-    """<prefix>-<device>-<time>.json (the raw result) and .md (its table) under out_dir."""
+def result_stem(prefix: str, device: str) -> str:
+    """<prefix>-<device>-<time>: the name of a run's result files."""
+    return f"{prefix}-{device_slug(device)}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def write_results(result: dict, out_dir: Path, prefix: str, markdown: Callable[[dict], str],
+                  stem: Optional[str] = None) -> tuple[Path, Path]:
+    """<stem>.json (the raw result) and .md (its table) under out_dir (stem: result_stem's by
+    default), each written whole and renamed onto its name: a run killed meanwhile leaves the
+    previous version (a benchmark rewriting its partial results under one stem) or none."""
+    from stattn.cli import _write_atomic
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{prefix}-{device_slug(result['environment']['device'])}-{time.strftime('%Y%m%d-%H%M%S')}"
+    stem = stem or result_stem(prefix, result["environment"]["device"])
     json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
-    json_path.write_text(json.dumps(result, indent=1, default=str) + "\n")
-    md_path.write_text(markdown(result))
+    text, md = json.dumps(result, indent=1, default=str) + "\n", markdown(result)   # both before either is written
+    _write_atomic(json_path, lambda f: f.write(text.encode()))
+    _write_atomic(md_path, lambda f: f.write(md.encode()))
     return json_path, md_path
 
 
-def publish(result: dict, out_dir: Path, prefix: str, markdown: Callable[[dict], str]) -> None:
+def publish(result: dict, out_dir: Path, prefix: str, markdown: Callable[[dict], str],
+            stem: Optional[str] = None) -> None:
     """Write the result files and print the table and where they are."""
-    json_path, md_path = write_results(result, out_dir, prefix, markdown)
+    json_path, md_path = write_results(result, out_dir, prefix, markdown, stem)
     print()
     print(markdown(result))
     print(f"wrote {json_path}\n      {md_path}")

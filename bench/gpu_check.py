@@ -15,12 +15,12 @@ before and after every stage, so a call cut short still leaves everything done b
   01-env              30 s   nvidia-smi, versions, commit; diffusers from the wheels in .whl/ if the
                              image lacks it (pip --target /tmp/stattn-site, put on PYTHONPATH); stattn
                              itself editable (pip -e ., offline) where this tree's is not importable
-  02-correctness      95 s   pytest -m gpu over the test files with gpu-marked tests (the kernels vs
+  02-correctness      90 s   pytest -m gpu over the test files with gpu-marked tests (the kernels vs
                              fp64 in fp32/fp16/bf16, rows/lengths, the inner loop, CUDA graphs); -n 4
                              with pytest-xdist (in the GPU image): the cold Triton compiles in parallel
   03-micro            75 s   bench.micro --quick at the SD 1.5 shapes (R = 1/2/4, offset; stattn, SDPA,
                              R x SDPA + combine, FlexAttention), one run per M: a time-out keeps the rest
-  04-regulation       90 s   bench.regulation --quick (inner loop per layer call), then bench.e2e
+  04-regulation       85 s   bench.regulation --quick (inner loop per layer call), then bench.e2e
                              --variants regulation on SD 2-base 512 px, DPM-Solver++, 50 steps, fp16,
                              1 repeat (plain vs fused, eager and CUDA graphs, vs the eager reference)
   05-spacetime        60 s   bench.spacetime, SD 1.5 512 px, 20 steps (not 50: the budget), 1 repeat,
@@ -30,9 +30,10 @@ before and after every stage, so a call cut short still leaves everything done b
   07-attend-excite    40 s   bench.attend_excite: diffusers' A&E pipeline vs it after stattn.accelerate vs
                              stattn.AttendAndExcite, SD 1.5 512 px, 10 steps, fp16, 1 repeat (time per
                              image, peak memory, refinement counts, latents vs diffusers)
-  08-host             30 s   bench.host --device cuda --quick, fp16: per-call time of eager back-to-back
+  08-host             40 s   bench.host --device cuda --quick, fp16: per-call time of eager back-to-back
                              calls, the op vs SDPA at M = 16 / 256 and the processor vs AttnProcessor2_0 at
-                             the SD 1.5 shapes, and the tiny model's step with and without accelerate
+                             the SD 1.5 shapes, and the tiny model's step with and without accelerate (its
+                             files rewritten after each table: a time-out keeps the tables done)
   summary              —     OUT/summary.md: each stage's status, time and key numbers, and every GPU
                              target of the README's Status table with its measured value, met or not
   total              480 s   (--budget-s, default 480, caps the whole run: a stage gets at most what is left)
@@ -642,14 +643,15 @@ def keys_host(directory: Path) -> dict:
     rows = [{"case": f"op M={c['M']} D={c['D']} {c['mode']}", "ratio": c.get("ratio")} for c in r.get("op", [])]
     rows += [{"case": f"layer {c['model']} M={c['M']}", "ratio": c.get("ratio")} for c in r.get("processor", [])]
     rows += [{"case": f"step {c['model']} {c['size']} px", "ratio": c.get("ratio")} for c in r.get("step", [])]
-    return {"dtype": r.get("dtype"), "rows": rows}
+    return {"dtype": r.get("dtype"), "complete": r.get("complete", True), "rows": rows}
 
 
 def brief_host(k: dict) -> str:
     if "rows" not in k:
         return k.get("results") or k.get("error", "n/a")
     worst, case = _extreme(k["rows"], "ratio", pick=max) if k["rows"] else (None, None)
-    return f"{len(k['rows'])} cells ({k.get('dtype')}), worst stattn / stock {_fmt(worst, '.2f')} ({case})"
+    partial = "" if k.get("complete", True) else ", partial run"
+    return f"{len(k['rows'])} cells ({k.get('dtype')}{partial}), worst stattn / stock {_fmt(worst, '.2f')} ({case})"
 
 
 def details_host(k: dict) -> list:
@@ -698,11 +700,11 @@ def default_stages(dry: bool = False) -> list:
     """The check's stages (--dry changes their options and budgets, not the list: see each stage_ body)."""
     stages = [
         Stage("01-env", 30, stage_env, keys_env, details_env, note="nvidia-smi, versions, commit; install where needed"),
-        Stage("02-correctness", 95, stage_correctness, keys_correctness, details_correctness,
+        Stage("02-correctness", 90, stage_correctness, keys_correctness, details_correctness,
               note="pytest -m gpu over the files with gpu-marked tests, -n 4 with pytest-xdist"),
         Stage("03-micro", 75, stage_micro, keys_micro, details_micro,
               note="bench.micro --quick at the SD 1.5 shapes, one run per M"),
-        Stage("04-regulation", 90, stage_regulation, keys_regulation, details_regulation,
+        Stage("04-regulation", 85, stage_regulation, keys_regulation, details_regulation,
               note="bench.regulation --quick; bench.e2e SD 2-base 512 px DPM-Solver++ 50 steps fp16, 1 repeat"),
         Stage("05-spacetime", 60, stage_spacetime, keys_spacetime, details_spacetime,
               note="bench.spacetime SD 1.5 512 px, 20 steps (the issue: 50; the budget), 1 repeat"),
@@ -710,7 +712,7 @@ def default_stages(dry: bool = False) -> list:
               note="bench.e2e SD 1.5 512 px 2 repeats; SDXL 1024 px 1 repeat if >= 30 s are left"),
         Stage("07-attend-excite", 40, stage_attend_excite, keys_attend_excite, details_attend_excite,
               note="bench.attend_excite SD 1.5 512 px 10 steps fp16: diffusers vs +accelerate vs stattn"),
-        Stage("08-host", 30, stage_host, keys_host, details_host,
+        Stage("08-host", 40, stage_host, keys_host, details_host,
               note="bench.host --device cuda --quick fp16: op vs SDPA, layer vs AttnProcessor2_0, tiny step"),
     ]
     return [replace(s, budget_s=DRY_STAGE_BUDGET_S) for s in stages] if dry else stages

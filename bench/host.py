@@ -23,6 +23,9 @@ one synchronize, divided by the burst: the per-call time of back-to-back eager c
 host's cost wherever that exceeds the kernel's (no CUDA graphs: the way ``accelerate`` runs in a
 stock pipeline); the steps synchronize at every step. The SD 1.5 step runs at 512 px there.
 
+The result files are rewritten (whole, then renamed) after each table and step, marked
+``"complete": false`` until the end: a run cut short (a time-out) keeps what it measured.
+
     python -m bench.host [--device cpu|cuda] [--dtype fp32|fp16|bf16] [--quick | --op-only] [--threads 1]
                          [--repeats 30] [--min-time 1] [--step-runs 20] [--out bench/results]
     stattn bench host [--quick | --op-only]
@@ -43,7 +46,7 @@ import stattn
 from stattn.integration import models
 from stattn.integration.processors import StattnAttnProcessor
 
-from .env import REPO, machine, provenance, publish, sync
+from .env import REPO, machine, provenance, publish, result_stem, sync, write_results
 from .native import _paired, _timed
 
 B, H, N = 2, 8, 77
@@ -234,6 +237,8 @@ def markdown(result: dict) -> str:
                         lambda r: [r["model"], str(r["size"]), f"{r['stattn_ms']:.2f}", f"{r['stock_ms']:.2f}",
                                    f"{r['ratio']:.2f}", f"{r.get('ratio_paired', float('nan')):.2f}", str(r["n"]),
                                    f"{r['sdpa_calls']} / {r['fused_calls']}" if "sdpa_calls" in r else "-"])
+    if result.get("complete") is False:
+        lines += ["", "**Partial result**: written before the run ended (the tables or steps after these are missing)."]
     worst = max([r["ratio"] for r in result["op"] + result["processor"] + result["step"]])
     lines += ["", f"Worst ratio: {worst:.2f} ({'every cell within' if worst <= 1.0 else 'over'} the 1.00 target).", ""]
     return "\n".join(lines)
@@ -264,7 +269,19 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     Ms, Ds = ((16, 256), (64,)) if args.quick else (HOST_M, HOST_D)
-    op = []
+    op, proc, step = [], [], []
+    stem = result_stem("host", device)
+
+    def result(complete: bool) -> dict:
+        return {"environment": machine(device), "threads": args.threads, "repeats": args.repeats,
+                "min_time_s": args.min_time, "dtype": str(dtype).removeprefix("torch."), "quick": args.quick,
+                "op_only": args.op_only, "cuda_burst": CUDA_BURST if device == "cuda" else None,
+                "load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in os.getloadavg()],
+                "complete": complete, "op": op, "processor": proc, "step": step}
+
+    def save() -> None:            # after each table and step: a run cut short keeps what it measured
+        write_results(result(False), args.out, "host", markdown, stem)
+
     for mode in MODES:
         for M in Ms:
             for D in Ds:
@@ -272,16 +289,18 @@ def main(argv=None) -> int:
                 r = op[-1]
                 print(f"op M={M} D={D} {mode}: {r['stattn_us']:.1f} vs {r['sdpa_us']:.1f} µs "
                       f"({r['ratio']:.2f}x)", flush=True)
-    proc, step = [], []
+    save()
     for shape in () if args.op_only else SD15 if args.quick else SD15 + SDXL:
         proc.append(processor_case(*shape, max(5, args.repeats // 3), args.min_time, device, dtype))
         r = proc[-1]
         print(f"processor {r['model']} M={r['M']}: {r['stattn_ms']:.3f} vs {r['stock_ms']:.3f} ms "
               f"({r['ratio']:.2f}x)", flush=True)
     if not args.op_only:
+        save()
         step.append(step_case("tiny", models.tiny(dtype=dtype, device=device), 64, 10, args.step_runs))  # many runs: noise
         print(f"step tiny: {step[-1]['stattn_ms']:.2f} vs {step[-1]['stock_ms']:.2f} ms ({step[-1]['ratio']:.2f}x)",
               flush=True)
+        save()
     if not (args.quick or args.op_only):
         px = 256 if device == "cpu" else 512                          # a CPU step at 512 px: ~30 s
         # 6 runs: a CPU step is 3-9 s, and the cross-attention's share of it under 1 %
@@ -289,12 +308,7 @@ def main(argv=None) -> int:
                               6))
         print(f"step sd15 {px}px: {step[-1]['stattn_ms']:.1f} vs {step[-1]['stock_ms']:.1f} ms "
               f"({step[-1]['ratio']:.2f}x)", flush=True)
-    result = {"environment": machine(device), "threads": args.threads, "repeats": args.repeats,
-              "min_time_s": args.min_time, "dtype": str(dtype).removeprefix("torch."), "quick": args.quick,
-              "op_only": args.op_only, "cuda_burst": CUDA_BURST if device == "cuda" else None,
-              "load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in os.getloadavg()],
-              "op": op, "processor": proc, "step": step}
-    publish(result, args.out, "host", markdown)
+    publish(result(True), args.out, "host", markdown, stem)
     return 0
 
 

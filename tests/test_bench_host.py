@@ -1,4 +1,5 @@
 """bench.host's measured pairs compute the same thing (the gate before timing), at tiny sizes."""
+import json
 import time
 
 import pytest
@@ -146,10 +147,40 @@ def test_cli_refuses_cuda_without_a_device_and_bad_step_runs(monkeypatch, capsys
 
 
 def test_cli_op_only_run_records_device_and_dtype(tmp_path):
-    import json
-
     assert host.main(["--op-only", "--repeats", "1", "--min-time", "0", "--dtype", "bf16", "--out", str(tmp_path)]) == 0
     (js,) = tmp_path.glob("host-*.json")
     result = json.loads(js.read_text())
     assert result["dtype"] == "bfloat16" and result["environment"]["device"] == "cpu" and len(result["op"]) == 27
     assert "1 thread(s), bfloat16" in js.with_suffix(".md").read_text()
+
+
+def test_a_run_cut_short_keeps_what_it_measured(tmp_path, monkeypatch):
+    """The result files are rewritten after each table: an error (or a kill) in the processor table
+    leaves the op table's, marked partial."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("cut short")
+
+    monkeypatch.setattr(host, "processor_case", broken)
+    with pytest.raises(RuntimeError, match="cut short"):
+        host.main(["--quick", "--repeats", "1", "--min-time", "0", "--out", str(tmp_path)])
+    (js,) = tmp_path.glob("host-*.json")
+    result = json.loads(js.read_text())
+    assert result["complete"] is False and len(result["op"]) == 6 and result["processor"] == []
+    assert "**Partial result**" in js.with_suffix(".md").read_text()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []      # no temporary left
+
+
+def test_write_results_replaces_the_files_whole(tmp_path, monkeypatch):
+    from stattn.bench import env
+
+    result = {"environment": {"device": "cpu"}, "x": 1}
+    js, md = env.write_results(result, tmp_path, "t", lambda r: f"x = {r['x']}\n", stem="t-cpu-1")
+    assert json.loads(js.read_text())["x"] == 1 and md.read_text() == "x = 1\n"
+
+    def failing(r):
+        raise KeyError("markdown failed")
+
+    with pytest.raises(KeyError):
+        env.write_results({**result, "x": 2}, tmp_path, "t", failing, stem="t-cpu-1")
+    assert json.loads(js.read_text())["x"] == 1 and md.read_text() == "x = 1\n"            # the pair unchanged
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t-cpu-1.json", "t-cpu-1.md"]

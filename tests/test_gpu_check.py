@@ -188,8 +188,6 @@ def test_main_replaces_an_earlier_check_and_returns_the_status(tmp_path):
 
 def test_host_stage_reads_bench_hosts_results_and_judges_the_target(tmp_path):
     """keys_host on a real bench.host result (the CPU, op cells only), then on one with a slow cell."""
-    import json
-
     from stattn.bench import host
 
     assert host.main(["--op-only", "--repeats", "1", "--min-time", "0", "--out", str(tmp_path / "real")]) == 0
@@ -198,6 +196,9 @@ def test_host_stage_reads_bench_hosts_results_and_judges_the_target(tmp_path):
     assert gc.brief_host(keys).startswith("27 cells (float32), worst stattn / stock ")
     result = {"dtype": "float16", "op": [{"M": 16, "D": 64, "mode": "no_grad", "ratio": 0.8}],
               "processor": [{"model": "sd15", "M": 4096, "ratio": 1.2}], "step": [{"model": "tiny", "size": 64, "ratio": 0.9}]}
+    (tmp_path / "host-cuda-20990101-000000.json").write_text(json.dumps({**result, "complete": False}))
+    assert gc.brief_host(gc.keys_host(tmp_path)) == "3 cells (float16, partial run), worst stattn / stock 1.20 " \
+        "(layer sd15 M=4096)"
     (tmp_path / "host-cuda-20990101-000000.json").write_text(json.dumps(result))
     keys = gc.keys_host(tmp_path)
     assert gc.brief_host(keys) == "3 cells (float16), worst stattn / stock 1.20 (layer sd15 M=4096)"

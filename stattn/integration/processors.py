@@ -458,10 +458,10 @@ class _State:
                 return
         for attn, last in zip(self.others, self.others_seen):
             if _processor(attn) is not last:
-                self.sign_others()
+                self.hold_signatures()
                 return
 
-    def sign_others(self) -> None:
+    def hold_signatures(self) -> None:
         for i, attn in enumerate(self.others):
             proc = self.others_seen[i] = _processor(attn)
             signatures.hold(proc, self.held)
@@ -488,7 +488,7 @@ class _State:
         if changed:
             self.revision += 1
             self._warn_left()
-        self.sign_others()
+        self.hold_signatures()
 
     def _wrap(self, index: int, stock) -> StattnAttnProcessor:
         make = exact_processors()[type(stock)].wrapper
