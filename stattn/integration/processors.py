@@ -435,7 +435,8 @@ class _State:
         self.others = others                # the other attention modules (self-attention)
         self.others_seen = [None] * len(others)
         self.held: set = set()              # the processor functions given a signature (signatures.hold)
-        self.release: Callable = lambda: signatures.release(self.held)   # accelerate: a weakref.finalize
+        # released by restore, or when the UNet is collected without one
+        self.release = weakref.finalize(unet, signatures.release, self.held)
         self.left: dict = {}
         self.controller, self.tracker, self.pipe = controller, tracker, None
         self.attend_excite = None  # the Attend-and-Excite pipeline whose self-attention registration is patched
@@ -618,8 +619,6 @@ def accelerate(pipe_or_unet, controller: Optional[Controller] = None):
     restore(unet)
     tracker = StepTracker(controller) if controller is not None else None
     state = _State(unet, layers, others, controller, tracker)
-    # the held signatures are released by restore, or when the UNet is collected without one
-    state.release = weakref.finalize(unet, signatures.release, state.held)
     state.sync()
     # the watcher first: the processors settle before the tracker and the layers run
     state.handles.append(unet.register_forward_pre_hook(state.check))
