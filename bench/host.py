@@ -271,9 +271,10 @@ def main(argv=None) -> int:
     Ms, Ds = ((16, 256), (64,)) if args.quick else (HOST_M, HOST_D)
     op, proc, step = [], [], []
     stem = result_stem("host", device)
+    environment = machine(device)          # once: it runs git and, on CUDA, nvidia-smi
 
     def result(complete: bool) -> dict:
-        return {"environment": machine(device), "threads": args.threads, "repeats": args.repeats,
+        return {"environment": environment, "threads": args.threads, "repeats": args.repeats,
                 "min_time_s": args.min_time, "dtype": str(dtype).removeprefix("torch."), "quick": args.quick,
                 "op_only": args.op_only, "cuda_burst": CUDA_BURST if device == "cuda" else None,
                 "load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in os.getloadavg()],
