@@ -56,17 +56,22 @@ setup(
     entry_points={"console_scripts": ["stattn=stattn.cli:main"]},
     ext_modules=_EXT_MODULES,
     cmdclass=_CMDCLASS,
-    python_requires=">=3.10",
-    # torch>=2.4: an installed torch (CPU or CUDA) satisfies it, so install torch first; ninja: the
-    # build of the native extension on first use (torch.utils.cpp_extension.load). numpy is not
-    # capped here: only the Triton 3.6 interpreter (the test suite's CPU Triton runs) needs < 2.4.
+    # The floors are the oldest releases the suite has run on (README, "Tested versions"): torch 2.11
+    # (the GPU image's; 2.13 in CI), triton 3.6, diffusers 0.42 (its processors are what stattn's
+    # reproduce), transformers 5.17, Python 3.11. An installed torch (CPU or CUDA) satisfies the
+    # floor, so install torch first; ninja: the native extension's build on first use
+    # (torch.utils.cpp_extension.load). numpy is not capped here: only the Triton 3.6 interpreter
+    # (the test suite's CPU Triton runs) needs < 2.4.
+    python_requires=">=3.11",
     install_requires=[
-        "torch>=2.4", "triton>=3.0", "numpy", "diffusers>=0.30", "transformers>=4.40", "pillow", "ninja",
+        "torch>=2.11", "triton>=3.6", "numpy", "diffusers>=0.42", "transformers>=5.17", "pillow", "ninja",
         "accelerate",   # stattn eval: the work list split over processes (PartialState)
     ],
     # the test extra: peft for the LoRA drop-in tests, torchsde for DPMSolverSDEScheduler (every diffusers
     # scheduler is tested), numpy < 2.4 for the Triton 3.6 interpreter
     # the eval extra: the summary's bar chart (stattn eval writes it when matplotlib is there)
-    extras_require={"test": ["pytest", "pytest-benchmark", "numpy<2.4", "peft", "torchsde"],
-                    "eval": ["matplotlib"]},
+    # scipy: diffusers' LMSDiscreteScheduler and transformers' OWLv2 image processor (the eval's
+    # detector) import it (it came only through torchsde before)
+    extras_require={"test": ["pytest", "pytest-benchmark", "numpy<2.4", "peft", "torchsde", "scipy"],
+                    "eval": ["matplotlib", "scipy"]},
 )

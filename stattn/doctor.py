@@ -95,6 +95,11 @@ def triton_report() -> list:
     if v == "not installed":
         return ["Triton: not installed (CUDA tensors need it: `pip install triton`)"]
     if os.environ.get("TRITON_INTERPRET") == "1":
+        from .ops import interpreter_problem
+
+        problem = interpreter_problem()
+        if problem:
+            return [f"Triton {v}: CPU interpreter (TRITON_INTERPRET=1), unusable: {problem}"]
         return [f"Triton {v}: CPU interpreter (TRITON_INTERPRET=1; slow, for tests)"]
     if torch.cuda.is_available():
         return [f"Triton {v}: GPU (CUDA tensors run the Triton kernels)"]

@@ -14,6 +14,7 @@ H * D)`` is a view, as with SDPA's output; the fake implementations give the sam
 """
 from __future__ import annotations
 
+import functools
 import os
 from types import SimpleNamespace
 from typing import Optional
@@ -82,10 +83,43 @@ def backend_for(t: Tensor) -> str:
     if choice == "triton":
         if os.environ.get("TRITON_INTERPRET") != "1":
             raise RuntimeError("STATTN_BACKEND=triton on CPU needs TRITON_INTERPRET=1 set before import")
+        problem = interpreter_problem()
+        if problem:
+            raise RuntimeError(f"STATTN_BACKEND=triton on CPU: {problem}")
         if t.dtype == torch.bfloat16:
             raise TypeError("the Triton interpreter has no bfloat16: use float16/float32 on CPU")
         return "triton"
     return "reference"
+
+
+def _numpy_int_of_1_element_array() -> bool:
+    """Whether int() takes a 1-element numpy array (numpy < 2.4) or refuses it (TypeError)."""
+    import warnings
+
+    import numpy as np
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)    # numpy 1.25 ... 2.3 warn, and convert
+        try:
+            int(np.ones(1, dtype=np.int32))
+        except TypeError:
+            return False
+    return True
+
+
+@functools.cache
+def interpreter_problem() -> Optional[str]:
+    """Why Triton's CPU interpreter cannot run the kernels here, or None. Triton 3.6's interpreter
+    holds scalars as 1-element arrays and converts them with int(), which numpy >= 2.4 refuses:
+    every kernel's region loop then fails deep inside ("only 0-dimensional arrays can be
+    converted"). Probed, not read off numpy's version; other Triton releases are not judged."""
+    import numpy as np
+    import triton
+
+    if triton.__version__.startswith("3.6.") and not _numpy_int_of_1_element_array():
+        return (f"Triton {triton.__version__}'s interpreter needs numpy < 2.4 (it converts 1-element arrays "
+                f"to ints, which numpy {np.__version__} refuses): pip install 'numpy<2.4'")
+    return None
 
 
 def _kernels():
@@ -274,7 +308,10 @@ def _(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, save_l
     B, H, M, _ = q.shape
     R, N = k.shape[1], k.shape[3]
     ct = ref.compute_dtype(q)
-    return (empty_output(q), q.new_empty((B, R + (pin is not None), H, M), dtype=torch.float32),
+    # int(): R is a SymInt under dynamic shapes, and torch 2.11's SymInt + bool makes a sympy Add
+    # of a BooleanTrue, which fails (torch 2.13 casts the bool)
+    slots = R + int(pin is not None)
+    return (empty_output(q), q.new_empty((B, slots, H, M), dtype=torch.float32),
             q.new_empty((B, H, M, R * N) if save_logits else (0,), dtype=ct),
             q.new_empty((B, H, M, N) if want_probs else (0,), dtype=ct))
 

@@ -140,6 +140,49 @@ def test_interpreter_has_no_bfloat16(triton_backend):
         stattn.region_attention(q, k, v)
 
 
+@pytest.fixture
+def interpreter_probe(monkeypatch):
+    """stattn.ops.interpreter_problem with the Triton version and numpy's int() answer chosen."""
+    import triton
+
+    from stattn import ops
+
+    def set_(triton_version, numpy_takes_1_element):
+        ops.interpreter_problem.cache_clear()
+        monkeypatch.setattr(triton, "__version__", triton_version)
+        monkeypatch.setattr(ops, "_numpy_int_of_1_element_array", lambda: numpy_takes_1_element)
+    yield set_
+    ops.interpreter_problem.cache_clear()
+
+
+def test_interpreter_with_a_strict_numpy_is_a_clear_error(triton_backend, interpreter_probe, monkeypatch):
+    """Triton 3.6's interpreter cannot run on numpy >= 2.4: named at the call, not deep inside a kernel."""
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter runs only without a GPU")
+    from stattn import doctor, ops
+
+    interpreter_probe("3.6.0", False)
+    with pytest.raises(RuntimeError, match=r"STATTN_BACKEND=triton on CPU: Triton 3\.6\.0's interpreter needs numpy < 2\.4"):
+        stattn.region_attention(*_inputs())
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert "unusable" in doctor.triton_report()[0] and "numpy < 2.4" in doctor.triton_report()[0]
+    interpreter_probe("3.7.0", False)    # other releases are not judged
+    assert ops.interpreter_problem() is None
+    interpreter_probe("3.6.0", True)
+    assert ops.interpreter_problem() is None
+    assert torch.isfinite(stattn.region_attention(*_inputs())).all()
+
+
+def test_the_interpreter_probe_matches_numpy():
+    """The probe is numpy's real behaviour here (numpy < 2.4 in the test extra: int() takes it)."""
+    import numpy as np
+
+    from stattn import ops
+
+    strict = tuple(int(x) for x in np.__version__.split(".")[:2]) >= (2, 4)
+    assert ops._numpy_int_of_1_element_array() is (not strict)
+
+
 def _op_args(requires_grad):
     q, k, v = _inputs()
     off = _offset()

@@ -89,6 +89,19 @@ def test_tiny_detectors_run(tmp_path, kind):
     assert s["detected"] in (0.0, 1.0) and s["relation"] in (0.0, 1.0)
 
 
+def test_a_processor_that_cannot_run_fails_at_construction(tmp_path):
+    """transformers' OWLv2 image processor without scipy raises ImportError at its first call: the
+    Detector calls it once when built, so the error comes before any image is generated."""
+    model, processor = tiny.detector()
+
+    def no_scipy(*args, **kwargs):
+        raise ImportError("Owlv2ImageProcessorPil requires the scipy library")
+
+    with pytest.raises(ImportError, match=r"detector given model: its processor cannot run here: .*scipy.*eval"):
+        M.Detector((model, no_scipy))
+    M.Detector((model, processor))      # the real one runs
+
+
 def test_detector_directory_errors(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         M.check_detector_dir(tmp_path / "none")

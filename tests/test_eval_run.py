@@ -20,7 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = "a cat to the left of a dog\na red car and a blue bowl\na frog above a turtle\n"
 COMMON = ["--model", "tiny", "--seeds", "0-1", "--methods", "none,regulation", "--steps", "2", "--clip", "tiny",
           "--detector", "tiny", "--device", "cpu", "--quiet"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error", "PYTHONPATH": str(ROOT)}
+# ROOT first, the caller's PYTHONPATH kept (the GPU check puts diffusers' wheel there)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error",
+       "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))}
 
 
 def _args(prompts, out, *extra):

@@ -56,15 +56,18 @@ def test_sdist_carries_what_the_build_needs(built):
 
 
 def test_requirements_pull_no_torch_or_numpy_pin(built):
-    """torch>=2.4 (an installed CPU or CUDA torch satisfies it: nothing else is pulled), ninja for
-    the build on first use, numpy < 2.4 only in the test extra (the Triton 3.6 interpreter)."""
+    """torch>=2.11, the oldest tested (an installed CPU or CUDA torch satisfies it: nothing else is
+    pulled), ninja for the build on first use, numpy < 2.4 only in the test extra (the Triton 3.6
+    interpreter), scipy in the test and eval extras."""
     (egg,) = built.glob("*.egg-info")
     base, _, extras = (egg / "requires.txt").read_text().partition("\n[")
     base = base.split()
-    assert "torch>=2.4" in base and "ninja" in base and "numpy" in base
+    assert "torch>=2.11" in base and "ninja" in base and "numpy" in base
+    assert {"triton>=3.6", "diffusers>=0.42", "transformers>=5.17"} <= set(base)
     assert not any(r.startswith(("torch<", "torch=", "numpy<", "numpy=")) for r in base)
     sections = {block.split("]", 1)[0]: block.split("]", 1)[1].split() for block in ("[" + extras).split("[")[1:]}
-    assert "numpy<2.4" in sections["test"] and "accelerate" in base and sections["eval"] == ["matplotlib"]
+    assert "numpy<2.4" in sections["test"] and "accelerate" in base
+    assert "scipy" in sections["test"] and sections["eval"] == ["matplotlib", "scipy"]
     assert not any(r.startswith("numpy<") for name, reqs in sections.items() if name != "test" for r in reqs)
 
 

@@ -135,6 +135,19 @@ class Detector:
             self.processor = getattr(transformers, proc_cls).from_pretrained(source, local_files_only=True)
         self.name = name or (os.fspath(source) if not isinstance(source, (tuple, list)) else "given model")
         self.kind, self.threshold = kind, float(threshold)
+        self._check_processor()
+
+    def _check_processor(self):
+        """Preprocess a blank image once, so a processor that cannot run here fails before the first
+        generation, not after it (transformers' OWLv2 image processor needs scipy, checked only at
+        its first call)."""
+        from PIL import Image
+
+        try:
+            self.processor(text=[["object"]], images=Image.new("RGB", (32, 32)), return_tensors="pt")
+        except ImportError as exc:
+            raise ImportError(f"detector {self.name}: its processor cannot run here: {str(exc).strip()}" +
+                              ' (stattn\'s eval extra has scipy: pip install "stattn[eval]")') from exc
 
     @torch.no_grad()
     def detect(self, image, names: Sequence[str]) -> list:
