@@ -443,6 +443,46 @@ def test_optimize_short_run(pipe, reference_backend):
     st.remove(pipe)
 
 
+def test_layer_calls_read_no_values_back(pipe, monkeypatch):
+    """The controller's masks and W are checked when made; the op's per-call NaN checks (a host read,
+    a sync per layer on CUDA) stay off for its calls, on for a user's own combine()."""
+    from stattn import _validate as V
+
+    read = []
+    real = V.check_finite
+    monkeypatch.setattr(V, "check_finite", lambda name, t: (read.append(name) if V._value_checks else None,
+                                                            real(name, t))[1])
+    st = SpatialTemporal(["cat", "frog"], weights=torch.tensor([[1.0, 2.0, 0.5], [0.5, 1.0, 2.0]]))
+    st.apply(pipe, prompt=PROMPT)
+    try:
+        images(pipe)
+        assert stattn.status(pipe).fused_calls > 0 and read == []
+    finally:
+        st.remove(pipe)
+    q, k, v = torch.randn(2, 2, 6, 8), torch.randn(2, 1, 2, 5, 8), torch.randn(2, 1, 2, 5, 8)
+    combine(q, k, v, torch.randn(1, 2, 2, 5, 8), torch.randn(1, 2, 2, 5, 8), torch.rand(1, 6), torch.ones(1),
+            cond_start=1)
+    assert read                                     # a direct call checks what it is given
+
+
+def test_optimize_stops_when_adam_makes_the_weights_non_finite(pipe, reference_backend, monkeypatch):
+    from stattn.methods.spacetime import controller
+
+    st = SpatialTemporal(["cat", "frog"])
+    st.apply(pipe, prompt=PROMPT)
+
+    class NaNLoss(controller.ClipLoss):
+        def __call__(self, images):
+            return super().__call__(images) * float("nan")
+
+    monkeypatch.setattr(controller, "ClipLoss", NaNLoss)
+    try:
+        with pytest.raises(ValueError, match=r"optimize: Adam's step made the weights W NaN or inf .*lr"):
+            st.optimize(pipe, PROMPT, clip=tiny_clip(), steps=3, passes=3, seed=0)
+    finally:
+        st.remove(pipe)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_fused_equals_the_unfused_released_structure(mode):
     """The benchmark's baseline (one SDPA call per region, combined eagerly, the cross-row term

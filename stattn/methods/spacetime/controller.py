@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ... import reference as ref
+from ..._validate import value_checks
 from ...integration.control import Controller, CrossAttentionCall, Generation, PromptEmbedsCheck, cond_start, project_kv
 from .layout import (Layout, LayoutPredictor, Phrase, RuleLayoutPredictor, _locate, as_region, check_layout_names,
                      expand_to_phrase, match_layout_names, parse_layout_text, region_from_json, region_to_json)
@@ -317,8 +318,11 @@ class SpatialTemporal(Controller):
                              f"M = {call.q.shape[2]} pixels, which the step tracker could not determine")
         c0 = self._cond_start(call)
         kc, vc = self._region_kv(call, c0)
-        return combine(call.q, call.k, call.v, kc, vc, self._grid_masks(call), self.step_weights(call),
-                       mode=self.mode, cond_start=c0, scale=call.scale, offset=offset)
+        # the masks and W are ours, checked finite when made (the layout's masks, _check_weights, each
+        # optimisation step): reading them back for NaNs at every call would sync the host per layer on CUDA
+        with value_checks(False):
+            return combine(call.q, call.k, call.v, kc, vc, self._grid_masks(call), self.step_weights(call),
+                           mode=self.mode, cond_start=c0, scale=call.scale, offset=offset)
 
     def step_weights(self, call: CrossAttentionCall) -> Tensor:
         """c[t] [n]: this step's column of W, picked on the device (no host sync)."""
@@ -418,6 +422,9 @@ class SpatialTemporal(Controller):
                 opt.step()
                 losses.append(float(loss.detach()))
                 history.append(W.detach().cpu().clone())
+                if not bool(torch.isfinite(history[-1]).all()):     # the host copy: no extra sync
+                    raise ValueError(f"optimize: Adam's step made the weights W NaN or inf (loss {losses[-1]}); "
+                                     f"try a smaller lr (got {lr})")
                 if cuda:
                     torch.cuda.synchronize(device)
                 times.append((time.perf_counter() - t0) * 1e3)
