@@ -8,6 +8,7 @@ q and do are read with their strides; o and dq
 are written in [B, M, H, D] memory order (stattn.ops.empty_output: the kernels take o's / dq's strides).
 """
 import functools
+from types import MappingProxyType
 
 import torch
 import triton
@@ -78,8 +79,7 @@ def _row_stride(t) -> int:
 
 
 def _common(q, k, v, weights, masks, theta, tokens, gy, gx, pin):
-    """Block config, the strides shared by all kernels, and the problem sizes (k, v contiguous)."""
-    has_pin = pin is not None
+    """The strides shared by all kernels and the problem sizes (k, v contiguous)."""
     B, H, M, D = q.shape
     R, N = k.shape[1], k.shape[3]
     T = theta.shape[2] if theta is not None else 0
@@ -87,17 +87,26 @@ def _common(q, k, v, weights, masks, theta, tokens, gy, gx, pin):
     Kx = gx.shape[1] if T else 0
     W = gx.shape[0] if T else 1
     th_strides = theta.stride() if T else (0,) * 5
-    cfg = block_config(M, N, D, Ky, Kx, plain=T == 0 and not has_pin)
     strides = (*k.stride(), *v.stride(), *weights.stride(), *masks.stride(), *th_strides,
                gy.stride(0) if T else 0, gx.stride(0) if T else 0,
                _row_stride(tokens) if T else 0, _row_stride(pin))
     dims = (B, H, R, M, N, D, T, W, Ky, Kx)
-    return cfg, strides, dims
+    return strides, dims
 
 
 def _indices(tokens, pin, lengths):
     """The index tensors with unit stride along their last dim (what the kernels assume)."""
     return tuple(None if t is None else t.contiguous() for t in (tokens, pin, lengths))
+
+
+@functools.lru_cache(maxsize=4096)     # pure in its arguments, asked at every launch (host cost)
+def _forward_meta(M: int, N: int, D: int, Ky: int, Kx: int, affine: bool, offset: bool, pinned: bool,
+                  lengths: bool, probs: bool):
+    """The forward kernel's meta-parameters (read-only: shared by every call of a problem) and its
+    pixel tile."""
+    cfg = block_config(M, N, D, Ky, Kx, plain=not offset and not pinned)
+    meta = dict(AFFINE=affine, HAS_OFFSET=offset, HAS_PIN=pinned, HAS_LENGTHS=lengths, WANT_PROBS=probs, **cfg)
+    return MappingProxyType(meta), cfg["BLOCK_M"]
 
 
 def forward(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, lengths=None, want_probs=False):
@@ -107,23 +116,20 @@ def forward(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, 
     (edited softmax, pinned columns from the un-offset one, 0 on keys past lengths[0])."""
     k, v = k.contiguous(), v.contiguous()
     tokens, pin, lengths = _indices(tokens, pin, lengths)
-    cfg, strides, (B, H, R, M, N, D, T, W, Ky, Kx) = _common(q, k, v, weights, masks, theta, tokens, gy, gx, pin)
+    strides, (B, H, R, M, N, D, T, W, Ky, Kx) = _common(q, k, v, weights, masks, theta, tokens, gy, gx, pin)
     has_pin = pin is not None
+    meta, block_m = _forward_meta(M, N, D, Ky, Kx, bool(affine), T > 0, has_pin, lengths is not None,
+                                  bool(want_probs))
     o = empty_output(q, _empty)
     lse = _empty(B, R + has_pin, H, M, device=q.device, dtype=torch.float32)
     probs = _empty(B, H, M, N, device=q.device, dtype=torch.float32) if want_probs else None
     dummy = lse
-    k_s, v_s = strides[:5], strides[5:10]
-    rest = strides[10:]
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]), B * H)
-    _launch(_fwd_kernel, grid, (
+    _launch(_fwd_kernel, (-(-M // block_m), B * H), (
         q, k, v, o, lse, weights, masks,
         tokens if T else dummy, theta if T else dummy, gy if T else dummy, gx if T else dummy,
         pin if has_pin else dummy, lengths if lengths is not None else dummy, probs if want_probs else dummy,
-        *q.stride(), *k_s, *v_s, *o.stride(), *lse.stride(), *rest,
-        H, R, M, N, D, T, W, Ky, Kx, float(scale)),
-        dict(AFFINE=bool(affine), HAS_OFFSET=T > 0, HAS_PIN=has_pin, HAS_LENGTHS=lengths is not None,
-             WANT_PROBS=bool(want_probs), **cfg))
+        *q.stride(), *strides[:10], *o.stride(), *lse.stride(), *strides[10:],
+        H, R, M, N, D, T, W, Ky, Kx, float(scale)), meta)
     return (o, lse, probs) if want_probs else (o, lse)
 
 
@@ -138,6 +144,19 @@ def _grad_probs(grad_probs, B, H, M, N):
     return grad_probs.contiguous()
 
 
+@functools.lru_cache(maxsize=4096)     # as _forward_meta
+def _backward_meta(M: int, N: int, D: int, Ky: int, Kx: int, affine: bool, offset: bool, pinned: bool,
+                   lengths: bool, gp: bool, need_dq: bool, store_d: bool, need_dtheta: bool, store_dg: bool):
+    """The backward kernels' meta-parameters: dq's, dk/dv's for region 0 (offset, pins, the maps'
+    gradient) and for regions 1.. (none of those); and the pixel and key tiles."""
+    cfg = block_config(M, N, D, Ky, Kx, plain=not offset and not pinned)
+    dq = dict(AFFINE=affine, HAS_OFFSET=offset, HAS_PIN=pinned, HAS_LENGTHS=lengths, NEED_DQ=need_dq,
+              STORE_D=store_d, NEED_DTHETA=need_dtheta, HAS_GP=gp, STORE_DG=store_dg, **cfg)
+    dkdv = tuple(MappingProxyType(dict(AFFINE=affine, HAS_OFFSET=o, HAS_PIN=p, HAS_LENGTHS=lengths, HAS_GP=g, **cfg))
+                 for o, p, g in ((offset, pinned, gp), (False, False, False)))
+    return MappingProxyType(dq), dkdv, cfg["BLOCK_M"], cfg["BLOCK_N"]
+
+
 def backward(do, q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, lse,
              need_dq, need_dkv, need_dalpha, need_dtheta, lengths=None, grad_probs=None):
     """Returns (dq | None, dk | None, dv | None, D [B, R + has_pin, H, M] | None, dtheta | None).
@@ -148,48 +167,44 @@ def backward(do, q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, sc
     of forward(want_probs=True)'s maps, added to region 0's dp (dq, dk, dtheta; dv, D unchanged)."""
     k, v = k.contiguous(), v.contiguous()
     tokens, pin, lengths = _indices(tokens, pin, lengths)
-    cfg, strides, (B, H, R, M, N, D, T, W, Ky, Kx) = _common(q, k, v, weights, masks, theta, tokens, gy, gx, pin)
+    strides, (B, H, R, M, N, D, T, W, Ky, Kx) = _common(q, k, v, weights, masks, theta, tokens, gy, gx, pin)
     has_pin = pin is not None
     grad_probs = _grad_probs(grad_probs, B, H, M, N)
     has_gp = grad_probs is not None
     need_dtheta = need_dtheta and T > 0
     store_d = need_dalpha or need_dkv
     store_dg = has_gp and need_dkv
+    has_len = lengths is not None
+    dq_meta, dkdv_metas, block_m, block_n = _backward_meta(
+        M, N, D, Ky, Kx, bool(affine), T > 0, has_pin, has_len, has_gp, bool(need_dq), store_d, need_dtheta, store_dg)
     dq = empty_output(q, _empty) if need_dq else None
     dbuf = _empty(lse.shape, dtype=lse.dtype, device=lse.device) if store_d else None
     dgbuf = _empty(lse.shape, dtype=lse.dtype, device=lse.device) if store_dg else None
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]), B * H)
+    grid = (-(-M // block_m), B * H)
     dth_part = (_empty(B, H, grid[0], T, Ky, Kx, device=q.device, dtype=torch.float32)
                 if need_dtheta else None)
     dummy = lse
-    k_s, v_s = strides[:5], strides[5:10]
-    rest = strides[10:]
     ptrs = (tokens if T else dummy, theta if T else dummy, gy if T else dummy, gx if T else dummy,
-            pin if has_pin else dummy, lengths if lengths is not None else dummy)
-    has_len = lengths is not None
-    common = (*q.stride(), *k_s, *v_s, *do.stride(), *lse.stride(), *rest)
+            pin if has_pin else dummy, lengths if has_len else dummy)
+    common = (*q.stride(), *strides[:10], *do.stride(), *lse.stride(), *strides[10:])
     if need_dq or store_d or need_dtheta:
         _launch(_bwd_dq_kernel, grid, (
             q, k, v, do, dq if need_dq else dummy, lse, dbuf if store_d else dummy, weights, masks,
             *ptrs, dth_part if need_dtheta else dummy, grad_probs if has_gp else dummy,
             dgbuf if store_dg else dummy, *common, *(dq.stride() if need_dq else (0,) * 4),
-            H, R, M, N, D, T, W, Ky, Kx, float(scale)),
-            dict(AFFINE=bool(affine), HAS_OFFSET=T > 0, HAS_PIN=has_pin, HAS_LENGTHS=has_len,
-                 NEED_DQ=need_dq, STORE_D=store_d, NEED_DTHETA=need_dtheta, HAS_GP=has_gp, STORE_DG=store_dg,
-                 **cfg))
+            H, R, M, N, D, T, W, Ky, Kx, float(scale)), dq_meta)
     dk = dv = None
     if need_dkv:
         dk = _empty_like(k)
         dv = _empty_like(v)
-        n_blocks = triton.cdiv(N, cfg["BLOCK_N"])
-        for r_first, n_r, offset, pinned, gp in ((0, 1, T > 0, has_pin, has_gp), (1, R - 1, False, False, False)):
+        n_blocks = -(-N // block_n)
+        for r_first, n_r, gp, meta in ((0, 1, has_gp, dkdv_metas[0]), (1, R - 1, False, dkdv_metas[1])):
             if n_r == 0:
                 continue
             # region 0 alone (offset, pins, maps' gradient), then regions 1.. together; R_FIRST selects which
             _launch(_bwd_dkdv_kernel, (n_blocks, B * n_r * H), (
                 q, k, v, do, dk, dv, lse, dbuf, weights, masks, *ptrs,
                 grad_probs if gp else dummy, dgbuf if gp else dummy, *common,
-                H, R, r_first, n_r, M, N, D, T, W, Ky, Kx, float(scale)),
-                dict(AFFINE=bool(affine), HAS_OFFSET=offset, HAS_PIN=pinned, HAS_LENGTHS=has_len, HAS_GP=gp, **cfg))
+                H, R, r_first, n_r, M, N, D, T, W, Ky, Kx, float(scale)), meta)
     dtheta = dth_part.sum(2) if need_dtheta else None
     return dq, dk, dv, dbuf, dtheta
