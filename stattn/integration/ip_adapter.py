@@ -27,6 +27,7 @@ from typing import Optional
 
 import torch
 
+from .._validate import value_checks
 from ..ops import region_attention
 from .processors import (_DTYPES, _NOT_REPRODUCED, _RESTORED, StattnAttnProcessor, _Counts, _exact_for, _heads,
                          _KVCache)
@@ -163,8 +164,12 @@ def _regions(q, keys, values, alphas, scale):
             masks[:, r] = alpha
         if w != 1.0:
             masks[:, r] *= w
-    return region_attention(q, k, v, masks=masks, scale=scale,
-                            key_lengths=lengths if min(lengths) < N else None)
+    # value checks off: the masks come from the call's ip_adapter_masks, which diffusers' processor
+    # multiplies in unchecked (a NaN reaches its output as it does stock's); reading them back here
+    # would sync the host at every layer call on CUDA
+    with value_checks(False):
+        return region_attention(q, k, v, masks=masks, scale=scale,
+                                key_lengths=lengths if min(lengths) < N else None)
 
 
 _CLASSES: dict = {}
