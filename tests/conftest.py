@@ -91,6 +91,22 @@ def reference_backend(monkeypatch):
     monkeypatch.setenv("STATTN_BACKEND", "reference")
 
 
+@pytest.fixture
+def value_reads(monkeypatch):
+    """The names the op's NaN / inf checks read while they are on (a host read, a sync per call on a
+    GPU): a list that fills during the test."""
+    from stattn import _validate as V
+
+    read, real = [], V.check_finite
+
+    def recorded(name, t):
+        if V._value_checks:
+            read.append(name)
+        return real(name, t)
+    monkeypatch.setattr(V, "check_finite", recorded)
+    return read
+
+
 def nan_empty(*args, **kwargs):
     """torch.empty filled with NaN (integers: a huge negative value): what poisoned outputs start as."""
     t = torch.empty(*args, **kwargs)

@@ -288,25 +288,20 @@ def test_generation_reports_what_the_runner_runs():
 
 
 @pytest.mark.parametrize("method", ["regulation", "spacetime", "compose"])
-def test_shipped_methods_read_no_values_back_per_call(method, monkeypatch):
+def test_shipped_methods_read_no_values_back_per_call(method, value_reads):
     """docs/writing-a-method.md's rule 4 for the shipped methods: the op's NaN checks (a host read,
     a sync per layer call on a GPU) never run on their layer calls; what they pass is theirs and
     checked when made."""
-    from stattn import _validate as V
-
-    read, real = [], V.check_finite
-    monkeypatch.setattr(V, "check_finite", lambda name, t: (read.append(name) if V._value_checks else None,
-                                                            real(name, t))[1])
     pipe = models.tiny(0, scheduler="DDIMScheduler")
     reg = lambda: stattn.AttentionRegulation(["cat", "frog"], layers="all", edit_steps=2)  # noqa: E731
     st = lambda: stattn.SpatialTemporal(["cat", "frog"], weights=torch.tensor([0.5, 1.5]))  # noqa: E731
     ctrl = {"regulation": reg, "spacetime": st, "compose": lambda: stattn.compose(reg(), st())}[method]()
     ctrl.apply(pipe, prompt=PROMPT)
     try:
-        read.clear()                      # (set-up may check what the user gave)
+        value_reads.clear()               # (set-up may check what the user gave)
         _latents(pipe, PROMPT, steps=2)
         # θ0 is read on the CPU only, where it is free (regulation.core._check_theta; on a GPU a NaN
         # shows in the losses): every other read would be a sync per layer call there
-        assert stattn.status(pipe).fused_calls > 0 and [n for n in read if n != "theta0"] == []
+        assert stattn.status(pipe).fused_calls > 0 and [n for n in value_reads if n != "theta0"] == []
     finally:
         ctrl.remove(pipe)
