@@ -1,6 +1,6 @@
 """The CUDA launch path's host cost, measured without a GPU: stattn's launcher and Triton's binder.
 
-    python -m bench.launch_host [--repeats 15] [--calls 1000] [--out bench/results]
+    python -m bench.launch_host [--repeats 2000] [--min-time 1] [--out bench/results]
 
 On a GPU an eager call of the op costs, on the host: stattn's op layer, its launcher
 (``stattn.kernels.launch``: output allocation, strides, grid, meta-parameters), Triton's JIT
@@ -15,8 +15,9 @@ first two and the third are plain Python and can be timed here on CPU tensors of
 
 What it cannot time: the op layer on CUDA tensors and the driver launch (bench.host --device cuda,
 the GPU check's 08-host, measures the whole call there). Problems: the plain cross-attention call
-(R = 1) at SD 1.5's M = 256 and 4096, and a controlled one (R = 2, offset, pins). Medians of
-``--repeats`` samples of ``--calls`` calls each, one thread.
+(R = 1) at SD 1.5's M = 256 and 4096, and a controlled one (R = 2, offset, pins). The three are
+timed one call at a time, interleaved (bench.native's ``_timed``), medians of at least
+``--repeats`` calls each, one thread.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from pathlib import Path
 import torch
 
 from bench.env import machine, provenance, publish
+from bench.native import _timed
 
 PROBLEMS = (  # name, M, D, R, T (offset targets), pinned
     ("plain M=256 D=80", 256, 80, 1, 0, False),
@@ -49,18 +51,6 @@ def _inputs(M, D, R, T, pinned):
     return q, k, w, masks, theta, tokens, gy, pin
 
 
-def _median_us(fn, repeats: int, calls: int) -> float:
-    for _ in range(min(300, calls)):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        samples.append((time.perf_counter() - t0) / calls * 1e6)
-    return statistics.median(samples)
-
-
 def _binder(kernel, args, meta):
     """Triton's per-launch binder and cache-key lookup for this launch (JITFunction.run's first steps)."""
     from triton.backends.compiler import GPUTarget
@@ -79,28 +69,27 @@ def _binder(kernel, args, meta):
     return bind
 
 
-def measure(repeats: int, calls: int) -> list:
-    from stattn.kernels import launch
+def measure(repeats: int, min_s: float) -> list:
+    from stattn.kernels import aot, launch
 
-    rows, real = [], launch._launch
+    rows = []
     for name, M, D, R, T, pinned in PROBLEMS:
         q, k, w, masks, theta, tokens, gy, pin = _inputs(M, D, R, T, pinned)
         scale = D ** -0.5
-        launches = []
-        launch._launch = lambda kernel, grid, args, meta: launches.append((kernel, args, meta))
-        try:
-            fwd = lambda: launch.forward(q, k, k, w, masks, False, theta, tokens, gy, gy, pin, scale)  # noqa: E731
+        fwd = lambda: launch.forward(q, k, k, w, masks, False, theta, tokens, gy, gy, pin, scale)  # noqa: E731
+        with aot._captured() as launches:
             _, lse = fwd()
-            bwd = lambda: launch.backward(q, q, k, k, w, masks, False, theta, tokens, gy, gy, pin, scale,  # noqa: E731
-                                          lse, True, True, True, T > 0)
-            kernel, args, meta = launches[0]
-            launch._launch = lambda *a: None
-            row = {"problem": name, "M": M, "D": D, "R": R, "T": T, "pinned": pinned,
-                   "forward_us": _median_us(fwd, repeats, calls), "backward_us": _median_us(bwd, repeats, calls),
-                   "forward_args": len(args) + len(meta)}
+        bwd = lambda: launch.backward(q, q, k, k, w, masks, False, theta, tokens, gy, gy, pin, scale,  # noqa: E731
+                                      lse, True, True, True, T > 0)
+        kernel, args, meta = launches[0]
+        real, launch._launch = launch._launch, lambda *a: None
+        try:
+            t = _timed({"forward": fwd, "backward": bwd, "binder": _binder(kernel, args, meta)}, repeats, min_s)
         finally:
             launch._launch = real
-        row["binder_us"] = _median_us(_binder(kernel, args, meta), repeats, calls)
+        row = {"problem": name, "M": M, "D": D, "R": R, "T": T, "pinned": pinned, "forward_args": len(args) + len(meta),
+               **{f"{part}_us": t[part]["median"] * 1e3 for part in ("forward", "backward", "binder")},
+               "n": t["forward"]["n"]}
         print(f"{name}: launcher forward {row['forward_us']:.1f} µs, backward {row['backward_us']:.1f} µs; "
               f"Triton binder (forward) {row['binder_us']:.1f} µs", flush=True)
         rows.append(row)
@@ -110,7 +99,7 @@ def measure(repeats: int, calls: int) -> list:
 def markdown(result: dict) -> str:
     env = result["environment"]
     lines = [f"# CUDA launch path, host cost without a GPU ({env['cpu']}, 1 thread)", "",
-             f"{provenance(env)}. Medians of {result['repeats']} × {result['calls']} calls. launcher: "
+             f"{provenance(env)}. Medians of single calls, interleaved (≥ {result['repeats']} each). launcher: "
              "stattn.kernels.launch with the launch a no-op; binder: Triton's per-launch binder + cache key "
              "(sm_90 backend) on the forward launch's arguments.", "",
              "| problem | launcher forward µs | launcher backward µs | Triton binder (forward) µs | forward args |",
@@ -123,16 +112,17 @@ def markdown(result: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--repeats", type=int, default=15)
-    p.add_argument("--calls", type=int, default=1000)
+    p.add_argument("--repeats", type=int, default=2000, help="at least this many calls of each part")
+    p.add_argument("--min-time", type=float, default=1.0, help="more repeats until the parts take about S seconds")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     args = p.parse_args(argv)
-    for name in ("repeats", "calls"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.repeats < 1:
+        p.error(f"--repeats must be at least 1, got {args.repeats}")
+    if args.min_time < 0:
+        p.error(f"--min-time must be at least 0, got {args.min_time}")
     torch.set_num_threads(1)
-    rows = measure(args.repeats, args.calls)
-    publish({"environment": machine("cpu"), "repeats": args.repeats, "calls": args.calls, "rows": rows},
+    rows = measure(args.repeats, args.min_time)
+    publish({"environment": machine("cpu"), "repeats": args.repeats, "min_time_s": args.min_time, "rows": rows},
             args.out, "launch-host", markdown)
     return 0
 

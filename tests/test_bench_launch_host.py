@@ -8,7 +8,7 @@ from stattn.kernels import launch
 
 def test_launch_host_measures_every_problem_and_restores_the_launch(tmp_path):
     real = launch._launch
-    assert launch_host.main(["--repeats", "1", "--calls", "2", "--out", str(tmp_path)]) == 0
+    assert launch_host.main(["--repeats", "2", "--min-time", "0", "--out", str(tmp_path)]) == 0
     assert launch._launch is real
     (path,) = tmp_path.glob("launch-host-*.json")
     rows = json.loads(path.read_text())["rows"]
@@ -21,5 +21,8 @@ def test_bad_counts_are_named(capsys):
     import pytest
 
     with pytest.raises(SystemExit):
-        launch_host.main(["--calls", "0"])
-    assert "--calls must be at least 1" in capsys.readouterr().err
+        launch_host.main(["--repeats", "0"])
+    assert "--repeats must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        launch_host.main(["--min-time", "-1"])
+    assert "--min-time must be at least 0" in capsys.readouterr().err
