@@ -53,13 +53,11 @@ def _inputs(M, D, R, T, pinned):
 
 def _binder(kernel, args, meta):
     """Triton's per-launch binder and cache-key lookup for this launch (JITFunction.run's first steps)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import CUDABackend
-    from triton.runtime.jit import JITFunction, compute_cache_key, create_function_from_signature
+    from triton.runtime.jit import compute_cache_key
 
-    if not isinstance(kernel, JITFunction):     # under TRITON_INTERPRET=1: the same function, as the JIT wraps it
-        kernel = JITFunction(kernel.fn)
-    binder = create_function_from_signature(kernel.signature, kernel.params, CUDABackend(GPUTarget("cuda", 90, 32)))
+    from stattn.kernels import aot
+
+    _, _, binder = aot.jit_binder(kernel)    # Triton's CUDA backend for sm_90, no driver
     cache: dict = {}
     options = dict(meta, debug=False, instrumentation_mode="")
 

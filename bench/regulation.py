@@ -209,7 +209,6 @@ def compile_report(problems=AOT_CASES, arch: int = 90) -> list[dict]:
 
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("compile_report: unset TRITON_INTERPRET (it replaces the kernels this compiles)")
-    aot._PTR.setdefault(torch.int64, "*i64")   # token indices (stattn.kernels.aot knows 16/32-bit only)
     rows, seen = [], set()
     for case in problems:
         for kernel, args, meta in capture(case):

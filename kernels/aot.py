@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import re
 import subprocess
@@ -24,10 +25,6 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import launch
-
-_PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int32: "*i32",
-        torch.int64: "*i64"}
-_OPTIONS = ("num_warps", "num_stages")
 
 
 @dataclass
@@ -88,34 +85,87 @@ def capture(p: Problem):
     return launches
 
 
-def compile_launch(kernel, args, meta, target: GPUTarget):
-    """Compile one captured launch with the specialisations the JIT would apply at run time:
-    ints equal to 1 become constants, ints divisible by 16 and (aligned) pointers get the
-    divisibility hint (that is what lets loads vectorise)."""
-    names = kernel.arg_names
-    constexprs = {k: v for k, v in meta.items() if k not in _OPTIONS}
-    signature, attrs, positional = {}, {}, iter(args)
-    for i, name in enumerate(names):
-        if name in constexprs:
-            signature[name] = "constexpr"
-            continue
-        a = next(positional)
-        if isinstance(a, torch.Tensor):
-            signature[name] = _PTR[a.dtype]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif isinstance(a, float):
-            signature[name] = "fp32"
-        elif a == 1:
-            signature[name] = "constexpr"
-            constexprs[name] = 1
-        else:
-            signature[name] = "i32" if -2 ** 31 <= a < 2 ** 31 else "i64"
-            if a % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    src = ASTSource(kernel, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()},
-                    attrs=attrs)
-    options = {k: meta[k] for k in _OPTIONS if k in meta}
-    return triton.compile(src, target=target, options=options)
+SM90 = GPUTarget("cuda", 90, 32)   # H100 / H200: what driver.active.get_current_target() gives there
+
+
+@functools.lru_cache(maxsize=None)
+def _jit_and_binder(fn, target: GPUTarget):
+    """A JITFunction of fn (under TRITON_INTERPRET=1 the kernels are interpreter wrappers of the same
+    function) with Triton's generated binder and backend for target: JITFunction.create_binder's
+    steps, with the target given instead of read from a driver."""
+    from triton.compiler import make_backend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    jit = fn if isinstance(fn, JITFunction) else JITFunction(fn)
+    backend = make_backend(target)
+    return jit, backend, create_function_from_signature(jit.signature, jit.params, backend)
+
+
+def _fn(kernel):
+    return kernel if isinstance(kernel, triton.runtime.jit.JITFunction) else kernel.fn
+
+
+def jit_binder(kernel, target: GPUTarget = SM90):
+    """(jit, backend, binder) of a kernel for target: what JITFunction.run uses at every launch."""
+    return _jit_and_binder(_fn(kernel), target)
+
+
+def jit_specialisation(kernel, args, meta, target: GPUTarget = SM90):
+    """What JITFunction.run derives from one launch before it compiles, for target and without a
+    driver: (signature, constexprs, attrs, options), through Triton's own binder and _pack_args.
+    Compiling these (compile_specialisation) is the JIT's compile: the same specialisation of
+    every argument (ints equal to 1, divisibility by 16, pointer alignment) and the same entry
+    of Triton's cache."""
+    from triton import knobs
+
+    jit, backend, binder = jit_binder(kernel, target)
+    kwargs = dict(meta)
+    kwargs["debug"] = kwargs.get("debug", jit.debug) or knobs.runtime.debug            # as JITFunction.run
+    kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+    bound, specialisation, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = jit._pack_args(backend, kwargs, bound, specialisation, options)
+    return signature, constexprs, attrs, options
+
+
+def compile_specialisation(kernel, signature, constexprs, attrs, options, target: GPUTarget = SM90):
+    """triton.compile of a specialisation, as JITFunction._do_compile makes it."""
+    jit, _, _ = jit_binder(kernel, target)
+    return triton.compile(ASTSource(jit, signature, constexprs, attrs), target=target, options=options.__dict__)
+
+
+def compile_launch(kernel, args, meta, target: GPUTarget = SM90):
+    """Compile one captured launch as the JIT would compile it at run time on target."""
+    return compile_specialisation(kernel, *jit_specialisation(kernel, args, meta, target), target)
+
+
+def serialise_specialisation(kernel, signature, constexprs, attrs, options) -> str:
+    """A specialisation as JSON (Triton's own format, that of JITFunction.preload), to compile in
+    another process (deserialise_specialisation)."""
+    from triton.runtime.jit import get_full_name, serialize_specialization_data
+
+    return serialize_specialization_data(get_full_name(_fn(kernel)), signature, constexprs, attrs, options, "")
+
+
+def deserialise_specialisation(data: str, target: GPUTarget = SM90):
+    """(kernel, signature, constexprs, attrs, options) from serialise_specialisation's JSON, the
+    kernel imported by name; JITFunction.preload's decoding, without the driver."""
+    import importlib
+    import json
+
+    import triton.language as tl
+    from triton.runtime.jit import convert_to_tuple_if_list
+
+    obj = json.loads(data)
+    module, name = obj["name"].rsplit(".", 1)
+    kernel = getattr(importlib.import_module(module), name)
+    constexprs = {tuple(k): tl.dtype(v) if tl.dtype.is_dtype(v) else
+                  tl.constexpr(v["constexpr"]) if isinstance(v, dict) and "constexpr" in v else v
+                  for k, v in zip(obj["constant_keys"], obj["constant_vals"])}
+    attrs = dict(zip(map(tuple, obj["attrs_keys"]), obj["attrs_vals"]))
+    signature = {k: convert_to_tuple_if_list(v) for k, v in obj["signature"].items()}
+    _, backend, _ = jit_binder(kernel, target)
+    options = backend.parse_options({k: tuple(v) if isinstance(v, list) else v for k, v in obj["options"].items()})
+    return kernel, signature, constexprs, attrs, options
 
 
 def resource_usage(cubin: bytes) -> dict:

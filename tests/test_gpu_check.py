@@ -128,6 +128,96 @@ def test_junit_counts(tmp_path):
     assert keys["not_passed"] == ["tests.test_x::test_b"]
 
 
+_PROGRESS_TESTS = """
+import pytest, time
+
+@pytest.fixture
+def broken():
+    raise RuntimeError("setup fails")
+
+@pytest.mark.gpu
+def test_a():
+    pass
+
+@pytest.mark.gpu
+def test_b():
+    assert False
+
+@pytest.mark.gpu
+def test_c():
+    pytest.skip("no")
+
+@pytest.mark.gpu
+def test_d(broken):
+    pass
+
+@pytest.mark.gpu
+@pytest.mark.xfail(strict=True)
+def test_e():
+    assert False
+
+@pytest.mark.gpu
+def test_f():
+    time.sleep(120)
+
+@pytest.mark.gpu
+def test_g():
+    pass
+"""
+
+
+def test_a_timed_out_pytest_still_gives_the_counts_of_the_tests_done(tmp_path):
+    """02's pytest killed by its budget mid-run: no junit.xml, the counts come from progress.jsonl."""
+    tests = tmp_path / "test_progress_case.py"
+    tests.write_text(_PROGRESS_TESTS)
+    stage = gc.Stage("02-correctness", 8, lambda ctx: gc.run_gpu_tests(ctx, [str(tests)]), gc.keys_correctness)
+    rec = _check([stage], tmp_path)["stages"][0]
+    assert rec["status"].startswith("timed out")
+    assert not (tmp_path / "out" / "02-correctness" / "junit.xml").exists()
+    keys = rec["keys"]
+    assert keys["partial"] is True
+    assert (keys["tests"], keys["passed"], keys["failures"], keys["errors"], keys["skipped"]) == (5, 1, 1, 1, 2)
+    assert sorted(n.split("::")[-1] for n in keys["not_passed"]) == ["test_b", "test_d"]
+    assert gc.brief_correctness(keys).startswith("partial (pytest did not finish): 1 passed, 1 failed")
+    lines = gc.pytest_progress.read(tmp_path / "out" / "02-correctness" / gc.PROGRESS)
+    assert [r["outcome"] for r in lines] == ["passed", "failed", "skipped", "error", "xfailed"]
+
+
+def test_progress_lines_match_the_junit_counts_of_a_finished_run(tmp_path):
+    tests = tmp_path / "test_progress_case.py"
+    tests.write_text(_PROGRESS_TESTS.replace("time.sleep(120)", "pass"))
+    stage = gc.Stage("02-correctness", 60, lambda ctx: gc.run_gpu_tests(ctx, [str(tests)]), gc.keys_correctness)
+    rec = _check([stage], tmp_path)["stages"][0]
+    junit = rec["keys"]
+    assert "partial" not in junit and junit["passed"] == 3
+    (tmp_path / "out" / "02-correctness" / "junit.xml").unlink()
+    progress = gc.keys_correctness(tmp_path / "out" / "02-correctness")
+    for k in ("passed", "failures", "errors", "skipped"):
+        assert progress[k] == junit[k], k
+
+
+def test_progress_ignores_a_line_cut_short(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"nodeid": "t::a", "outcome": "passed", "when": "call", "duration_s": 0.1}\n{"nodeid": "t::b", "outc')
+    assert [r["nodeid"] for r in gc.pytest_progress.read(path)] == ["t::a"]
+
+
+@pytest.mark.parametrize("keys, met", [
+    ({"partial": True, "tests": 3, "passed": 3, "failures": 0, "errors": 0, "skipped": 0}, None),   # not all ran
+    ({"partial": True, "tests": 3, "passed": 2, "failures": 1, "errors": 0, "skipped": 0}, False),  # one failed
+    ({"tests": 3, "passed": 3, "failures": 0, "errors": 0, "skipped": 0}, True),
+    ({"tests": 3, "passed": 2, "failures": 0, "errors": 1, "skipped": 0}, False),
+    ({"junit": "missing (pytest did not finish)"}, None)])
+def test_the_cuda_tests_target_from_partial_and_whole_counts(keys, met):
+    row = next(r for r in gc._targets({"02-correctness": keys}) if r[0].startswith("CUDA tests"))
+    assert row[2] is met
+
+
+@pytest.mark.parametrize("cpus, workers", [(1, 1), (2, 1), (4, 2), (16, 12), (64, 12)])
+def test_xdist_workers_leave_two_cores(cpus, workers):
+    assert gc.xdist_workers(cpus) == workers
+
+
 def test_commit_without_git(tmp_path):
     assert tree_state(tmp_path)["commit"] == "unknown"
     (tmp_path / "COMMIT").write_text("0123abc\n")
@@ -158,7 +248,19 @@ def test_gpu_budgets_fit_eight_minutes_and_the_dry_run_gets_loose_ones():
 def test_gpu_tests_are_selected_by_their_marker():
     files = gc.gpu_test_files()
     assert "tests/test_kernels.py" in files and "tests/test_runner.py" in files
+    # this file holds the marker only inside a string (a test file it writes)
     assert "tests/test_gpu_check.py" not in files and "tests/test_cli.py" not in files
+
+
+@pytest.mark.parametrize("source, marked", [
+    ("@pytest.mark.gpu\ndef test_a(): pass\n", True),
+    ("@pytest.mark.gpu()\nclass TestA:\n    def test_a(self): pass\n", True),
+    ("import pytest\npytestmark = [pytest.mark.slow, pytest.mark.gpu]\n", True),
+    ("pytestmark = pytest.mark.gpu\n", True),
+    ("@pytest.mark.slow\ndef test_a(): pass\nTEXT = '@pytest.mark.gpu'\n", False),
+    ("# @pytest.mark.gpu\ndef test_a(): pass\n", False)])
+def test_the_gpu_marker_is_read_from_the_syntax_tree(source, marked):
+    assert gc._marks_gpu(source) is marked
 
 
 @pytest.mark.parametrize("argv, words", [
