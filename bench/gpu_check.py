@@ -396,9 +396,9 @@ PROGRESS = "progress.jsonl"
 
 
 def xdist_workers(cpus: Optional[int] = None) -> int:
-    """pytest-xdist processes for 02. Its time is the cold Triton compiles, one core each: about 230
-    kernel variants, ~190 s of one core (python -m bench.compile_demand, bench/results/compile-demand-*),
-    which 4 processes bring to ~63 s and 12 to ~24 s (that file's simulation of xdist's scheduling).
+    """pytest-xdist processes for 02. Its time is the cold Triton compiles, one core each: 234 kernel
+    variants, 168 s of one Xeon core, which 4 processes bring to 49 s and 12 to 19 s in xdist's
+    scheduling (python -m bench.compile_demand: bench/results/compile-demand-cpu-intel-xeon-20261203-160359).
     Two cores stay for the controller and the processes' CUDA host threads."""
     if cpus is None:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
