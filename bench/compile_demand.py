@@ -120,19 +120,13 @@ def compile_all(specs: list, jobs: int) -> dict:
     """Seconds of each specialisation's compile for sm_90 in a fresh Triton cache."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("bench.compile_demand: unset TRITON_INTERPRET (it replaces the kernels this compiles)")
-    with tempfile.TemporaryDirectory() as cache:
-        saved = os.environ.get("TRITON_CACHE_DIR")
-        os.environ["TRITON_CACHE_DIR"] = cache        # the pool's processes inherit it: every compile is cold
-        try:
-            import multiprocessing
+    import multiprocessing
+    from unittest import mock
 
-            with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-                return dict(zip(specs, pool.map(_compile_one, specs)))
-        finally:
-            if saved is None:
-                os.environ.pop("TRITON_CACHE_DIR", None)
-            else:
-                os.environ["TRITON_CACHE_DIR"] = saved
+    # the pool's processes inherit the environment: every compile is cold
+    with tempfile.TemporaryDirectory() as cache, mock.patch.dict(os.environ, {"TRITON_CACHE_DIR": cache}):
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return dict(zip(specs, pool.map(_compile_one, specs)))
 
 
 # ------------------------------------------------------------------ 3. schedule
@@ -212,13 +206,13 @@ def _workers(text: str) -> list:
 
 
 def main(argv=None) -> int:
-    from bench.env import machine, publish
+    from bench.env import machine, publish, usable_cores
     from bench.gpu_check import gpu_test_files
 
     argv = list(sys.argv[1:] if argv is None else argv)
     pytest_args = argv[argv.index("--") + 1:] if "--" in argv else []
     ours = argv[:argv.index("--")] if "--" in argv else argv
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--jobs", type=int, default=cores, help="compiling processes (default: the cores)")
     p.add_argument("--workers", type=_workers, default=[1, 4, 8, 12], help="xdist process counts to schedule")

@@ -400,9 +400,9 @@ def xdist_workers(cpus: Optional[int] = None) -> int:
     variants, 168 s of one Xeon core, which 4 processes bring to 49 s and 12 to 19 s in xdist's
     scheduling (python -m bench.compile_demand: bench/results/compile-demand-cpu-intel-xeon-20261203-160359).
     Two cores stay for the controller and the processes' CUDA host threads."""
-    if cpus is None:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(12, cpus - 2))
+    from .env import usable_cores
+
+    return max(1, min(12, (usable_cores() if cpus is None else cpus) - 2))
 
 
 def gpu_test_files(tests: Path = REPO / "tests") -> list:
