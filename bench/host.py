@@ -128,13 +128,33 @@ def op_case(M: int, D: int, mode: str, repeats: int, min_s: float, device: str =
         o = F.scaled_dot_product_attention(q, k[:, 0], v[:, 0])
         return (o, *torch.autograd.grad(o, (q, k, v), grad_out)) if backward else (o,)
 
+    fns = {"stattn": ours, "sdpa": sdpa}
+    if device == "cuda":     # the same calls with every launch through Triton's JITFunction.run
+        fns["stattn-jit"] = _jit_launched(ours)
     with torch.set_grad_enabled(mode != "no_grad"):
         err = _gate(f"op M={M} D={D} {mode}", _diff(ours(), sdpa()), tolerance(device, dtype))
-        t = _timed_calls({"stattn": ours, "sdpa": sdpa}, repeats, min_s, device)
-    return {"M": M, "D": D, "mode": mode, "max_diff": err, "stattn_us": t["stattn"]["median"] * 1e3,
-            "sdpa_us": t["sdpa"]["median"] * 1e3, "ratio": t["stattn"]["median"] / t["sdpa"]["median"],
-            "ratio_paired": _paired(t["stattn"], t["sdpa"]), "n": t["stattn"]["n"],
-            "stattn": _drop_times(t["stattn"]), "sdpa": _drop_times(t["sdpa"])}
+        t = _timed_calls(fns, repeats, min_s, device)
+    row = {"M": M, "D": D, "mode": mode, "max_diff": err, "stattn_us": t["stattn"]["median"] * 1e3,
+           "sdpa_us": t["sdpa"]["median"] * 1e3, "ratio": t["stattn"]["median"] / t["sdpa"]["median"],
+           "ratio_paired": _paired(t["stattn"], t["sdpa"]), "n": t["stattn"]["n"],
+           "stattn": _drop_times(t["stattn"]), "sdpa": _drop_times(t["sdpa"])}
+    if "stattn-jit" in t:
+        row.update(stattn_jit_us=t["stattn-jit"]["median"] * 1e3,
+                   ratio_jit=t["stattn-jit"]["median"] / t["sdpa"]["median"], stattn_jit=_drop_times(t["stattn-jit"]))
+    return row
+
+
+def _jit_launched(fn):
+    """fn with stattn's cached Triton launch off (STATTN_TRITON_LAUNCH=jit's path) while it runs."""
+    from stattn.kernels import launch
+
+    def run():
+        cached, launch._CACHED = launch._CACHED, False
+        try:
+            return fn()
+        finally:
+            launch._CACHED = cached
+    return run
 
 
 def processor_case(model: str, M: int, C: int, heads: int, D: int, Cx: int, repeats: int, min_s: float,
@@ -217,10 +237,16 @@ def markdown(result: dict) -> str:
     lines = [f"# Host cost: stattn vs stock ({env['device_name']}, {how}, {dtype})", "",
              f"{provenance(env)}. Medians of interleaved repeats, per call; ratio = stattn / stock (target <= 1.00); "
              "paired = median of the per-repeat ratios."]
+    jit = any("stattn_jit_us" in r for r in result["op"])    # CUDA: also every launch through Triton's JIT
     lines += _table("The op (R = 1) vs SDPA at host-bound shapes (B = 2, H = 8, N = 77)",
-                    ["M", "D", "mode", "stattn µs", "SDPA µs", "ratio", "paired", "n"], result["op"],
+                    ["M", "D", "mode", "stattn µs", "SDPA µs", "ratio", "paired", "n"] +
+                    (["stattn, JIT launch µs", "its ratio"] if jit else []), result["op"],
                     lambda r: [str(r["M"]), str(r["D"]), r["mode"], f"{r['stattn_us']:.1f}",
-                               f"{r['sdpa_us']:.1f}", f"{r['ratio']:.2f}", f"{r['ratio_paired']:.2f}", str(r["n"])])
+                               f"{r['sdpa_us']:.1f}", f"{r['ratio']:.2f}", f"{r['ratio_paired']:.2f}", str(r["n"])] +
+                    ([f"{r['stattn_jit_us']:.1f}", f"{r['ratio_jit']:.2f}"] if jit else []))
+    if jit:
+        lines += ["", "JIT launch: the same calls with STATTN_TRITON_LAUNCH=jit's path (every launch through "
+                      "Triton's JITFunction.run), alternated with the others."]
     if not (result["processor"] or result["step"]):
         lines += ["", "(--op-only: the op's table alone.)"]
     if result["processor"]:

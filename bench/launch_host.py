@@ -1,20 +1,23 @@
-"""The CUDA launch path's host cost, measured without a GPU: stattn's launcher and Triton's binder.
+"""The CUDA launch path's host cost, measured without a GPU: stattn's launcher and the kernel launch.
 
     python -m bench.launch_host [--repeats 2000] [--min-time 1] [--out bench/results]
 
 On a GPU an eager call of the op costs, on the host: stattn's op layer, its launcher
-(``stattn.kernels.launch``: output allocation, strides, grid, meta-parameters), Triton's JIT
-binder (specialisation of every argument and the compiled-kernel lookup) and the driver launch. The
-first two and the third are plain Python and can be timed here on CPU tensors of the same shapes:
+(``stattn.kernels.launch``: output allocation, strides, grid, meta-parameters), the kernel launch
+up to Triton's CUDA launcher, and that launcher (argument packing, cuLaunchKernel). All but the
+last are plain Python and are timed here on CPU tensors of the same shapes:
 
 - ``launcher``: ``launch.forward`` / ``launch.backward`` with the kernel launch itself replaced by a
   no-op (the launcher's own Python and allocations);
-- ``triton binder``: Triton's generated binder plus its cache-key lookup on the captured forward
-  launch's arguments, built for sm_90 (Triton's CUDA backend, no driver) as ``JITFunction.run``
-  calls them at every launch.
+- ``JIT launch``: the forward launch through Triton's ``JITFunction.run`` (binder, specialisation of
+  every argument, cache key, launch metadata and hooks), on a stand-in sm_90 driver
+  (``stattn.kernels.aot.StandInDriver``) whose launcher is a no-op: what every launch cost before
+  the cached launch, and costs with ``STATTN_TRITON_LAUNCH=jit``;
+- ``cached launch``: the same launch through stattn's cached launch (``launch._cached_run``: one
+  key lookup, then the compiled kernel's launcher), the default.
 
-What it cannot time: the op layer on CUDA tensors and the driver launch (bench.host --device cuda,
-the GPU check's 08-host, measures the whole call there). Problems: the plain cross-attention call
+What it cannot time: the op layer on CUDA tensors and the CUDA launcher itself (bench.host
+--device cuda, the GPU check's 08-host, measures the whole call there). Problems: the plain cross-attention call
 (R = 1) at SD 1.5's M = 256 and 4096, and a controlled one (R = 2, offset, pins). The three are
 timed one call at a time, interleaved (bench.native's ``_timed``), medians of at least
 ``--repeats`` calls each, one thread.
@@ -22,8 +25,8 @@ timed one call at a time, interleaved (bench.native's ``_timed``), medians of at
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import contextlib
+import os
 from pathlib import Path
 
 import torch
@@ -37,6 +40,7 @@ PROBLEMS = (  # name, M, D, R, T (offset targets), pinned
     ("R=2 offset+pins M=1024 D=80", 1024, 80, 2, 2, True),
 )
 B, H, N, K = 2, 8, 77, 7     # batch, heads, keys, basis size
+PARTS = ("forward", "backward", "jit_launch", "cached_launch")
 
 
 def _inputs(M, D, R, T, pinned):
@@ -51,20 +55,28 @@ def _inputs(M, D, R, T, pinned):
     return q, k, w, masks, theta, tokens, gy, pin
 
 
-def _binder(kernel, args, meta):
-    """Triton's per-launch binder and cache-key lookup for this launch (JITFunction.run's first steps)."""
-    from triton.runtime.jit import compute_cache_key
+@contextlib.contextmanager
+def _stand_in_launches(kernel, args, meta):
+    """(JIT launch, cached launch) of one captured launch, each a no-argument callable, on a no-op
+    sm_90 stand-in for Triton's active driver. Both launch a JITFunction of their own, built from
+    the kernel's function: the module's kernels (and their compiled kernels' launchers) are never
+    bound to the stand-in; it compiles for sm_90 once, when first called."""
+    from triton.runtime.jit import JITFunction
 
-    from stattn.kernels import aot
+    from stattn.kernels import aot, launch
 
-    _, _, binder = aot.jit_binder(kernel)    # Triton's CUDA backend for sm_90, no driver
-    cache: dict = {}
-    options = dict(meta, debug=False, instrumentation_mode="")
+    jit, grid = JITFunction(kernel.fn), (1, 1)
 
-    def bind():
-        _, specialization, opts = binder(*args, **options)
-        return compute_cache_key(cache, specialization, opts)
-    return bind
+    def cached():
+        if not launch._cached_run(jit, grid, args, meta):
+            raise RuntimeError("the cached launch declined the forward launch")
+    try:
+        with aot.stand_in_driver(record=False):
+            yield (lambda: jit[grid](*args, **meta)), cached
+    finally:
+        launch._layouts.pop(jit, None)
+        for key in [k for k in launch._entries if k[0] is jit]:
+            del launch._entries[key]
 
 
 def measure(repeats: int, min_s: float) -> list:
@@ -82,14 +94,17 @@ def measure(repeats: int, min_s: float) -> list:
         kernel, args, meta = launches[0]
         real, launch._launch = launch._launch, lambda *a: None
         try:
-            t = _timed({"forward": fwd, "backward": bwd, "binder": _binder(kernel, args, meta)}, repeats, min_s)
+            with _stand_in_launches(kernel, args, meta) as (jit, cached):
+                jit(), cached()      # compiled (or read from Triton's cache) before the timing
+                t = _timed({"forward": fwd, "backward": bwd, "jit_launch": jit, "cached_launch": cached},
+                           repeats, min_s)
         finally:
             launch._launch = real
         row = {"problem": name, "M": M, "D": D, "R": R, "T": T, "pinned": pinned, "forward_args": len(args) + len(meta),
-               **{f"{part}_us": t[part]["median"] * 1e3 for part in ("forward", "backward", "binder")},
-               "n": t["forward"]["n"]}
+               **{f"{part}_us": t[part]["median"] * 1e3 for part in PARTS}, "n": t["forward"]["n"]}
         print(f"{name}: launcher forward {row['forward_us']:.1f} µs, backward {row['backward_us']:.1f} µs; "
-              f"Triton binder (forward) {row['binder_us']:.1f} µs", flush=True)
+              f"forward launch: JIT {row['jit_launch_us']:.1f} µs, cached {row['cached_launch_us']:.1f} µs",
+              flush=True)
         rows.append(row)
     return rows
 
@@ -98,13 +113,15 @@ def markdown(result: dict) -> str:
     env = result["environment"]
     lines = [f"# CUDA launch path, host cost without a GPU ({env['cpu']}, 1 thread)", "",
              f"{provenance(env)}. Medians of single calls, interleaved (≥ {result['repeats']} each). launcher: "
-             "stattn.kernels.launch with the launch a no-op; binder: Triton's per-launch binder + cache key "
-             "(sm_90 backend) on the forward launch's arguments.", "",
-             "| problem | launcher forward µs | launcher backward µs | Triton binder (forward) µs | forward args |",
-             "|---|---|---|---|---|"]
+             "stattn.kernels.launch with the launch a no-op. Forward launch, on a stand-in sm_90 driver whose "
+             "CUDA launcher is a no-op: through Triton's JITFunction.run (STATTN_TRITON_LAUNCH=jit) and "
+             "through stattn's cached launch (the default).", "",
+             "| problem | launcher forward µs | launcher backward µs | forward launch, JIT µs | "
+             "forward launch, cached µs | forward args |",
+             "|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['problem']} | {r['forward_us']:.1f} | {r['backward_us']:.1f} | {r['binder_us']:.1f} | "
-                     f"{r['forward_args']} |")
+        lines.append(f"| {r['problem']} | {r['forward_us']:.1f} | {r['backward_us']:.1f} | {r['jit_launch_us']:.1f} | "
+                     f"{r['cached_launch_us']:.1f} | {r['forward_args']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -118,6 +135,8 @@ def main(argv=None) -> int:
         p.error(f"--repeats must be at least 1, got {args.repeats}")
     if args.min_time < 0:
         p.error(f"--min-time must be at least 0, got {args.min_time}")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        p.error("unset TRITON_INTERPRET: the launches are compiled for sm_90 (the interpreter replaces the kernels)")
     torch.set_num_threads(1)
     rows = measure(args.repeats, args.min_time)
     publish({"environment": machine("cpu"), "repeats": args.repeats, "min_time_s": args.min_time, "rows": rows},

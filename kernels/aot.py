@@ -110,6 +110,69 @@ def jit_binder(kernel, target: GPUTarget = SM90):
     return _jit_and_binder(_fn(kernel), target)
 
 
+class StandInDriver:
+    """Triton's active-driver interface for one sm_90 device (H100/H200), without a GPU: the JIT
+    compiles for sm_90 and each launch goes to a launcher that records it in ``launches`` (the
+    compiled kernel's hash, grid, stream, function, packed metadata and arguments) instead of
+    running it, calling the launch hooks as Triton's CUDA launcher does. ``stand_in_driver()``
+    installs one as Triton's active driver for a block."""
+
+    def __init__(self, target: GPUTarget = SM90, record: bool = True):
+        self.target, self.record, self.launches = target, record, []
+        self.utils = _StandInUtils()
+        self.launcher_cls = functools.partial(_StandInLauncher, self)
+
+    def is_active(self):
+        return True
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0x57
+
+
+class _StandInUtils:
+    def load_binary(self, name, binary, shared, device):
+        """(module, function, registers, spills, max threads); the function names the binary."""
+        import hashlib
+
+        return object(), ("function", name, hashlib.sha1(binary).hexdigest()[:16]), 0, 0, 1024
+
+    def get_device_properties(self, device):
+        return {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536, "warpSize": 32}
+
+
+class _StandInLauncher:
+    def __init__(self, drv, src, metadata):
+        self.driver, self.hash = drv, metadata.hash
+
+    def __call__(self, gx, gy, gz, stream, function, packed_metadata, launch_metadata, enter, leave, *args):
+        if enter is not None:           # as the CUDA launcher: a None hook is skipped
+            enter(launch_metadata)
+        if self.driver.record:
+            self.driver.launches.append((self.hash, (gx, gy, gz), stream, function, packed_metadata, args))
+        if leave is not None:
+            leave(launch_metadata)
+
+
+@contextlib.contextmanager
+def stand_in_driver(record: bool = True):
+    """A StandInDriver as Triton's active driver inside the block, the previous one after it (set
+    back as it was: Triton's reset_active would look for a GPU driver, and there is none)."""
+    from triton.runtime import driver
+
+    previous, stand_in = driver._active, StandInDriver(record=record)
+    driver.set_active(stand_in)
+    try:
+        yield stand_in
+    finally:
+        driver.set_active(previous)
+
+
 def jit_specialisation(kernel, args, meta, target: GPUTarget = SM90):
     """What JITFunction.run derives from one launch before it compiles, for target and without a
     driver: (signature, constexprs, attrs, options), through Triton's own binder and _pack_args.

@@ -8,10 +8,20 @@ q and do are read with their strides; o and dq
 are written in [B, M, H, D] memory order (stattn.ops.empty_output: the kernels take o's / dq's strides).
 """
 import functools
+import operator
+import os
 from types import MappingProxyType
+from typing import Callable, NamedTuple
 
 import torch
 import triton
+from triton import knobs
+from triton.runtime import driver
+
+try:
+    from triton.knobs import HookChain
+except ImportError:       # another Triton: the cached launch is off there (CACHED_TRITON)
+    HookChain = None
 
 from stattn.ops import empty_output
 
@@ -33,7 +43,7 @@ RANGES = False
 def _launch(kernel, grid, args, meta):
     """Every kernel launch goes through here (kernels.aot captures launches to compile them)."""
     if not RANGES:
-        kernel[grid](*args, **meta)
+        _run(kernel, grid, args, meta)
         return
     name = f"stattn.{getattr(kernel, '__name__', None) or kernel.fn.__name__}"
     nvtx = torch.cuda.is_available() and any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
@@ -41,10 +51,139 @@ def _launch(kernel, grid, args, meta):
         if nvtx:
             torch.cuda.nvtx.range_push(name)
         try:
-            kernel[grid](*args, **meta)
+            _run(kernel, grid, args, meta)
         finally:
             if nvtx:
                 torch.cuda.nvtx.range_pop()
+
+
+# ------------------------------------------------------------------------- the cached launch
+# JITFunction.run binds and specialises every argument and builds its cache key at each launch
+# (~20 µs of Python for the forward's 70 arguments). The cached launch does that once per launch
+# signature, through the JIT itself, and afterwards calls the compiled kernel's launcher as
+# JITFunction.run calls it: the same compiled kernel, the same launcher arguments. It rests on
+# Triton internals (JITFunction.device_caches, CompiledKernel.run), so it is on only for the
+# Triton releases it is tested with; STATTN_TRITON_LAUNCH=jit launches everything through the JIT.
+
+CACHED_TRITON = ("3.6.",)          # Triton releases the cached launch is tested with (tests/test_triton_launch.py)
+_LAUNCH_CHOICES = ("cached", "jit")
+_MAX_ENTRIES = 4096                # launch signatures kept (each a strides/alignment pattern); then start afresh
+_entries: dict = {}                # signature -> (CompiledKernel, the bound constexpr values after args)
+_layouts: dict = {}                # kernel -> _Layout of its arguments; None: always through the JIT
+
+
+def launch_choice() -> str:
+    """STATTN_TRITON_LAUNCH as chosen: 'cached' (unset) or 'jit'."""
+    choice = os.environ.get("STATTN_TRITON_LAUNCH", "cached").lower()
+    if choice not in _LAUNCH_CHOICES:
+        raise ValueError(f"STATTN_TRITON_LAUNCH must be cached or jit, got {os.environ['STATTN_TRITON_LAUNCH']!r}")
+    return choice
+
+
+def cached_launch_available() -> tuple:
+    """(whether launches take the cached path, why not): this Triton, the interpreter, the setting."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return False, "TRITON_INTERPRET=1: the interpreter runs the kernels"
+    if launch_choice() == "jit":
+        return False, "STATTN_TRITON_LAUNCH=jit"
+    if HookChain is None or not triton.__version__.startswith(CACHED_TRITON):
+        return False, (f"triton {triton.__version__}: the cached launch is tested with "
+                       f"{', '.join(v + 'x' for v in CACHED_TRITON)} only")
+    return True, ""
+
+
+class _Layout(NamedTuple):
+    """Where a kernel's positional arguments are what: the launchers pass tensors first, then ints
+    and floats, each position always of one type (tests/test_triton_launch.py checks it)."""
+    size: int                      # how many
+    tensors: int                   # the leading tensors
+    floats: tuple                  # positions of the floats: Triton does not specialise them
+    keyed: Callable                # args -> the values of the other (int) positions, a tuple
+
+    @classmethod
+    def of(cls, args):
+        n = next((i for i, a in enumerate(args) if not isinstance(a, torch.Tensor)), len(args))
+        if any(isinstance(a, torch.Tensor) for a in args[n:]):
+            return None
+        floats = tuple(i for i in range(n, len(args)) if type(args[i]) is float)
+        ints = [i for i in range(n, len(args)) if i not in floats]
+        keyed = operator.itemgetter(*ints) if len(ints) > 1 else (lambda a, i=tuple(ints): tuple(a[j] for j in i))
+        return cls(len(args), n, floats, keyed)
+
+    def fits(self, args) -> bool:
+        return (len(args) == self.size and all(isinstance(a, torch.Tensor) for a in args[:self.tensors])
+                and all(type(args[i]) is float for i in self.floats)
+                and not any(isinstance(a, (torch.Tensor, float, bool)) for a in self.keyed(args)))
+
+
+def _idle(hook) -> bool:
+    """A launch hook that would call nothing (Triton 3.6's hooks are chains, empty by default)."""
+    return hook is None or (type(hook) is HookChain and not hook.calls)
+
+
+def _run(kernel, grid, args, meta):
+    if not (_CACHED and _cached_run(kernel, grid, args, meta)):
+        kernel[grid](*args, **meta)
+
+
+def _cached_run(kernel, grid, args, meta) -> bool:
+    """Launch through the compiled kernel the JIT chose for this signature; False: the caller
+    launches through the JIT (a kernel, grid or argument list this path does not cover)."""
+    layout = _layouts.get(kernel, False)
+    if layout is None or kernel.pre_run_hooks or type(grid) is not tuple or type(args) is not tuple:
+        return False
+    if layout is False:
+        layout = _layouts[kernel] = (_Layout.of(args) if isinstance(kernel, triton.runtime.jit.JITFunction)
+                                     else None)
+        if layout is None:
+            return False
+    rt = knobs.runtime
+    device = driver.active.get_current_device()
+    tensors = args[:layout.tensors]
+    # Triton specialises a tensor on its dtype and 16-byte alignment and an int on its value (1,
+    # multiple of 16, width), not a float; it compiles per constexpr and option. The exact ints,
+    # the alignment remainder and the meta items refine its key: one entry, one compiled kernel.
+    key = (kernel, device, rt.debug, knobs.compilation.instrumentation_mode, tuple(meta.items()),
+           layout.keyed(args), tuple([t.dtype for t in tensors]), tuple([t.data_ptr() & 15 for t in tensors]))
+    entry = _entries.get(key)
+    if entry is None:
+        _first_run(kernel, grid, args, meta, key, device, layout)
+        return True
+    compiled, tail = entry
+    stream = driver.active.get_current_stream(device)
+    g1 = grid[1] if len(grid) > 1 else 1
+    g2 = grid[2] if len(grid) > 2 else 1
+    enter, leave = rt.launch_enter_hook, rt.launch_exit_hook
+    if _idle(enter) and _idle(leave):      # the launcher skips None hooks; only hooks read the metadata
+        compiled.run(grid[0], g1, g2, stream, compiled.function, compiled.packed_metadata, None, None, None,
+                     *args, *tail)
+    else:                                  # as JITFunction.run: the hooks and their launch metadata
+        bound = args + tail
+        compiled.run(grid[0], g1, g2, stream, compiled.function, compiled.packed_metadata,
+                     compiled.launch_metadata(grid, stream, *bound), enter, leave, *bound)
+    return True
+
+
+def _first_run(kernel, grid, args, meta, key, device, layout):
+    """Launch through the JIT (it compiles if needed) and keep what it launched, with the
+    constexpr values its binder appends to args, for the next launches of the signature."""
+    compiled = kernel[grid](*args, **meta)
+    if compiled is None or hasattr(compiled, "result") or kernel.used_global_vals:
+        return       # an asynchronous compile, or globals the JIT re-checks at each launch: stay with the JIT
+    if not layout.fits(args):
+        _layouts[kernel] = None    # a position changed type: the key would not hold
+        return
+    bound, _, _ = kernel.device_caches[device][4](*args, **meta)
+    values = tuple(bound.values())
+    if len(values) < len(args) or any(b is not a for a, b in zip(args, values)):
+        _layouts[kernel] = None    # the binder reorders or converts arguments: this path would differ
+        return
+    if len(_entries) >= _MAX_ENTRIES:
+        _entries.clear()
+    _entries[key] = (compiled, values[len(args):])
+
+
+_CACHED = cached_launch_available()[0]
 
 
 def _empty_like(t):

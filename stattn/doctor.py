@@ -102,8 +102,20 @@ def triton_report() -> list:
             return [f"Triton {v}: CPU interpreter (TRITON_INTERPRET=1), unusable: {problem}"]
         return [f"Triton {v}: CPU interpreter (TRITON_INTERPRET=1; slow, for tests)"]
     if torch.cuda.is_available():
-        return [f"Triton {v}: GPU (CUDA tensors run the Triton kernels)"]
+        return [f"Triton {v}: GPU (CUDA tensors run the Triton kernels)", f"  launches: {launch_report()}"]
     return [f"Triton {v}: no GPU, not used (TRITON_INTERPRET=1 STATTN_BACKEND=triton runs it interpreted)"]
+
+
+def launch_report() -> str:
+    """How the Triton kernels are launched: stattn's cached launch, or Triton's JIT and why."""
+    from .kernels import launch
+
+    try:
+        ok, why = launch.cached_launch_available()
+    except ValueError as e:              # a bad STATTN_TRITON_LAUNCH: the first CUDA call raises it
+        return f"unusable: {e}"
+    return ("cached (the JIT binds each launch signature once; STATTN_TRITON_LAUNCH=jit turns it off)" if ok else
+            f"through Triton's JIT at every launch ({why})")
 
 
 def report() -> str:

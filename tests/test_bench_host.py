@@ -184,3 +184,31 @@ def test_write_results_replaces_the_files_whole(tmp_path, monkeypatch):
         env.write_results({**result, "x": 2}, tmp_path, "t", failing, stem="t-cpu-1")
     assert json.loads(js.read_text())["x"] == 1 and md.read_text() == "x = 1\n"            # the pair unchanged
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t-cpu-1.json", "t-cpu-1.md"]
+
+
+def test_the_jit_launch_column_turns_the_cached_launch_off_only_while_it_runs(monkeypatch):
+    from stattn.kernels import launch
+
+    monkeypatch.setattr(launch, "_CACHED", True)
+    seen = []
+    assert host._jit_launched(lambda: seen.append(launch._CACHED) or 7)() == 7 and seen == [False]
+    assert launch._CACHED is True
+
+    def boom():
+        raise RuntimeError("inside")
+    with pytest.raises(RuntimeError, match="inside"):
+        host._jit_launched(boom)()
+    assert launch._CACHED is True
+
+
+def test_the_jit_launch_column_is_cuda_only():
+    assert "stattn_jit_us" not in host.op_case(16, 40, "no_grad", repeats=2, min_s=0.0)   # no Triton launch here
+    env = {"device": "cuda", "device_name": "H200", "git": {"commit": "abc"}, "torch": "t", "triton": "t"}
+    op = dict(M=16, D=64, mode="no_grad", stattn_us=20.0, sdpa_us=25.0, ratio=0.8, ratio_paired=0.8, n=3,
+              stattn_jit_us=40.0, ratio_jit=1.6)
+    text = host.markdown({"environment": env, "threads": 1, "dtype": "float16", "cuda_burst": 20, "op": [op],
+                          "processor": [], "step": []})
+    assert "| stattn, JIT launch µs | its ratio |" in text and "| 40.0 | 1.60 |" in text
+    cpu_op = {k: v for k, v in op.items() if "jit" not in k}
+    assert "JIT launch µs" not in host.markdown({"environment": {**env, "device": "cpu"}, "threads": 1,
+                                                 "dtype": "float32", "op": [cpu_op], "processor": [], "step": []})

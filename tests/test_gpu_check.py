@@ -296,7 +296,7 @@ def test_host_stage_reads_bench_hosts_results_and_judges_the_target(tmp_path):
     keys = gc.keys_host(tmp_path / "real")
     assert keys["dtype"] == "float32" and len(keys["rows"]) == 27
     assert gc.brief_host(keys).startswith("27 cells (float32), worst stattn / stock ")
-    result = {"dtype": "float16", "op": [{"M": 16, "D": 64, "mode": "no_grad", "ratio": 0.8}],
+    result = {"dtype": "float16", "op": [{"M": 16, "D": 64, "mode": "no_grad", "ratio": 0.8, "ratio_jit": 1.4}],
               "processor": [{"model": "sd15", "M": 4096, "ratio": 1.2}], "step": [{"model": "tiny", "size": 64, "ratio": 0.9}]}
     (tmp_path / "host-cuda-20990101-000000.json").write_text(json.dumps({**result, "complete": False}))
     assert gc.brief_host(gc.keys_host(tmp_path)) == "3 cells (float16, partial run), worst stattn / stock 1.20 " \
@@ -304,8 +304,8 @@ def test_host_stage_reads_bench_hosts_results_and_judges_the_target(tmp_path):
     (tmp_path / "host-cuda-20990101-000000.json").write_text(json.dumps(result))
     keys = gc.keys_host(tmp_path)
     assert gc.brief_host(keys) == "3 cells (float16), worst stattn / stock 1.20 (layer sd15 M=4096)"
-    assert gc.details_host(keys)[2:] == ["| op M=16 D=64 no_grad | 0.80 |", "| layer sd15 M=4096 | 1.20 |",
-                                         "| step tiny 64 px | 0.90 |"]
+    assert gc.details_host(keys)[2:] == ["| op M=16 D=64 no_grad | 0.80 | 1.40 |", "| layer sd15 M=4096 | 1.20 | – |",
+                                         "| step tiny 64 px | 0.90 | – |"]
     (row,) = [r for r in gc._targets({"08-host": keys}) if r[0].startswith("host cost")]
     assert row[1:] == ("worst 1.20 (layer sd15 M=4096)", False)
     (row,) = [r for r in gc._targets({}) if r[0].startswith("host cost")]
