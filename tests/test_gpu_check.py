@@ -328,3 +328,49 @@ def test_a_failing_target_reader_shows_in_the_summary(monkeypatch):
     monkeypatch.setattr(gc, "_targets", broken)
     summary = {"mode": "gpu", "budget_s": 480, "started": "now", "stages": []}
     assert "| (the targets could not be read: TypeError: boom) | n/a | n/a |" in gc.markdown(summary)
+
+
+@pytest.mark.parametrize("outcome", ["failed", "error", "passed", None])
+def test_a_failed_cached_launch_test_sends_the_later_stages_through_the_jit(tmp_path, outcome):
+    """02's verdict on the cached Triton launch: failed (or errored) on CUDA, the later stages run
+    with STATTN_TRITON_LAUNCH=jit and the summary says so; passed, or not reached, nothing changes."""
+    records = [{"nodeid": "tests/test_kernels.py::test_x", "outcome": "failed"}]
+    if outcome:
+        records.append({"nodeid": gc.LAUNCH_TEST, "outcome": outcome})
+    seen = tmp_path / "seen"
+    stages = [gc.Stage("02-correctness", 30, lambda ctx: gc.launch_fallback(ctx, records)),
+              gc.Stage("03-later", 30, lambda ctx: ctx.call(
+                  ["sh", "-c", f'echo "${{STATTN_TRITON_LAUNCH:-cached}}" > {seen}']))]
+    summary = _check(stages, tmp_path)
+    falls_back = outcome in ("failed", "error")
+    assert seen.read_text().strip() == ("jit" if falls_back else "cached")
+    assert ("triton_launch" in summary) is falls_back
+    text = (tmp_path / "out" / "summary.md").read_text()
+    assert ("**Triton launch fallback**: jit: test_on_cuda_the_cached_launch_computes_what_the_jit_launch_computes "
+            f"{outcome}; the later stages launch" in text) is falls_back
+
+
+def test_the_correctness_stage_collects_the_cached_launch_test_first(monkeypatch, tmp_path):
+    import ast
+
+    seen = []
+    monkeypatch.setattr(gc, "run_gpu_tests", lambda ctx, selection: seen.append(selection))
+    monkeypatch.setattr(gc, "_importable", lambda ctx, name: False)
+    ctx = gc.StageContext(tmp_path, time.monotonic() + 60, {}, False)
+    gc.stage_correctness(ctx)
+    (selection,) = seen
+    assert selection[0] == gc.LAUNCH_TEST_FILE and sorted(selection) == sorted(gc.gpu_test_files())
+    path, name = gc.LAUNCH_TEST.split("::")
+    tree = ast.parse((gc.REPO / path).read_text())
+    assert name in {f.name for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)}     # the id stays true
+
+
+def test_a_timed_out_correctness_stage_still_judges_the_cached_launch(monkeypatch, tmp_path):
+    def killed(ctx, selection):
+        (ctx.directory / gc.PROGRESS).write_text(json.dumps({"nodeid": gc.LAUNCH_TEST, "outcome": "failed"}) + "\n")
+        raise gc.StageTimedOut("pytest -m gpu")
+    monkeypatch.setattr(gc, "run_gpu_tests", killed)
+    ctx = gc.StageContext(tmp_path, time.monotonic() + 60, {}, True)
+    with pytest.raises(gc.StageTimedOut):
+        gc.stage_correctness(ctx)
+    assert ctx.env["STATTN_TRITON_LAUNCH"] == "jit" and ctx.facts["triton_launch"].startswith("jit: ")
