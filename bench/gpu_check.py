@@ -460,16 +460,18 @@ def _importable(ctx: StageContext, module: str) -> bool:
 
 
 def keys_correctness(directory: Path) -> dict:
+    launch_test = next((r["outcome"] for r in pytest_progress.read(directory / PROGRESS)
+                        if r.get("nodeid") == LAUNCH_TEST), None)
     path = directory / "junit.xml"
     if not path.is_file():
-        return _progress_counts(directory / PROGRESS)
+        return {**_progress_counts(directory / PROGRESS), "launch_test": launch_test}
     root = ET.parse(path).getroot()
     suites = [root] if root.tag == "testsuite" else root.findall("testsuite")
     count = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
     bad = [f"{c.get('classname')}::{c.get('name')}" for c in root.iter("testcase")
            if c.find("failure") is not None or c.find("error") is not None]
     return {**count, "passed": count["tests"] - count["failures"] - count["errors"] - count["skipped"],
-            "not_passed": bad[:20]}
+            "not_passed": bad[:20], "launch_test": launch_test}
 
 
 def _progress_counts(path: Path) -> dict:
@@ -827,6 +829,9 @@ def _targets(keys: dict) -> list:
     rows.append(("CUDA tests (`pytest -m gpu`) pass", brief_correctness(c),
                  None if "tests" not in c or (c.get("partial") and not failed)   # not all ran: open, unless one failed
                  else failed == 0 and c["passed"] > 0))
+    outcome = c.get("launch_test")       # its outcome from progress.jsonl; None: not run (the dry run)
+    rows.append(("cached Triton launch = JIT launch on CUDA (bit-equal outputs and gradients)", outcome or "not run",
+                 None if outcome in (None, "skipped") else outcome == "passed"))
     micro = (keys.get("03-micro") or {}).get("rows") or []
     for label, key, where, pick, bound in (
             ("≥ SDPA at R = 1, forward (× SDPA ≥ 1)", "x_sdpa_fwd", lambda r: r["R"] == 1, min, 1.0),

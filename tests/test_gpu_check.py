@@ -374,3 +374,17 @@ def test_a_timed_out_correctness_stage_still_judges_the_cached_launch(monkeypatc
     with pytest.raises(gc.StageTimedOut):
         gc.stage_correctness(ctx)
     assert ctx.env["STATTN_TRITON_LAUNCH"] == "jit" and ctx.facts["triton_launch"].startswith("jit: ")
+
+
+@pytest.mark.parametrize("outcome, measured, met", [("passed", "passed", True), ("failed", "failed", False),
+                                                    ("skipped", "skipped", None), (None, "not run", None)])
+def test_the_cached_launch_target_reads_its_tests_outcome(tmp_path, outcome, measured, met):
+    lines = [{"nodeid": "tests/test_kernels.py::test_x", "outcome": "passed"}]
+    lines += [{"nodeid": gc.LAUNCH_TEST, "outcome": outcome}] if outcome else []
+    (tmp_path / gc.PROGRESS).write_text("".join(json.dumps(r) + "\n" for r in lines))
+    for junit in (False, True):          # pytest finished (junit.xml) or was cut short
+        if junit:
+            (tmp_path / "junit.xml").write_text('<testsuite tests="2" failures="0" errors="0" skipped="0"/>')
+        keys = gc.keys_correctness(tmp_path)
+        (row,) = [r for r in gc._targets({"02-correctness": keys}) if r[0].startswith("cached Triton launch")]
+        assert row[1:] == (measured, met)
