@@ -40,7 +40,7 @@ PROBLEMS = (  # name, M, D, R, T (offset targets), pinned
     ("R=2 offset+pins M=1024 D=80", 1024, 80, 2, 2, True),
 )
 B, H, N, K = 2, 8, 77, 7     # batch, heads, keys, basis size
-PARTS = ("forward", "backward", "jit_launch", "cached_launch")
+PARTS = ("op", "forward", "backward", "jit_launch", "cached_launch")
 
 
 def _inputs(M, D, R, T, pinned):
@@ -79,6 +79,29 @@ def _stand_in_launches(kernel, args, meta):
             del launch._entries[key]
 
 
+@contextlib.contextmanager
+def _op_on_triton():
+    """The op's CPU tensors routed to the Triton launcher as CUDA tensors are (stattn.ops.backend_for)."""
+    from stattn import ops
+
+    real = ops.backend_for
+    ops.backend_for = lambda t: "triton"
+    try:
+        yield
+    finally:
+        ops.backend_for = real
+
+
+def _plain_op(q, k):
+    """stattn.region_attention(q, k, k) under no_grad: the op layer and the launcher (the launch a no-op)."""
+    import stattn
+
+    def op():
+        with torch.no_grad():
+            return stattn.region_attention(q, k, k)
+    return op
+
+
 def measure(repeats: int, min_s: float) -> list:
     from stattn.kernels import aot, launch
 
@@ -92,21 +115,29 @@ def measure(repeats: int, min_s: float) -> list:
         bwd = lambda: launch.backward(q, q, k, k, w, masks, False, theta, tokens, gy, gy, pin, scale,  # noqa: E731
                                       lse, True, True, True, T > 0)
         kernel, args, meta = launches[0]
+        parts = {"forward": fwd, "backward": bwd}
+        if R == 1 and not T and not pinned:      # the plain call as the processors make it
+            parts["op"] = _plain_op(q, k)
         real, launch._launch = launch._launch, lambda *a: None
         try:
-            with _stand_in_launches(kernel, args, meta) as (jit, cached):
+            with _stand_in_launches(kernel, args, meta) as (jit, cached), _op_on_triton():
                 jit(), cached()      # compiled (or read from Triton's cache) before the timing
-                t = _timed({"forward": fwd, "backward": bwd, "jit_launch": jit, "cached_launch": cached},
-                           repeats, min_s)
+                t = _timed({**parts, "jit_launch": jit, "cached_launch": cached}, repeats, min_s)
         finally:
             launch._launch = real
         row = {"problem": name, "M": M, "D": D, "R": R, "T": T, "pinned": pinned, "forward_args": len(args) + len(meta),
-               **{f"{part}_us": t[part]["median"] * 1e3 for part in PARTS}, "n": t["forward"]["n"]}
-        print(f"{name}: launcher forward {row['forward_us']:.1f} µs, backward {row['backward_us']:.1f} µs; "
+               **{f"{part}_us": t[part]["median"] * 1e3 if part in t else None for part in PARTS},
+               "n": t["forward"]["n"]}
+        print(f"{name}: op (no_grad) {_us(row['op_us'])}, launcher forward {row['forward_us']:.1f} µs, "
+              f"backward {row['backward_us']:.1f} µs; "
               f"forward launch: JIT {row['jit_launch_us']:.1f} µs, cached {row['cached_launch_us']:.1f} µs",
               flush=True)
         rows.append(row)
     return rows
+
+
+def _us(x, unit=" µs") -> str:
+    return "–" if x is None else f"{x:.1f}{unit}"
 
 
 def markdown(result: dict) -> str:
@@ -116,12 +147,15 @@ def markdown(result: dict) -> str:
              "stattn.kernels.launch with the launch a no-op. Forward launch, on a stand-in sm_90 driver whose "
              "CUDA launcher is a no-op: through Triton's JITFunction.run (STATTN_TRITON_LAUNCH=jit) and "
              "through stattn's cached launch (the default).", "",
-             "| problem | launcher forward µs | launcher backward µs | forward launch, JIT µs | "
+             "| problem | op, no_grad µs | launcher forward µs | launcher backward µs | forward launch, JIT µs | "
              "forward launch, cached µs | forward args |",
-             "|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['problem']} | {r['forward_us']:.1f} | {r['backward_us']:.1f} | {r['jit_launch_us']:.1f} | "
-                     f"{r['cached_launch_us']:.1f} | {r['forward_args']} |")
+        lines.append(f"| {r['problem']} | {_us(r.get('op_us'), '')} | {r['forward_us']:.1f} | {r['backward_us']:.1f} | "
+                     f"{r['jit_launch_us']:.1f} | {r['cached_launch_us']:.1f} | {r['forward_args']} |")
+    lines += ["", "op: `stattn.region_attention(q, k, v)` under no_grad, routed to the Triton launcher as on CUDA, "
+                  "the launch a no-op (the op layer and the launcher; the plain problems only). An eager CUDA call "
+                  "costs about op + cached launch + Triton's CUDA launcher."]
     return "\n".join(lines) + "\n"
 
 

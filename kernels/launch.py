@@ -35,6 +35,11 @@ def _empty(*args, **kwargs):
     return torch.empty(*args, **kwargs)
 
 
+def _empty_strided(*args, **kwargs):
+    """Allocation of o and dq ([B, M, H, D] memory order, stattn.ops.empty_output; tests poison it too)."""
+    return torch.empty_strided(*args, **kwargs)
+
+
 # Set by stattn.Runner(profile=...): each launch then opens a named range (torch.profiler, and
 # NVTX on CUDA for Nsight), so the trace shows which stattn kernel ran inside which UNet block.
 RANGES = False
@@ -259,7 +264,7 @@ def forward(q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, scale, 
     has_pin = pin is not None
     meta, block_m = _forward_meta(M, N, D, Ky, Kx, bool(affine), T > 0, has_pin, lengths is not None,
                                   bool(want_probs))
-    o = empty_output(q, _empty)
+    o = empty_output(q, _empty_strided)
     lse = _empty(B, R + has_pin, H, M, device=q.device, dtype=torch.float32)
     probs = _empty(B, H, M, N, device=q.device, dtype=torch.float32) if want_probs else None
     dummy = lse
@@ -316,7 +321,7 @@ def backward(do, q, k, v, weights, masks, affine, theta, tokens, gy, gx, pin, sc
     has_len = lengths is not None
     dq_meta, dkdv_metas, block_m, block_n = _backward_meta(
         M, N, D, Ky, Kx, bool(affine), T > 0, has_pin, has_len, has_gp, bool(need_dq), store_d, need_dtheta, store_dg)
-    dq = empty_output(q, _empty) if need_dq else None
+    dq = empty_output(q, _empty_strided) if need_dq else None
     dbuf = _empty(lse.shape, dtype=lse.dtype, device=lse.device) if store_d else None
     dgbuf = _empty(lse.shape, dtype=lse.dtype, device=lse.device) if store_dg else None
     grid = (-(-M // block_m), B * H)

@@ -113,12 +113,18 @@ def nan_empty(*args, **kwargs):
     return t.fill_(float("nan")) if t.dtype.is_floating_point else t.fill_(-(2 ** 30))
 
 
+def nan_empty_strided(*args, **kwargs):
+    """torch.empty_strided filled with NaN: the op's o and dq as poisoned outputs start."""
+    return torch.empty_strided(*args, **kwargs).fill_(float("nan"))
+
+
 @pytest.fixture
 def poisoned(monkeypatch):
     """Every kernel output starts NaN-filled, so an element a kernel fails to write fails the test."""
     from stattn.kernels import launch
 
     monkeypatch.setattr(launch, "_empty", nan_empty)
+    monkeypatch.setattr(launch, "_empty_strided", nan_empty_strided)
 
 
 def require_native():
@@ -147,6 +153,7 @@ def backend(request, monkeypatch):
         from stattn.kernels import launch
 
         monkeypatch.setattr(launch, "_empty", nan_empty)
-    monkeypatch.setattr(ops, "_empty", nan_empty)
+        monkeypatch.setattr(launch, "_empty_strided", nan_empty_strided)
+    monkeypatch.setattr(ops, "_empty_strided", nan_empty_strided)
     monkeypatch.setenv("STATTN_BACKEND", name)
     return name

@@ -30,6 +30,7 @@ def test_launch_host_measures_every_problem_and_restores_the_launch(tmp_path):
     rows = json.loads(path.read_text())["rows"]
     assert [r["problem"] for r in rows] == [p[0] for p in launch_host.PROBLEMS]
     assert all(r[k] > 0 for r in rows for k in ("forward_us", "backward_us", "jit_launch_us", "cached_launch_us"))
+    assert [r["op_us"] is not None for r in rows] == [True, True, False]
     assert "| plain M=4096 D=40 |" in next(tmp_path.glob("launch-host-*.md")).read_text()
 
 
